@@ -1,0 +1,31 @@
+"""The service's errors. All subclass :class:`VLLMServiceError`, itself a ``RuntimeError``."""
+
+from __future__ import annotations
+
+
+class VLLMServiceError(RuntimeError):
+    """Base class of every error the service raises about itself or its worker."""
+
+
+class WorkerStartError(VLLMServiceError):
+    """The worker could not start (for example the model failed to load).
+
+    ``log_tail`` holds the last lines of the worker's own output.
+    """
+
+    def __init__(self, message: str, log_tail: str = "") -> None:
+        self.log_tail = log_tail
+        full = f"{message}\n--- last lines of the worker's output ---\n{log_tail}" if log_tail else message
+        super().__init__(full)
+
+
+class WorkerDiedError(VLLMServiceError):
+    """The worker process ended while requests were in flight; the next call starts a new one."""
+
+
+class ServiceShutdownError(VLLMServiceError):
+    """The service was shut down; create a new one to go on."""
+
+
+class RequestTimeoutError(VLLMServiceError):
+    """A call took longer than ``VLLM_REQUEST_TIMEOUT_SECONDS``; its requests were aborted."""

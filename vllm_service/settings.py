@@ -1,0 +1,115 @@
+"""Configuration: :class:`VLLMSettings`, read from ``VLLM_*`` environment variables and ``.env``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "VLLM_"
+
+
+class VLLMSettings(BaseSettings):
+    """Every setting of the service, each readable from ``VLLM_<NAME>`` or a ``.env`` file.
+
+    Values passed in code win over the environment. Other ``VLLM_*`` variables (those
+    vLLM reads itself, such as ``VLLM_CPU_KVCACHE_SPACE``) are ignored here. A bad value
+    raises ``ValueError`` naming the environment variable.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        frozen=True,
+    )
+
+    model_path: str = Field(
+        description="Local model folder or Hugging Face model id (in remote mode: the served model)."
+    )
+    gpu_memory_utilization: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="GPU memory fraction for vLLM. On a CPU-only machine the KV cache is sized "
+        "from free memory instead (see VLLM_CPU_KVCACHE_SPACE).",
+    )
+    max_model_len: int = Field(
+        32768,
+        gt=0,
+        description="Maximum sequence length; lowered to the model's own limit when larger.",
+    )
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallelism).")
+    dtype: str = Field("auto", description="Model dtype: auto, float16, bfloat16, float32.")
+    idle_ttl_seconds: float = Field(
+        1800, gt=0, description="The worker exits after this long with no request in flight."
+    )
+    trust_remote_code: bool = Field(True, description="Trust remote code in the model repository.")
+    default_temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
+    default_top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling probability.")
+    default_top_k: int = Field(-1, ge=-1, description="Default top-k (-1 = disabled).")
+    default_max_tokens: int = Field(2048, ge=1, description="Default maximum tokens to generate.")
+    default_repetition_penalty: float = Field(1.0, gt=0, description="Default repetition penalty.")
+    mode: Literal["local", "remote"] = Field("local", description='"local" or "remote".')
+    api_url: str | None = Field(None, description="URL of the remote vLLM server (remote mode).")
+    api_key: SecretStr | None = Field(None, description="API key of the remote server, if any.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description='Any other vllm.LLM argument, as JSON in the environment: {"enforce_eager": true}.',
+    )
+    startup_timeout_seconds: float = Field(
+        900, gt=0, description="How long to wait for the worker to load the model."
+    )
+    request_timeout_seconds: float | None = Field(
+        None, gt=0, description="Per-call timeout; unset waits as long as generation takes."
+    )
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            raise ValueError(_describe_validation_error(exc)) from exc
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: Any) -> Any:
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("dtype")
+    @classmethod
+    def _known_dtype(cls, value: str) -> str:
+        allowed = {"auto", "half", "float16", "bfloat16", "float", "float32"}
+        if value not in allowed:
+            raise ValueError(f"must be one of {sorted(allowed)}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_mode(self) -> VLLMSettings:
+        if self.mode == "remote" and not self.api_url:
+            raise ValueError("VLLM_API_URL is required when VLLM_MODE=remote")
+        if self.mode == "local" and looks_like_local_path(self.model_path):
+            path = Path(self.model_path).expanduser()
+            if not path.exists():
+                raise ValueError(f"VLLM_MODEL_PATH: local model folder {path} does not exist")
+        return self
+
+
+def looks_like_local_path(model: str) -> bool:
+    """True for paths (absolute, ``./``, ``../``, ``~``, or existing); a ``org/name`` id is not."""
+    return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
+
+
+def _describe_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"])
+        name = f"{ENV_PREFIX}{field.upper()} ({field})" if field else "settings"
+        hide_input = field == "api_key" or error["type"] == "missing"
+        shown = "" if hide_input else f", got {error.get('input')!r}"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{name}: {message}{shown}" if field else message)
+    return "Invalid vllm-service settings:\n  " + "\n  ".join(lines)
