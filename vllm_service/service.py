@@ -172,6 +172,7 @@ class VLLMInferenceService:
             "presence_penalty": chosen.presence_penalty,
             "frequency_penalty": chosen.frequency_penalty,
             "seed": chosen.seed,
+            "ignore_eos": chosen.ignore_eos,
         }
         return {k: v for k, v in sampling.items() if v is not None}
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 ENV_PREFIX = "VLLM_"
 
@@ -73,6 +74,10 @@ class VLLMSettings(BaseSettings):
             super().__init__(**values)
         except ValidationError as exc:
             raise ValueError(_describe_validation_error(exc)) from exc
+        except SettingsError as exc:  # a value pydantic-settings could not parse (bad JSON)
+            field = re.search(r'field "(\w+)"', str(exc))
+            name = f"{ENV_PREFIX}{field.group(1).upper()}: " if field else ""
+            raise ValueError(f"Invalid vllm-service settings:\n  {name}{exc} (expected JSON)") from exc
 
     @field_validator("model_path", mode="before")
     @classmethod

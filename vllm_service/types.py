@@ -28,6 +28,9 @@ class GenerationParams(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = None
+    ignore_eos: bool | None = Field(
+        None, description="Keep generating past the end-of-sequence token (benchmarks)."
+    )
 
     def merged(self, overrides: dict[str, Any]) -> GenerationParams:
         """These parameters with ``overrides`` (keyword arguments of a call) on top."""
