@@ -1,0 +1,131 @@
+"""The service in local mode, against the real demo model on vLLM (one engine for the module)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from vllm_service import GenerationParams, GenerationResult, VLLMInferenceService
+
+GREEDY = GenerationParams(temperature=0)
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def test_chat_greedy_answer(service: VLLMInferenceService) -> None:
+    result = service.chat(FRANCE, GREEDY)
+    assert "Paris" in result.text
+    assert result.finish_reason == "stop"
+    assert result.error is None
+    assert result.prompt_tokens > 10  # the chat template wraps the question
+    assert result.total_tokens == result.prompt_tokens + result.completion_tokens
+
+
+def test_generate_counts_tokens_and_stops_at_max_tokens(service: VLLMInferenceService) -> None:
+    result = service.generate("The capital of France is", temperature=0, max_tokens=5)
+    assert result.text.startswith(" Paris")
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 5
+    assert result.prompt_tokens == 5
+
+
+def test_stop_sequence(service: VLLMInferenceService) -> None:
+    result = service.generate("1, 2, 3, 4,", temperature=0, max_tokens=30, stop=["7"])
+    assert result.finish_reason == "stop"
+    assert "7" not in result.text
+    assert result.text.strip().startswith("5, 6")
+
+
+def test_keyword_overrides_win_over_params(service: VLLMInferenceService) -> None:
+    params = GenerationParams(temperature=0, max_tokens=30)
+    result = service.generate("The capital of France is", params, max_tokens=2)
+    assert result.completion_tokens == 2
+
+
+def test_generate_batch_keeps_order(service: VLLMInferenceService) -> None:
+    prompts = [f"{i}, {i + 1}, {i + 2}, {i + 3}," for i in (10, 20, 30, 40)]
+    results = service.generate_batch(prompts, temperature=0, max_tokens=3)
+    assert [r.text.split(",")[0].strip() for r in results] == ["14", "24", "34", "44"]
+    assert service.generate_batch([]) == []
+
+
+def test_chat_batch_and_multi_turn(service: VLLMInferenceService) -> None:
+    conversations = [
+        FRANCE,
+        [{"role": "system", "content": "You are a helpful assistant."}, *FRANCE],
+    ]
+    results = service.chat_batch(conversations, GREEDY)
+    assert len(results) == 2 and all("Paris" in r.text for r in results)
+    follow_up = [*FRANCE, {"role": "assistant", "content": results[0].text},
+                 {"role": "user", "content": "And what is the capital of Germany?"}]
+    assert "Berlin" in service.chat(follow_up, GREEDY).text
+
+
+def test_bad_prompts_fail_alone(service: VLLMInferenceService) -> None:
+    worker_pid = service._slot.handle.pid
+    too_long = "hello " * 3000  # the service's max_model_len is 2048
+    results = service.generate_batch(["", "The capital of France is", too_long], temperature=0, max_tokens=3)
+    empty, good, long = results
+    assert empty.finish_reason == "error" and "empty" in empty.error and empty.text == ""
+    assert long.finish_reason == "error" and "maximum context length" in long.error
+    assert good.finish_reason == "length" and good.text.startswith(" Paris")
+    # the worker survived and still answers
+    assert service._slot.handle.pid == worker_pid
+    assert "Paris" in service.chat(FRANCE, GREEDY).text
+
+
+def test_bad_arguments_raise_at_the_call(service: VLLMInferenceService) -> None:
+    with pytest.raises(TypeError, match="prompt must be a str"):
+        service.generate(123)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list of prompts"):
+        service.generate_batch("one prompt")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'role' and 'content'"):
+        service.chat([{"text": "hi"}])
+    with pytest.raises(ValueError, match="temperature"):
+        service.generate("hi", temperature=-1)
+    with pytest.raises(TypeError, match="unknown generation parameter"):
+        service.generate("hi", temprature=0)
+
+
+def test_32_threads_each_get_their_own_answer(service: VLLMInferenceService) -> None:
+    starts = list(range(100, 132))
+    results: dict[int, GenerationResult] = {}
+
+    def ask(start: int) -> None:
+        results[start] = service.generate(
+            f"{start}, {start + 1}, {start + 2}, {start + 3},", temperature=0, max_tokens=8
+        )
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in starts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(results) == starts
+    for start, result in results.items():
+        assert result.text.split(",")[0].strip() == str(start + 4), (start, result.text)
+
+
+def test_short_request_overtakes_a_long_one(service: VLLMInferenceService) -> None:
+    finished_at: dict[str, float] = {}
+    long_result: list[GenerationResult] = []
+
+    def long_request() -> None:
+        long_result.append(service.generate("Tell me a story.", max_tokens=400, ignore_eos=True))
+        finished_at["long"] = time.monotonic()
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    time.sleep(2.0)  # the long one is generating by now
+    short = service.generate("The capital of France is", temperature=0, max_tokens=4)
+    finished_at["short"] = time.monotonic()
+    thread.join(timeout=300)
+    assert short.text.startswith(" Paris")
+    assert long_result[0].completion_tokens == 400
+    assert finished_at["short"] < finished_at["long"] - 1.0
+
+
+def test_is_ready_and_repr(service: VLLMInferenceService) -> None:
+    assert service.is_ready()
+    assert "ready" in repr(service)
