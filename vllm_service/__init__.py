@@ -7,6 +7,7 @@
 
 from .demo_model import demo_model_path
 from .errors import (
+    RemoteServerError,
     RequestTimeoutError,
     ServiceShutdownError,
     VLLMServiceError,
@@ -20,6 +21,7 @@ from .types import GenerationParams, GenerationResult
 __all__ = [
     "GenerationParams",
     "GenerationResult",
+    "RemoteServerError",
     "RequestTimeoutError",
     "ServiceShutdownError",
     "VLLMInferenceService",

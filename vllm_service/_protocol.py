@@ -32,6 +32,9 @@ class WorkerConfig:
     environment: dict[str, str] = field(default_factory=dict)
     api_url: str | None = None
     api_key: str | None = field(default=None, repr=False)
+    max_concurrent_requests: int = 64
+    api_timeout: float = 600.0
+    api_max_retries: int = 2
     log_path: str | None = None
 
 
@@ -96,12 +99,17 @@ class Completion:
 
 @dataclass(frozen=True)
 class Finished:
-    """A request ended: with ``completions`` (one per sample), or with ``error``."""
+    """A request ended: with ``completions`` (one per sample), or with ``error``.
+
+    ``server_error`` marks an error of the remote server rather than of this request
+    (unreachable, timed out, 5xx, key refused): the call raises it instead of returning it.
+    """
 
     request_id: int
     prompt_tokens: int = 0
     completions: list[Completion] = field(default_factory=list)
     error: str | None = None
+    server_error: bool = False
 
 
 ToWorker = Union[Submit, Abort, Stop]

@@ -82,6 +82,10 @@ def _make_engine(config: WorkerConfig) -> Engine:
         from ._local_engine import LocalEngine
 
         return LocalEngine(config)
+    if config.mode == "remote":
+        from ._remote_engine import RemoteEngine
+
+        return RemoteEngine(config)
     raise ValueError(f"unknown worker mode {config.mode!r}")
 
 

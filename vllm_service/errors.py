@@ -27,5 +27,9 @@ class ServiceShutdownError(VLLMServiceError):
     """The service was shut down; create a new one to go on."""
 
 
+class RemoteServerError(VLLMServiceError):
+    """Remote mode: the vLLM server could not be reached or failed, after the retries."""
+
+
 class RequestTimeoutError(VLLMServiceError):
     """A call took longer than ``VLLM_REQUEST_TIMEOUT_SECONDS``; its requests were aborted."""

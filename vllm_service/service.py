@@ -17,7 +17,7 @@ from typing import Any
 
 from ._protocol import ChatMessages, Finished, Request, WorkerConfig
 from ._worker_handle import WorkerHandle, WorkerUnavailable
-from .errors import RequestTimeoutError, ServiceShutdownError
+from .errors import RemoteServerError, RequestTimeoutError, ServiceShutdownError
 from .settings import VLLMSettings, looks_like_local_path
 from .types import GenerationParams, GenerationResult
 
@@ -209,11 +209,16 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
         engine_args=engine_args,
         api_url=settings.api_url,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,
+        max_concurrent_requests=settings.max_concurrent_requests,
+        api_timeout=settings.api_timeout_seconds,
+        api_max_retries=settings.api_max_retries,
     )
 
 
 def _to_result(future: Future[Finished]) -> GenerationResult:
     finished = future.result()
+    if finished.server_error:
+        raise RemoteServerError(finished.error)
     if finished.error is not None or not finished.completions:
         return GenerationResult(
             text="",

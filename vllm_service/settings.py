@@ -68,6 +68,24 @@ class VLLMSettings(BaseSettings):
     request_timeout_seconds: float | None = Field(
         None, gt=0, description="Per-call timeout; unset waits as long as generation takes."
     )
+    max_concurrent_requests: int = Field(
+        64,
+        ge=1,
+        description="Remote mode: most requests in flight to the server at once (it batches "
+        "them); the rest wait for a free slot.",
+    )
+    api_timeout_seconds: float = Field(
+        600,
+        gt=0,
+        description="Remote mode: timeout of one HTTP request to the server, per attempt.",
+    )
+    api_max_retries: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="Remote mode: retries, with backoff, after a connection error, a timeout or "
+        "a 5xx answer.",
+    )
 
     def __init__(self, **values: Any) -> None:
         try:

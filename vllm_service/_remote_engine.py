@@ -1,0 +1,301 @@
+"""The worker's remote engine: an OpenAI client for a running vLLM server (``VLLM_MODE=remote``).
+
+    worker loop (main thread)                 event loop (background thread)
+    -------------------------                 ------------------------------
+    add(request)  -- schedule a task -->      wait for a slot (VLLM_MAX_CONCURRENT_REQUESTS),
+                                              POST /completions or /chat/completions
+    step()        <-- queue of Finished --    put the request's Finished on the queue
+    abort(ids)    -- cancel the tasks -->
+
+Requests go out as they arrive and many are in flight at once, so the server batches them as
+it would batch its own clients. Timeouts, retries and backoff are the openai client's own. An
+error that is the prompt's (HTTP 400/422) ends that request alone; an error of the server
+(unreachable, timed out, 5xx, key refused) is marked ``server_error`` so that the call raises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import openai
+
+from ._protocol import Completion, Finished, Request, WorkerConfig
+from .errors import RemoteServerError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# How long step() waits for a request to finish before handing control back to the worker
+# loop, which then reads new messages from the pipe.
+_STEP_WAIT_SECONDS = 0.05
+# A server that is down is found out at connect time; a long per-request timeout must not
+# make that wait long.
+_CONNECT_TIMEOUT_SECONDS = 10.0
+_CLOSE_TIMEOUT_SECONDS = 5.0
+
+# The OpenAI API's own sampling parameters; every other vllm.SamplingParams keyword (top_k,
+# repetition_penalty, ignore_eos, ...) goes in the request's extra body, which vLLM reads.
+_OPENAI_PARAMS = frozenset(
+    {"temperature", "top_p", "max_tokens", "stop", "presence_penalty", "frequency_penalty",
+     "seed", "n"}
+)
+# Answers that reject the request itself, not the server.
+_REQUEST_ERRORS = (openai.BadRequestError, openai.UnprocessableEntityError)
+
+
+class RemoteEngine:
+    """An ``AsyncOpenAI`` client with the worker's add / step / abort interface.
+
+    Building it checks that the server answers and serves the model, and raises
+    :class:`RemoteServerError` (naming the URL) when it does not.
+    """
+
+    def __init__(self, config: WorkerConfig) -> None:
+        if not config.api_url:
+            raise ValueError("remote mode needs VLLM_API_URL")
+        self.base_url = api_base_url(config.api_url)
+        self._timeout = config.api_timeout
+        self._attempts = config.api_max_retries + 1
+        # The worker log sees every request otherwise.
+        logging.getLogger("httpx2").setLevel(logging.WARNING)
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+
+        self._finished: queue.Queue[Finished] = queue.Queue()
+        self._in_flight: dict[int, concurrent.futures.Future[None]] = {}
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="vllm-service-remote", daemon=True
+        )
+        self._thread.start()
+        self._slots = asyncio.Semaphore(config.max_concurrent_requests)
+        connect_timeout = min(config.api_timeout, _CONNECT_TIMEOUT_SECONDS)
+        self._client = openai.AsyncOpenAI(
+            base_url=self.base_url,
+            # The openai client insists on a key; vLLM without --api-key ignores it.
+            api_key=config.api_key or "EMPTY",
+            timeout=openai.Timeout(config.api_timeout, connect=connect_timeout),
+            max_retries=config.api_max_retries,
+        )
+        try:
+            self.model, choices, max_model_len = self._call(self._resolve_model(config.model))
+        except BaseException:
+            self.close()
+            raise
+        self.info: dict[str, Any] = {
+            "mode": "remote",
+            "model": self.model,
+            "api_url": self.base_url,
+            "max_model_len": max_model_len,
+            "choices": choices,
+        }
+        logger.info("vllm-service: remote server %s serves %s", self.base_url, self.model)
+
+    # ----- the Engine interface, called from the worker loop's thread -----
+
+    def add(self, request: Request) -> None:
+        """Send one request; its result comes out of :meth:`step` when the server answers."""
+        future = asyncio.run_coroutine_threadsafe(self._run(request), self._loop)
+        self._in_flight[request.request_id] = future
+
+    def abort(self, request_ids: list[int]) -> None:
+        """Cancel requests; the server stops generating when the connection closes."""
+        for request_id in request_ids:
+            future = self._in_flight.pop(request_id, None)
+            if future is not None:
+                future.cancel()
+
+    def has_unfinished(self) -> bool:
+        return bool(self._in_flight)
+
+    def step(self) -> list[Finished]:
+        """Wait briefly for answers; return the requests that finished since the last step."""
+        try:
+            ready = [self._finished.get(timeout=_STEP_WAIT_SECONDS)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                ready.append(self._finished.get_nowait())
+            except queue.Empty:
+                break
+        # A request aborted after it finished is already forgotten: drop its answer.
+        return [f for f in ready if self._in_flight.pop(f.request_id, None) is not None]
+
+    def close(self) -> None:
+        """Cancel what is in flight, close the client's connections and stop the event loop."""
+        self.abort(list(self._in_flight))
+        if self._thread.is_alive():
+            try:
+                self._call(self._client.close(), timeout=_CLOSE_TIMEOUT_SECONDS)
+            except Exception:
+                logger.exception("vllm-service: closing the remote client failed")
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(_CLOSE_TIMEOUT_SECONDS)
+
+    # ----- on the event loop -----
+
+    async def _run(self, request: Request) -> None:
+        async with self._slots:
+            try:
+                finished = await self._send(request)
+            except _REQUEST_ERRORS as exc:
+                finished = Finished(
+                    request.request_id,
+                    error=f"The server rejected the request (HTTP {exc.status_code}): "
+                    f"{server_message(exc)}",
+                )
+            except openai.OpenAIError as exc:
+                finished = Finished(request.request_id, error=self._describe(exc), server_error=True)
+            except Exception as exc:  # an answer we cannot read must still end the request
+                logger.exception("vllm-service: request %d failed", request.request_id)
+                finished = Finished(request.request_id, error=f"{type(exc).__name__}: {exc}")
+        self._finished.put(finished)
+
+    async def _send(self, request: Request) -> Finished:
+        params, extra_body = split_sampling(request.sampling)
+        if params.get("n", 1) > 1:
+            # usage counts the tokens of all samples together; ask for each one's token ids.
+            extra_body["return_token_ids"] = True
+        if request.is_chat:
+            response: Any = await self._client.chat.completions.create(
+                model=self.model,
+                messages=request.prompt,  # type: ignore[arg-type]
+                extra_body=extra_body,
+                **params,
+            )
+            texts = [choice.message.content or "" for choice in response.choices]
+        else:
+            response = await self._client.completions.create(
+                model=self.model, prompt=request.prompt, extra_body=extra_body, **params
+            )
+            texts = [choice.text for choice in response.choices]
+        choices = sorted(zip(response.choices, texts), key=lambda pair: pair[0].index)
+        usage = response.usage
+        completions = [
+            Completion(
+                text,
+                _token_count(choice, usage, len(choices)),
+                choice.finish_reason or "stop",
+            )
+            for choice, text in choices
+        ]
+        return Finished(
+            request.request_id,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completions=completions,
+        )
+
+    async def _resolve_model(self, wanted: str) -> tuple[str, list[str], int | None]:
+        """The name the server serves ``wanted`` under, the choices made, and its context length."""
+        try:
+            page = await self._client.models.list()
+        except openai.OpenAIError as exc:
+            raise RemoteServerError(self._describe(exc)) from None
+        models = {card.id: card for card in page.data}
+        roots = {card_id: getattr(card, "root", None) for card_id, card in models.items()}
+        name = pick_served_model(wanted, roots)
+        if name is None:
+            raise RemoteServerError(
+                f"The vLLM server at {self.base_url} does not serve {wanted!r}; it serves "
+                f"{sorted(models)}. Set VLLM_MODEL_PATH to one of these."
+            )
+        choices = []
+        if name != wanted:
+            choices.append(
+                f"the server at {self.base_url} serves VLLM_MODEL_PATH {wanted!r} as {name!r}; "
+                "using that name"
+            )
+        return name, choices, getattr(models[name], "max_model_len", None)
+
+    def _describe(self, exc: openai.OpenAIError) -> str:
+        """A server failure as one sentence naming the URL (never the API key)."""
+        server = f"the vLLM server at {self.base_url}"
+        if isinstance(exc, openai.AuthenticationError):
+            return (
+                f"Authentication failed: {server} refused the API key (HTTP 401). Set "
+                "VLLM_API_KEY to the key the server was started with (--api-key)."
+            )
+        if isinstance(exc, openai.APITimeoutError):
+            return (
+                f"Timed out waiting for {server} ({self._attempts} attempt(s) of up to "
+                f"{self._timeout:g} s each; see VLLM_API_TIMEOUT_SECONDS, VLLM_API_MAX_RETRIES)."
+            )
+        if isinstance(exc, openai.APIConnectionError):
+            return (
+                f"Cannot reach {server} after {self._attempts} attempt(s); check VLLM_API_URL "
+                f"and that the server is running ({exc.__cause__ or exc})."
+            )
+        if isinstance(exc, openai.APIStatusError):
+            return f"Error from {server}: HTTP {exc.status_code}: {server_message(exc)}"
+        return f"Request to {server} failed: {type(exc).__name__}: {exc}"
+
+    def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        """Run a coroutine on the event loop and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
+
+
+def api_base_url(url: str) -> str:
+    """The OpenAI base URL of a vLLM server: ``http://host:8000`` becomes ``http://host:8000/v1``."""
+    url = url.rstrip("/")
+    if urlsplit(url).path == "":
+        url += "/v1"
+    return url
+
+
+def split_sampling(sampling: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``vllm.SamplingParams`` keywords as OpenAI parameters and vLLM's extra body."""
+    params = {k: v for k, v in sampling.items() if k in _OPENAI_PARAMS}
+    extra_body = {k: v for k, v in sampling.items() if k not in _OPENAI_PARAMS}
+    return params, extra_body
+
+
+def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
+    """The served name (``served`` maps name -> the model it was loaded from) for ``wanted``.
+
+    Matches the name, then the model it was loaded from, then the last path component (a
+    server started with ``--model /models/X`` against ``VLLM_MODEL_PATH=X``, or the other
+    way round). A server that serves one model is taken to serve the one wanted.
+    """
+    if wanted in served:
+        return wanted
+    for name, root in served.items():
+        if root == wanted:
+            return name
+    short = _last_part(wanted)
+    matches = [n for n, root in served.items() if short in (_last_part(n), _last_part(root or ""))]
+    if len(matches) == 1:
+        return matches[0]
+    if len(served) == 1:
+        return next(iter(served))
+    return None
+
+
+def server_message(exc: openai.APIStatusError) -> str:
+    """The server's own error message from an error answer."""
+    body = exc.body
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    if isinstance(body, str) and body:
+        return body
+    return exc.message
+
+
+def _last_part(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _token_count(choice: Any, usage: Any, samples: int) -> int:
+    token_ids = getattr(choice, "token_ids", None)
+    if token_ids is not None:
+        return len(token_ids)
+    if usage is None:
+        return 0
+    return usage.completion_tokens // samples
