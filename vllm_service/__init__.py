@@ -5,6 +5,7 @@
 ...     print(service.generate("What is the capital of France?").text)
 """
 
+from .batch import generate
 from .demo_model import demo_model_path
 from .errors import (
     RemoteServerError,
@@ -30,4 +31,5 @@ __all__ = [
     "WorkerDiedError",
     "WorkerStartError",
     "demo_model_path",
+    "generate",
 ]
