@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import inspect
+import json
 import logging
 import os
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 DEMO_QUESTIONS = [
     "What is the capital of France?",
@@ -30,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         "demo-model", help="build the demo model folder once and print its path"
     )
     model.set_defaults(run=lambda args: print(_demo_model()) or 0)
+
+    _add_generate_command(commands)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
@@ -62,6 +68,167 @@ def _run_demo(args: argparse.Namespace) -> int:
         tokens = sum(r.completion_tokens for r in results)
         print(f"{len(results)} answers, {tokens} tokens in {elapsed:.2f} s.")
     return 0
+
+
+def _add_generate_command(commands: Any) -> None:
+    from .batch import generate
+
+    default = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
+    command = commands.add_parser(
+        "generate",
+        help="generate a completion for every line of a JSONL file (batch, several workers)",
+        description="Run every JSON object of INPUT.jsonl through vLLM and write each one, with "
+        "its result added, to OUTPUT.jsonl as it finishes. Rerunning the same command skips "
+        "the items OUTPUT.jsonl already holds, so an interrupted run goes on where it stopped. "
+        "Options are named after the parameters of vllm_service.generate().",
+        formatter_class=_HelpWithDefaults,
+    )
+    arg = command.add_argument
+    arg("input", metavar="INPUT.jsonl", type=Path, help="one JSON object per line")
+    arg("-o", "--output", metavar="OUTPUT.jsonl", type=Path, required=True,
+        help="results, one JSON object per line; also where a rerun resumes from")
+    arg("--model", "--model-id", dest="model_id", required=True,
+        help="local model folder or Hugging Face model id")
+    prompts = command.add_argument_group("prompts and results")
+    prompts.add_argument("--message-key", default=default["message_key"],
+                         help="key holding each item's prompt (a string or a list of chat messages)")
+    prompts.add_argument("--system", default=None,
+                         help="system prompt put in front of every conversation that has none")
+    prompts.add_argument("--result-key", default=default["result_key"],
+                         help="key the result is written under (a string, or a list when n > 1)")
+    prompts.add_argument("--error-key", default=default["error_key"],
+                         help="key the error of a failed item is written under")
+    prompts.add_argument("--index-key", default=default["index_key"],
+                         help="key each output line keeps its input line number under (from 0)")
+    sampling = command.add_argument_group("sampling")
+    sampling.add_argument("--n", type=int, default=default["n"], help="samples per prompt")
+    sampling.add_argument("--use-sample", action="store_true",
+                          help="make the n samples with SamplingParams(n=n) instead of n copies")
+    sampling.add_argument("--temperature", type=float, default=default["temperature"],
+                          help="sampling temperature; 0 is greedy")
+    sampling.add_argument("--top-p", type=float, default=default["top_p"],
+                          help="nucleus sampling probability")
+    sampling.add_argument("--max-output-len", type=int, default=default["max_output_len"],
+                          help="most tokens generated per sample")
+    sampling.add_argument("--stop", action="append", metavar="TEXT",
+                          help="stop at this text (repeat for several)")
+    sampling.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
+    sampling.add_argument("--sampling-args", type=_json_object, metavar="JSON", default=None,
+                          help='other vllm.SamplingParams arguments, e.g. \'{"ignore_eos": true}\'')
+    workers = command.add_argument_group("workers and engine")
+    workers.add_argument("--worker-num", type=int, default=default["worker_num"],
+                         help="worker processes, each with its own engine on its own GPUs or "
+                         "CPU cores")
+    workers.add_argument("--tp", type=int, default=default["tp"],
+                         help="tensor-parallel size (GPUs or core groups) per worker")
+    workers.add_argument("--pp", type=int, default=default["pp"],
+                         help="pipeline-parallel size; above 1 uses Ray and needs --worker-num 1")
+    workers.add_argument("--gpu-assignments", type=_gpu_assignments, metavar="0,1;2,3",
+                         default=None, help="GPUs of each worker, workers separated by ';' "
+                         "(numbered inside CUDA_VISIBLE_DEVICES)")
+    workers.add_argument("--chunk-size", type=int, default=None,
+                         help="items per chunk; workers take chunks from one queue as they "
+                         "become free (default: one equal share per worker)")
+    workers.add_argument("--max-model-len", type=int, default=default["max_model_len"],
+                         help="longest sequence (prompt + output) in tokens")
+    workers.add_argument("--gpu-memory-utilization", type=float,
+                         default=default["gpu_memory_utilization"],
+                         help="share of GPU memory per engine (on CPU the KV cache is sized "
+                         "from free memory instead)")
+    workers.add_argument("--dtype", default=default["dtype"],
+                         help="model dtype: auto, float16, bfloat16, float32")
+    workers.add_argument("--trust-remote-code", action=argparse.BooleanOptionalAction,
+                         default=default["trust_remote_code"],
+                         help="trust code shipped with the model")
+    workers.add_argument("--engine-args", type=_json_object, metavar="JSON", default=None,
+                         help='other vllm.LLM arguments, e.g. \'{"enforce_eager": true}\'')
+    workers.add_argument("--startup-timeout", type=float, default=default["startup_timeout"],
+                         help="seconds a worker may take to load the model")
+    command.add_argument("--no-progress", dest="progress", action="store_false",
+                         help="no progress bar")
+    command.set_defaults(run=_run_generate)
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, where it has one worth showing."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action, (argparse._StoreTrueAction,
+                                                         argparse._StoreFalseAction)):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .batch import generate
+    from .errors import VLLMServiceError
+
+    try:
+        data = read_jsonl(args.input)
+    except ValueError as exc:
+        print(f"vllm-service generate: {exc}", file=sys.stderr)
+        return 2
+    options = vars(args).copy()
+    for name in ("command", "run", "input", "output"):
+        options.pop(name)
+    try:
+        results = generate(data=data, output_path=args.output, **options)
+    except (ValueError, TypeError) as exc:
+        print(f"vllm-service generate: {exc}", file=sys.stderr)
+        return 2
+    except VLLMServiceError as exc:
+        print(f"vllm-service generate: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Finished items are in {args.output}; run the same command again "
+              "to go on.", file=sys.stderr)
+        return 130
+    failed = sum(1 for result in results if args.error_key in result)
+    print(f"Wrote {len(results)} items to {args.output}"
+          + (f"; {failed} failed (see their {args.error_key!r} key)" if failed else "."),
+          file=sys.stderr)
+    return 1 if failed else 0
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file (blank lines skipped); ValueError names the bad line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    items = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path} line {number} is not valid JSON: {exc}") from exc
+        if not isinstance(item, dict):
+            raise ValueError(
+                f"{path} line {number} must be a JSON object, got {type(item).__name__}"
+            )
+        items.append(item)
+    return items
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object, like '{\"key\": 1}'")
+    return value
+
+
+def _gpu_assignments(text: str) -> list[list[int]]:
+    try:
+        return [[int(gpu) for gpu in group.split(",")] for group in text.split(";")]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(
+            "give each worker's GPU numbers separated by ',' and workers by ';', e.g. 0,1;2,3"
+        ) from exc
 
 
 if __name__ == "__main__":
