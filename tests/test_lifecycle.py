@@ -1,0 +1,188 @@
+"""The worker's life: lazy start, failed start, kill -9, idle exit, shutdown races, parent death.
+
+Every check that processes are gone looks at the worker's whole process group, which holds
+vLLM's own engine processes too.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vllm_service import (
+    ServiceShutdownError,
+    VLLMInferenceService,
+    VLLMSettings,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from vllm_service._worker_handle import group_members
+
+IDLE_TTL = 8.0
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def wait_until(condition, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.2)
+    return condition()
+
+
+def pid_alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture(scope="module")
+def short_lived(demo_model: Path) -> Iterator[VLLMInferenceService]:
+    settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=IDLE_TTL)
+    service = VLLMInferenceService(settings)
+    yield service
+    service.shutdown()
+
+
+def current_pid(service: VLLMInferenceService) -> int:
+    return service._slot.handle.pid
+
+
+def test_lazy_start_then_kill_9_mid_request(short_lived: VLLMInferenceService) -> None:
+    assert not short_lived.is_ready()  # nothing starts before it is needed
+    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    short_lived.warmup()
+    pid = current_pid(short_lived)
+    engine_processes = group_members(pid)
+    assert len(engine_processes) >= 2, "vLLM's engine process should share the worker's group"
+
+    errors: list[BaseException] = []
+
+    def long_request() -> None:
+        try:
+            short_lived.generate("Tell me a story.", max_tokens=1000, ignore_eos=True)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=long_request) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)
+    killed_at = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads), "a caller hung on a dead worker"
+    assert time.monotonic() - killed_at < 15
+    assert len(errors) == 3 and all(isinstance(e, WorkerDiedError) for e in errors), errors
+    assert wait_until(lambda: not group_members(pid), 15), group_members(pid)
+    assert pid_alive(bystander.pid), "cleanup must touch only the service's own processes"
+    bystander.kill()
+
+    # the next call starts a fresh worker
+    assert "Paris" in short_lived.chat(FRANCE, temperature=0).text
+    assert current_pid(short_lived) != pid
+
+
+def test_idle_ttl_frees_the_worker_and_next_call_works(short_lived: VLLMInferenceService) -> None:
+    short_lived.generate("Hello", max_tokens=2)
+    pid = current_pid(short_lived)
+    finished = time.monotonic()
+    # status checks do not keep the worker alive
+    while time.monotonic() - finished < IDLE_TTL - 2:
+        assert short_lived.is_ready()
+        time.sleep(0.5)
+    assert pid_alive(pid)
+    assert wait_until(lambda: not pid_alive(pid), 4 + 15), "worker outlived its idle TTL"
+    assert wait_until(lambda: not group_members(pid), 10), "engine processes outlived the worker"
+    assert not short_lived.is_ready()
+    assert "Paris" in short_lived.chat(FRANCE, temperature=0).text
+    assert current_pid(short_lived) != pid
+
+
+def test_shutdown_racing_requests(short_lived: VLLMInferenceService) -> None:
+    short_lived.warmup()
+    pid = current_pid(short_lived)
+    outcomes: list[object] = []
+
+    def ask() -> None:
+        try:
+            outcomes.append(short_lived.generate("Tell me a story.", max_tokens=300, ignore_eos=True))
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=ask) for _ in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    short_lived.shutdown()
+    short_lived.shutdown()  # twice is fine
+    for t in threads:
+        t.join(timeout=30)
+    assert not any(t.is_alive() for t in threads)
+    assert len(outcomes) == 8
+    assert all(isinstance(o, ServiceShutdownError) for o in outcomes), outcomes
+    assert wait_until(lambda: not group_members(pid), 10)
+    with pytest.raises(ServiceShutdownError):
+        short_lived.generate("Hello")
+
+
+def test_model_folder_that_is_not_a_model(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{not json")
+    service = VLLMInferenceService(VLLMSettings(model_path=tmp_path))
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            service.generate("Hello")
+        except BaseException as exc:
+            errors.append(exc)
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert len(errors) == 3 and all(isinstance(e, WorkerStartError) for e in errors), errors
+    assert time.monotonic() - started < 60
+    message = str(errors[0])
+    assert "failed to start" in message and "last lines of the worker's output" in message
+    assert isinstance(errors[0], RuntimeError)
+    pid = current_pid(service)
+    assert wait_until(lambda: not group_members(pid), 15)
+    service.shutdown()
+
+
+def test_worker_exits_when_its_parent_dies(demo_model: Path, tmp_path: Path) -> None:
+    script = textwrap.dedent(
+        f"""
+        import os, signal
+        from vllm_service import VLLMInferenceService, VLLMSettings
+        if __name__ == "__main__":
+            service = VLLMInferenceService(VLLMSettings(model_path={str(demo_model)!r}, max_model_len=1024))
+            service.warmup()
+            print(service._slot.handle.pid, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+        """
+    )
+    (tmp_path / "parent.py").write_text(script)
+    parent = subprocess.run(
+        [sys.executable, str(tmp_path / "parent.py")], capture_output=True, text=True, timeout=300
+    )
+    assert parent.returncode == -signal.SIGKILL, parent.stderr[-2000:]
+    pid = int(parent.stdout.split()[0])
+    assert wait_until(lambda: not group_members(pid), 30), "worker outlived its dead parent"
