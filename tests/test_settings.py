@@ -110,3 +110,13 @@ def test_generation_params_validation_and_merge() -> None:
     assert (merged.temperature, merged.max_tokens) == (0.1, 100)
     with pytest.raises(TypeError, match="tempurature"):
         base.merged({"tempurature": 0.1})
+
+
+def test_every_setting_is_documented() -> None:
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    example = (root / ".env.example").read_text()
+    for name in VLLMSettings.model_fields:
+        variable = f"VLLM_{name.upper()}"
+        assert f"`{variable}`" in readme, f"{variable} missing from the README's table"
+        assert variable in example, f"{variable} missing from .env.example"
