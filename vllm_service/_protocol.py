@@ -17,7 +17,7 @@ messages serve a local engine and a remote server.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 ChatMessages = list[dict[str, Any]]
 
@@ -112,5 +112,5 @@ class Finished:
     server_error: bool = False
 
 
-ToWorker = Union[Submit, Abort, Stop]
-FromWorker = Union[Ready, StartFailed, Finished]
+ToWorker = Submit | Abort | Stop
+FromWorker = Ready | StartFailed | Finished

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import threading
-import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeoutError
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
