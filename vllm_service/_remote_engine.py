@@ -84,6 +84,7 @@ class RemoteEngine:
             timeout=openai.Timeout(config.api_timeout, connect=connect_timeout),
             max_retries=config.api_max_retries,
         )
+        self._wanted_model = config.model
         try:
             self.model, choices, max_model_len = self._call(self._resolve_model(config.model))
         except BaseException:
@@ -145,7 +146,7 @@ class RemoteEngine:
     async def _run(self, request: Request) -> None:
         async with self._slots:
             try:
-                finished = await self._send(request)
+                finished = await self._send_resolving(request)
             except _REQUEST_ERRORS as exc:
                 finished = Finished(
                     request.request_id,
@@ -154,10 +155,24 @@ class RemoteEngine:
                 )
             except openai.OpenAIError as exc:
                 finished = Finished(request.request_id, error=self._describe(exc), server_error=True)
+            except RemoteServerError as exc:
+                finished = Finished(request.request_id, error=str(exc), server_error=True)
             except Exception as exc:  # an answer we cannot read must still end the request
                 logger.exception("vllm-service: request %d failed", request.request_id)
                 finished = Finished(request.request_id, error=f"{type(exc).__name__}: {exc}")
         self._finished.put(finished)
+
+    async def _send_resolving(self, request: Request) -> Finished:
+        try:
+            return await self._send(request)
+        except openai.NotFoundError:
+            # The server may have been restarted under another name for the model.
+            name, _, _ = await self._resolve_model(self._wanted_model)
+            if name == self.model:
+                raise
+            logger.warning("vllm-service: the server now serves the model as %r", name)
+            self.model = name
+            return await self._send(request)
 
     async def _send(self, request: Request) -> Finished:
         params, extra_body = split_sampling(request.sampling)
@@ -271,7 +286,8 @@ def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
             return name
     short = _last_part(wanted)
     matches = [n for n, root in served.items() if short in (_last_part(n), _last_part(root or ""))]
-    if len(matches) == 1:
+    # Several names of one model (--served-model-name a b) are one match.
+    if matches and len({served[n] or n for n in matches}) == 1:
         return matches[0]
     if len(served) == 1:
         return next(iter(served))

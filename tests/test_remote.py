@@ -1,0 +1,393 @@
+"""Remote mode against a real vLLM OpenAI-compatible server started by this module.
+
+One server engine serves the whole module, started with ``--api-key`` and two served model
+names; the last test stops it and starts it again without either (the service must recover),
+which covers the key-less server and the default naming (by path). Tests run in file order:
+keep the restart test last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vllm_service import (
+    GenerationParams,
+    RemoteServerError,
+    ServiceShutdownError,
+    VLLMInferenceService,
+    VLLMSettings,
+    WorkerStartError,
+)
+
+API_KEY = "remote-test-key-5f3a9c"
+SERVED_NAMES = ["smol-a", "smol-b"]
+STARTUP_SECONDS = 240  # about 40 s alone; the machine is shared with other engines
+
+
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` in its own process group."""
+
+    def __init__(self, model: Path, log_path: Path) -> None:
+        self.model = str(model)
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}/v1"
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self, api_key: str | None = None, served_names: list[str] | None = None) -> None:
+        # The server reads VLLM_* variables itself (VLLM_API_KEY is its key): pass on only
+        # the ones meant for it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+        env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+        command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
+            "--max-model-len", "2048", "--enforce-eager",
+        ]
+        if api_key:
+            command += ["--api-key", api_key]
+        if served_names:
+            command += ["--served-model-name", *served_names]
+        # A file, not a pipe: vLLM's engine processes keep inherited pipes open.
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + STARTUP_SECONDS
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vLLM server exited; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2):
+                    return
+            except OSError:
+                time.sleep(1)
+        self.stop()
+        raise RuntimeError(f"vLLM server not healthy within {STARTUP_SECONDS} s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        for sig, grace in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.process.wait(grace)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # The engine-core child shares the group; make sure nothing of it is left.
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process = None
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
+    srv = VLLMServer(demo_model, log_path)
+    try:
+        srv.start(api_key=API_KEY, served_names=SERVED_NAMES)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def remote_settings(server: VLLMServer, **values) -> VLLMSettings:
+    values.setdefault("api_key", API_KEY)
+    values.setdefault("model_path", server.model)
+    return VLLMSettings(mode="remote", api_url=server.url, idle_ttl_seconds=3600, **values)
+
+
+@pytest.fixture(scope="module")
+def remote(server: VLLMServer) -> Iterator[VLLMInferenceService]:
+    """One remote-mode service for the tests that only generate."""
+    with VLLMInferenceService(remote_settings(server)) as svc:
+        svc.warmup()
+        yield svc
+
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# ----- every public method, and the same greedy answers as local mode -----
+
+
+def test_warmup_and_is_ready(server: VLLMServer) -> None:
+    service = VLLMInferenceService(remote_settings(server))
+    try:
+        assert not service.is_ready()
+        service.warmup()
+        assert service.is_ready()
+        assert "remote" in repr(service)
+    finally:
+        service.shutdown()
+    assert not service.is_ready()
+    service.shutdown()  # twice is fine
+    with pytest.raises(ServiceShutdownError):
+        service.generate("Hello")
+
+
+def test_chat_greedy_answer(remote: VLLMInferenceService) -> None:
+    result = remote.chat(FRANCE, temperature=0, max_tokens=20)
+    assert "Paris" in result.text
+    assert result.finish_reason == "stop"
+    assert result.prompt_tokens > 5
+    assert 0 < result.completion_tokens <= 20
+
+
+def test_generate_greedy_answer_and_token_counts(remote: VLLMInferenceService) -> None:
+    result = remote.generate("The capital of France is", temperature=0, max_tokens=5)
+    assert result.text == " Paris.\n\nThe"
+    assert result.finish_reason == "length"
+    assert result.completion_tokens == 5
+    assert result.prompt_tokens == 5  # "The capital of France is": five tokens, no BOS
+    assert result.total_tokens == 10
+    assert result.error is None
+
+
+def test_generate_batch_and_chat_batch_keep_order(remote: VLLMInferenceService) -> None:
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "The capital of France is"]
+    results = remote.generate_batch(prompts, GenerationParams(temperature=0, max_tokens=5))
+    assert [r.text for r in results][0] == " Paris.\n\nThe"
+    assert results[2].text == results[0].text
+    assert results[1].text.strip().startswith("5")
+
+    conversations = [FRANCE, [{"role": "user", "content": "Say hello."}], FRANCE]
+    chats = remote.chat_batch(conversations, temperature=0, max_tokens=20)
+    assert "Paris" in chats[0].text and "Paris" in chats[2].text
+    assert chats[0].text == chats[2].text
+    assert remote.generate_batch([]) == []
+
+
+def test_stop_strings_and_sampling_params_reach_the_server(remote: VLLMInferenceService) -> None:
+    result = remote.generate("The capital of France is", temperature=0, max_tokens=20, stop=["."])
+    assert result.text == " Paris"
+    assert result.finish_reason == "stop"
+    # top_k=1 makes sampling greedy even at a high temperature: it reached the server.
+    params = GenerationParams(temperature=1.5, top_k=1, seed=7, max_tokens=5)
+    assert remote.generate("The capital of France is", params).text == " Paris.\n\nThe"
+    # So did repetition_penalty (extra body) and the OpenAI penalties: they change greedy text.
+    prompt, greedy = "1, 2, 1, 2, 1, 2,", {"temperature": 0, "max_tokens": 12}
+    plain = remote.generate(prompt, **greedy).text
+    assert remote.generate(prompt, repetition_penalty=1.8, **greedy).text != plain
+    assert remote.generate(prompt, frequency_penalty=2.0, **greedy).text != plain
+
+
+def test_sampling_split_between_openai_params_and_extra_body() -> None:
+    from vllm_service._remote_engine import split_sampling
+
+    params, extra = split_sampling(
+        {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "max_tokens": 7, "repetition_penalty": 1.1,
+         "stop": ["x"], "presence_penalty": 0.1, "frequency_penalty": 0.2, "seed": 3, "n": 2,
+         "ignore_eos": True}
+    )
+    assert params == {"temperature": 0.5, "top_p": 0.9, "max_tokens": 7, "stop": ["x"],
+                      "presence_penalty": 0.1, "frequency_penalty": 0.2, "seed": 3, "n": 2}
+    assert extra == {"top_k": 5, "repetition_penalty": 1.1, "ignore_eos": True}
+
+
+def test_context_manager(server: VLLMServer) -> None:
+    with VLLMInferenceService(remote_settings(server)) as service:
+        assert "Paris" in service.chat(FRANCE, temperature=0, max_tokens=20).text
+        assert service.is_ready()
+    assert not service.is_ready()
+    with pytest.raises(ServiceShutdownError):
+        service.chat(FRANCE)
+
+
+# ----- errors -----
+
+
+def test_rejected_prompt_fails_alone(remote: VLLMInferenceService) -> None:
+    too_long = "hello " * 3000  # more than the server's 2048-token context
+    results = remote.generate_batch(
+        ["The capital of France is", too_long, "The capital of France is"],
+        temperature=0,
+        max_tokens=5,
+    )
+    assert results[1].finish_reason == "error"
+    assert "maximum context length" in results[1].error or "2048" in results[1].error
+    assert results[1].text == ""
+    assert results[0].text == results[2].text == " Paris.\n\nThe"
+
+
+def test_wrong_key_gives_authentication_error(server: VLLMServer) -> None:
+    wrong = "wrong-key-8e1d"
+    with VLLMInferenceService(remote_settings(server, api_key=wrong)) as service:
+        with pytest.raises(WorkerStartError) as caught:
+            service.warmup()
+        assert not service.is_ready()
+    message = str(caught.value)
+    assert "Authentication failed" in message and "VLLM_API_KEY" in message
+    assert server.url in message
+    assert wrong not in message
+
+
+def test_no_key_against_a_key_server_is_refused(server: VLLMServer) -> None:
+    with VLLMInferenceService(remote_settings(server, api_key=None)) as service:
+        with pytest.raises(WorkerStartError, match="Authentication failed"):
+            service.generate("Hello")
+
+
+def test_server_that_is_down_gives_a_clear_error_quickly() -> None:
+    url = f"http://127.0.0.1:{_free_port()}/v1"  # nobody listens there
+    settings = VLLMSettings(mode="remote", api_url=url, model_path="some-model", api_max_retries=2)
+    started = time.monotonic()
+    with VLLMInferenceService(settings) as service:
+        with pytest.raises(WorkerStartError) as caught:
+            service.generate("Hello")
+        assert not service.is_ready()
+    assert time.monotonic() - started < 60  # spawn + 3 refused connections with backoff
+    message = str(caught.value)
+    assert f"Cannot reach the vLLM server at {url}" in message
+    assert "3 attempt(s)" in message
+
+
+def test_served_model_name_is_resolved(server: VLLMServer) -> None:
+    # The server serves the folder under two other names: the folder path resolves to one of
+    # them (the remote fixture already runs on that), a served name is used as it is, and a
+    # name that matches none of several is a clear error.
+    with VLLMInferenceService(remote_settings(server, model_path="smol-b")) as service:
+        assert "Paris" in service.chat(FRANCE, temperature=0, max_tokens=20).text
+    with VLLMInferenceService(remote_settings(server, model_path="not-served")) as service:
+        with pytest.raises(WorkerStartError) as caught:
+            service.warmup()
+    message = str(caught.value)
+    assert f"The vLLM server at {server.url} does not serve 'not-served'" in message
+    assert "['smol-a', 'smol-b']" in message and "VLLM_MODEL_PATH" in message
+
+
+def test_pick_served_model() -> None:
+    from vllm_service._remote_engine import pick_served_model
+
+    served = {"/models/a": "/models/a", "b-chat": "/models/b", "b-alias": "/models/b"}
+    assert pick_served_model("/models/a", served) == "/models/a"
+    assert pick_served_model("/models/b", served) == "b-chat"
+    assert pick_served_model("a", served) == "/models/a"
+    assert pick_served_model("b", served) == "b-chat"
+    assert pick_served_model("c", served) is None
+    assert pick_served_model("anything", {"only": None}) == "only"
+
+
+# ----- concurrency -----
+
+
+def test_32_threads_each_get_their_own_answer(remote: VLLMInferenceService) -> None:
+    results: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def count_from(start: int) -> None:
+        try:
+            prompt = f"{start}, {start + 1}, {start + 2}, {start + 3},"
+            results[start] = remote.generate(prompt, temperature=0, max_tokens=4).text
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=count_from, args=(10 * i + 1,)) for i in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(300)
+    assert not errors
+    assert len(results) == 32
+    for start, text in results.items():
+        assert text.strip().startswith(str(start + 4)), (start, text)
+
+
+def test_batch_requests_are_in_flight_together(
+    server: VLLMServer, remote: VLLMInferenceService
+) -> None:
+    """The server sees the prompts of one batch running at the same time, not one by one."""
+    running: list[float] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as answer:
+                for line in answer.read().decode().splitlines():
+                    if line.startswith("vllm:num_requests_running"):
+                        running.append(float(line.rsplit(" ", 1)[1]))
+            time.sleep(0.05)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        prompts = [f"Count from {i} to 100: {i}," for i in range(16)]
+        results = remote.generate_batch(prompts, temperature=0, max_tokens=64, ignore_eos=True)
+    finally:
+        done.set()
+        watcher.join()
+    assert all(r.completion_tokens == 64 and r.finish_reason == "length" for r in results)
+    assert max(running) >= 8, running
+
+
+# ----- the API key stays secret -----
+
+
+def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    settings = remote_settings(server)
+    assert API_KEY not in repr(settings) and API_KEY not in str(settings)
+    with VLLMInferenceService(settings) as service:
+        assert API_KEY not in repr(service)
+        assert API_KEY not in repr(service._config)
+        service.generate("Hello", max_tokens=2)
+        log_path = service._slot.handle.log_path
+        worker_log = log_path.read_text()
+    assert API_KEY not in caplog.text
+    assert API_KEY not in worker_log
+    with pytest.raises(ValueError) as caught:
+        VLLMSettings(mode="remote", api_url=server.url, model_path="m", api_key=123)
+    assert "123" not in str(caught.value)
+
+
+# ----- last: the server goes away and comes back -----
+
+
+def test_server_stopped_then_restarted(server: VLLMServer) -> None:
+    service = VLLMInferenceService(remote_settings(server, api_max_retries=1))
+    try:
+        assert service.generate("The capital of France is", temperature=0, max_tokens=5).text \
+            == " Paris.\n\nThe"
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(RemoteServerError) as caught:
+            service.generate("The capital of France is", max_tokens=5)
+        assert time.monotonic() - started < 30
+        assert f"Cannot reach the vLLM server at {server.url}" in str(caught.value)
+
+        # Started again without a key (the service's key is then ignored) and named by its path.
+        server.start()
+        result = service.generate("The capital of France is", temperature=0, max_tokens=5)
+        assert result.text == " Paris.\n\nThe"
+        assert service.is_ready()
+    finally:
+        service.shutdown()
+
+    # No VLLM_API_KEY at all, and the folder's name for the model served under its path.
+    settings = remote_settings(server, api_key=None, model_path=Path(server.model).name)
+    with VLLMInferenceService(settings) as service:
+        assert "Paris" in service.chat(FRANCE, temperature=0, max_tokens=20).text
