@@ -113,6 +113,21 @@ def test_idle_ttl_frees_the_worker_and_next_call_works(short_lived: VLLMInferenc
     assert current_pid(short_lived) != pid
 
 
+def test_request_arriving_while_worker_retires_goes_to_a_new_worker(
+    short_lived: VLLMInferenceService,
+) -> None:
+    short_lived.warmup()
+    handle = short_lived._slot.handle
+    # Make the idle check fire now, as the reader thread would at the end of the TTL.
+    handle._idle_ttl = 0
+    handle._check_timers()
+    assert not handle.accepting
+    result = short_lived.generate("The capital of France is", temperature=0, max_tokens=4)
+    assert result.text.startswith(" Paris")
+    assert short_lived._slot.handle is not handle
+    assert handle.exited and not group_members(handle.pid)
+
+
 def test_shutdown_racing_requests(short_lived: VLLMInferenceService) -> None:
     short_lived.warmup()
     pid = current_pid(short_lived)

@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import wait
 from pathlib import Path
 from typing import Any
@@ -118,19 +118,22 @@ class WorkerHandle:
         with self._lock:
             if self._state != "ready":
                 raise WorkerUnavailable
-            for request, future in zip(requests, futures):
+            # Registered before the lock is released, so idle retirement (which needs an
+            # empty table) can no longer pass these requests by.
+            for request, future in zip(requests, futures, strict=True):
                 self._pending[request.request_id] = future
-            # Sent under the lock so that idle retirement never passes a request by.
-            self._send(Submit(requests))
+        # Sent outside the lock: a large message may wait for the worker to read, and the
+        # reader thread must stay free to take the worker's results meanwhile.
+        self._send(Submit(requests))
         return futures
 
     def abort(self, request_ids: list[int], error: VLLMServiceError) -> None:
         """Give up on requests: their futures fail with ``error``, the worker drops them."""
         with self._lock:
             futures = [self._pending.pop(i) for i in request_ids if i in self._pending]
-            if futures and self._state == "ready":
-                self._send(Abort(request_ids))
             self._note_activity()
+        if futures:
+            self._send(Abort(request_ids))
         _fail(futures, error)
 
     # ----- ending -----
@@ -145,9 +148,10 @@ class WorkerHandle:
             was = self._state
             if was != "exited":
                 self._state = "stopping"
-                self._send(Stop())
             futures = list(self._pending.values())
             self._pending.clear()
+        if was != "exited":
+            self._send(Stop())
         _fail(futures, error)
         _settle(self._ready, error=error)
         if was == "starting":
@@ -212,21 +216,19 @@ class WorkerHandle:
     def _check_timers(self) -> None:
         now = time.monotonic()
         with self._lock:
-            if self._state == "starting" and now - self._started_at > self._startup_timeout:
+            timed_out = self._state == "starting" and now - self._started_at > self._startup_timeout
+            idle = (
+                self._state == "ready"
+                and not self._pending
+                and now - self._last_activity >= self._idle_ttl
+            )
+            if timed_out:
                 self._state = "stopping"
-                timed_out = True
-            else:
-                timed_out = False
-                if (
-                    self._state == "ready"
-                    and not self._pending
-                    and now - self._last_activity >= self._idle_ttl
-                ):
-                    logger.info(
-                        "vLLM worker pid %d idle for %.0f s; stopping it", self.pid, self._idle_ttl
-                    )
-                    self._state = "retiring"
-                    self._send(Stop())
+            elif idle:
+                self._state = "retiring"
+        if idle:
+            logger.info("vLLM worker pid %d idle for %.0f s; stopping it", self.pid, self._idle_ttl)
+            self._send(Stop())
         if timed_out:
             error = WorkerStartError(
                 f"The vLLM worker was not ready within {self._startup_timeout:.0f} s "
@@ -343,7 +345,7 @@ def _settle(future: Future, *, result: Any = None, error: BaseException | None =
             future.set_exception(error)
         else:
             future.set_result(result)
-    except Exception:  # settled by another thread in between
+    except InvalidStateError:  # settled by another thread in between
         pass
 
 
