@@ -8,6 +8,7 @@ keep the restart test last.
 
 from __future__ import annotations
 
+import http.server
 import logging
 import os
 import signal
@@ -118,7 +119,8 @@ def server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 def remote_settings(server: VLLMServer, **values) -> VLLMSettings:
     values.setdefault("api_key", API_KEY)
     values.setdefault("model_path", server.model)
-    return VLLMSettings(mode="remote", api_url=server.url, idle_ttl_seconds=3600, **values)
+    values.setdefault("idle_ttl_seconds", 3600)
+    return VLLMSettings(mode="remote", api_url=server.url, **values)
 
 
 @pytest.fixture(scope="module")
@@ -290,6 +292,90 @@ def test_pick_served_model() -> None:
     assert pick_served_model("b", served) == "b-chat"
     assert pick_served_model("c", served) is None
     assert pick_served_model("anything", {"only": None}) == "only"
+
+
+def test_hanging_server_times_out_within_attempts_x_timeout() -> None:
+    with socket.socket() as listener:  # accepts connections, never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/v1"
+        settings = VLLMSettings(
+            mode="remote", api_url=url, model_path="m", api_timeout_seconds=1, api_max_retries=1
+        )
+        started = time.monotonic()
+        with VLLMInferenceService(settings) as service:
+            with pytest.raises(WorkerStartError) as caught:
+                service.warmup()
+        assert time.monotonic() - started < 30  # spawn + 2 attempts of 1 s + backoff
+    assert f"Timed out waiting for the vLLM server at {url} (2 attempt(s)" in str(caught.value)
+
+
+def test_5xx_is_retried_a_bounded_number_of_times() -> None:
+    hits: list[str] = []
+
+    class Failing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+            hits.append(self.path)
+            body = b'{"error": {"message": "engine is broken", "code": 500}}'
+            self.send_response(500)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
+    try:
+        settings = VLLMSettings(mode="remote", api_url=url, model_path="m", api_max_retries=2)
+        with VLLMInferenceService(settings) as service:
+            with pytest.raises(WorkerStartError) as caught:
+                service.warmup()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert hits == ["/v1/models"] * 3
+    assert f"Error from the vLLM server at {url}: HTTP 500: engine is broken" in str(caught.value)
+
+
+def test_idle_worker_exits_and_comes_back(server: VLLMServer) -> None:
+    with VLLMInferenceService(remote_settings(server, idle_ttl_seconds=1)) as service:
+        service.warmup()
+        first = service._slot.handle
+        assert first.wait_exited(timeout=15)
+        assert not service.is_ready()
+        assert service.generate("The capital of France is", temperature=0, max_tokens=5).text \
+            == " Paris.\n\nThe"
+        assert service._slot.handle is not first
+
+
+def test_engine_samples_n_and_aborts(server: VLLMServer) -> None:
+    """The worker's engine itself: n samples with their own token counts, and abort."""
+    from vllm_service._protocol import Request, WorkerConfig
+    from vllm_service._remote_engine import RemoteEngine
+
+    config = WorkerConfig(mode="remote", model=server.model, api_url=server.url, api_key=API_KEY)
+    engine = RemoteEngine(config)
+    try:
+        assert engine.info["max_model_len"] == 2048
+        sampling = {"n": 3, "temperature": 1.0, "seed": 3, "max_tokens": 8, "ignore_eos": True}
+        engine.add(Request(1, "Once upon a time", sampling))
+        engine.add(Request(2, "Once upon a time", {"max_tokens": 2000, "ignore_eos": True}))
+        engine.abort([2])
+        finished = []
+        deadline = time.monotonic() + 120
+        while engine.has_unfinished() and time.monotonic() < deadline:
+            finished += engine.step()
+        assert [f.request_id for f in finished] == [1]
+        (result,) = finished
+        assert result.error is None and len(result.completions) == 3
+        assert all(c.token_count == 8 and c.finish_reason == "length" for c in result.completions)
+        assert result.prompt_tokens == 4
+    finally:
+        engine.close()
 
 
 # ----- concurrency -----
