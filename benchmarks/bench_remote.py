@@ -97,14 +97,20 @@ def run(url: str, model: str, n_prompts: int, max_tokens: int, rounds: int) -> N
                 tokens = way()
                 elapsed = time.perf_counter() - started
                 best = max(best, tokens / elapsed)
-                print(f"  {name:26s} {tokens:6d} tokens in {elapsed:6.2f} s = {tokens / elapsed:7.1f} tok/s")
+                print(
+                    f"  {name:26s} {tokens:6d} tokens in {elapsed:6.2f} s = {tokens / elapsed:7.1f} tok/s"
+                )
             rates[name] = best
         loop.run_until_complete(client.close())
         loop.close()
 
     service_rate = rates["service generate_batch"]
-    print(f"service / hand-written concurrent: {service_rate / rates['hand-written concurrent']:.2f}")
-    print(f"service / hand-written sequential: {service_rate / rates['hand-written sequential']:.2f}")
+    print(
+        f"service / hand-written concurrent: {service_rate / rates['hand-written concurrent']:.2f}"
+    )
+    print(
+        f"service / hand-written sequential: {service_rate / rates['hand-written sequential']:.2f}"
+    )
 
 
 async def _served_name(client: openai.AsyncOpenAI, model: str) -> str:
@@ -139,10 +145,22 @@ def start_server(model: str) -> Server:
         port = sock.getsockname()[1]
     # The server reads VLLM_* variables itself (VLLM_API_KEY would become its key).
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
-    env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"))
+    env.update(
+        HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")
+    )
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-        "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--enforce-eager",
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-model-len",
+        "2048",
+        "--enforce-eager",
     ]
     log_path = tempfile.mkstemp(prefix="bench-remote-server-", suffix=".log")[1]
     with open(log_path, "ab") as log:  # a file, not a pipe: vLLM's children keep pipes open

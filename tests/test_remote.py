@@ -53,9 +53,18 @@ class VLLMServer:
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
         env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
         command = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", self.model, "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-model-len", "2048", "--enforce-eager",
+            sys.executable,
+            "-m",
+            "vllm.entrypoints.openai.api_server",
+            "--model",
+            self.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--max-model-len",
+            "2048",
+            "--enforce-eager",
         ]
         if api_key:
             command += ["--api-key", api_key]
@@ -76,7 +85,9 @@ class VLLMServer:
             except OSError:
                 time.sleep(1)
         self.stop()
-        raise RuntimeError(f"vLLM server not healthy within {STARTUP_SECONDS} s; see {self.log_path}")
+        raise RuntimeError(
+            f"vLLM server not healthy within {STARTUP_SECONDS} s; see {self.log_path}"
+        )
 
     def stop(self) -> None:
         if self.process is None:
@@ -173,7 +184,7 @@ def test_generate_greedy_answer_and_token_counts(remote: VLLMInferenceService) -
 def test_generate_batch_and_chat_batch_keep_order(remote: VLLMInferenceService) -> None:
     prompts = ["The capital of France is", "1, 2, 3, 4,", "The capital of France is"]
     results = remote.generate_batch(prompts, GenerationParams(temperature=0, max_tokens=5))
-    assert [r.text for r in results][0] == " Paris.\n\nThe"
+    assert results[0].text == " Paris.\n\nThe"
     assert results[2].text == results[0].text
     assert results[1].text.strip().startswith("5")
 
@@ -202,12 +213,30 @@ def test_sampling_split_between_openai_params_and_extra_body() -> None:
     from vllm_service._remote_engine import split_sampling
 
     params, extra = split_sampling(
-        {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "max_tokens": 7, "repetition_penalty": 1.1,
-         "stop": ["x"], "presence_penalty": 0.1, "frequency_penalty": 0.2, "seed": 3, "n": 2,
-         "ignore_eos": True}
+        {
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 5,
+            "max_tokens": 7,
+            "repetition_penalty": 1.1,
+            "stop": ["x"],
+            "presence_penalty": 0.1,
+            "frequency_penalty": 0.2,
+            "seed": 3,
+            "n": 2,
+            "ignore_eos": True,
+        }
     )
-    assert params == {"temperature": 0.5, "top_p": 0.9, "max_tokens": 7, "stop": ["x"],
-                      "presence_penalty": 0.1, "frequency_penalty": 0.2, "seed": 3, "n": 2}
+    assert params == {
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "max_tokens": 7,
+        "stop": ["x"],
+        "presence_penalty": 0.1,
+        "frequency_penalty": 0.2,
+        "seed": 3,
+        "n": 2,
+    }
     assert extra == {"top_k": 5, "repetition_penalty": 1.1, "ignore_eos": True}
 
 
@@ -249,9 +278,9 @@ def test_wrong_key_gives_authentication_error(server: VLLMServer) -> None:
 
 
 def test_no_key_against_a_key_server_is_refused(server: VLLMServer) -> None:
-    with VLLMInferenceService(remote_settings(server, api_key=None)) as service:
-        with pytest.raises(WorkerStartError, match="Authentication failed"):
-            service.generate("Hello")
+    service = VLLMInferenceService(remote_settings(server, api_key=None))
+    with service, pytest.raises(WorkerStartError, match="Authentication failed"):
+        service.generate("Hello")
 
 
 def test_server_that_is_down_gives_a_clear_error_quickly() -> None:
@@ -274,9 +303,9 @@ def test_served_model_name_is_resolved(server: VLLMServer) -> None:
     # name that matches none of several is a clear error.
     with VLLMInferenceService(remote_settings(server, model_path="smol-b")) as service:
         assert "Paris" in service.chat(FRANCE, temperature=0, max_tokens=20).text
-    with VLLMInferenceService(remote_settings(server, model_path="not-served")) as service:
-        with pytest.raises(WorkerStartError) as caught:
-            service.warmup()
+    service = VLLMInferenceService(remote_settings(server, model_path="not-served"))
+    with service, pytest.raises(WorkerStartError) as caught:
+        service.warmup()
     message = str(caught.value)
     assert f"The vLLM server at {server.url} does not serve 'not-served'" in message
     assert "['smol-a', 'smol-b']" in message and "VLLM_MODEL_PATH" in message
@@ -303,9 +332,9 @@ def test_hanging_server_times_out_within_attempts_x_timeout() -> None:
             mode="remote", api_url=url, model_path="m", api_timeout_seconds=1, api_max_retries=1
         )
         started = time.monotonic()
-        with VLLMInferenceService(settings) as service:
-            with pytest.raises(WorkerStartError) as caught:
-                service.warmup()
+        service = VLLMInferenceService(settings)
+        with service, pytest.raises(WorkerStartError) as caught:
+            service.warmup()
         assert time.monotonic() - started < 30  # spawn + 2 attempts of 1 s + backoff
     assert f"Timed out waiting for the vLLM server at {url} (2 attempt(s)" in str(caught.value)
 
@@ -314,7 +343,7 @@ def test_5xx_is_retried_a_bounded_number_of_times() -> None:
     hits: list[str] = []
 
     class Failing(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - the http.server API
+        def do_GET(self) -> None:
             hits.append(self.path)
             body = b'{"error": {"message": "engine is broken", "code": 500}}'
             self.send_response(500)
@@ -331,9 +360,9 @@ def test_5xx_is_retried_a_bounded_number_of_times() -> None:
     url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
     try:
         settings = VLLMSettings(mode="remote", api_url=url, model_path="m", api_max_retries=2)
-        with VLLMInferenceService(settings) as service:
-            with pytest.raises(WorkerStartError) as caught:
-                service.warmup()
+        service = VLLMInferenceService(settings)
+        with service, pytest.raises(WorkerStartError) as caught:
+            service.warmup()
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -347,8 +376,10 @@ def test_idle_worker_exits_and_comes_back(server: VLLMServer) -> None:
         first = service._slot.handle
         assert first.wait_exited(timeout=15)
         assert not service.is_ready()
-        assert service.generate("The capital of France is", temperature=0, max_tokens=5).text \
+        assert (
+            service.generate("The capital of France is", temperature=0, max_tokens=5).text
             == " Paris.\n\nThe"
+        )
         assert service._slot.handle is not first
 
 
@@ -456,8 +487,10 @@ def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixtur
 def test_server_stopped_then_restarted(server: VLLMServer) -> None:
     service = VLLMInferenceService(remote_settings(server, api_max_retries=1))
     try:
-        assert service.generate("The capital of France is", temperature=0, max_tokens=5).text \
+        assert (
+            service.generate("The capital of France is", temperature=0, max_tokens=5).text
             == " Paris.\n\nThe"
+        )
         server.stop()
         started = time.monotonic()
         with pytest.raises(RemoteServerError) as caught:

@@ -44,8 +44,16 @@ _CLOSE_TIMEOUT_SECONDS = 5.0
 # The OpenAI API's own sampling parameters; every other vllm.SamplingParams keyword (top_k,
 # repetition_penalty, ignore_eos, ...) goes in the request's extra body, which vLLM reads.
 _OPENAI_PARAMS = frozenset(
-    {"temperature", "top_p", "max_tokens", "stop", "presence_penalty", "frequency_penalty",
-     "seed", "n"}
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "n",
+    }
 )
 # Answers that reject the request itself, not the server.
 _REQUEST_ERRORS = (openai.BadRequestError, openai.UnprocessableEntityError)
@@ -154,7 +162,9 @@ class RemoteEngine:
                     f"{server_message(exc)}",
                 )
             except openai.OpenAIError as exc:
-                finished = Finished(request.request_id, error=self._describe(exc), server_error=True)
+                finished = Finished(
+                    request.request_id, error=self._describe(exc), server_error=True
+                )
             except RemoteServerError as exc:
                 finished = Finished(request.request_id, error=str(exc), server_error=True)
             except Exception as exc:  # an answer we cannot read must still end the request
