@@ -9,6 +9,7 @@ their bound, a failed start) are also checked with a stand-in worker, which star
 
 from __future__ import annotations
 
+import _thread
 import copy
 import json
 import os
@@ -346,7 +347,8 @@ class FakeHandle:
     """Stands in for a worker: echoes each prompt at once, or dies as its plan says.
 
     ``plans`` holds one entry per worker start: None (works), an int (answers that many
-    requests in all, then dies), or "fail" (never starts).
+    requests in all, then dies), "fail" (never starts) or "hang" (answers one request, then
+    none until stopped).
     """
 
     plans: list[Any] = []
@@ -357,6 +359,8 @@ class FakeHandle:
         self.config = config
         self.sent: list[Request] = []
         self.batches: list[int] = []
+        self.hanging: list[Future[Finished]] = []
+        self.stopped = False
         self.pid = 0
         FakeHandle.started.append(self)
 
@@ -372,6 +376,8 @@ class FakeHandle:
             future: Future[Finished] = Future()
             if isinstance(self.plan, int) and len(self.sent) >= self.plan:
                 future.set_exception(WorkerDiedError("the worker was killed"))
+            elif self.plan == "hang" and self.sent:
+                self.hanging.append(future)
             else:
                 text = f"re: {request.prompt[-1]['content']}"
                 completions = [Completion(f"{text} #{k}", 3, "stop")
@@ -385,7 +391,10 @@ class FakeHandle:
         return True
 
     def stop(self, error: BaseException, timeout: float = 30) -> None:
-        pass
+        self.stopped = True
+        for future in self.hanging:
+            if not future.done():
+                future.set_exception(error)
 
 
 @pytest.fixture
@@ -460,6 +469,24 @@ def test_a_worker_that_cannot_start_stops_the_run(fake_workers: type[FakeHandle]
     fake_workers.plans = ["fail"]
     with pytest.raises(WorkerStartError, match="failed to load"):
         generate("org/model", prompts(3), progress=False)
+
+
+def test_ctrl_c_stops_the_workers_and_keeps_what_finished(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    fake_workers.plans = ["hang"]
+    output = tmp_path / "out.jsonl"
+    threading.Timer(0.5, _thread.interrupt_main).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        generate("org/model", prompts(4), output_path=output, progress=False)
+    assert time.monotonic() - started < 10
+    assert fake_workers.started[0].stopped
+    assert [line["_index"] for line in read_lines(output)] == [0]
+    fake_workers.plans = []
+    results = generate("org/model", prompts(4), output_path=output, progress=False)
+    assert len(fake_workers.started[-1].sent) == 3
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(4)]
 
 
 def test_an_output_file_of_other_data_is_refused(
