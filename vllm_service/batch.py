@@ -296,7 +296,8 @@ class _Run:
         progress: bool,
         startup_timeout: float,
     ) -> list[dict[str, Any]]:
-        if isinstance(self.data, (str, bytes, dict)) or not isinstance(self.data, Sequence):
+        """Check the data, resume from the output file, run what is left; results in order."""
+        if isinstance(self.data, (str, bytes)) or not isinstance(self.data, Sequence):
             raise TypeError(f"data must be a list of dicts, got {type(self.data).__name__}")
         for index, item in enumerate(self.data):
             if not isinstance(item, dict):
