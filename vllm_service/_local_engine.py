@@ -112,7 +112,7 @@ def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[s
                 'set VLLM_ENGINE_ARGS=\'{"enforce_eager": false}\' to compile'
             )
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in args:
-            kv_bytes = _cpu_kv_cache_bytes()
+            kv_bytes = cpu_kv_cache_bytes()
             args["kv_cache_memory_bytes"] = kv_bytes
             choices.append(
                 f"CPU backend: gpu_memory_utilization does not apply; KV cache set to "
@@ -122,11 +122,14 @@ def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[s
     return args, choices
 
 
-def _cpu_kv_cache_bytes() -> int:
-    import psutil
+def cpu_kv_cache_bytes(available_bytes: int | None = None) -> int:
+    """The KV cache one engine takes on a CPU-only machine: a share of free memory, bounded."""
+    if available_bytes is None:
+        import psutil
 
-    available = psutil.virtual_memory().available
-    return int(min(_CPU_KV_CACHE_MAX, max(_CPU_KV_CACHE_MIN, available * _CPU_KV_CACHE_SHARE)))
+        available_bytes = psutil.virtual_memory().available
+    share = int(available_bytes * _CPU_KV_CACHE_SHARE)
+    return min(_CPU_KV_CACHE_MAX, max(_CPU_KV_CACHE_MIN, share))
 
 
 def _model_max_len(model: str, trust_remote_code: bool) -> int | None:

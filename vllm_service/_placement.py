@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ._local_engine import _CPU_KV_CACHE_MAX, _CPU_KV_CACHE_MIN, _CPU_KV_CACHE_SHARE
+from ._local_engine import cpu_kv_cache_bytes
 
 
 @dataclass(frozen=True)
@@ -201,13 +201,7 @@ def physical_cores() -> list[list[int]]:
 def cpu_kv_cache_bytes_per_worker(worker_num: int, available_bytes: int | None = None) -> int:
     """Each CPU worker's KV cache: the size one engine would take from free memory, shared.
 
-    The same rule as the single-engine service (a share of free memory, within bounds), split
-    between the workers, because they all draw on the same memory.
+    The same rule as the single-engine service, split between the workers, because they all
+    draw on the same memory.
     """
-    if available_bytes is None:
-        import psutil
-
-        available_bytes = psutil.virtual_memory().available
-    share = int(available_bytes * _CPU_KV_CACHE_SHARE)
-    total = min(_CPU_KV_CACHE_MAX, max(_CPU_KV_CACHE_MIN, share))
-    return total // worker_num
+    return cpu_kv_cache_bytes(available_bytes) // worker_num
