@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from vllm_service import (
+    RequestTimeoutError,
     ServiceShutdownError,
     VLLMInferenceService,
     VLLMSettings,
@@ -47,6 +48,17 @@ def pid_alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def engine_cpu_percent(pgid: int, seconds: float = 2.0) -> float:
+    """CPU use of the worker's whole process group over ``seconds`` (100 = one core)."""
+    import psutil
+
+    processes = [psutil.Process(pid) for pid in group_members(pgid)]
+    for process in processes:
+        process.cpu_percent(None)
+    time.sleep(seconds)
+    return sum(process.cpu_percent(None) for process in processes)
 
 
 @pytest.fixture(scope="module")
@@ -201,3 +213,21 @@ def test_worker_exits_when_its_parent_dies(demo_model: Path, tmp_path: Path) -> 
     assert parent.returncode == -signal.SIGKILL, parent.stderr[-2000:]
     pid = int(parent.stdout.split()[0])
     assert wait_until(lambda: not group_members(pid), 30), "worker outlived its dead parent"
+
+
+def test_request_timeout_aborts_the_call_not_the_worker(demo_model: Path) -> None:
+    settings = VLLMSettings(model_path=demo_model, max_model_len=1024, request_timeout_seconds=3)
+    with VLLMInferenceService(settings) as service:
+        service.warmup()
+        pid = current_pid(service)
+        started = time.monotonic()
+        with pytest.raises(RequestTimeoutError, match="VLLM_REQUEST_TIMEOUT_SECONDS"):
+            service.generate("Tell me a story.", max_tokens=5000, ignore_eos=True)
+        assert time.monotonic() - started < 10
+        # the aborted request no longer runs: the engine goes idle
+        time.sleep(1.0)
+        assert engine_cpu_percent(pid) < 30
+        # and the same worker answers the next call
+        result = service.generate("The capital of France is", temperature=0, max_tokens=4)
+        assert result.text.startswith(" Paris")
+        assert current_pid(service) == pid
