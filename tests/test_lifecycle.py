@@ -50,6 +50,27 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def start_callers(call, count: int) -> tuple[list[threading.Thread], list[object]]:
+    """Start ``count`` threads running ``call``; each adds its result or its exception."""
+    outcomes: list[object] = []
+
+    def run() -> None:
+        try:
+            outcomes.append(call())
+        except BaseException as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, outcomes
+
+
+def join_all(threads: list[threading.Thread], timeout: float) -> None:
+    for t in threads:
+        t.join(timeout=timeout)
+
+
 def engine_cpu_percent(pgid: int, seconds: float = 2.0) -> float:
     """CPU use of the worker's whole process group over ``seconds`` (100 = one core)."""
     import psutil
@@ -81,22 +102,13 @@ def test_lazy_start_then_kill_9_mid_request(short_lived: VLLMInferenceService) -
     engine_processes = group_members(pid)
     assert len(engine_processes) >= 2, "vLLM's engine process should share the worker's group"
 
-    errors: list[BaseException] = []
-
-    def long_request() -> None:
-        try:
-            short_lived.generate("Tell me a story.", max_tokens=1000, ignore_eos=True)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=long_request) for _ in range(3)]
-    for t in threads:
-        t.start()
+    threads, errors = start_callers(
+        lambda: short_lived.generate("Tell me a story.", max_tokens=1000, ignore_eos=True), 3
+    )
     time.sleep(2.0)
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
-    for t in threads:
-        t.join(timeout=30)
+    join_all(threads, 30)
     assert not any(t.is_alive() for t in threads), "a caller hung on a dead worker"
     assert time.monotonic() - killed_at < 15
     assert len(errors) == 3 and all(isinstance(e, WorkerDiedError) for e in errors), errors
@@ -143,22 +155,13 @@ def test_request_arriving_while_worker_retires_goes_to_a_new_worker(
 def test_shutdown_racing_requests(short_lived: VLLMInferenceService) -> None:
     short_lived.warmup()
     pid = current_pid(short_lived)
-    outcomes: list[object] = []
-
-    def ask() -> None:
-        try:
-            outcomes.append(short_lived.generate("Tell me a story.", max_tokens=300, ignore_eos=True))
-        except BaseException as exc:
-            outcomes.append(exc)
-
-    threads = [threading.Thread(target=ask) for _ in range(8)]
-    for t in threads:
-        t.start()
+    threads, outcomes = start_callers(
+        lambda: short_lived.generate("Tell me a story.", max_tokens=300, ignore_eos=True), 8
+    )
     time.sleep(1.0)
     short_lived.shutdown()
     short_lived.shutdown()  # twice is fine
-    for t in threads:
-        t.join(timeout=30)
+    join_all(threads, 30)
     assert not any(t.is_alive() for t in threads)
     assert len(outcomes) == 8
     assert all(isinstance(o, ServiceShutdownError) for o in outcomes), outcomes
@@ -170,20 +173,9 @@ def test_shutdown_racing_requests(short_lived: VLLMInferenceService) -> None:
 def test_model_folder_that_is_not_a_model(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{not json")
     service = VLLMInferenceService(VLLMSettings(model_path=tmp_path))
-    errors: list[BaseException] = []
-
-    def call() -> None:
-        try:
-            service.generate("Hello")
-        except BaseException as exc:
-            errors.append(exc)
-
     started = time.monotonic()
-    threads = [threading.Thread(target=call) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    threads, errors = start_callers(lambda: service.generate("Hello"), 3)
+    join_all(threads, 120)
     assert len(errors) == 3 and all(isinstance(e, WorkerStartError) for e in errors), errors
     assert time.monotonic() - started < 60
     message = str(errors[0])

@@ -16,6 +16,7 @@ worker.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -59,7 +60,7 @@ class WorkerHandle:
         fd, log_path = tempfile.mkstemp(prefix="vllm-service-worker-", suffix=".log")
         os.close(fd)
         self.log_path = Path(log_path)
-        config = _with_log_path(config, log_path)
+        config = dataclasses.replace(config, log_path=log_path)
 
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
@@ -329,12 +330,6 @@ def group_members(pgid: int) -> list[int]:
         except (ProcessLookupError, psutil.Error):
             continue
     return members
-
-
-def _with_log_path(config: WorkerConfig, log_path: str) -> WorkerConfig:
-    from dataclasses import replace
-
-    return replace(config, log_path=log_path)
 
 
 def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
