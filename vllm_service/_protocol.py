@@ -10,6 +10,7 @@
                             <-------------   Finished(...)          one per request, as each ends
 
 The worker never pickles exception objects: errors travel as text (:class:`RemoteError`).
+Its exit code says how it ended (``EXIT_*`` below); a negative one is the signal that killed it.
 Sampling parameters travel as a plain dict of ``vllm.SamplingParams`` keywords, so the same
 messages serve a local engine and a remote server.
 """
@@ -20,6 +21,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 ChatMessages = list[dict[str, Any]]
+
+EXIT_OK = 0  # stopped when asked, or its parent went away
+EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
+EXIT_ENGINE_DIED = 3  # one of vLLM's engine processes died under it (the log says which)
 
 
 @dataclass(frozen=True)

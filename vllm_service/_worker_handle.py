@@ -1,25 +1,39 @@
 """The parent's side of one worker process: spawn, handshake, requests in flight, idle exit, end.
 
-    caller threads                reader thread (one per worker)          worker process
-    --------------                ------------------------------          --------------
-    submit() -> Future  --pipe-->                                   -->   engine.add / step
-                                  wait([pipe, process sentinel])   <--   Finished(request_id)
-    Future.result()  <----------  route Finished to its Future
-                                  sentinel fired -> fail every Future with WorkerDiedError
-                                  idle for the TTL -> send Stop (no request is in flight)
+    caller threads            sender thread         reader thread              worker process
+    --------------            -------------         -------------              --------------
+    submit(): pickle,
+      register Futures,
+      queue the bytes  ---->  send on the pipe ---------------------------->  engine.add / step
+                                                    wait([pipe, sentinel]) <-- Finished(request_id)
+    Future.result() <-------------------------------- route to its Future
+                                                    every tick: deadlines, idle TTL, escalation
+                                                    sentinel fired -> fail every Future
 
-A worker that ends for any reason has its whole process group ended too, so vLLM's engine
-processes never outlive it. Every wait watches the process sentinel: nothing hangs on a dead
-worker.
+Callers never write to the pipe themselves, so none of them can block on a worker that has
+stopped reading, and an interrupt can never leave half a message on the pipe. The reader
+thread is the one clock: it retires an idle worker and escalates (Stop, SIGTERM, SIGKILL to the
+worker's whole process group) whenever a state outlives its deadline. A worker that ends for
+any reason has its process group ended and its shared memory removed, so nothing of vLLM's
+outlives it.
+
+The states, and who moves between them (every move goes through ``_move``)::
+
+    STARTING --Ready--> READY --idle TTL--> RETIRING --exit--> EXITED
+        |                 |                     |                 ^
+        +-- stop(), start timeout, StartFailed -+--> STOPPING ----+   (any state: the process
+                                                                       ended -> EXITED)
 """
 
 from __future__ import annotations
 
 import atexit
 import dataclasses
+import enum
 import logging
 import multiprocessing
 import os
+import queue
 import signal
 import tempfile
 import threading
@@ -27,24 +41,54 @@ import time
 import weakref
 from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import wait
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
-from ._protocol import Abort, Finished, Ready, Request, StartFailed, Stop, Submit, WorkerConfig
-from ._worker_process import run_worker
-from .errors import (
-    ServiceShutdownError,
-    VLLMServiceError,
-    WorkerDiedError,
-    WorkerStartError,
+from ._protocol import (
+    EXIT_ENGINE_DIED,
+    EXIT_ERROR,
+    Abort,
+    Finished,
+    Ready,
+    Request,
+    StartFailed,
+    Stop,
+    Submit,
+    WorkerConfig,
 )
+from ._worker_process import run_worker
+from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
 
 logger = logging.getLogger("vllm_service")
 
 _POLL_SECONDS = 0.5
 _LOG_TAIL_LINES = 40
-_GRACEFUL_EXIT_SECONDS = 30.0
+# Logs of workers that ended badly are kept for reading; the oldest beyond this go.
+_KEPT_LOGS = 20
+LOG_DIR = Path(tempfile.gettempdir()) / "vllm-service"
 _TERMINATE_SECONDS = 5.0
+
+
+class WorkerState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    RETIRING = "retiring"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+_MOVES: dict[WorkerState, frozenset[WorkerState]] = {
+    WorkerState.STARTING: frozenset(
+        {WorkerState.READY, WorkerState.STOPPING, WorkerState.EXITED}
+    ),
+    WorkerState.READY: frozenset(
+        {WorkerState.RETIRING, WorkerState.STOPPING, WorkerState.EXITED}
+    ),
+    WorkerState.RETIRING: frozenset({WorkerState.STOPPING, WorkerState.EXITED}),
+    WorkerState.STOPPING: frozenset({WorkerState.EXITED}),
+    WorkerState.EXITED: frozenset(),
+}
 
 
 class WorkerUnavailable(Exception):
@@ -54,22 +98,37 @@ class WorkerUnavailable(Exception):
 class WorkerHandle:
     """One spawned worker process and the requests in flight on it."""
 
-    def __init__(self, config: WorkerConfig, *, idle_ttl: float, startup_timeout: float) -> None:
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        idle_ttl: float,
+        startup_timeout: float,
+        stop_timeout: float = 30.0,
+    ) -> None:
         self._idle_ttl = idle_ttl
         self._startup_timeout = startup_timeout
-        fd, log_path = tempfile.mkstemp(prefix="vllm-service-worker-", suffix=".log")
-        os.close(fd)
-        self.log_path = Path(log_path)
-        config = dataclasses.replace(config, log_path=log_path)
+        self.stop_timeout = stop_timeout
+        self.log_path = _new_log_path()
+        config = dataclasses.replace(config, log_path=str(self.log_path))
+        self.owner_pid = os.getpid()  # a forked child must never touch this worker
 
         self._lock = threading.Lock()
-        self._send_lock = threading.Lock()
-        self._state = "starting"  # -> ready -> retiring / stopping -> exited
+        self._state = WorkerState.STARTING
+        self._started = time.monotonic()
+        # When the current state has lasted too long (None: it may last for ever), and how
+        # many signals were sent since.
+        self._deadline: float | None = self._started + startup_timeout
+        self._signals_sent = 0
+        self._last_activity = self._started
         self._ready: Future[dict[str, Any]] = Future()
         self._pending: dict[int, Future[Finished]] = {}
-        self._started_at = time.monotonic()
-        self._last_activity = self._started_at
+        self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._exited = threading.Event()
+        self._shm_paths: set[str] = set()
+        self.started_at = time.time()
+        self.info: dict[str, Any] = {}
+        self.exit_code: int | None = None
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
@@ -84,29 +143,59 @@ class WorkerHandle:
             "Started vLLM worker pid %d for %s (%s mode); its output: %s",
             self.pid, config.model, config.mode, self.log_path,
         )
-        self._reader = threading.Thread(
-            target=self._read_until_exit, name=f"vllm-service-reader-{self.pid}", daemon=True
-        )
-        self._reader.start()
+        for target, name in ((self._read_until_exit, "reader"), (self._send_until_exit, "sender")):
+            threading.Thread(
+                target=target, name=f"vllm-service-{name}-{self.pid}", daemon=True
+            ).start()
 
     # ----- state, asked by the service -----
 
     @property
+    def state(self) -> WorkerState:
+        return self._state
+
+    @property
     def accepting(self) -> bool:
         """True while the worker is starting or ready (not retiring, stopping or gone)."""
-        return self._state in ("starting", "ready")
+        return self._state in (WorkerState.STARTING, WorkerState.READY)
 
     @property
     def is_ready(self) -> bool:
-        return self._state == "ready"
+        return self._state is WorkerState.READY
 
     @property
     def exited(self) -> bool:
         return self._exited.is_set()
 
-    def wait_ready(self) -> dict[str, Any]:
-        """Block until the engine is loaded; raise :class:`WorkerStartError` if it fails."""
-        return self._ready.result()
+    def snapshot(self) -> tuple[WorkerState, int, float | None]:
+        """(state, requests in flight, epoch time of idle retirement or None), read at once."""
+        with self._lock:
+            state, in_flight = self._state, len(self._pending)
+            idle_for = time.monotonic() - self._last_activity
+        expires_at = None
+        if state is WorkerState.READY and not in_flight:
+            expires_at = time.time() + max(0.0, self._idle_ttl - idle_for)
+        return state, in_flight, expires_at
+
+    def memory_bytes(self) -> int:
+        """Resident memory of the worker's process group (the worker and vLLM's processes)."""
+        import psutil
+
+        total = 0
+        for pid in group_members(self.pid):
+            try:
+                total += psutil.Process(pid).memory_info().rss
+            except psutil.Error:
+                continue
+        return total
+
+    def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
+        """Block until the engine is loaded; raise :class:`WorkerStartError` if it fails.
+
+        Raises ``concurrent.futures.TimeoutError`` when ``timeout`` passes first (the worker
+        goes on loading).
+        """
+        return self._ready.result(timeout)
 
     def wait_exited(self, timeout: float | None = None) -> bool:
         return self._exited.wait(timeout)
@@ -114,74 +203,147 @@ class WorkerHandle:
     # ----- requests -----
 
     def submit(self, requests: list[Request]) -> list[Future[Finished]]:
-        """Send requests to the worker; one Future per request, in order."""
+        """Queue requests for the worker; one Future per request, in order. Never blocks.
+
+        Raises ``TypeError`` when a request cannot be sent (an object that does not pickle),
+        with nothing registered, and :class:`WorkerUnavailable` when the worker is not ready.
+        """
+        try:
+            data = bytes(ForkingPickler.dumps(Submit(requests)))
+        except Exception as exc:
+            raise TypeError(
+                f"the request cannot be sent to the worker process: {type(exc).__name__}: {exc} "
+                "(prompts, messages and sampling values must be plain data: str, numbers, lists, "
+                "dicts)"
+            ) from None
         futures: list[Future[Finished]] = [Future() for _ in requests]
         with self._lock:
-            if self._state != "ready":
+            if self._state is not WorkerState.READY:
                 raise WorkerUnavailable
-            # Registered before the lock is released, so idle retirement (which needs an
-            # empty table) can no longer pass these requests by.
+            # Registered under the lock, so idle retirement (which needs an empty table) can no
+            # longer pass these requests by; queued under it, so no interrupt separates the two.
             for request, future in zip(requests, futures, strict=True):
                 self._pending[request.request_id] = future
-        # Sent outside the lock: a large message may wait for the worker to read, and the
-        # reader thread must stay free to take the worker's results meanwhile.
-        self._send(Submit(requests))
+            self._last_activity = time.monotonic()
+            self._outbox.put(data)
         return futures
 
     def abort(self, request_ids: list[int], error: VLLMServiceError) -> None:
         """Give up on requests: their futures fail with ``error``, the worker drops them."""
         with self._lock:
             futures = [self._pending.pop(i) for i in request_ids if i in self._pending]
-            self._note_activity()
-        if futures:
-            self._send(Abort(request_ids))
+            self._last_activity = time.monotonic()
+            if futures:
+                self._post(Abort(request_ids))
         _fail(futures, error)
 
     # ----- ending -----
 
-    def stop(self, error: VLLMServiceError, timeout: float = _GRACEFUL_EXIT_SECONDS) -> None:
+    def stop(self, error: VLLMServiceError, timeout: float | None = None) -> None:
         """Fail what is in flight with ``error``, ask the worker to exit, and make sure it does.
 
-        Escalates: Stop message, then SIGTERM, then SIGKILL to the worker's process group.
-        Safe to call more than once and from any thread.
+        Returns once the worker and its engine processes are gone, within about ``timeout``
+        plus the escalation (SIGTERM, then SIGKILL, to the worker's process group), whatever
+        state the worker is in. Safe to call more than once and from any thread.
         """
+        if self.owner_pid != os.getpid():
+            return  # the parent's worker, seen from a forked child
+        timeout = self.stop_timeout if timeout is None else timeout
+        now = time.monotonic()
         with self._lock:
             was = self._state
-            if was != "exited":
-                self._state = "stopping"
+            # A loading worker reads no messages until it is done: signal it at once.
+            grace = 0.0 if was is WorkerState.STARTING else timeout
+            if self._move(WorkerState.STOPPING, now + grace):
+                self._post(Stop())
             futures = list(self._pending.values())
             self._pending.clear()
-        if was != "exited":
-            self._send(Stop())
         _fail(futures, error)
         _settle(self._ready, error=error)
-        if was == "starting":
-            # A worker still loading its model reads no messages until it is done.
-            self._signal_group(signal.SIGTERM)
-        if self._exited.wait(timeout):
-            return
-        logger.warning("vLLM worker pid %d did not exit in %.0f s; terminating it", self.pid, timeout)
-        self._signal_group(signal.SIGTERM)
-        if not self._exited.wait(_TERMINATE_SECONDS):
-            self._signal_group(signal.SIGKILL)
-            self._exited.wait(_TERMINATE_SECONDS)
+        self._exited.wait(timeout + 3 * _TERMINATE_SECONDS + 2 * _POLL_SECONDS)
 
-    # ----- the reader thread -----
+    # ----- the state machine -----
+
+    def _move(self, new: WorkerState, deadline: float | None = None) -> bool:
+        """Go to ``new`` (with its deadline) if that move is allowed; call under the lock."""
+        if new not in _MOVES[self._state]:
+            return False
+        self._state = new
+        self._deadline = deadline
+        self._signals_sent = 0
+        return True
+
+    def _tick(self) -> None:
+        """The reader thread's clock: idle retirement, deadlines, escalation."""
+        now = time.monotonic()
+        start_timed_out = False
+        signals: list[signal.Signals] = []
+        with self._lock:
+            if (
+                self._state is WorkerState.READY
+                and not self._pending
+                and now - self._last_activity >= self._idle_ttl
+            ):
+                logger.info(
+                    "vLLM worker pid %d idle for %.0f s; stopping it", self.pid, self._idle_ttl
+                )
+                self._move(WorkerState.RETIRING, now + self.stop_timeout)
+                self._post(Stop())
+            elif self._deadline is not None and now >= self._deadline:
+                if self._state is WorkerState.STARTING:
+                    start_timed_out = True
+                    self._move(WorkerState.STOPPING, now)
+                # Past its deadline, a worker that is leaving gets SIGTERM, then SIGKILL.
+                signals = [signal.SIGTERM, signal.SIGCONT] if not self._signals_sent else [
+                    signal.SIGKILL
+                ]
+                self._signals_sent += 1
+                self._deadline = now + _TERMINATE_SECONDS
+        if start_timed_out:
+            _settle(
+                self._ready,
+                error=WorkerStartError(
+                    f"The vLLM worker was not ready within {self._startup_timeout:.0f} s "
+                    "(raise VLLM_STARTUP_TIMEOUT_SECONDS if the model needs longer to load)",
+                    self._log_tail(),
+                ),
+            )
+        if signals:
+            logger.warning(
+                "vLLM worker pid %d (%s) is past its deadline; sending %s",
+                self.pid, self._state.value, "/".join(s.name for s in signals),
+            )
+            for sig in signals:
+                self._signal_group(sig)
+
+    # ----- the reader and sender threads -----
 
     def _read_until_exit(self) -> None:
         sentinel = self._process.sentinel
+        last_tick = time.monotonic()
         try:
             while True:
                 ready = wait([self._conn, sentinel], timeout=_POLL_SECONDS)
                 if self._conn in ready:
                     if not self._receive():
                         break
-                    continue  # drain the pipe before looking at the sentinel
-                if sentinel in ready:
-                    break
-                self._check_timers()
+                elif sentinel in ready:
+                    break  # the pipe is drained: the worker has nothing more to say
+                if time.monotonic() - last_tick >= _POLL_SECONDS:
+                    self._tick()
+                    last_tick = time.monotonic()
         finally:
             self._on_process_exit()
+
+    def _send_until_exit(self) -> None:
+        while True:
+            data = self._outbox.get()
+            if data is None:
+                return
+            try:
+                self._conn.send_bytes(data)
+            except (OSError, ValueError):
+                return  # the worker is gone; the reader thread fails what is in flight
 
     def _receive(self) -> bool:
         try:
@@ -191,103 +353,97 @@ class WorkerHandle:
         if isinstance(message, Finished):
             with self._lock:
                 future = self._pending.pop(message.request_id, None)
-                self._note_activity()
+                self._last_activity = time.monotonic()
             if future is not None:
                 _settle(future, result=message)
         elif isinstance(message, Ready):
-            with self._lock:
-                if self._state == "starting":
-                    self._state = "ready"
-                self._note_activity()
-            elapsed = time.monotonic() - self._started_at
+            elapsed = time.monotonic() - self._started
             message.info["startup_seconds"] = round(elapsed, 2)
+            self.info = message.info
+            with self._lock:
+                self._move(WorkerState.READY)
+                self._last_activity = time.monotonic()
+            self._shm_paths |= shared_memory_files(self.pid)
             for choice in message.info.get("choices", []):
                 logger.warning("vLLM worker pid %d: %s", self.pid, choice)
             logger.info("vLLM worker pid %d ready in %.1f s", self.pid, elapsed)
             _settle(self._ready, result=message.info)
         elif isinstance(message, StartFailed):
             with self._lock:
-                self._state = "stopping"
+                self._move(WorkerState.STOPPING, time.monotonic() + self.stop_timeout)
             error = WorkerStartError(
                 f"The vLLM worker failed to start: {message.error}", self._log_tail()
             )
             _settle(self._ready, error=error)
         return True
 
-    def _check_timers(self) -> None:
-        now = time.monotonic()
-        with self._lock:
-            timed_out = self._state == "starting" and now - self._started_at > self._startup_timeout
-            idle = (
-                self._state == "ready"
-                and not self._pending
-                and now - self._last_activity >= self._idle_ttl
-            )
-            if timed_out:
-                self._state = "stopping"
-            elif idle:
-                self._state = "retiring"
-        if idle:
-            logger.info("vLLM worker pid %d idle for %.0f s; stopping it", self.pid, self._idle_ttl)
-            self._send(Stop())
-        if timed_out:
-            error = WorkerStartError(
-                f"The vLLM worker was not ready within {self._startup_timeout:.0f} s "
-                "(raise VLLM_STARTUP_TIMEOUT_SECONDS if the model needs longer to load)",
-                self._log_tail(),
-            )
-            _settle(self._ready, error=error)
-            self._signal_group(signal.SIGTERM)
-
     def _on_process_exit(self) -> None:
         self._process.join(_TERMINATE_SECONDS)
-        if self._process.exitcode is None:
+        if self._process.exitcode is None:  # the pipe broke but the process lives on
             self._signal_group(signal.SIGKILL)
             self._process.join(_TERMINATE_SECONDS)
-        exit_code = self._process.exitcode
+        exit_code = self.exit_code = self._process.exitcode
         with self._lock:
             was = self._state
-            self._state = "exited"
+            self._move(WorkerState.EXITED)
             futures = list(self._pending.values())
             self._pending.clear()
-        # vLLM's engine processes share the worker's process group; end any left behind.
-        _end_process_group(self.pid)
+        # Callers hear first; the clean-up below may take seconds.
+        how = self._describe_exit(exit_code)
         if not self._ready.done():
             _settle(
                 self._ready,
                 error=WorkerStartError(
-                    f"The vLLM worker exited (code {exit_code}) before it was ready",
-                    self._log_tail(),
+                    f"The vLLM worker {how} before it was ready", self._log_tail()
                 ),
             )
         if futures:
             _fail(
                 futures,
                 WorkerDiedError(
-                    f"The vLLM worker (pid {self.pid}) died with exit code {exit_code} while "
-                    f"{len(futures)} request(s) were in flight; the next call starts a new "
-                    f"worker. Its output: {self.log_path}"
+                    f"The vLLM worker (pid {self.pid}) {how} while {len(futures)} request(s) "
+                    f"were in flight; the next call starts a new worker. Its output: "
+                    f"{self.log_path}",
+                    pid=self.pid, exit_code=exit_code, log_path=str(self.log_path),
                 ),
             )
-        clean = was in ("retiring", "stopping") and exit_code == 0
+        # vLLM's engine processes share the worker's group and may still run (kill -9 of the
+        # worker): note their shared memory, end them, then remove what they left.
+        self._shm_paths |= shared_memory_files(self.pid)
+        _end_process_group(self.pid)
+        remove_files(self._shm_paths)
+        clean = was in (WorkerState.RETIRING, WorkerState.STOPPING) and exit_code == 0
         if clean:
             self.log_path.unlink(missing_ok=True)
-        logger.info("vLLM worker pid %d exited (code %s, was %s)", self.pid, exit_code, was)
+        logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
+        self._outbox.put(None)
         self._conn.close()
         _live_handles.discard(self)
         self._exited.set()
 
     # ----- helpers -----
 
-    def _note_activity(self) -> None:
-        self._last_activity = time.monotonic()
+    def _post(self, message: object) -> None:
+        self._outbox.put(bytes(ForkingPickler.dumps(message)))
 
-    def _send(self, message: object) -> None:
-        try:
-            with self._send_lock:
-                self._conn.send(message)
-        except (OSError, ValueError):
-            pass  # the worker is gone; the reader thread fails what is in flight
+    def _describe_exit(self, exit_code: int | None) -> str:
+        if exit_code is None:
+            return "ended (exit status unknown)"
+        if exit_code < 0:
+            try:
+                return f"was killed by {signal.Signals(-exit_code).name}"
+            except ValueError:
+                return f"was killed by signal {-exit_code}"
+        if exit_code == EXIT_ENGINE_DIED:
+            reason = next(
+                (line.split(": ", 1)[1] for line in reversed(self._log_tail().splitlines())
+                 if line.startswith("vllm-service worker: ")),
+                "vLLM's engine process ended",
+            )
+            return f"exited because {reason}"
+        if exit_code == EXIT_ERROR:
+            return f"failed (exit code {exit_code}; the traceback is in its output)"
+        return f"exited with code {exit_code}"
 
     def _signal_group(self, sig: signal.Signals) -> None:
         for kill in (os.killpg, os.kill):
@@ -304,18 +460,31 @@ class WorkerHandle:
         return "\n".join(lines[-_LOG_TAIL_LINES:])
 
 
+def _new_log_path() -> Path:
+    """A fresh log file for a worker in LOG_DIR; the oldest beyond _KEPT_LOGS are removed."""
+    LOG_DIR.mkdir(parents=True, exist_ok=True)
+    logs = sorted(LOG_DIR.glob("worker-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    remove_files(str(p) for p in logs[_KEPT_LOGS - 1 :])
+    fd, path = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=LOG_DIR)
+    os.close(fd)
+    return Path(path)
+
+
 def _end_process_group(pgid: int) -> None:
-    """SIGTERM, then SIGKILL, every live process of the group the worker led."""
-    for sig, grace in ((signal.SIGTERM, _TERMINATE_SECONDS), (signal.SIGKILL, _TERMINATE_SECONDS)):
-        if not group_members(pgid):
-            return
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            return
-        deadline = time.monotonic() + grace
-        while group_members(pgid) and time.monotonic() < deadline:
-            time.sleep(0.1)
+    """SIGKILL whatever is left of the group the worker led, and wait until it is gone.
+
+    Called once the worker has exited: what is left are vLLM's engine processes, which
+    serve no one any more (their shared memory is removed afterwards).
+    """
+    if not group_members(pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + _TERMINATE_SECONDS
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def group_members(pgid: int) -> list[int]:
@@ -330,6 +499,41 @@ def group_members(pgid: int) -> list[int]:
         except (ProcessLookupError, psutil.Error):
             continue
     return members
+
+
+def shared_memory_files(pgid: int) -> set[str]:
+    """The /dev/shm files the processes of group ``pgid`` have mapped or open."""
+    paths: set[str] = set()
+    for pid in group_members(pgid):
+        candidates = []
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    # address, permissions, offset, device, inode, then the path (if any)
+                    fields = line.split(None, 5)
+                    if len(fields) == 6:
+                        candidates.append(fields[5].strip())
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue  # the process is gone
+        for fd in fds:
+            try:
+                candidates.append(os.readlink(fd))
+            except OSError:
+                continue  # closed in between
+        paths.update(
+            path for path in candidates
+            if path.startswith("/dev/shm/") and not path.endswith("(deleted)")
+        )
+    return paths
+
+
+def remove_files(paths: Any) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:
@@ -350,6 +554,17 @@ def _fail(futures: list[Future[Finished]], error: VLLMServiceError) -> None:
 
 
 _live_handles: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()
+
+
+def _forget_parents_workers() -> None:
+    # A forked child inherits the parent's handles and multiprocessing's list of children:
+    # it must never stop, signal or (at exit) join the parent's workers.
+    for handle in list(_live_handles):
+        multiprocessing.process._children.discard(handle._process)  # type: ignore[attr-defined]
+    _live_handles.clear()
+
+
+os.register_at_fork(after_in_child=_forget_parents_workers)
 
 
 @atexit.register

@@ -2,24 +2,32 @@
 
 Runs in a spawned child. It leads its own process group, so the parent can end it together
 with the engine processes vLLM starts (they outlive a killed worker otherwise). It exits when
-the parent sends Stop or when the pipe closes (the parent died), always tearing the engine down.
+the parent sends Stop or when the pipe closes (the parent died), always tearing the engine down,
+and when one of the engine's processes dies (a watchdog thread notices; vLLM's own client would
+block for good). The exit code says which (``EXIT_*`` in ``_protocol``).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from multiprocessing.connection import Connection
-from typing import Protocol
+from pathlib import Path
+from typing import Any
 
+from ._engine import Engine, make_engine
 from ._protocol import (
+    EXIT_ENGINE_DIED,
+    EXIT_ERROR,
+    EXIT_OK,
     Abort,
     Finished,
     Ready,
     RemoteError,
-    Request,
     StartFailed,
     Stop,
     Submit,
@@ -28,18 +36,8 @@ from ._protocol import (
 
 # How long the idle worker blocks on the pipe between checks; the parent decides idle exit.
 _IDLE_POLL_SECONDS = 1.0
-
-
-class Engine(Protocol):
-    """What the worker loop needs from a local or remote engine."""
-
-    info: dict
-
-    def add(self, request: Request) -> None: ...
-    def abort(self, request_ids: list[int]) -> None: ...
-    def has_unfinished(self) -> bool: ...
-    def step(self) -> list[Finished]: ...
-    def close(self) -> None: ...
+# How often the watchdog looks at the engine's processes.
+_WATCHDOG_SECONDS = 0.5
 
 
 def run_worker(conn: Connection, config: WorkerConfig) -> None:
@@ -48,19 +46,24 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     _redirect_output(config.log_path)
     os.environ.update(config.environment)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    closing = threading.Event()
     engine: Engine | None = None
+    exit_code = EXIT_ERROR
     try:
         try:
-            engine = _make_engine(config)
+            engine = make_engine(config)
         except BaseException as exc:
             traceback.print_exc()
             conn.send(StartFailed(remote_error(exc)))
             return
+        _start_watchdog(closing)
         conn.send(Ready(engine.info))
         _serve(conn, engine)
+        exit_code = EXIT_OK
     except BaseException:
         traceback.print_exc()
     finally:
+        closing.set()
         if engine is not None:
             try:
                 engine.close()
@@ -69,24 +72,12 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         # vLLM leaves non-daemon threads behind that keep a finished process alive.
-        os._exit(0)
+        os._exit(exit_code)
 
 
 def remote_error(exc: BaseException) -> RemoteError:
     """An exception as text, to cross the pipe."""
     return RemoteError(type(exc).__name__, str(exc), traceback.format_exc())
-
-
-def _make_engine(config: WorkerConfig) -> Engine:
-    if config.mode == "local":
-        from ._local_engine import LocalEngine
-
-        return LocalEngine(config)
-    if config.mode == "remote":
-        from ._remote_engine import RemoteEngine
-
-        return RemoteEngine(config)
-    raise ValueError(f"unknown worker mode {config.mode!r}")
 
 
 def _serve(conn: Connection, engine: Engine) -> None:
@@ -119,6 +110,65 @@ def _read_messages(conn: Connection, engine: Engine) -> bool:
                     conn.send(Finished(request.request_id, error=f"{type(exc).__name__}: {exc}"))
         if not conn.poll(0):
             return True
+
+
+def _start_watchdog(closing: threading.Event) -> None:
+    """End this worker when a process the engine started dies, unless it is closing.
+
+    vLLM's client blocks for good waiting on a dead engine process; exiting is the one way
+    out that also frees everything. The parent reads the exit code and fails what was in
+    flight. The processes are polled, not waited for: vLLM reaps its own children.
+    """
+    import psutil
+
+    names = {p: _name(p) for p in psutil.Process().children(recursive=True)}
+    children = {p: name for p, name in names.items() if name.startswith("VLLM")}
+    if not children:
+        return  # remote mode, or an engine that runs in this process
+
+    def watch() -> None:
+        while not closing.wait(_WATCHDOG_SECONDS):
+            dead = next((p for p in children if _has_ended(p)), None)
+            if dead is not None and not closing.is_set():
+                print(
+                    f"vllm-service worker: vLLM's engine process {dead.pid} ({children[dead]}) "
+                    f"ended ({_exit_status(dead.pid)}); the worker exits",
+                    file=sys.stderr, flush=True,
+                )
+                os._exit(EXIT_ENGINE_DIED)
+
+    threading.Thread(target=watch, name="vllm-service-watchdog", daemon=True).start()
+
+
+def _name(process: Any) -> str:
+    """vLLM names its engine processes ``VLLM::EngineCore``, ``VLLM::Worker...``."""
+    try:
+        return process.name()
+    except Exception:
+        return "?"
+
+
+def _has_ended(process: Any) -> bool:
+    import psutil
+
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _exit_status(pid: int) -> str:
+    """How an ended, not yet reaped, process ended: from /proc/PID/stat's exit_code field."""
+    try:
+        status = int(Path(f"/proc/{pid}/stat").read_text().rsplit(" ", 1)[-1])
+    except (OSError, ValueError):
+        return "already reaped by vLLM, so how is unknown"
+    if status & 0x7F:  # a wait status: the low 7 bits are the signal
+        try:
+            return f"killed by {signal.Signals(status & 0x7F).name}"
+        except ValueError:
+            return f"killed by signal {status & 0x7F}"
+    return f"exit code {status >> 8}"
 
 
 def _redirect_output(log_path: str | None) -> None:

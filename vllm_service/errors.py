@@ -20,7 +20,24 @@ class WorkerStartError(VLLMServiceError):
 
 
 class WorkerDiedError(VLLMServiceError):
-    """The worker process ended while requests were in flight; the next call starts a new one."""
+    """The worker process ended while requests were in flight; the next call starts a new one.
+
+    ``pid`` and ``exit_code`` are the worker's (a negative code is the signal that ended it);
+    ``log_path`` is its output, kept for reading.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        pid: int | None = None,
+        exit_code: int | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        self.pid = pid
+        self.exit_code = exit_code
+        self.log_path = log_path
+        super().__init__(message)
 
 
 class ServiceShutdownError(VLLMServiceError):

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
+import time
 import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
 from ._protocol import ChatMessages, Finished, Request, WorkerConfig
-from ._worker_handle import WorkerHandle, WorkerUnavailable
-from .errors import RemoteServerError, RequestTimeoutError, ServiceShutdownError
-from .settings import VLLMSettings, looks_like_local_path
-from .types import GenerationParams, GenerationResult
+from ._worker_handle import WorkerHandle, WorkerState, WorkerUnavailable
+from .errors import (
+    RemoteServerError,
+    RequestTimeoutError,
+    ServiceShutdownError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from .settings import VLLMSettings, looks_like_local_path, vllm_variables_from_env_file
+from .types import GenerationParams, GenerationResult, ServiceStatus
 
 logger = logging.getLogger("vllm_service")
 
@@ -37,6 +46,10 @@ class VLLMInferenceService:
         self._slot = _WorkerSlot()
         self._closed = False
         self._request_ids = itertools.count()
+        _live_services.add(self)
+        self._served = 0
+        self._restarts = 0
+        self._last_error: str | None = None
         # Frees the worker if the service is dropped without shutdown(); holds no reference
         # to the service itself.
         self._finalizer = weakref.finalize(self, self._slot.stop)
@@ -44,13 +57,13 @@ class VLLMInferenceService:
     # ----- generation -----
 
     def generate(
-        self, prompt: str, params: GenerationParams | None = None, **overrides: Any
+        self, prompt: str, params: GenerationParams | dict[str, Any] | None = None, **overrides: Any
     ) -> GenerationResult:
         """Complete one prompt. Keyword arguments (``temperature=0.2``) override ``params``."""
         return self.generate_batch([_check_prompt(prompt)], params, **overrides)[0]
 
     def generate_batch(
-        self, prompts: Sequence[str], params: GenerationParams | None = None, **overrides: Any
+        self, prompts: Sequence[str], params: GenerationParams | dict[str, Any] | None = None, **overrides: Any
     ) -> list[GenerationResult]:
         """Complete many prompts at once; results come back in the same order.
 
@@ -62,7 +75,7 @@ class VLLMInferenceService:
         return self._run([_check_prompt(p) for p in prompts], params, overrides)
 
     def chat(
-        self, messages: ChatMessages, params: GenerationParams | None = None, **overrides: Any
+        self, messages: ChatMessages, params: GenerationParams | dict[str, Any] | None = None, **overrides: Any
     ) -> GenerationResult:
         """Answer one conversation (OpenAI-style messages), using the model's chat template."""
         return self.chat_batch([messages], params, **overrides)[0]
@@ -70,7 +83,7 @@ class VLLMInferenceService:
     def chat_batch(
         self,
         conversations: Sequence[ChatMessages],
-        params: GenerationParams | None = None,
+        params: GenerationParams | dict[str, Any] | None = None,
         **overrides: Any,
     ) -> list[GenerationResult]:
         """Answer many conversations at once; results come back in the same order."""
@@ -86,6 +99,36 @@ class VLLMInferenceService:
         """True when a worker is running with its model loaded. Does not start or keep one."""
         handle = self._slot.handle
         return handle is not None and handle.is_ready
+
+    def status(self) -> ServiceStatus:
+        """What the worker is doing now. Never starts a worker or keeps one alive."""
+        handle = self._slot.handle
+        if handle is None or handle.exited:  # exited: its processes and files are gone too
+            return ServiceStatus(
+                state="stopped", pid=None, mode=self._config.mode, model=self._config.model,
+                dtype=None, started_at=None, load_seconds=None, in_flight=0,
+                requests_served=self._served, restarts=self._restarts,
+                last_error=self._last_error, expires_at=None, memory_bytes=0,
+            )
+        state, in_flight, expires_at = handle.snapshot()
+        if state is WorkerState.EXITED:
+            state = WorkerState.STOPPING  # the process ended; its clean-up is under way
+        info = handle.info
+        return ServiceStatus(
+            state=state.value,  # type: ignore[arg-type]
+            pid=handle.pid,
+            mode=self._config.mode,
+            model=info.get("model", self._config.model),
+            dtype=info.get("dtype"),
+            started_at=handle.started_at,
+            load_seconds=info.get("startup_seconds"),
+            in_flight=in_flight,
+            requests_served=self._served,
+            restarts=self._restarts,
+            last_error=self._last_error,
+            expires_at=expires_at,
+            memory_bytes=handle.memory_bytes(),
+        )
 
     def shutdown(self) -> None:
         """Stop the worker; calls in flight fail with :class:`ServiceShutdownError`.
@@ -109,34 +152,50 @@ class VLLMInferenceService:
     # ----- internals -----
 
     def _run(
-        self, prompts: list[str | ChatMessages], params: GenerationParams | None, overrides: dict
+        self,
+        prompts: list[str | ChatMessages],
+        params: GenerationParams | dict[str, Any] | None,
+        overrides: dict[str, Any],
     ) -> list[GenerationResult]:
+        sampling = self._sampling(params, overrides)
         if not prompts:
             return []
-        sampling = self._sampling(params, overrides)
-        requests = [Request(next(self._request_ids), p, sampling) for p in prompts]
-        handle, futures = self._submit(requests)
         timeout = self.settings.request_timeout_seconds
-        done, not_done = wait_futures(futures, timeout=timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        requests = [Request(next(self._request_ids), p, sampling) for p in prompts]
+        ids = [r.request_id for r in requests]
+        handle: WorkerHandle | None = None
+        try:
+            while True:
+                handle = self._ready_worker(deadline)
+                try:
+                    futures = handle.submit(requests)
+                    break
+                except WorkerUnavailable:
+                    continue  # it began to retire or died just now: start a new one
+            done, not_done = wait_futures(futures, timeout=_remaining(deadline))
+        except BaseException:
+            # Ctrl-C, or any error on the way: the engine drops whatever of these it has.
+            if handle is not None:
+                handle.abort(ids, ServiceShutdownError("the call was interrupted"))
+            raise
         if not_done:
             handle.abort(
-                [r.request_id for r in requests],
+                ids,
                 RequestTimeoutError(
                     f"{len(not_done)} of {len(requests)} request(s) did not finish within "
                     f"{timeout} s (VLLM_REQUEST_TIMEOUT_SECONDS)"
                 ),
             )
-        return [_to_result(future) for future in futures]
+        with self._lock:
+            self._served += sum(1 for f in futures if f.done() and f.exception() is None)
+        try:
+            return [_to_result(future) for future in futures]
+        except (WorkerDiedError, RemoteServerError) as exc:
+            self._last_error = str(exc)
+            raise
 
-    def _submit(self, requests: list[Request]) -> tuple[WorkerHandle, list[Future[Finished]]]:
-        while True:
-            handle = self._ready_worker()
-            try:
-                return handle, handle.submit(requests)
-            except WorkerUnavailable:
-                continue  # it began to retire or died just now: the next loop starts a new one
-
-    def _ready_worker(self) -> WorkerHandle:
+    def _ready_worker(self, deadline: float | None = None) -> WorkerHandle:
         with self._lock:
             if self._closed:
                 raise ServiceShutdownError(
@@ -147,17 +206,40 @@ class VLLMInferenceService:
                 if handle is not None:
                     # Let the old worker give its memory back before a new one loads.
                     handle.wait_exited(timeout=60)
+                    self._restarts += 1
                 handle = WorkerHandle(
                     self._config,
                     idle_ttl=self.settings.idle_ttl_seconds,
                     startup_timeout=self.settings.startup_timeout_seconds,
+                    stop_timeout=self.settings.stop_timeout_seconds,
                 )
                 self._slot.handle = handle
-        handle.wait_ready()  # every caller waiting on a failed start gets its error
+        try:
+            handle.wait_ready(_remaining(deadline))  # a failed start reaches every waiter
+        except FuturesTimeoutError:
+            raise RequestTimeoutError(
+                f"the worker was still loading the model after "
+                f"{self.settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); it "
+                "goes on loading for the next call"
+            ) from None
+        except WorkerStartError as exc:
+            self._last_error = str(exc).split("\n", 1)[0]
+            raise
         return handle
 
-    def _sampling(self, params: GenerationParams | None, overrides: dict) -> dict[str, Any]:
-        chosen = (params or GenerationParams()).merged(overrides)
+    def _sampling(
+        self, params: GenerationParams | dict[str, Any] | None, overrides: dict[str, Any]
+    ) -> dict[str, Any]:
+        if params is None:
+            params = GenerationParams()
+        elif isinstance(params, dict):
+            params = GenerationParams(**params)
+        elif not isinstance(params, GenerationParams):
+            raise TypeError(
+                f"params must be a GenerationParams or a dict of its fields, got "
+                f"{type(params).__name__}"
+            )
+        chosen = params.merged(overrides)
         s = self.settings
         sampling = {
             "temperature": _first(chosen.temperature, s.default_temperature),
@@ -175,15 +257,28 @@ class VLLMInferenceService:
 
 
 class _WorkerSlot:
-    """Holds the current worker, so the finalizer can stop it without the service."""
+    """Holds the current worker, so the finalizer can stop it without the service.
+
+    A worker belongs to the process that started it: after ``os.fork()`` the child sees an
+    empty slot (its first call starts a worker of its own) and never touches the parent's.
+    """
 
     def __init__(self) -> None:
-        self.handle: WorkerHandle | None = None
+        self._handle: WorkerHandle | None = None
+
+    @property
+    def handle(self) -> WorkerHandle | None:
+        handle = self._handle
+        return handle if handle is not None and handle.owner_pid == os.getpid() else None
+
+    @handle.setter
+    def handle(self, handle: WorkerHandle | None) -> None:
+        self._handle = handle
 
     def stop(self) -> None:
         handle = self.handle
         if handle is not None:
-            handle.stop(ServiceShutdownError("The service was shut down"))
+            handle.stop(ServiceShutdownError("The service was shut down"), handle.stop_timeout)
 
 
 def worker_config(settings: VLLMSettings) -> WorkerConfig:
@@ -209,6 +304,7 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
         max_concurrent_requests=settings.max_concurrent_requests,
         api_timeout=settings.api_timeout_seconds,
         api_max_retries=settings.api_max_retries,
+        environment=vllm_variables_from_env_file(settings.model_config.get("env_file")),
     )
 
 
@@ -235,6 +331,22 @@ def _to_result(future: Future[Finished]) -> GenerationResult:
     )
 
 
+def _remaining(deadline: float | None) -> float | None:
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+_live_services: weakref.WeakSet[VLLMInferenceService] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock another thread held at the fork stays locked in the child for ever.
+    for service in list(_live_services):
+        service._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _first(value: Any, default: Any) -> Any:
     return default if value is None else value
 
@@ -246,6 +358,7 @@ def _check_prompt(prompt: Any) -> str:
 
 
 def _check_messages(messages: Any) -> ChatMessages:
+    """Refuse, naming the message, what the chat template cannot take."""
     if not isinstance(messages, list) or not messages:
         raise TypeError(
             "a conversation must be a non-empty list of {'role': ..., 'content': ...} dicts, "
@@ -256,5 +369,20 @@ def _check_messages(messages: Any) -> ChatMessages:
             raise ValueError(
                 f"message {index} of the conversation must be a dict with 'role' and "
                 f"'content', got {message!r}"
+            )
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {index}: 'role' must be a non-empty str, got {role!r}")
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValueError(
+                        f"message {index}: each part of a list 'content' must be a dict with a "
+                        f"'type' (e.g. {{'type': 'text', 'text': ...}}), got {part!r}"
+                    )
+        elif content is not None and not isinstance(content, str):
+            raise ValueError(
+                f"message {index}: 'content' must be a str or a list of content parts, got "
+                f"{type(content).__name__}"
             )
     return messages

@@ -10,6 +10,8 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from .types import MAX_INT32
+
 ENV_PREFIX = "VLLM_"
 
 
@@ -50,10 +52,16 @@ class VLLMSettings(BaseSettings):
         1800, gt=0, description="The worker exits after this long with no request in flight."
     )
     trust_remote_code: bool = Field(True, description="Trust remote code in the model repository.")
-    default_temperature: float = Field(0.7, ge=0, description="Default sampling temperature.")
+    default_temperature: float = Field(
+        0.7, ge=0, le=2, description="Default sampling temperature."
+    )
     default_top_p: float = Field(0.95, gt=0, le=1, description="Default nucleus sampling probability.")
-    default_top_k: int = Field(-1, ge=-1, description="Default top-k (-1 = disabled).")
-    default_max_tokens: int = Field(2048, ge=1, description="Default maximum tokens to generate.")
+    default_top_k: int = Field(
+        -1, ge=-1, le=MAX_INT32, description="Default top-k (-1 = disabled)."
+    )
+    default_max_tokens: int = Field(
+        2048, ge=1, le=MAX_INT32, description="Default maximum tokens to generate."
+    )
     default_repetition_penalty: float = Field(1.0, gt=0, description="Default repetition penalty.")
     mode: Literal["local", "remote"] = Field("local", description='"local" or "remote".')
     api_url: str | None = Field(None, description="URL of the remote vLLM server (remote mode).")
@@ -66,7 +74,16 @@ class VLLMSettings(BaseSettings):
         900, gt=0, description="How long to wait for the worker to load the model."
     )
     request_timeout_seconds: float | None = Field(
-        None, gt=0, description="Per-call timeout; unset waits as long as generation takes."
+        None,
+        gt=0,
+        description="Per-call timeout, the worker's start included; unset waits as long as "
+        "generation takes.",
+    )
+    stop_timeout_seconds: float = Field(
+        30,
+        gt=0,
+        description="How long a stopping or retiring worker may take to exit before it is "
+        "terminated (SIGTERM, then SIGKILL 5 s later).",
     )
     max_concurrent_requests: int = Field(
         64,
@@ -119,6 +136,27 @@ class VLLMSettings(BaseSettings):
             if not path.exists():
                 raise ValueError(f"VLLM_MODEL_PATH: local model folder {path} does not exist")
         return self
+
+
+def vllm_variables_from_env_file(env_file: str | os.PathLike[str] | None = ".env") -> dict[str, str]:
+    """vLLM's own ``VLLM_*`` variables set in the ``.env`` file, for the worker's environment.
+
+    Names that are settings of this service are left out, and so is anything already in the
+    environment (the environment wins, as for the settings).
+    """
+    if env_file is None or not Path(env_file).is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    ours = {f"{ENV_PREFIX}{name.upper()}" for name in VLLMSettings.model_fields}
+    return {
+        name: value
+        for name, value in dotenv_values(env_file).items()
+        if name.upper().startswith(ENV_PREFIX)
+        and name.upper() not in ours
+        and name not in os.environ
+        and value is not None
+    }
 
 
 def looks_like_local_path(model: str) -> bool:

@@ -1,0 +1,398 @@
+"""Faults on the real engine: nothing a caller, a signal or vLLM does may wedge the service.
+
+One test per defect of the "never wedges" issue: values vLLM cannot take, a request vLLM fails
+after registering it, vLLM's engine process or the worker killed mid-request, a stopped
+(SIGSTOP) worker with calls in flight, at idle retirement and at shutdown, fork, Ctrl-C,
+input that cannot cross the pipe, shared memory and logs left behind, settings that did not
+reach the worker. Every wait here is bounded: a hang fails the test instead of blocking it.
+"""
+
+from __future__ import annotations
+
+import _thread
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from _reference_engine import ReferenceEngine
+from vllm_service import (
+    RequestTimeoutError,
+    ServiceShutdownError,
+    VLLMInferenceService,
+    VLLMSettings,
+    WorkerDiedError,
+)
+from vllm_service import _local_engine, _worker_handle
+from vllm_service._protocol import Request
+from vllm_service._worker_handle import group_members, shared_memory_files
+from vllm_service.service import worker_config
+
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPT = "The capital of France is"
+STORY = "Tell me a long story."
+
+
+def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return condition()
+
+
+def in_threads(call: Callable[[], Any], count: int) -> tuple[list[threading.Thread], list[Any]]:
+    """Run ``call`` in ``count`` threads; each appends its result or exception, and when."""
+    outcomes: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcomes.append((call(), time.monotonic()))
+        except BaseException as exc:
+            outcomes.append((exc, time.monotonic()))
+
+    threads = [threading.Thread(target=run, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    return threads, outcomes
+
+
+def join(threads: list[threading.Thread], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    for t in threads:
+        t.join(max(0.0, deadline - time.monotonic()))
+    assert not any(t.is_alive() for t in threads), "a caller hung"
+
+
+def engine_processes(worker_pid: int, prefix: str = "VLLM") -> list[int]:
+    """vLLM's engine processes in the worker's process group (EngineCore and its Worker)."""
+    pids = []
+    for pid in group_members(worker_pid):
+        try:
+            if pid != worker_pid and psutil.Process(pid).name().startswith(prefix):
+                pids.append(pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def answers_like_vllm(service: VLLMInferenceService, reference: ReferenceEngine) -> bool:
+    """The service answers, within a bound, what vLLM itself answers."""
+    threads, outcomes = in_threads(
+        lambda: service.generate(PROMPT, temperature=0, max_tokens=4).text, 1
+    )
+    join(threads, 180)
+    answer = outcomes[0][0]
+    if isinstance(answer, BaseException):
+        raise answer
+    return answer == reference.generate(PROMPT, temperature=0, max_tokens=4)
+
+
+@pytest.fixture(scope="module")
+def svc(demo_model: Path) -> Iterator[VLLMInferenceService]:
+    settings = VLLMSettings(
+        model_path=demo_model, max_model_len=2048, idle_ttl_seconds=3600, stop_timeout_seconds=3
+    )
+    with VLLMInferenceService(settings) as service:
+        yield service
+
+
+# ----- 1. values vLLM cannot take -----
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -5}, "seed"),
+        ({"max_tokens": 2**40}, "max_tokens"),
+        ({"top_k": 2**40}, "top_k"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": 2.5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+        ({"stop": [""]}, "stop"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+    ],
+)
+def test_values_vllm_cannot_take_fail_at_the_call(
+    svc: VLLMInferenceService, overrides: dict[str, Any], named: str
+) -> None:
+    with pytest.raises(ValueError, match=named):
+        svc.generate("Hello", **overrides)
+    with pytest.raises(ValueError, match=named):
+        svc.generate("Hello", params=overrides)  # params as a dict is checked the same way
+    assert svc.status().in_flight == 0
+
+
+def test_params_of_the_wrong_type_fail_at_the_call(svc: VLLMInferenceService) -> None:
+    with pytest.raises(TypeError, match="params must be a GenerationParams"):
+        svc.generate("Hello", params=42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="temprature"):
+        svc.generate("Hello", params={"temprature": 0})
+
+
+def test_a_request_vllm_fails_after_registering_it_leaves_nothing_behind(
+    svc: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    # The check at the call keeps such a value out; this sends one past it, as a value vLLM
+    # rejects late would arrive, to show the engine forgets the request.
+    svc.warmup()
+    handle = svc._slot.handle
+    [future] = handle.submit([Request(10**9, "Hello", {"seed": 2**64, "max_tokens": 4})])
+    finished = future.result(timeout=60)
+    assert finished.error and "OverflowError" in finished.error
+    assert answers_like_vllm(svc, reference)  # before the fix: this call hung for good
+    status = svc.status()
+    assert status.in_flight == 0 and status.expires_at is not None
+
+
+def test_input_that_cannot_cross_the_pipe_fails_at_the_call(
+    svc: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    svc.warmup()
+    with pytest.raises(TypeError, match="cannot be sent to the worker"):
+        svc.chat([{"role": "user", "content": "hi", "name": threading.Lock()}])
+    with pytest.raises(ValueError, match="'content' must be a str"):
+        svc.chat([{"role": "user", "content": threading.Lock()}])
+    with pytest.raises(ValueError, match="'role' must be a non-empty str"):
+        svc.chat([{"role": None, "content": "hi"}])
+    with pytest.raises(ValueError, match="'type'"):
+        svc.chat([{"role": "user", "content": ["just text"]}])
+    status = svc.status()
+    assert status.in_flight == 0 and status.expires_at is not None  # nothing left registered
+    assert answers_like_vllm(svc, reference)
+
+
+# ----- 2. vLLM's engine process or the worker killed mid-request -----
+
+
+@pytest.mark.parametrize("victim", ["engine", "worker"])
+def test_a_killed_process_fails_the_calls_in_seconds_and_leaves_nothing(
+    svc: VLLMInferenceService, reference: ReferenceEngine, victim: str
+) -> None:
+    svc.warmup()
+    worker = svc.status().pid
+    [engine] = engine_processes(worker, "VLLM::EngineCor")  # the name is cut at 15 characters
+    shm = shared_memory_files(worker)
+    assert shm, "vLLM's engine should hold shared memory under /dev/shm"
+    restarts = svc.status().restarts
+
+    threads, outcomes = in_threads(
+        lambda: svc.generate(STORY, max_tokens=2000, ignore_eos=True), 3
+    )
+    wait_until(lambda: svc.status().in_flight == 3, 30)
+    time.sleep(1.0)
+    killed_at = time.monotonic()
+    os.kill(engine if victim == "engine" else worker, signal.SIGKILL)
+    join(threads, 60)
+
+    errors = [error for error, _ in outcomes]
+    assert all(isinstance(e, WorkerDiedError) for e in errors), errors
+    assert max(at for _, at in outcomes) - killed_at < 10
+    if victim == "engine":
+        assert errors[0].exit_code == 3
+        assert f"vLLM's engine process" in str(errors[0]) and "VLLM::" in str(errors[0])
+    else:
+        assert errors[0].exit_code == -signal.SIGKILL and "killed by SIGKILL" in str(errors[0])
+    assert errors[0].pid == worker and Path(errors[0].log_path).exists()
+    assert wait_until(lambda: svc.status().state == "stopped", 15), svc.status()
+    assert not group_members(worker)
+    assert not [path for path in shm if os.path.exists(path)], "shared memory left behind"
+    status = svc.status()
+    assert status.pid is None
+    assert status.last_error == str(errors[0])
+
+    assert answers_like_vllm(svc, reference)  # the next call starts a fresh worker
+    assert svc.status().pid != worker and svc.status().restarts == restarts + 1
+
+
+# ----- 3. a worker that is alive but not answering (SIGSTOP) -----
+
+
+def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
+    demo_model: Path, reference: ReferenceEngine
+) -> None:
+    settings = VLLMSettings(
+        model_path=demo_model, max_model_len=2048, idle_ttl_seconds=4, stop_timeout_seconds=3,
+        request_timeout_seconds=6,
+    )
+    service = VLLMInferenceService(settings)
+    try:
+        # The request timeout covers the worker's start too; the start goes on.
+        started = time.monotonic()
+        with pytest.raises(RequestTimeoutError, match="still loading"):
+            service.generate(PROMPT)
+        assert time.monotonic() - started < 8
+        assert service.status().state == "starting"
+        service.warmup()
+        assert answers_like_vllm(service, reference)
+
+        # Calls in flight on a stopped worker, one of them a 1 MB prompt the worker never
+        # reads: each fails at its timeout.
+        worker = service.status().pid
+        os.kill(worker, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        threads, outcomes = in_threads(lambda: service.generate(STORY, max_tokens=50), 2)
+        big_threads, big = in_threads(lambda: service.generate("x " * 500_000), 1)
+        join(threads + big_threads, 30)
+        assert all(isinstance(e, RequestTimeoutError) for e, _ in outcomes + big), outcomes + big
+        assert max(at for _, at in outcomes + big) - stopped_at < 10
+
+        # Idle retirement of the stopped worker: Stop is never read; it is terminated.
+        assert wait_until(lambda: service.status().state == "stopped", 4 + 3 + 5 + 10)
+        assert wait_until(lambda: not group_members(worker), 10), group_members(worker)
+
+        # shutdown() with a stopped worker and a caller sending 1 MB returns in bounded time.
+        service.warmup()
+        worker = service.status().pid
+        os.kill(worker, signal.SIGSTOP)
+        big_threads, big = in_threads(lambda: service.generate("x " * 500_000), 1)
+        time.sleep(0.5)
+        started = time.monotonic()
+        service.shutdown()
+        assert time.monotonic() - started < 3 + 4 * 5 + 2
+        join(big_threads, 10)
+        assert isinstance(big[0][0], (ServiceShutdownError, RequestTimeoutError)), big
+        assert wait_until(lambda: not group_members(worker), 10), group_members(worker)
+    finally:
+        service.shutdown()
+
+
+# ----- 4. fork -----
+
+
+def test_a_forked_child_gets_a_worker_of_its_own_and_never_touches_the_parents(
+    demo_model: Path, tmp_path: Path
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import json, os, sys
+        from vllm_service import VLLMInferenceService, VLLMSettings
+        if __name__ == "__main__":
+            service = VLLMInferenceService(
+                VLLMSettings(model_path={str(demo_model)!r}, max_model_len=1024))
+            service.warmup()
+            parent_worker = service.status().pid
+            child = os.fork()
+            if child == 0:  # the child: a normal exit, atexit hooks and all
+                before = service.status()
+                answer = service.generate({PROMPT!r}, temperature=0, max_tokens=4).text
+                print(json.dumps({{"state": before.state, "pid": before.pid,
+                                  "own_worker": service.status().pid, "answer": answer}}),
+                      flush=True)
+                sys.exit(0)
+            _, status = os.waitpid(child, 0)
+            after = service.status()
+            answer = service.generate({PROMPT!r}, temperature=0, max_tokens=4).text
+            print(json.dumps({{"child_exit": status, "parent_worker": parent_worker,
+                              "state": after.state, "pid": after.pid, "answer": answer}}),
+                  flush=True)
+            service.shutdown()
+        """
+    )
+    (tmp_path / "fork.py").write_text(script)
+    process = subprocess.run(
+        [sys.executable, str(tmp_path / "fork.py")], capture_output=True, text=True, timeout=400
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    child, parent = (json.loads(line) for line in process.stdout.splitlines()[-2:])
+    assert child["state"] == "stopped" and child["pid"] is None  # no worker inherited
+    assert child["own_worker"] not in (None, parent["parent_worker"])
+    assert parent["child_exit"] == 0
+    # The child's exit left the parent's worker alone: same pid, still answering.
+    assert parent["state"] == "ready" and parent["pid"] == parent["parent_worker"]
+    assert parent["answer"] == child["answer"] and parent["answer"]
+
+
+# ----- 5. Ctrl-C -----
+
+
+def interrupted_after(seconds: float, call: Callable[[], Any]) -> bool:
+    """Run ``call`` with a KeyboardInterrupt raised into this thread after ``seconds``."""
+    timer = threading.Timer(seconds, _thread.interrupt_main)
+    timer.start()
+    try:
+        call()
+        time.sleep(seconds + 1.0)  # an interrupt that comes after the call lands here
+    except KeyboardInterrupt:
+        return True
+    finally:
+        timer.join()
+    return False
+
+
+def test_ctrl_c_aborts_the_calls_requests_in_the_engine(
+    svc: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    svc.warmup()
+    worker = svc.status().pid
+    assert interrupted_after(
+        2.0, lambda: svc.generate(STORY, max_tokens=3000, ignore_eos=True)
+    )
+    assert svc.status().in_flight == 0
+    # The engine stops generating for it: vLLM's engine processes go idle.
+    processes = [psutil.Process(pid) for pid in engine_processes(worker)]
+    time.sleep(1.0)
+    for process in processes:
+        process.cpu_percent(None)
+    time.sleep(2.0)
+    assert sum(process.cpu_percent(None) for process in processes) < 30
+    # Interrupts while a large request is being handed over never leave half a message.
+    for delay in (0.0, 0.005, 0.02, 0.1):
+        interrupted_after(delay, lambda: svc.generate_batch(["x " * 300_000] * 3, max_tokens=2))
+    assert svc.status().pid == worker and svc.status().in_flight == 0
+    assert answers_like_vllm(svc, reference)
+
+
+# ----- 9. settings, logs, version (no engine needed) -----
+
+
+def test_vllms_own_variables_in_dot_env_reach_the_worker(
+    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / ".env").write_text(
+        "VLLM_MODEL_PATH=/ignored/by/code\nVLLM_LOGGING_LEVEL=DEBUG\nVLLM_MAX_MODEL_LEN=512\n"
+        "VLLM_CPU_SGL_KERNEL=0\nOTHER=1\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLLM_CPU_SGL_KERNEL", "1")  # the environment wins over .env
+    config = worker_config(VLLMSettings(model_path=demo_model))
+    assert config.environment == {"VLLM_LOGGING_LEVEL": "DEBUG"}
+    assert config.engine_args["max_model_len"] == 512  # a setting of ours, read as one
+
+
+def test_logs_of_failed_workers_are_kept_but_not_for_ever(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_worker_handle, "LOG_DIR", tmp_path)
+    for i in range(30):
+        (tmp_path / f"worker-old{i:02d}.log").write_text("x")
+        os.utime(tmp_path / f"worker-old{i:02d}.log", (1000 + i, 1000 + i))
+    new = _worker_handle._new_log_path()
+    logs = sorted(p.name for p in tmp_path.glob("worker-*.log"))
+    assert len(logs) == _worker_handle._KEPT_LOGS and new.name in logs
+    assert "worker-old29.log" in logs and "worker-old00.log" not in logs  # the newest stay
+
+
+def test_an_unsupported_vllm_fails_at_start_naming_the_versions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import vllm
+
+    monkeypatch.setattr(vllm, "__version__", "0.40.1")
+    with pytest.raises(RuntimeError, match=r"vLLM 0\.40\.1 is installed.*vLLM 0\.32\.x"):
+        _local_engine.check_vllm_version()
+    monkeypatch.setattr(vllm, "__version__", "0.32.3")
+    _local_engine.check_vllm_version()

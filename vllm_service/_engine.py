@@ -1,0 +1,60 @@
+"""The interface between the worker loop and an engine (local ``vllm.LLM`` or remote server).
+
+The worker process owns exactly one engine and calls it from one thread, in this loop::
+
+    while running:
+        for each message on the pipe: engine.add(request) / engine.abort(ids)
+        if engine.has_unfinished(): send every Finished that engine.step() returns
+
+A new kind of engine is one class with these methods; nothing else in the worker changes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from ._protocol import Finished, Request
+
+
+class Engine(Protocol):
+    """What the worker loop needs from an engine. Every method is called from one thread.
+
+    The contract:
+
+    - ``add(request)`` queues one request and returns at once. Raising means that request
+      was rejected (a bad prompt, a value the engine cannot take) and nothing of it is left
+      in the engine: the worker answers it with an error and the other requests run on.
+    - ``abort(ids)`` forgets requests; unknown or finished ids are ignored. An aborted request
+      never comes out of ``step``.
+    - ``has_unfinished()`` is True while any added request has not come out of ``step``.
+    - ``step()`` advances the engine and returns the requests that finished in it, each
+      exactly once. It may block while the engine computes, but never for longer than one
+      engine step or a short poll: the loop reads the pipe between steps. If the engine's own
+      processes die, ``step`` may block for good; the worker's engine watchdog ends the
+      worker then, so ``step`` need not detect it.
+    - ``close()`` releases everything the engine started (processes, connections); it is
+      called once, also after a failed ``step``.
+    - ``info`` says what was loaded, for the parent (model, max_model_len, dtype, ...) and the
+      choices made on the way (``info["choices"]``, one sentence each, logged by the parent).
+    """
+
+    info: dict[str, Any]
+
+    def add(self, request: Request) -> None: ...
+    def abort(self, request_ids: list[int]) -> None: ...
+    def has_unfinished(self) -> bool: ...
+    def step(self) -> list[Finished]: ...
+    def close(self) -> None: ...
+
+
+def make_engine(config: Any) -> Engine:
+    """The engine for ``config.mode``; imports vLLM or openai only in the worker process."""
+    if config.mode == "local":
+        from ._local_engine import LocalEngine
+
+        return LocalEngine(config)
+    if config.mode == "remote":
+        from ._remote_engine import RemoteEngine
+
+        return RemoteEngine(config)
+    raise ValueError(f"unknown worker mode {config.mode!r}")
