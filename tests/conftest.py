@@ -12,6 +12,7 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+from _reference_engine import ReferenceEngine  # noqa: E402
 from vllm_service import VLLMInferenceService, VLLMSettings, demo_model_path  # noqa: E402
 
 
@@ -27,3 +28,11 @@ def service(demo_model: Path) -> Iterator[VLLMInferenceService]:
     with VLLMInferenceService(settings) as svc:
         svc.warmup()
         yield svc
+
+
+@pytest.fixture(scope="session")
+def reference(demo_model: Path) -> Iterator[ReferenceEngine]:
+    """vLLM used directly: tests compare the service's answers with its answers."""
+    engine = ReferenceEngine(str(demo_model))
+    yield engine
+    engine.close()

@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from _reference_engine import ReferenceEngine
 from vllm_service import WorkerStartError, _placement, batch, generate
 from vllm_service._protocol import Completion, Finished, Request
 from vllm_service._worker_handle import WorkerHandle
@@ -117,14 +118,19 @@ def test_results_come_back_in_input_order_with_the_inputs_untouched(
         assert {k: v for k, v in result.items() if k not in ("answer", "error")} == item
 
 
-def test_string_and_chat_prompts_get_greedy_answers(two_workers: dict[str, Any]) -> None:
+def test_string_and_chat_prompts_get_vllms_own_greedy_answers(
+    two_workers: dict[str, Any], reference: ReferenceEngine
+) -> None:
     results = two_workers["results"]
-    assert results[0]["answer"] == "The capital of France is Paris."
-    assert results[8]["answer"] == "The capital of France is Paris."
-    assert "Berlin" in results[3]["answer"]
-    assert "Rome" in results[7]["answer"]
-    for index in (1, 9, 11):
-        assert isinstance(results[index]["answer"], str) and results[index]["answer"]
+
+    def expected(question: str) -> str:
+        return reference.chat([{"role": "user", "content": question}], temperature=0,
+                              top_p=1.0, max_tokens=24)
+
+    # A string prompt is sent as one user message: the same answer as the chat item.
+    assert results[0]["answer"] == results[8]["answer"] == expected(FRANCE)
+    for index in (1, 3, 7, 9, 11):
+        assert results[index]["answer"] == expected(TWO_WORKER_DATA[index]["prompt"])
         assert "error" not in results[index]
 
 
@@ -140,7 +146,7 @@ def test_bad_items_get_an_error_of_their_own_and_the_rest_run_on(
     assert "maximum context length" in errors[6]
     assert all(results[i]["answer"] is None for i in errors)
     # Item 6 failed in the engine; item 7, in the same chunk, still got its answer.
-    assert "Rome" in results[7]["answer"]
+    assert results[7]["answer"] and "error" not in results[7]
 
 
 def test_two_workers_are_pinned_to_their_own_core_and_share_memory(

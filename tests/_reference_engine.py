@@ -1,0 +1,83 @@
+"""vLLM used directly, in a process of its own: what the engine itself answers.
+
+Tests compare the service's output with this, for the same prompt and sampling settings, so
+they check what the project does (routing, rendering, sampling) rather than what a 135M model
+knows, which differs between processors (see the notes on CPUs without native bf16).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from typing import Any
+
+from vllm_service._local_engine import cpu_dtype
+
+# The service's documented sampling defaults (VLLM_DEFAULT_*), for calls that leave them out.
+SERVICE_DEFAULTS = {
+    "temperature": 0.7,
+    "top_p": 0.95,
+    "top_k": -1,
+    "max_tokens": 2048,
+    "repetition_penalty": 1.0,
+}
+
+
+class ReferenceEngine:
+    """A plain ``vllm.LLM`` answering one prompt at a time through ``LLM.generate`` / ``LLM.chat``."""
+
+    def __init__(self, model: str, max_model_len: int = 2048) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._conn, child = context.Pipe()
+        # The same dtype rule as the service on this processor, in eager mode like the service.
+        args = {"model": model, "max_model_len": max_model_len, "enforce_eager": True,
+                "dtype": cpu_dtype(), "trust_remote_code": True}
+        self._process = context.Process(target=_serve, args=(child, args), name="reference-llm")
+        self._process.start()
+        child.close()
+        if self._conn.recv() != "ready":
+            raise RuntimeError("the reference engine failed to start")
+        self._cache: dict[str, str] = {}
+
+    def generate(self, prompt: str, **sampling: Any) -> str:
+        """What vLLM answers to ``prompt``, with the service's defaults under ``sampling``."""
+        return self._ask("generate", prompt, sampling)
+
+    def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
+        """What ``LLM.chat`` answers to one conversation, with the service's defaults."""
+        return self._ask("chat", messages, sampling)
+
+    def _ask(self, kind: str, prompt: Any, sampling: dict[str, Any]) -> str:
+        sampling = {**SERVICE_DEFAULTS, **sampling}
+        key = repr((kind, prompt, sorted(sampling.items())))
+        if key not in self._cache:
+            self._conn.send((kind, prompt, sampling))
+            self._cache[key] = self._conn.recv()
+        return self._cache[key]
+
+    def close(self) -> None:
+        self._conn.send(None)
+        self._process.join(60)
+        if self._process.is_alive():
+            self._process.kill()
+
+
+def _serve(conn: Any, args: dict[str, Any]) -> None:
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(**args)
+    conn.send("ready")
+    try:
+        while (message := conn.recv()) is not None:
+            kind, prompt, sampling = message
+            params = SamplingParams(**sampling)
+            if kind == "chat":
+                outputs = llm.chat([prompt], params, use_tqdm=False)
+            else:
+                outputs = llm.generate([prompt], params, use_tqdm=False)
+            conn.send(outputs[0].outputs[0].text)
+    except EOFError:
+        pass
+    finally:
+        llm.llm_engine.engine_core.shutdown()  # vLLM's engine process outlives us otherwise
+        os._exit(0)
