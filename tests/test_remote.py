@@ -320,7 +320,11 @@ def test_pick_served_model() -> None:
     assert pick_served_model("a", served) == "/models/a"
     assert pick_served_model("b", served) == "b-chat"
     assert pick_served_model("c", served) is None
-    assert pick_served_model("anything", {"only": None}) == "only"
+    # A server that serves one model serves that one, not whatever is wanted.
+    assert pick_served_model("/models/a", {"only": None}) is None
+    assert pick_served_model("/models/a", {"/models/other": "/models/other"}) is None
+    assert pick_served_model("/models/a", {"chat": "/models/a"}) == "chat"
+    assert pick_served_model("/models/a", {"/srv/a": "/srv/a"}) == "/srv/a"
 
 
 def test_hanging_server_times_out_within_attempts_x_timeout() -> None:

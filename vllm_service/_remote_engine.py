@@ -176,8 +176,9 @@ class RemoteEngine:
         try:
             return await self._send(request)
         except openai.NotFoundError:
-            # The server may have been restarted under another name for the model.
-            name, _, _ = await self._resolve_model(self._wanted_model)
+            # The server may have been restarted: under another name of the same model the
+            # request goes on; with another model _resolve_model raises.
+            name, _, _ = await self._resolve_model(self._wanted_model, served_as=self.model)
             if name == self.model:
                 raise
             logger.warning("vllm-service: the server now serves the model as %r", name)
@@ -218,8 +219,13 @@ class RemoteEngine:
             completions=completions,
         )
 
-    async def _resolve_model(self, wanted: str) -> tuple[str, list[str], int | None]:
-        """The name the server serves ``wanted`` under, the choices made, and its context length."""
+    async def _resolve_model(
+        self, wanted: str, served_as: str | None = None
+    ) -> tuple[str, list[str], int | None]:
+        """The name the server serves ``wanted`` under, the choices made, and its context length.
+
+        ``served_as`` is the name it was served under until now, when looking it up again.
+        """
         try:
             page = await self._client.models.list()
         except openai.OpenAIError as exc:
@@ -228,9 +234,14 @@ class RemoteEngine:
         roots = {card_id: getattr(card, "root", None) for card_id, card in models.items()}
         name = pick_served_model(wanted, roots)
         if name is None:
+            before = (
+                f" (it served it as {served_as!r} until now: restarted with another model?)"
+                if served_as
+                else ""
+            )
             raise RemoteServerError(
-                f"The vLLM server at {self.base_url} does not serve {wanted!r}; it serves "
-                f"{sorted(models)}. Set VLLM_MODEL_PATH to one of these."
+                f"The vLLM server at {self.base_url} does not serve {wanted!r}{before}; it "
+                f"serves {sorted(models)}. Set VLLM_MODEL_PATH to one of these."
             )
         choices = []
         if name != wanted:
@@ -287,7 +298,8 @@ def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
 
     Matches the name, then the model it was loaded from, then the last path component (a
     server started with ``--model /models/X`` against ``VLLM_MODEL_PATH=X``, or the other
-    way round). A server that serves one model is taken to serve the one wanted.
+    way round). Nothing else matches: a server that serves only another model is not taken
+    to serve the one wanted.
     """
     if wanted in served:
         return wanted
@@ -299,8 +311,6 @@ def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
     # Several names of one model (--served-model-name a b) are one match.
     if matches and len({served[n] or n for n in matches}) == 1:
         return matches[0]
-    if len(served) == 1:
-        return next(iter(served))
     return None
 
 
