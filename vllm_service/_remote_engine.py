@@ -10,7 +10,8 @@
 Requests go out as they arrive and many are in flight at once, so the server batches them as
 it would batch its own clients. Timeouts, retries and backoff are the openai client's own. An
 error that is the prompt's (HTTP 400/422) ends that request alone; an error of the server
-(unreachable, timed out, 5xx, key refused) is marked ``server_error`` so that the call raises.
+(unreachable, timed out, 5xx, key refused) is marked ``server_error``: that request's result
+is an error, and a call whose every request failed so raises.
 """
 
 from __future__ import annotations

@@ -126,7 +126,14 @@ class VLLMInferenceService:
                     f"{timeout} s (VLLM_REQUEST_TIMEOUT_SECONDS)"
                 ),
             )
-        return [_to_result(future) for future in futures]
+        finished = [future.result() for future in futures]
+        if all(f.server_error for f in finished):
+            # Nothing came back: the server is down or failing, which a result must not hide.
+            error = str(finished[0].error)
+            if len(finished) > 1:
+                error += f" (all {len(finished)} requests of the call failed)"
+            raise RemoteServerError(error)
+        return [_to_result(f) for f in finished]
 
     def _submit(self, requests: list[Request]) -> tuple[WorkerHandle, list[Future[Finished]]]:
         while True:
@@ -212,10 +219,7 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     )
 
 
-def _to_result(future: Future[Finished]) -> GenerationResult:
-    finished = future.result()
-    if finished.server_error:
-        raise RemoteServerError(finished.error)
+def _to_result(finished: Finished) -> GenerationResult:
     if finished.error is not None or not finished.completions:
         return GenerationResult(
             text="",
