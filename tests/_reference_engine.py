@@ -30,8 +30,13 @@ class ReferenceEngine:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
         # The same dtype rule as the service on this processor, in eager mode like the service.
-        args = {"model": model, "max_model_len": max_model_len, "enforce_eager": True,
-                "dtype": cpu_dtype(), "trust_remote_code": True}
+        args = {
+            "model": model,
+            "max_model_len": max_model_len,
+            "enforce_eager": True,
+            "dtype": cpu_dtype(),
+            "trust_remote_code": True,
+        }
         self._process = context.Process(target=_serve, args=(child, args), name="reference-llm")
         self._process.start()
         child.close()

@@ -189,9 +189,7 @@ def test_a_killed_process_fails_the_calls_in_seconds_and_leaves_nothing(
     assert shm, "vLLM's engine should hold shared memory under /dev/shm"
     restarts = svc.status().restarts
 
-    threads, outcomes = in_threads(
-        lambda: svc.generate(STORY, max_tokens=2000, ignore_eos=True), 3
-    )
+    threads, outcomes = in_threads(lambda: svc.generate(STORY, max_tokens=2000, ignore_eos=True), 3)
     wait_until(lambda: svc.status().in_flight == 3, 30)
     time.sleep(1.0)
     killed_at = time.monotonic()
@@ -203,7 +201,7 @@ def test_a_killed_process_fails_the_calls_in_seconds_and_leaves_nothing(
     assert max(at for _, at in outcomes) - killed_at < 10
     if victim == "engine":
         assert errors[0].exit_code == 3
-        assert f"vLLM's engine process" in str(errors[0]) and "VLLM::" in str(errors[0])
+        assert "vLLM's engine process" in str(errors[0]) and "VLLM::" in str(errors[0])
     else:
         assert errors[0].exit_code == -signal.SIGKILL and "killed by SIGKILL" in str(errors[0])
     assert errors[0].pid == worker and Path(errors[0].log_path).exists()
@@ -225,7 +223,10 @@ def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
     demo_model: Path, reference: ReferenceEngine
 ) -> None:
     settings = VLLMSettings(
-        model_path=demo_model, max_model_len=2048, idle_ttl_seconds=4, stop_timeout_seconds=3,
+        model_path=demo_model,
+        max_model_len=2048,
+        idle_ttl_seconds=4,
+        stop_timeout_seconds=3,
         request_timeout_seconds=6,
     )
     service = VLLMInferenceService(settings)
@@ -338,9 +339,7 @@ def test_ctrl_c_aborts_the_calls_requests_in_the_engine(
 ) -> None:
     svc.warmup()
     worker = svc.status().pid
-    assert interrupted_after(
-        2.0, lambda: svc.generate(STORY, max_tokens=3000, ignore_eos=True)
-    )
+    assert interrupted_after(2.0, lambda: svc.generate(STORY, max_tokens=3000, ignore_eos=True))
     assert svc.status().in_flight == 0
     # The engine stops generating for it: vLLM's engine processes go idle.
     processes = [psutil.Process(pid) for pid in engine_processes(worker)]

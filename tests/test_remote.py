@@ -4,11 +4,17 @@ One server engine serves the whole module, started with ``--api-key`` and two se
 names; the last test stops it and starts it again without either (the service must recover),
 which covers the key-less server and the default naming (by path). Tests run in file order:
 keep the restart test last.
+
+Failures the real server does not make on demand (5xx answers, silence, another model) come
+from a small stand-in HTTP server on loopback (:class:`StandIn`), in place of the real one or
+in front of it, passing on what it does not answer itself and counting requests.
 """
 
 from __future__ import annotations
 
+import http.client
 import http.server
+import json
 import logging
 import os
 import signal
@@ -18,11 +24,14 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import openai
 import pytest
+from _reference_engine import ReferenceEngine
 
+from vllm_service._local_engine import cpu_dtype
 from vllm_service import (
     GenerationParams,
     RemoteServerError,
@@ -65,6 +74,9 @@ class VLLMServer:
             "--max-model-len",
             "2048",
             "--enforce-eager",
+            # The service's own rule for the dtype on this processor (float32 without native bf16).
+            "--dtype",
+            cpu_dtype(),
         ]
         if api_key:
             command += ["--api-key", api_key]
@@ -116,6 +128,101 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+# What a stand-in does with one request (the handler, the JSON body of a POST): answer it and
+# return True, or return False to pass it on to the real server.
+Answer = Callable[[http.server.BaseHTTPRequestHandler, dict | None], bool]
+
+
+class StandIn:
+    """A small HTTP server on loopback, in place of (or in front of) a vLLM server.
+
+    Each request goes to ``answer``; the ones it declines go to the server on
+    ``upstream_port``, whose answer is passed back as it comes (streams included). Every
+    request is recorded in ``requests`` as (method, path, JSON body).
+    """
+
+    def __init__(self, answer: Answer | None = None, upstream_port: int | None = None) -> None:
+        self.answer = answer or (lambda handler, body: False)
+        self.upstream_port = upstream_port
+        self.requests: list[tuple[str, str, dict | None]] = []
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandInHandler)
+        self.httpd.stand_in = self  # type: ignore[attr-defined]
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self) -> StandIn:
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def posts(self) -> list[dict]:
+        return [body for method, _, body in self.requests if method == "POST" and body]
+
+    def forward(self, handler: http.server.BaseHTTPRequestHandler, raw_body: bytes) -> None:
+        assert self.upstream_port is not None, "this stand-in has no server behind it"
+        upstream = http.client.HTTPConnection("127.0.0.1", self.upstream_port, timeout=600)
+        headers = {k: v for k, v in handler.headers.items() if k.lower() in _FORWARDED_HEADERS}
+        try:
+            upstream.request(handler.command, handler.path, raw_body or None, headers)
+            answer = upstream.getresponse()
+            handler.send_response(answer.status)
+            handler.send_header("Content-Type", answer.getheader("Content-Type", "text/plain"))
+            handler.end_headers()  # no length: the body ends when the connection closes
+            while piece := answer.read1(65536):
+                handler.wfile.write(piece)
+                handler.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client hung up; closing upstream makes the server stop the request
+        finally:
+            upstream.close()
+
+
+_FORWARDED_HEADERS = ("authorization", "content-type")
+
+
+class _StandInHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self._handle(b"")
+
+    def do_POST(self) -> None:
+        self._handle(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+
+    def _handle(self, raw_body: bytes) -> None:
+        stand_in: StandIn = self.server.stand_in  # type: ignore[attr-defined]
+        body = json.loads(raw_body) if raw_body else None
+        stand_in.requests.append((self.command, self.path, body))
+        if not stand_in.answer(self, body):
+            stand_in.forward(self, raw_body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def send_json(handler: http.server.BaseHTTPRequestHandler, status: int, value: object) -> None:
+    body = json.dumps(value).encode()
+    handler.send_response(status)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+def model_list(served: dict[str, str]) -> dict:
+    """A ``GET /v1/models`` answer as vLLM gives it; ``served`` maps name -> root."""
+    cards = [
+        {"id": name, "object": "model", "root": root, "max_model_len": 2048}
+        for name, root in served.items()
+    ]
+    return {"object": "list", "data": cards}
+
+
+def vllm_error(status: int, message: str) -> dict:
+    """An error answer's body as vLLM gives it."""
+    return {"error": {"message": message, "type": "Error", "param": None, "code": status}}
+
+
 @pytest.fixture(scope="module")
 def server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
@@ -128,10 +235,11 @@ def server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 
 def remote_settings(server: VLLMServer, **values) -> VLLMSettings:
+    values.setdefault("api_url", server.url)
     values.setdefault("api_key", API_KEY)
     values.setdefault("model_path", server.model)
     values.setdefault("idle_ttl_seconds", 3600)
-    return VLLMSettings(mode="remote", api_url=server.url, **values)
+    return VLLMSettings(mode="remote", **values)
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +251,18 @@ def remote(server: VLLMServer) -> Iterator[VLLMInferenceService]:
 
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def vllm_says(reference: ReferenceEngine) -> dict[str, str]:
+    """vLLM's own greedy answers (a plain vllm.LLM) to the prompts these tests send."""
+    france = "The capital of France is"
+    return {
+        "paris5": reference.generate(france, temperature=0, max_tokens=5),
+        "paris20_stop": reference.generate(france, temperature=0, max_tokens=20, stop=["."]),
+        "count5": reference.generate("1, 2, 3, 4,", temperature=0, max_tokens=5),
+        "france20": reference.chat(FRANCE, temperature=0, max_tokens=20),
+    }
 
 
 # ----- every public method, and the same greedy answers as local mode -----
@@ -163,17 +283,19 @@ def test_warmup_and_is_ready(server: VLLMServer) -> None:
         service.generate("Hello")
 
 
-def test_chat_greedy_answer(remote: VLLMInferenceService) -> None:
+def test_chat_greedy_answer(remote: VLLMInferenceService, vllm_says: dict[str, str]) -> None:
     result = remote.chat(FRANCE, temperature=0, max_tokens=20)
-    assert "Paris" in result.text
+    assert result.text == vllm_says["france20"]
     assert result.finish_reason == "stop"
     assert result.prompt_tokens > 5
     assert 0 < result.completion_tokens <= 20
 
 
-def test_generate_greedy_answer_and_token_counts(remote: VLLMInferenceService) -> None:
+def test_generate_greedy_answer_and_token_counts(
+    remote: VLLMInferenceService, vllm_says: dict[str, str]
+) -> None:
     result = remote.generate("The capital of France is", temperature=0, max_tokens=5)
-    assert result.text == " Paris.\n\nThe"
+    assert result.text == vllm_says["paris5"]
     assert result.finish_reason == "length"
     assert result.completion_tokens == 5
     assert result.prompt_tokens == 5  # "The capital of France is": five tokens, no BOS
@@ -181,32 +303,67 @@ def test_generate_greedy_answer_and_token_counts(remote: VLLMInferenceService) -
     assert result.error is None
 
 
-def test_generate_batch_and_chat_batch_keep_order(remote: VLLMInferenceService) -> None:
+def test_generate_batch_and_chat_batch_keep_order(
+    remote: VLLMInferenceService, vllm_says: dict[str, str]
+) -> None:
     prompts = ["The capital of France is", "1, 2, 3, 4,", "The capital of France is"]
     results = remote.generate_batch(prompts, GenerationParams(temperature=0, max_tokens=5))
-    assert results[0].text == " Paris.\n\nThe"
+    assert results[0].text == vllm_says["paris5"]
     assert results[2].text == results[0].text
-    assert results[1].text.strip().startswith("5")
+    assert results[1].text == vllm_says["count5"]
 
     conversations = [FRANCE, [{"role": "user", "content": "Say hello."}], FRANCE]
     chats = remote.chat_batch(conversations, temperature=0, max_tokens=20)
-    assert "Paris" in chats[0].text and "Paris" in chats[2].text
+    assert chats[0].text == vllm_says["france20"]
     assert chats[0].text == chats[2].text
     assert remote.generate_batch([]) == []
 
 
-def test_stop_strings_and_sampling_params_reach_the_server(remote: VLLMInferenceService) -> None:
+def test_stop_strings_and_sampling_params_reach_the_server(
+    remote: VLLMInferenceService, vllm_says: dict[str, str]
+) -> None:
     result = remote.generate("The capital of France is", temperature=0, max_tokens=20, stop=["."])
-    assert result.text == " Paris"
+    assert result.text == vllm_says["paris20_stop"]
     assert result.finish_reason == "stop"
     # top_k=1 makes sampling greedy even at a high temperature: it reached the server.
     params = GenerationParams(temperature=1.5, top_k=1, seed=7, max_tokens=5)
-    assert remote.generate("The capital of France is", params).text == " Paris.\n\nThe"
+    assert remote.generate("The capital of France is", params).text == vllm_says["paris5"]
     # So did repetition_penalty (extra body) and the OpenAI penalties: they change greedy text.
     prompt, greedy = "1, 2, 1, 2, 1, 2,", {"temperature": 0, "max_tokens": 12}
     plain = remote.generate(prompt, **greedy).text
     assert remote.generate(prompt, repetition_penalty=1.8, **greedy).text != plain
     assert remote.generate(prompt, frequency_penalty=2.0, **greedy).text != plain
+
+
+def test_streamed_answers_equal_the_servers_plain_answers(
+    server: VLLMServer, remote: VLLMInferenceService
+) -> None:
+    """The service streams; what it puts together is what the server answers unstreamed."""
+    client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
+    greedy = {"temperature": 0, "max_tokens": 24, "stop": ["\n\n"]}
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Once upon a time"]
+    for prompt, result in zip(prompts, remote.generate_batch(prompts, **greedy)):
+        plain = client.completions.create(model="smol-a", prompt=prompt, **greedy)
+        assert (result.text, result.finish_reason) == (
+            plain.choices[0].text,
+            plain.choices[0].finish_reason,
+        )
+        assert (result.prompt_tokens, result.completion_tokens) == (
+            plain.usage.prompt_tokens,
+            plain.usage.completion_tokens,
+        )
+    chat = remote.chat(FRANCE, temperature=0, max_tokens=20)
+    plain_chat = client.chat.completions.create(
+        model="smol-a", messages=FRANCE, temperature=0, max_tokens=20
+    )
+    assert (chat.text, chat.finish_reason) == (
+        plain_chat.choices[0].message.content,
+        plain_chat.choices[0].finish_reason,
+    )
+    assert (chat.prompt_tokens, chat.completion_tokens) == (
+        plain_chat.usage.prompt_tokens,
+        plain_chat.usage.completion_tokens,
+    )
 
 
 def test_sampling_split_between_openai_params_and_extra_body() -> None:
@@ -240,9 +397,9 @@ def test_sampling_split_between_openai_params_and_extra_body() -> None:
     assert extra == {"top_k": 5, "repetition_penalty": 1.1, "ignore_eos": True}
 
 
-def test_context_manager(server: VLLMServer) -> None:
+def test_context_manager(server: VLLMServer, vllm_says: dict[str, str]) -> None:
     with VLLMInferenceService(remote_settings(server)) as service:
-        assert "Paris" in service.chat(FRANCE, temperature=0, max_tokens=20).text
+        assert service.chat(FRANCE, temperature=0, max_tokens=20).text == vllm_says["france20"]
         assert service.is_ready()
     assert not service.is_ready()
     with pytest.raises(ServiceShutdownError):
@@ -252,7 +409,9 @@ def test_context_manager(server: VLLMServer) -> None:
 # ----- errors -----
 
 
-def test_rejected_prompt_fails_alone(remote: VLLMInferenceService) -> None:
+def test_rejected_prompt_fails_alone(
+    remote: VLLMInferenceService, vllm_says: dict[str, str]
+) -> None:
     too_long = "hello " * 3000  # more than the server's 2048-token context
     results = remote.generate_batch(
         ["The capital of France is", too_long, "The capital of France is"],
@@ -262,7 +421,48 @@ def test_rejected_prompt_fails_alone(remote: VLLMInferenceService) -> None:
     assert results[1].finish_reason == "error"
     assert "maximum context length" in results[1].error or "2048" in results[1].error
     assert results[1].text == ""
-    assert results[0].text == results[2].text == " Paris.\n\nThe"
+    assert results[0].text == results[2].text == vllm_says["paris5"]
+
+
+def test_requests_failed_by_the_server_do_not_take_the_others_with_them(
+    server: VLLMServer, vllm_says: dict[str, str]
+) -> None:
+    """A stand-in in front of the real server answers HTTP 500 to the prompts marked FAIL."""
+
+    def fail_marked(handler: http.server.BaseHTTPRequestHandler, body: dict | None) -> bool:
+        if body is not None and "FAIL" in json.dumps(body):
+            send_json(handler, 500, vllm_error(500, "engine is broken"))
+            return True
+        return False
+
+    with StandIn(fail_marked, upstream_port=server.port) as stand_in:
+        settings = remote_settings(server, api_url=stand_in.url, api_max_retries=1)
+        with VLLMInferenceService(settings) as service:
+            prompts = ["The capital of France is", "FAIL one", "1, 2, 3, 4,", "FAIL two"]
+            results = service.generate_batch(prompts, temperature=0, max_tokens=5)
+            chats = service.chat_batch(
+                [FRANCE, [{"role": "user", "content": "FAIL"}]], temperature=0, max_tokens=20
+            )
+            # Every request failed: the server is failing, and the call says so.
+            with pytest.raises(RemoteServerError) as all_failed:
+                service.generate_batch(["FAIL a", "FAIL b"], max_tokens=5)
+            with pytest.raises(RemoteServerError) as one_failed:
+                service.generate("FAIL alone", max_tokens=5)
+            assert service.is_ready()
+
+    assert results[0].text == vllm_says["paris5"] and results[0].error is None
+    assert results[2].text == vllm_says["count5"]
+    assert chats[0].text == vllm_says["france20"]
+    error = f"Error from the vLLM server at {stand_in.url}: HTTP 500: engine is broken"
+    for failed in (results[1], results[3], chats[1]):
+        assert failed.finish_reason == "error" and failed.error == error
+        assert failed.text == "" and failed.completion_tokens == 0
+    assert str(all_failed.value) == f"{error} (all 2 requests of the call failed)"
+    assert str(one_failed.value) == error
+    # Retried once each (VLLM_API_MAX_RETRIES=1) before giving up; the others ran once.
+    sent = [json.dumps(body) for body in stand_in.posts()]
+    assert sum("FAIL one" in b for b in sent) == 2
+    assert sum("The capital of France" in b for b in sent) == 1
 
 
 def test_wrong_key_gives_authentication_error(server: VLLMServer) -> None:
@@ -297,18 +497,67 @@ def test_server_that_is_down_gives_a_clear_error_quickly() -> None:
     assert "3 attempt(s)" in message
 
 
-def test_served_model_name_is_resolved(server: VLLMServer) -> None:
+def test_served_model_name_is_resolved(server: VLLMServer, vllm_says: dict[str, str]) -> None:
     # The server serves the folder under two other names: the folder path resolves to one of
     # them (the remote fixture already runs on that), a served name is used as it is, and a
     # name that matches none of several is a clear error.
     with VLLMInferenceService(remote_settings(server, model_path="smol-b")) as service:
-        assert "Paris" in service.chat(FRANCE, temperature=0, max_tokens=20).text
+        assert service.chat(FRANCE, temperature=0, max_tokens=20).text == vllm_says["france20"]
     service = VLLMInferenceService(remote_settings(server, model_path="not-served"))
     with service, pytest.raises(WorkerStartError) as caught:
         service.warmup()
     message = str(caught.value)
     assert f"The vLLM server at {server.url} does not serve 'not-served'" in message
     assert "['smol-a', 'smol-b']" in message and "VLLM_MODEL_PATH" in message
+
+
+def test_server_that_serves_only_another_model_is_an_error() -> None:
+    def other_model(handler: http.server.BaseHTTPRequestHandler, body: dict | None) -> bool:
+        send_json(handler, 200, model_list({"other-model": "/models/other-model"}))
+        return True
+
+    with StandIn(other_model) as stand_in:
+        settings = VLLMSettings(mode="remote", api_url=stand_in.url, model_path="/models/mine")
+        service = VLLMInferenceService(settings)
+        with service, pytest.raises(WorkerStartError) as caught:
+            service.warmup()
+    message = str(caught.value)
+    assert f"The vLLM server at {stand_in.url} does not serve '/models/mine'" in message
+    assert "it serves ['other-model']. Set VLLM_MODEL_PATH" in message
+
+
+def test_server_restarted_with_another_model_is_an_error(
+    server: VLLMServer, vllm_says: dict[str, str]
+) -> None:
+    """A stand-in passes requests on to the real server, then plays a server restarted with
+    another model: vLLM answers 404 to the old name and lists only the new model."""
+    restarted = threading.Event()
+
+    def after_restart(handler: http.server.BaseHTTPRequestHandler, body: dict | None) -> bool:
+        if not restarted.is_set():
+            return False
+        if body is None:
+            send_json(handler, 200, model_list({"other-model": "/models/other-model"}))
+        else:
+            send_json(handler, 404, vllm_error(404, f"The model `{body['model']}` does not exist."))
+        return True
+
+    with StandIn(after_restart, upstream_port=server.port) as stand_in:
+        with VLLMInferenceService(remote_settings(server, api_url=stand_in.url)) as service:
+            prompt = "The capital of France is"
+            assert service.generate(prompt, temperature=0, max_tokens=5).text == vllm_says["paris5"]
+            restarted.set()
+            with pytest.raises(RemoteServerError) as caught:
+                service.generate_batch([prompt, prompt], temperature=0, max_tokens=5)
+            with pytest.raises(RemoteServerError):
+                service.generate(prompt, max_tokens=5)  # no request went to the other model
+    message = str(caught.value)
+    assert (
+        f"The vLLM server at {stand_in.url} does not serve {server.model!r} (it served it as "
+        "'smol-a' until now: restarted with another model?); it serves ['other-model']. "
+        "Set VLLM_MODEL_PATH" in message
+    )
+    assert all(body["model"] == "smol-a" for body in stand_in.posts())
 
 
 def test_pick_served_model() -> None:
@@ -320,7 +569,11 @@ def test_pick_served_model() -> None:
     assert pick_served_model("a", served) == "/models/a"
     assert pick_served_model("b", served) == "b-chat"
     assert pick_served_model("c", served) is None
-    assert pick_served_model("anything", {"only": None}) == "only"
+    # A server that serves one model serves that one, not whatever is wanted.
+    assert pick_served_model("/models/a", {"only": None}) is None
+    assert pick_served_model("/models/a", {"/models/other": "/models/other"}) is None
+    assert pick_served_model("/models/a", {"chat": "/models/a"}) == "chat"
+    assert pick_served_model("/models/a", {"/srv/a": "/srv/a"}) == "/srv/a"
 
 
 def test_hanging_server_times_out_within_attempts_x_timeout() -> None:
@@ -340,37 +593,24 @@ def test_hanging_server_times_out_within_attempts_x_timeout() -> None:
 
 
 def test_5xx_is_retried_a_bounded_number_of_times() -> None:
-    hits: list[str] = []
+    def broken(handler: http.server.BaseHTTPRequestHandler, body: dict | None) -> bool:
+        send_json(handler, 500, vllm_error(500, "engine is broken"))
+        return True
 
-    class Failing(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            hits.append(self.path)
-            body = b'{"error": {"message": "engine is broken", "code": 500}}'
-            self.send_response(500)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Failing)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    try:
-        settings = VLLMSettings(mode="remote", api_url=url, model_path="m", api_max_retries=2)
+    with StandIn(broken) as stand_in:
+        settings = VLLMSettings(
+            mode="remote", api_url=stand_in.url, model_path="m", api_max_retries=2
+        )
         service = VLLMInferenceService(settings)
         with service, pytest.raises(WorkerStartError) as caught:
             service.warmup()
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-    assert hits == ["/v1/models"] * 3
-    assert f"Error from the vLLM server at {url}: HTTP 500: engine is broken" in str(caught.value)
+    assert [path for _, path, _ in stand_in.requests] == ["/v1/models"] * 3
+    assert f"Error from the vLLM server at {stand_in.url}: HTTP 500: engine is broken" in str(
+        caught.value
+    )
 
 
-def test_idle_worker_exits_and_comes_back(server: VLLMServer) -> None:
+def test_idle_worker_exits_and_comes_back(server: VLLMServer, vllm_says: dict[str, str]) -> None:
     with VLLMInferenceService(remote_settings(server, idle_ttl_seconds=1)) as service:
         service.warmup()
         first = service._slot.handle
@@ -378,7 +618,7 @@ def test_idle_worker_exits_and_comes_back(server: VLLMServer) -> None:
         assert not service.is_ready()
         assert (
             service.generate("The capital of France is", temperature=0, max_tokens=5).text
-            == " Paris.\n\nThe"
+            == vllm_says["paris5"]
         )
         assert service._slot.handle is not first
 
@@ -405,8 +645,127 @@ def test_engine_samples_n_and_aborts(server: VLLMServer) -> None:
         assert result.error is None and len(result.completions) == 3
         assert all(c.token_count == 8 and c.finish_reason == "length" for c in result.completions)
         assert result.prompt_tokens == 4
+        # The streamed samples, put together by index, are the server's unstreamed ones.
+        client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
+        plain = client.completions.create(
+            model=engine.model,
+            prompt="Once upon a time",
+            n=3,
+            temperature=1.0,
+            seed=3,
+            max_tokens=8,
+            extra_body={"ignore_eos": True},
+        )
+        plain_texts = [c.text for c in sorted(plain.choices, key=lambda c: c.index)]
+        assert [c.text for c in result.completions] == plain_texts
     finally:
         engine.close()
+
+
+# ----- generations longer than the HTTP timeout, and servers that stall -----
+
+
+def test_generation_longer_than_the_timeout_runs_once(server: VLLMServer) -> None:
+    """The answer is streamed: the 2 s timeout bounds the wait for each chunk, so a generation
+    of several seconds completes, and the request reached the server once (counted by a
+    stand-in passing everything on to the real server)."""
+    timeout = 2
+    with StandIn(upstream_port=server.port) as stand_in:
+        settings = remote_settings(
+            server, api_url=stand_in.url, api_timeout_seconds=timeout, api_max_retries=2
+        )
+        with VLLMInferenceService(settings) as service:
+            service.warmup()
+            started = time.monotonic()
+            result = service.generate(
+                "Once upon a time", temperature=0, max_tokens=500, ignore_eos=True
+            )
+            elapsed = time.monotonic() - started
+    assert result.error is None
+    assert result.finish_reason == "length" and result.completion_tokens == 500
+    assert elapsed > 2 * timeout, elapsed  # one unstreamed attempt would have timed out
+    assert [path for method, path, _ in stand_in.requests if method == "POST"] == [
+        "/v1/completions"
+    ]
+
+
+@pytest.mark.parametrize("first_chunk", [False, True], ids=["silent", "stalls-midway"])
+def test_server_that_stops_sending_times_out(first_chunk: bool) -> None:
+    """Silent from the start: retried as before (nothing was started). Silent after a first
+    chunk: the server had started the generation, so it fails without a retry."""
+    release = threading.Event()
+
+    def stall(handler: http.server.BaseHTTPRequestHandler, body: dict | None) -> bool:
+        if body is None:
+            send_json(handler, 200, model_list({"m": "m"}))
+            return True
+        if first_chunk:
+            handler.send_response(200)
+            handler.send_header("Content-Type", "text/event-stream")
+            handler.end_headers()
+            chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "m"}
+            chunk["choices"] = [{"index": 0, "text": " Once", "finish_reason": None}]
+            handler.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            handler.wfile.flush()
+        release.wait(60)
+        return True
+
+    with StandIn(stall) as stand_in:
+        settings = VLLMSettings(
+            mode="remote",
+            api_url=stand_in.url,
+            model_path="m",
+            api_timeout_seconds=1,
+            api_max_retries=1,
+        )
+        try:
+            with VLLMInferenceService(settings) as service:
+                service.warmup()
+                started = time.monotonic()
+                with pytest.raises(RemoteServerError) as caught:
+                    service.generate("Once upon a time", max_tokens=5)
+                assert time.monotonic() - started < 20  # 2 attempts of 1 s + backoff at most
+        finally:
+            release.set()
+    message = str(caught.value)
+    if first_chunk:
+        assert message == (
+            f"The answer stopped midway: the vLLM server at {stand_in.url} sent nothing for "
+            "1 s (VLLM_API_TIMEOUT_SECONDS). Not retried, as the server had started the "
+            "request; see VLLM_API_URL and the server's log."
+        )
+        assert len(stand_in.posts()) == 1
+    else:
+        assert f"Timed out waiting for the vLLM server at {stand_in.url} (2 attempt(s)" in message
+        assert len(stand_in.posts()) == 2
+
+
+def test_error_event_midway_through_the_answer() -> None:
+    """vLLM reports a failure during generation as an error event in the stream: a 500 is the
+    server's error, a 400 the request's."""
+
+    def error_event(handler: http.server.BaseHTTPRequestHandler, body: dict | None) -> bool:
+        if body is None:
+            send_json(handler, 200, model_list({"m": "m"}))
+            return True
+        status = 400 if "bad" in body["prompt"] else 500
+        handler.send_response(200)
+        handler.send_header("Content-Type", "text/event-stream")
+        handler.end_headers()
+        error = vllm_error(status, "it went wrong")
+        handler.wfile.write(f"data: {json.dumps(error)}\n\ndata: [DONE]\n\n".encode())
+        return True
+
+    with StandIn(error_event) as stand_in:
+        settings = VLLMSettings(mode="remote", api_url=stand_in.url, model_path="m")
+        with VLLMInferenceService(settings) as service:
+            bad, failed = service.generate_batch(["bad prompt", "good prompt"], max_tokens=5)
+    assert bad.error == "The server rejected the request (HTTP 400): it went wrong"
+    assert failed.error == (
+        f"Error from the vLLM server at {stand_in.url} midway through the answer: HTTP 500: "
+        "it went wrong"
+    )
+    assert len(stand_in.posts()) == 2  # not retried
 
 
 # ----- concurrency -----
@@ -484,12 +843,12 @@ def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixtur
 # ----- last: the server goes away and comes back -----
 
 
-def test_server_stopped_then_restarted(server: VLLMServer) -> None:
+def test_server_stopped_then_restarted(server: VLLMServer, vllm_says: dict[str, str]) -> None:
     service = VLLMInferenceService(remote_settings(server, api_max_retries=1))
     try:
         assert (
             service.generate("The capital of France is", temperature=0, max_tokens=5).text
-            == " Paris.\n\nThe"
+            == vllm_says["paris5"]
         )
         server.stop()
         started = time.monotonic()
@@ -501,7 +860,7 @@ def test_server_stopped_then_restarted(server: VLLMServer) -> None:
         # Started again without a key (the service's key is then ignored) and named by its path.
         server.start()
         result = service.generate("The capital of France is", temperature=0, max_tokens=5)
-        assert result.text == " Paris.\n\nThe"
+        assert result.text == vllm_says["paris5"]
         assert service.is_ready()
     finally:
         service.shutdown()
@@ -509,4 +868,4 @@ def test_server_stopped_then_restarted(server: VLLMServer) -> None:
     # No VLLM_API_KEY at all, and the folder's name for the model served under its path.
     settings = remote_settings(server, api_key=None, model_path=Path(server.model).name)
     with VLLMInferenceService(settings) as service:
-        assert "Paris" in service.chat(FRANCE, temperature=0, max_tokens=20).text
+        assert service.chat(FRANCE, temperature=0, max_tokens=20).text == vllm_says["france20"]

@@ -107,7 +107,8 @@ class Finished:
     """A request ended: with ``completions`` (one per sample), or with ``error``.
 
     ``server_error`` marks an error of the remote server rather than of this request
-    (unreachable, timed out, 5xx, key refused): the call raises it instead of returning it.
+    (unreachable, timed out, 5xx, key refused): the request gets an error result, and the
+    call raises ``RemoteServerError`` when every request of it failed that way.
     """
 
     request_id: int

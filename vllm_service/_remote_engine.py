@@ -3,14 +3,18 @@
     worker loop (main thread)                 event loop (background thread)
     -------------------------                 ------------------------------
     add(request)  -- schedule a task -->      wait for a slot (VLLM_MAX_CONCURRENT_REQUESTS),
-                                              POST /completions or /chat/completions
+                                              POST /completions or /chat/completions,
+                                              streamed; put the chunks together
     step()        <-- queue of Finished --    put the request's Finished on the queue
     abort(ids)    -- cancel the tasks -->
 
 Requests go out as they arrive and many are in flight at once, so the server batches them as
-it would batch its own clients. Timeouts, retries and backoff are the openai client's own. An
-error that is the prompt's (HTTP 400/422) ends that request alone; an error of the server
-(unreachable, timed out, 5xx, key refused) is marked ``server_error`` so that the call raises.
+it would batch its own clients. Timeouts, retries and backoff are the openai client's own.
+Answers are streamed: the timeout bounds the wait for the next chunk, and a generation the
+server has started is never sent again. An error that is the prompt's (HTTP 400/422) ends
+that request alone; an error of the server (unreachable, timed out, 5xx, key refused) is
+marked ``server_error``: that request's result is an error, and a call whose every request
+failed so raises.
 """
 
 from __future__ import annotations
@@ -55,8 +59,8 @@ _OPENAI_PARAMS = frozenset(
         "n",
     }
 )
-# Answers that reject the request itself, not the server.
-_REQUEST_ERRORS = (openai.BadRequestError, openai.UnprocessableEntityError)
+# HTTP statuses that reject the request itself, not the server.
+_REQUEST_ERROR_STATUSES = (400, 422)
 
 
 class RemoteEngine:
@@ -155,16 +159,18 @@ class RemoteEngine:
         async with self._slots:
             try:
                 finished = await self._send_resolving(request)
-            except _REQUEST_ERRORS as exc:
-                finished = Finished(
-                    request.request_id,
-                    error=f"The server rejected the request (HTTP {exc.status_code}): "
-                    f"{server_message(exc)}",
-                )
             except openai.OpenAIError as exc:
-                finished = Finished(
-                    request.request_id, error=self._describe(exc), server_error=True
-                )
+                status = error_status(exc)
+                if status in _REQUEST_ERROR_STATUSES:
+                    finished = Finished(
+                        request.request_id,
+                        error=f"The server rejected the request (HTTP {status}): "
+                        f"{server_message(exc)}",
+                    )
+                else:
+                    finished = Finished(
+                        request.request_id, error=self._describe(exc), server_error=True
+                    )
             except RemoteServerError as exc:
                 finished = Finished(request.request_id, error=str(exc), server_error=True)
             except Exception as exc:  # an answer we cannot read must still end the request
@@ -176,8 +182,9 @@ class RemoteEngine:
         try:
             return await self._send(request)
         except openai.NotFoundError:
-            # The server may have been restarted under another name for the model.
-            name, _, _ = await self._resolve_model(self._wanted_model)
+            # The server may have been restarted: under another name of the same model the
+            # request goes on; with another model _resolve_model raises.
+            name, _, _ = await self._resolve_model(self._wanted_model, served_as=self.model)
             if name == self.model:
                 raise
             logger.warning("vllm-service: the server now serves the model as %r", name)
@@ -185,41 +192,42 @@ class RemoteEngine:
             return await self._send(request)
 
     async def _send(self, request: Request) -> Finished:
+        # Streamed, so that the per-attempt timeout bounds the wait for the next chunk, not the
+        # whole generation, and the openai client never retries (re-runs) a generation: it
+        # retries only before an answer starts.
         params, extra_body = split_sampling(request.sampling)
         if params.get("n", 1) > 1:
             # usage counts the tokens of all samples together; ask for each one's token ids.
             extra_body["return_token_ids"] = True
+        options: dict[str, Any] = {
+            "model": self.model,
+            "extra_body": extra_body,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **params,
+        }
         if request.is_chat:
-            response: Any = await self._client.chat.completions.create(
-                model=self.model,
-                messages=request.prompt,  # type: ignore[arg-type]
-                extra_body=extra_body,
-                **params,
+            stream: Any = await self._client.chat.completions.create(
+                messages=request.prompt, **options  # type: ignore[arg-type]
             )
-            texts = [choice.message.content or "" for choice in response.choices]
         else:
-            response = await self._client.completions.create(
-                model=self.model, prompt=request.prompt, extra_body=extra_body, **params
-            )
-            texts = [choice.text for choice in response.choices]
-        choices = sorted(zip(response.choices, texts), key=lambda pair: pair[0].index)
-        usage = response.usage
-        completions = [
-            Completion(
-                text,
-                _token_count(choice, usage, len(choices)),
-                choice.finish_reason or "stop",
-            )
-            for choice, text in choices
-        ]
-        return Finished(
-            request.request_id,
-            prompt_tokens=usage.prompt_tokens if usage else 0,
-            completions=completions,
-        )
+            stream = await self._client.completions.create(prompt=request.prompt, **options)
+        answer = _StreamedAnswer(request.is_chat)
+        try:
+            async with stream:
+                async for chunk in stream:
+                    answer.add(chunk)
+        except openai.APIConnectionError as exc:  # timeouts included
+            raise RemoteServerError(self._describe_broken_stream(exc)) from None
+        return answer.finished(request.request_id, self.base_url)
 
-    async def _resolve_model(self, wanted: str) -> tuple[str, list[str], int | None]:
-        """The name the server serves ``wanted`` under, the choices made, and its context length."""
+    async def _resolve_model(
+        self, wanted: str, served_as: str | None = None
+    ) -> tuple[str, list[str], int | None]:
+        """The name the server serves ``wanted`` under, the choices made, and its context length.
+
+        ``served_as`` is the name it was served under until now, when looking it up again.
+        """
         try:
             page = await self._client.models.list()
         except openai.OpenAIError as exc:
@@ -228,9 +236,14 @@ class RemoteEngine:
         roots = {card_id: getattr(card, "root", None) for card_id, card in models.items()}
         name = pick_served_model(wanted, roots)
         if name is None:
+            before = (
+                f" (it served it as {served_as!r} until now: restarted with another model?)"
+                if served_as
+                else ""
+            )
             raise RemoteServerError(
-                f"The vLLM server at {self.base_url} does not serve {wanted!r}; it serves "
-                f"{sorted(models)}. Set VLLM_MODEL_PATH to one of these."
+                f"The vLLM server at {self.base_url} does not serve {wanted!r}{before}; it "
+                f"serves {sorted(models)}. Set VLLM_MODEL_PATH to one of these."
             )
         choices = []
         if name != wanted:
@@ -260,7 +273,23 @@ class RemoteEngine:
             )
         if isinstance(exc, openai.APIStatusError):
             return f"Error from {server}: HTTP {exc.status_code}: {server_message(exc)}"
+        if isinstance(exc, openai.APIError):  # an error event in the middle of a stream
+            status = error_status(exc)
+            code = f"HTTP {status}: " if status else ""
+            return f"Error from {server} midway through the answer: {code}{server_message(exc)}"
         return f"Request to {server} failed: {type(exc).__name__}: {exc}"
+
+    def _describe_broken_stream(self, exc: openai.APIConnectionError) -> str:
+        """A stream that stalled or broke off after the server had started the request."""
+        server = f"the vLLM server at {self.base_url}"
+        if isinstance(exc, openai.APITimeoutError):
+            what = f"{server} sent nothing for {self._timeout:g} s (VLLM_API_TIMEOUT_SECONDS)"
+        else:
+            what = f"the connection to {server} broke off ({exc.__cause__ or exc})"
+        return (
+            f"The answer stopped midway: {what}. Not retried, as the server had started the "
+            "request; see VLLM_API_URL and the server's log."
+        )
 
     def _call(self, coroutine: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run a coroutine on the event loop and wait for its result."""
@@ -287,7 +316,8 @@ def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
 
     Matches the name, then the model it was loaded from, then the last path component (a
     server started with ``--model /models/X`` against ``VLLM_MODEL_PATH=X``, or the other
-    way round). A server that serves one model is taken to serve the one wanted.
+    way round). Nothing else matches: a server that serves only another model is not taken
+    to serve the one wanted.
     """
     if wanted in served:
         return wanted
@@ -299,12 +329,19 @@ def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
     # Several names of one model (--served-model-name a b) are one match.
     if matches and len({served[n] or n for n in matches}) == 1:
         return matches[0]
-    if len(served) == 1:
-        return next(iter(served))
     return None
 
 
-def server_message(exc: openai.APIStatusError) -> str:
+def error_status(exc: openai.OpenAIError) -> int | None:
+    """The HTTP status of an error answer, or of an error event midway through a stream."""
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code
+    body = getattr(exc, "body", None)
+    code = body.get("code") if isinstance(body, dict) else None
+    return code if isinstance(code, int) else None
+
+
+def server_message(exc: openai.APIError) -> str:
     """The server's own error message from an error answer."""
     body = exc.body
     if isinstance(body, dict) and body.get("message"):
@@ -318,10 +355,52 @@ def _last_part(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _token_count(choice: Any, usage: Any, samples: int) -> int:
-    token_ids = getattr(choice, "token_ids", None)
-    if token_ids is not None:
-        return len(token_ids)
-    if usage is None:
-        return 0
-    return usage.completion_tokens // samples
+class _StreamedAnswer:
+    """The choices of one streamed answer, put together by their index as chunks arrive."""
+
+    def __init__(self, is_chat: bool) -> None:
+        self._is_chat = is_chat
+        self._texts: dict[int, list[str]] = {}
+        self._token_counts: dict[int, int] = {}  # from token_ids, when the server sends them
+        self._finish_reasons: dict[int, str] = {}
+        self._usage: Any = None
+
+    def add(self, chunk: Any) -> None:
+        """Take in one chunk: text deltas of some choices, or the closing usage."""
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        for choice in chunk.choices:
+            text = choice.delta.content if self._is_chat else choice.text
+            self._texts.setdefault(choice.index, []).append(text or "")
+            token_ids = getattr(choice, "token_ids", None)
+            if token_ids is not None:
+                self._token_counts[choice.index] = (
+                    self._token_counts.get(choice.index, 0) + len(token_ids)
+                )
+            if choice.finish_reason:
+                self._finish_reasons[choice.index] = choice.finish_reason
+
+    def finished(self, request_id: int, base_url: str) -> Finished:
+        """The whole answer; raises if a choice ended without its finish reason."""
+        unfinished = sorted(set(self._texts) - set(self._finish_reasons))
+        if unfinished:
+            raise RemoteServerError(
+                f"The answer of the vLLM server at {base_url} ended before choice(s) "
+                f"{unfinished} finished; see the server's log."
+            )
+        samples = len(self._texts)
+        completions = [
+            Completion(
+                "".join(self._texts[i]), self._token_count(i, samples), self._finish_reasons[i]
+            )
+            for i in sorted(self._texts)
+        ]
+        prompt_tokens = self._usage.prompt_tokens if self._usage is not None else 0
+        return Finished(request_id, prompt_tokens=prompt_tokens, completions=completions)
+
+    def _token_count(self, index: int, samples: int) -> int:
+        if index in self._token_counts:
+            return self._token_counts[index]
+        if self._usage is None:
+            return 0
+        return self._usage.completion_tokens // samples

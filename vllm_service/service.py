@@ -9,7 +9,6 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
@@ -67,8 +66,10 @@ class VLLMInferenceService:
     ) -> list[GenerationResult]:
         """Complete many prompts at once; results come back in the same order.
 
-        A prompt vLLM rejects (empty, longer than the context) gets ``finish_reason ==
-        "error"`` and the others run on.
+        A prompt vLLM rejects (empty, longer than the context), or in remote mode one the
+        server failed (after the retries), gets ``finish_reason == "error"`` and its message,
+        and the others run on. Remote mode raises :class:`RemoteServerError` when every
+        prompt of the call failed on the server.
         """
         if isinstance(prompts, str):
             raise TypeError("generate_batch takes a list of prompts; use generate() for one")
@@ -190,10 +191,17 @@ class VLLMInferenceService:
         with self._lock:
             self._served += sum(1 for f in futures if f.done() and f.exception() is None)
         try:
-            return [_to_result(future) for future in futures]
+            finished = [future.result() for future in futures]
+            if all(f.server_error for f in finished):
+                # Nothing came back: the server is down or failing, which a result must not hide.
+                error = str(finished[0].error)
+                if len(finished) > 1:
+                    error += f" (all {len(finished)} requests of the call failed)"
+                raise RemoteServerError(error)
         except (WorkerDiedError, RemoteServerError) as exc:
             self._last_error = str(exc)
             raise
+        return [_to_result(f) for f in finished]
 
     def _ready_worker(self, deadline: float | None = None) -> WorkerHandle:
         with self._lock:
@@ -308,10 +316,7 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     )
 
 
-def _to_result(future: Future[Finished]) -> GenerationResult:
-    finished = future.result()
-    if finished.server_error:
-        raise RemoteServerError(finished.error)
+def _to_result(finished: Finished) -> GenerationResult:
     if finished.error is not None or not finished.completions:
         return GenerationResult(
             text="",
