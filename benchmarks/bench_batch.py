@@ -44,7 +44,10 @@ def direct_llm(model: str, count: int, max_tokens: int, results: Any) -> None:
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype="auto",
+    from vllm_service._local_engine import cpu_dtype
+
+    # The same dtype as generate()'s workers choose on this processor.
+    llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype=cpu_dtype(),
               trust_remote_code=True)
     ready = time.perf_counter()
     params = SamplingParams(temperature=TEMPERATURE, top_p=1.0, max_tokens=max_tokens,

@@ -7,7 +7,8 @@
 (a and b: median of 3 runs), the ratios b/a and b/c, the added latency of a 1-token request,
 and warm-up time against building ``LLM`` directly. Then the same comparison at 1, 4 and 16
 concurrent prompts, plotted to FILE with --plot. Both engines: eager mode, 1 GiB KV cache,
-same max_model_len; one engine runs at a time.
+same max_model_len, the same dtype (the service's rule for this processor); one engine runs at
+a time.
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ def bench_direct(model: str, prompts: list[str], tokens: int) -> dict[str, float
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, trust_remote_code=True)
+    from vllm_service._local_engine import cpu_dtype
+
+    # The service's own dtype rule, so both sides run the same arithmetic on this processor.
+    llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype=cpu_dtype(),
+              trust_remote_code=True)
     start_seconds = time.perf_counter() - started
     params = SamplingParams(temperature=0.7, top_p=0.95, max_tokens=tokens, ignore_eos=True)
     llm.generate(prompts[:4], params, use_tqdm=False)  # first-call costs out of the timing
