@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from vllm_service import WorkerStartError, _placement, batch, generate
+from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
 from vllm_service._protocol import Completion, Finished, Request
 from vllm_service._worker_handle import WorkerHandle
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
@@ -55,7 +55,7 @@ def recording_handle_class() -> type[WorkerHandle]:
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 # ----- two pinned CPU workers -----
@@ -336,7 +336,8 @@ def test_cli_help_names_every_parameter() -> None:
                    "--use-sample", "--temperature", "--max-output-len", "--worker-num", "--tp",
                    "--pp", "--gpu-assignments", "--chunk-size", "--max-model-len",
                    "--gpu-memory-utilization", "--dtype", "--trust-remote-code", "--top-p",
-                   "--stop", "--seed", "--engine-args", "--sampling-args", "--error-key"):
+                   "--stop", "--seed", "--engine-args", "--sampling-args", "--error-key",
+                   "--index-key", "--on-mismatch"):
         assert option in process.stdout
 
 
@@ -348,14 +349,20 @@ class FakeHandle:
 
     ``plans`` holds one entry per worker start: None (works), an int (answers that many
     requests in all, then dies), "fail" (never starts) or "hang" (answers one request, then
-    none until stopped).
+    none until stopped); or, as a dict, such a list per worker slot, keyed by the core the slot
+    is pinned to ("0" or "1"). A worker sent any prompt in ``poison`` dies at once, with every
+    request of that batch.
     """
 
-    plans: list[Any] = []
+    plans: list[Any] | dict[str, list[Any]] = []
+    poison: set[str] = set()
     started: list[FakeHandle] = []
 
     def __init__(self, config: Any, *, idle_ttl: float, startup_timeout: float) -> None:
-        self.plan = FakeHandle.plans.pop(0) if FakeHandle.plans else None
+        plans = FakeHandle.plans
+        if isinstance(plans, dict):
+            plans = plans.setdefault(config.environment["VLLM_CPU_OMP_THREADS_BIND"], [])
+        self.plan = plans.pop(0) if plans else None
         self.config = config
         self.sent: list[Request] = []
         self.batches: list[int] = []
@@ -372,6 +379,8 @@ class FakeHandle:
     def submit(self, requests: list[Request]) -> list[Future[Finished]]:
         futures: list[Future[Finished]] = []
         self.batches.append(len(requests))
+        if any(r.prompt[-1]["content"] in FakeHandle.poison for r in requests):
+            self.plan = len(self.sent)
         for request in requests:
             future: Future[Finished] = Future()
             if isinstance(self.plan, int) and len(self.sent) >= self.plan:
@@ -403,6 +412,7 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> type[FakeHandle]:
     monkeypatch.setattr(_placement, "physical_cores", lambda: [[0], [1]])
     monkeypatch.setattr(_placement, "visible_gpus", lambda: [])
     FakeHandle.plans = []
+    FakeHandle.poison = set()
     FakeHandle.started = []
     return FakeHandle
 
@@ -444,24 +454,47 @@ def test_a_dead_workers_items_go_to_a_new_worker(fake_workers: type[FakeHandle])
 
 def test_an_item_whose_worker_keeps_dying_gets_an_error(fake_workers: type[FakeHandle]) -> None:
     fake_workers.plans = [0] * batch.MAX_ATTEMPTS
-    results = generate("org/model", prompts(3), progress=False)
-    assert all(r["results"] is None for r in results)
-    assert all(f"died {batch.MAX_ATTEMPTS} times" in r["error"] for r in results)
+    results = generate("org/model", prompts(1), progress=False)
+    assert results[0]["results"] is None
+    assert f"died {batch.MAX_ATTEMPTS} times" in results[0]["error"]
+    assert len(fake_workers.started) == batch.MAX_ATTEMPTS
+
+
+def test_an_item_that_kills_its_worker_fails_alone_and_its_chunk_finishes(
+    fake_workers: type[FakeHandle],
+) -> None:
+    fake_workers.poison = {"p5"}
+    results = generate("org/model", prompts(8), progress=False)
+    assert f"died {batch.MAX_ATTEMPTS} times" in results[5]["error"]
+    assert results[5]["results"] is None
+    assert [r["results"] for i, r in enumerate(results) if i != 5] == [
+        f"re: p{i} #0" for i in range(8) if i != 5
+    ]
+    # Halving the chunk after each death: 8 -> 4 -> 2 -> 1, then alone MAX_ATTEMPTS times.
+    assert len(fake_workers.started) == 3 + batch.MAX_ATTEMPTS
+
+
+def test_two_items_that_kill_workers_fail_and_the_rest_finish(
+    fake_workers: type[FakeHandle],
+) -> None:
+    fake_workers.poison = {"p1", "p6"}
+    results = generate("org/model", prompts(12), worker_num=2, chunk_size=6, progress=False)
+    failed = [i for i, r in enumerate(results) if "error" in r]
+    assert failed == [1, 6]
+    assert all(r["results"] == f"re: p{i} #0" for i, r in enumerate(results) if i not in failed)
 
 
 def test_when_every_worker_keeps_dying_the_run_fails_clearly(
     fake_workers: type[FakeHandle], tmp_path: Path
 ) -> None:
-    fake_workers.plans = [2, 0, 0]  # one chunk done, then the next fails three times
+    fake_workers.plans = [2, 0, 0]  # one chunk done, then three workers die in a row
     output = tmp_path / "out.jsonl"
-    with pytest.raises(VLLMServiceError, match="Every batch worker died"):
+    with pytest.raises(VLLMServiceError, match="Every batch worker died 3 times in a row"):
         generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
-    lines = sorted(read_lines(output), key=lambda line: line["_index"])  # in finishing order
-    assert [line["_index"] for line in lines] == [0, 1, 2, 3]
-    assert [line["results"] is None for line in lines] == [False, False, True, True]
+    assert sorted(line["_index"] for line in read_lines(output)) == [0, 1]
     fake_workers.plans = []
     results = generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
-    assert len(fake_workers.started[-1].sent) == 4  # the rerun did the failed and the rest
+    assert len(fake_workers.started[-1].sent) == 4  # the rerun did the rest
     assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(6)]
 
 
@@ -469,6 +502,21 @@ def test_a_worker_that_cannot_start_stops_the_run(fake_workers: type[FakeHandle]
     fake_workers.plans = ["fail"]
     with pytest.raises(WorkerStartError, match="failed to load"):
         generate("org/model", prompts(3), progress=False)
+    fake_workers.plans = ["fail", "fail"]
+    with pytest.raises(WorkerStartError, match="failed to load"):
+        generate("org/model", prompts(3), worker_num=2, progress=False)
+
+
+def test_a_replacement_that_cannot_start_ends_only_its_slot(
+    fake_workers: type[FakeHandle], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The worker on core 0 dies after one answer and its replacement fails to load.
+    fake_workers.plans = {"0": [1, "fail"]}
+    results = generate("org/model", prompts(8), worker_num=2, chunk_size=2, progress=False)
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(8)]
+    assert len(fake_workers.started) == 3
+    assert "batch worker 0 could not start; the others go on" in caplog.text
+    assert "failed to load" in caplog.text
 
 
 def test_ctrl_c_stops_the_workers_and_keeps_what_finished(
@@ -497,3 +545,310 @@ def test_an_output_file_of_other_data_is_refused(
     with pytest.raises(ValueError, match="line 1 does not belong to this data"):
         generate("org/model", prompts(2), output_path=output, progress=False)
     assert fake_workers.started == []
+
+
+# ----- the output file: one run at a time, on disk, resumed only with the same settings -----
+
+
+def test_a_second_run_on_the_same_output_path_fails_at_once(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    fake_workers.plans = ["hang"]  # the first run answers one item, then waits
+    output = tmp_path / "out.jsonl"
+    outcome: dict[str, Any] = {}
+
+    def first_run() -> None:
+        outcome["results"] = generate("org/model", prompts(3), output_path=output, progress=False)
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not (output.exists() and output.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(VLLMServiceError) as raised:
+        generate("org/model", prompts(3), output_path=output, progress=False)
+    assert time.monotonic() - started < 1
+    message = str(raised.value)
+    assert f"output_path {output} is in use by another run" in message
+    assert f"{output}.lock" in message and "Wait for that run to end" in message
+    assert len(fake_workers.started) == 1  # the second run started no worker
+    # The first run goes on undisturbed: its worker dies, a new one finishes.
+    fake_workers.started[0].stop(WorkerDiedError("the worker was killed"))
+    thread.join(10)
+    assert [r["results"] for r in outcome["results"]] == [f"re: p{i} #0" for i in range(3)]
+    assert [line["results"] for line in read_lines(output)] == [f"re: p{i} #0" for i in range(3)]
+    assert not Path(f"{output}.lock").exists()
+
+
+def test_the_lock_of_a_crashed_run_does_not_block(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(output) + '.lock'!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(VLLMServiceError, match="in use by another run"):
+            generate("org/model", prompts(2), output_path=output, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Path(f"{output}.lock").exists()  # left behind by the killed process ...
+    results = generate("org/model", prompts(2), output_path=output, progress=False)
+    assert [r["results"] for r in results] == ["re: p0 #0", "re: p1 #0"]  # ... and no obstacle
+
+
+def test_lines_are_fsynced_and_the_rewrite_replaces_the_file_only_once_on_disk(
+    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source: Any, target: Any) -> None:
+        events.append(("replace", str(source)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    output = tmp_path / "out.jsonl"
+    generate("org/model", prompts(4), chunk_size=1, output_path=output, progress=False)
+    partial = f"{output}.partial"
+    replaced = events.index(("replace", partial))
+    assert ("fsync", str(output)) in events[:replaced]  # appended lines, during the run
+    assert events[replaced - 1] == ("fsync", partial)  # the rewritten file, before os.replace
+    assert events[replaced + 1:] == [("fsync", str(tmp_path))]  # its directory, after
+    # Lines are fsynced at most once a second, not one by one.
+    assert events[:replaced].count(("fsync", str(output))) < 4
+
+
+def test_a_line_appended_before_a_quiet_spell_is_fsynced_within_seconds(
+    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out.jsonl"
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(output):
+            synced.append(len(read_lines(output)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fake_workers.plans = ["hang"]  # answers one item, then nothing until stopped
+    data = [{"prompt": ""}, {"prompt": "p1"}, {"prompt": "p2"}]
+    thread = threading.Thread(
+        target=generate, args=("org/model", data),
+        kwargs={"chunk_size": 1, "output_path": output, "progress": False},
+    )
+    thread.start()
+    try:
+        # Item 0 (bad) is written and fsynced at once, item 1 right after it (too soon for
+        # another fsync); then the worker hangs on item 2.
+        deadline = time.monotonic() + 5
+        while synced[-1:] != [2]:
+            assert time.monotonic() < deadline, f"fsyncs seen with {synced} lines"
+            time.sleep(0.05)
+        assert synced == [1, 2]
+    finally:
+        fake_workers.started[0].stop(WorkerDiedError("the worker was killed"))
+        thread.join(10)
+
+
+def sent_prompts(handles: list[FakeHandle]) -> list[str]:
+    return [r.prompt[-1]["content"] for h in handles for r in h.sent]
+
+
+BASE_SETTINGS: dict[str, Any] = {
+    "model_id": "org/model", "system": "Be brief.", "n": 2, "use_sample": False,
+    "temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ["\n"],
+    "sampling_args": {"ignore_eos": False}, "max_output_len": 64,
+}
+
+
+@pytest.mark.parametrize("change", [
+    {"model_id": "org/other-model"}, {"system": "Be verbose."}, {"system": None},
+    {"use_sample": True}, {"temperature": 0.7}, {"top_p": 1.0}, {"seed": 2}, {"seed": None},
+    {"stop": ["."]}, {"sampling_args": {"ignore_eos": True}}, {"max_output_len": 65},
+])
+def test_results_made_with_other_settings_are_refused(
+    fake_workers: type[FakeHandle], tmp_path: Path, change: dict[str, Any]
+) -> None:
+    output = tmp_path / "out.jsonl"
+    generate(data=prompts(3), output_path=output, progress=False, **BASE_SETTINGS)
+    before = output.read_text()
+    fake_workers.started = []
+    with pytest.raises(ValueError, match="made with other settings") as raised:
+        generate(data=prompts(3), output_path=output, progress=False,
+                 **{**BASE_SETTINGS, **change})
+    assert "on_mismatch='redo'" in str(raised.value) and str(output) in str(raised.value)
+    assert fake_workers.started == []
+    assert output.read_text() == before
+    assert not Path(f"{output}.lock").exists()
+
+
+def test_the_same_settings_resume_and_temperature_0_is_0_0(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    generate("org/model", prompts(3), temperature=0, output_path=output, progress=False)
+    fingerprints = {line["_run"] for line in read_lines(output)}
+    assert len(fingerprints) == 1 and len(fingerprints.pop()) == 16
+    fake_workers.started = []
+    results = generate("org/model", prompts(3), temperature=0.0, output_path=output,
+                       progress=False, worker_num=2, max_model_len=2048, dtype="float32")
+    assert fake_workers.started == []  # engine settings are not part of the fingerprint
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+
+
+def test_on_mismatch_redo_generates_again_and_keep_reuses(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    generate("org/model", prompts(3), output_path=output, progress=False)
+    first = {line["_run"] for line in read_lines(output)}
+    fake_workers.started = []
+    generate("org/model", prompts(3), system="Be brief.", on_mismatch="keep",
+             output_path=output, progress=False)
+    assert fake_workers.started == []
+    assert {line["_run"] for line in read_lines(output)} == first  # kept as they were made
+    results = generate("org/model", prompts(3), system="Be brief.", on_mismatch="redo",
+                       output_path=output, progress=False)
+    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p1", "p2"]
+    assert all(r.prompt[0]["content"] == "Be brief." for r in fake_workers.started[0].sent)
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+    lines = read_lines(output)
+    assert len(lines) == 3 and len({line["_run"] for line in lines} | first) == 2
+
+
+def test_lines_without_a_fingerprint_count_as_other_settings(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    output.write_text(
+        json.dumps({"prompt": "p0", "results": "from an older version", "_index": 0}) + "\n"
+        + json.dumps({"prompt": "p1", "results": None, "error": "boom", "_index": 1}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"items 0\).*1 have none \(an older vllm-service"):
+        generate("org/model", prompts(2), output_path=output, progress=False)
+    results = generate("org/model", prompts(2), on_mismatch="keep", output_path=output,
+                       progress=False)
+    assert [r["results"] for r in results] == ["from an older version", "re: p1 #0"]
+    assert sent_prompts(fake_workers.started) == ["p1"]  # failed items are redone anyway
+
+
+def test_on_mismatch_is_checked(fake_workers: type[FakeHandle]) -> None:
+    with pytest.raises(ValueError, match="on_mismatch must be 'error', 'redo' or 'keep'"):
+        generate("org/model", prompts(1), on_mismatch="ignore")  # type: ignore[arg-type]
+
+
+# ----- input text the file format must carry -----
+
+
+def test_a_lone_surrogate_fails_its_item_only_and_the_file_still_resumes(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    data = [
+        {"prompt": "\ud83d"},  # what json.loads makes of '"\\ud83d"'
+        {"prompt": "fine", "note": "broken \udc80 note"},
+        {"prompt": [{"role": "user", "content": "half an emoji: \ud83d"}]},
+        {"prompt": "also fine"},
+    ]
+    output = tmp_path / "out.jsonl"
+    results = generate("org/model", data, output_path=output, progress=False)
+    assert sorted(sent_prompts(fake_workers.started)) == ["also fine", "fine"]
+    assert "lone surrogate ('\\ud83d' at position 0" in results[0]["error"]
+    assert "lone surrogate" in results[2]["error"]
+    assert results[1]["results"] == "re: fine #0" and results[3]["results"] == "re: also fine #0"
+    lines = read_lines(output)  # strict UTF-8: the surrogates are written as JSON escapes
+    assert [line["prompt"] for line in lines] == [item["prompt"] for item in data]
+    assert lines[1]["note"] == "broken \udc80 note"
+    fake_workers.started = []
+    before = output.read_bytes()
+    again = generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(fake_workers.started) == []  # the failed items fail again at once
+    assert again == results and output.read_bytes() == before
+
+
+def test_a_system_prompt_with_a_lone_surrogate_is_refused(fake_workers: type[FakeHandle]) -> None:
+    with pytest.raises(ValueError, match="system holds a lone surrogate"):
+        generate("org/model", prompts(1), system="\udc80")
+    assert fake_workers.started == []
+
+
+SEPARATORS = "\u2028 \u2029 \x85 \x1c \x1d \x1e \x0b \x0c \r"
+
+
+def test_line_separators_inside_strings_do_not_split_output_lines(
+    fake_workers: type[FakeHandle], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = [{"prompt": f"p{i} {SEPARATORS}"} for i in range(3)]
+    output = tmp_path / "out.jsonl"
+    generate("org/model", data, output_path=output, progress=False)
+    assert "\u2028" in output.read_text(encoding="utf-8")  # written as is (ensure_ascii=False)
+    fake_workers.started = []
+    results = generate("org/model", data, output_path=output, progress=False)
+    assert fake_workers.started == []
+    assert "not JSON" not in caplog.text
+    assert [r["prompt"] for r in results] == [item["prompt"] for item in data]
+
+
+def test_cli_input_lines_split_on_newlines_only(tmp_path: Path) -> None:
+    from vllm_service.cli import read_jsonl
+
+    source = tmp_path / "in.jsonl"
+    items = [{"prompt": f"p{i} {SEPARATORS}"} for i in range(2)]
+    source.write_text(
+        "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8"
+    )
+    assert read_jsonl(source) == items
+
+
+# ----- input fields named like the keys generate() writes -----
+
+
+def test_input_fields_named_like_the_result_keys(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    data = [
+        {"prompt": "p0", "results": "an earlier answer"},
+        {"prompt": "p1", "error": "an earlier error"},
+        {"prompt": "p2", "_index": 7, "_run": "from elsewhere"},
+        {"prompt": "", "results": "an earlier answer", "error": "an earlier error"},
+    ]
+    output = tmp_path / "out.jsonl"
+    results = generate("org/model", data, output_path=output, progress=False)
+    assert results[0] == {"prompt": "p0", "results": "re: p0 #0"}
+    assert results[1] == {"prompt": "p1", "results": "re: p1 #0"}  # succeeded: no error key
+    assert results[2] == {"prompt": "p2", "_index": 7, "_run": "from elsewhere",
+                          "results": "re: p2 #0"}  # the caller's fields, as they were
+    assert results[3]["results"] is None and "is empty" in results[3]["error"]
+    lines = read_lines(output)
+    assert [line["_index"] for line in lines] == [0, 1, 2, 3]
+    assert len({line["_run"] for line in lines}) == 1
+    fake_workers.started = []
+    again = generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(fake_workers.started) == []  # item 1 is not taken for a failed one
+    assert again == results
+
+
+@pytest.mark.parametrize("keys", [
+    {"result_key": "_index"}, {"index_key": "error"}, {"result_key": "_run"},
+    {"index_key": "_run"}, {"message_key": "results"},
+])
+def test_keys_that_would_collide_are_refused(
+    fake_workers: type[FakeHandle], keys: dict[str, str]
+) -> None:
+    with pytest.raises(ValueError, match="must be four different keys"):
+        generate("org/model", prompts(1), **keys)
