@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
+from vllm_service import WorkerStartError, _placement, batch, generate
 from vllm_service._protocol import Completion, Finished, Request
 from vllm_service._worker_handle import WorkerHandle
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
