@@ -4,7 +4,9 @@ Engine starts are the cost here (30-60 s each), so three runs carry most asserti
 ``two_workers`` (worker_num=2, strings, bad items, chunking, resume from a partial file),
 ``killed_worker`` (chat + system, n=3 with use_sample=True, a worker killed part way) and
 ``cli_run`` (the command line, n=3 with duplicated prompts). The scheduling rules (retries,
-their bound, a failed start) are also checked with a stand-in worker, which starts nothing.
+their bound, an item that kills workers, a failed start) and the output file (one run at a
+time, fsync, settings fingerprint, text that splitlines() or UTF-8 would trip on, input keys
+named like the output's) are also checked with a stand-in worker, which starts nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from vllm_service import WorkerStartError, _placement, batch, generate
+from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
 from vllm_service._protocol import Completion, Finished, Request
 from vllm_service._worker_handle import WorkerHandle
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
@@ -71,8 +73,9 @@ TWO_WORKER_DATA: list[dict[str, Any]] = [
     {"id": 7, "prompt": ITALY},
     {"id": 8, "prompt": [{"role": "user", "content": FRANCE}], "tags": ["chat"]},
     {"id": 9, "prompt": "Write one sentence about the ocean."},
-    {"id": 10, "prompt": "What is 2 + 2?"},
+    {"id": 10, "prompt": "What is 2 + 2?", "note": "a line\u2028separator inside"},
     {"id": 11, "prompt": "Say hello."},
+    {"id": 12, "prompt": "Half an emoji: \ud83d"},
 ]
 
 
@@ -82,11 +85,20 @@ def two_workers(
 ) -> Iterator[dict[str, Any]]:
     """One worker_num=2 run with the seed's CPU defaults, over a partial earlier output."""
     output = tmp_path_factory.mktemp("two_workers") / "out.jsonl"
-    # An earlier run finished item 10, failed item 11, and was cut short writing a line.
+    # An earlier run with the same settings finished item 10, failed item 11, and was cut
+    # short writing a line.
+    run = _batch_output.run_fingerprint(
+        str(demo_model.resolve()), None, 1, False,
+        {"temperature": 0, "top_p": 1.0, "max_tokens": 24},
+    )
+    earlier = [
+        {**TWO_WORKER_DATA[10], "answer": "from an earlier run", "_index": 10, "_run": run},
+        {**TWO_WORKER_DATA[11], "answer": None, "error": "boom", "_index": 11, "_run": run},
+    ]
     output.write_text(
-        json.dumps({**TWO_WORKER_DATA[10], "answer": "from an earlier run", "_index": 10}) + "\n"
-        + json.dumps({**TWO_WORKER_DATA[11], "answer": None, "error": "boom", "_index": 11}) + "\n"
-        + '{"id": 1, "pro'
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in earlier)
+        + '{"id": 1, "pro',
+        encoding="utf-8",
     )
     data = copy.deepcopy(TWO_WORKER_DATA)
     handles = recording_handle_class()
@@ -133,8 +145,9 @@ def test_bad_items_get_an_error_of_their_own_and_the_rest_run_on(
 ) -> None:
     results = two_workers["results"]
     errors = {r["id"]: r["error"] for r in results if "error" in r}
-    assert sorted(errors) == [2, 4, 5, 6]
+    assert sorted(errors) == [2, 4, 5, 6, 12]
     assert "empty" in errors[2]
+    assert "lone surrogate ('\\ud83d' at position 15" in errors[12]
     assert "no 'prompt' key" in errors[4]
     assert "got int" in errors[5]
     assert "maximum context length" in errors[6]
@@ -170,7 +183,9 @@ def test_a_rerun_skips_what_the_output_file_holds_and_leaves_it_in_order(
     )
     lines = read_lines(two_workers["output"])
     assert [line["_index"] for line in lines] == list(range(len(TWO_WORKER_DATA)))
-    assert [{k: v for k, v in line.items() if k != "_index"} for line in lines] == results
+    assert len({line["_run"] for line in lines}) == 1
+    assert [{k: v for k, v in line.items() if k not in ("_index", "_run")}
+            for line in lines] == results
 
 
 # ----- chat with a system prompt, n=3 with use_sample=True, a worker killed part way -----
@@ -484,17 +499,44 @@ def test_two_items_that_kill_workers_fail_and_the_rest_finish(
     assert all(r["results"] == f"re: p{i} #0" for i, r in enumerate(results) if i not in failed)
 
 
+def test_items_that_all_kill_workers_fail_alone_without_failing_the_run(
+    fake_workers: type[FakeHandle],
+) -> None:
+    fake_workers.poison = {"p0", "p1"}
+    results = generate("org/model", prompts(2), progress=False)
+    assert all(f"died {batch.MAX_ATTEMPTS} times" in r["error"] for r in results)
+    assert len(fake_workers.started) == 1 + 2 * batch.MAX_ATTEMPTS
+
+
+@pytest.mark.parametrize(("chunk_size", "workers_started"), [
+    (None, 3),  # three deaths under several items: 8, then 4 and 4
+    (1, 3 * batch.MAX_ATTEMPTS),  # three items failed from deaths alone
+])
+def test_workers_that_die_under_every_item_end_the_run_soon(
+    fake_workers: type[FakeHandle], chunk_size: int | None, workers_started: int
+) -> None:
+    fake_workers.plans = [0] * 100
+    with pytest.raises(VLLMServiceError, match="Every batch worker gave up"):
+        generate("org/model", prompts(8), chunk_size=chunk_size, progress=False)
+    assert len(fake_workers.started) == workers_started
+
+
 def test_when_every_worker_keeps_dying_the_run_fails_clearly(
     fake_workers: type[FakeHandle], tmp_path: Path
 ) -> None:
-    fake_workers.plans = [2, 0, 0]  # one chunk done, then three workers die in a row
+    # One chunk done, then every worker dies at once: under [2, 3], under [4, 5], and three
+    # times under item 2 alone, which gets an error. Three strikes: the slot gives up.
+    fake_workers.plans = [2, 0, 0, 0, 0, 0]
     output = tmp_path / "out.jsonl"
-    with pytest.raises(VLLMServiceError, match="Every batch worker died 3 times in a row"):
+    with pytest.raises(VLLMServiceError, match="Every batch worker gave up"):
         generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
-    assert sorted(line["_index"] for line in read_lines(output)) == [0, 1]
+    assert len(fake_workers.started) == 5
+    lines = sorted(read_lines(output), key=lambda line: line["_index"])  # in finishing order
+    assert [line["_index"] for line in lines] == [0, 1, 2]
+    assert f"died {batch.MAX_ATTEMPTS} times" in lines[2]["error"]
     fake_workers.plans = []
     results = generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
-    assert len(fake_workers.started[-1].sent) == 4  # the rerun did the rest
+    assert len(fake_workers.started[-1].sent) == 4  # the rerun did the failed and the rest
     assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(6)]
 
 
@@ -852,3 +894,21 @@ def test_keys_that_would_collide_are_refused(
 ) -> None:
     with pytest.raises(ValueError, match="must be four different keys"):
         generate("org/model", prompts(1), **keys)
+
+
+def test_cli_refuses_results_of_other_settings_unless_told(
+    fake_workers: type[FakeHandle], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vllm_service.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "p0"}\n{"prompt": "p1"}\n')
+    command = ["generate", str(source), "-o", str(tmp_path / "out.jsonl"), "--model",
+               "org/model", "--no-progress"]
+    assert main(command) == 0
+    assert main([*command, "--system", "Be brief."]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+    assert main([*command, "--system", "Be brief.", "--on-mismatch", "keep"]) == 0
+    assert len(fake_workers.started) == 1
+    assert main([*command, "--system", "Be brief.", "--on-mismatch", "redo"]) == 0
+    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p0", "p1", "p1"]

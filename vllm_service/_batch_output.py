@@ -9,6 +9,7 @@ file next to it (``out.jsonl.lock``) keeps two runs from writing it at once.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -29,6 +30,26 @@ RUN_KEY = "_run"
 # the disk. ``sync_if_due`` (also called by the run's main thread about once a second) bounds
 # how long a line waits for its fsync when no further line comes.
 _SYNC_INTERVAL_SECONDS = 1.0
+
+
+def run_fingerprint(
+    model: str, system: str | None, n: int, use_sample: bool, sampling: dict[str, Any]
+) -> str:
+    """A short hash of the settings that decide an item's result, kept under ``RUN_KEY``.
+
+    Engine settings (memory, placement, ``max_model_len``, ``dtype``, ``engine_args``) are left
+    out: a rerun may change them, after running out of memory for instance, and keep what is
+    done. A change of ``dtype`` can change answers slightly; that is accepted.
+    """
+    sampling = dict(sampling)
+    for key in ("temperature", "top_p"):
+        if key in sampling:
+            sampling[key] = float(sampling[key])  # 0 (Python) and 0.0 (command line) match
+    settings = {
+        "model": model, "system": system, "n": n, "use_sample": use_sample, "sampling": sampling,
+    }
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
 
 
 class OutputFile:

@@ -2,7 +2,7 @@
 
     generate(data)
       items: prompt built and checked per item     (a bad one gets its error now)
-      items already in output_path are skipped     (resume)
+      items already in output_path are skipped     (resume, same settings only)
       the rest cut into chunks, in one queue
          |
          v
@@ -11,24 +11,25 @@
       take a chunk, submit all its requests  -->   continuous batching
       as each request finishes:              <--   Finished
         item complete -> result, JSONL line, progress bar
-      worker died -> unfinished items back in the queue (bounded attempts), new worker
+      worker died -> unfinished items back in the queue in halves, new worker
+                     (an item alone under MAX_ATTEMPTS deaths gets an error)
          |
          v
     results in input order (input dicts copied, never changed)
+
+The output file (locking, fsync, format, settings fingerprint) is in ``_batch_output``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import logging
 import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from . import _placement
-from ._batch_output import RUN_KEY, OutputFile
+from ._batch_output import RUN_KEY, OutputFile, run_fingerprint
 from ._protocol import ChatMessages, Finished, Request, WorkerConfig
 from ._worker_handle import WorkerHandle, WorkerUnavailable
 from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
@@ -48,8 +49,9 @@ logger = logging.getLogger("vllm_service")
 # An item whose worker died this many times while it was the only item in flight gets an
 # error instead of another try.
 MAX_ATTEMPTS = 3
-# A worker slot gives up after its workers died this many times + 1 in a row without
-# completing an item.
+# A worker slot replaces its dead workers until it has more than this many strikes: a death
+# under several items (the cause is unknown) or an item that failed from deaths alone is a
+# strike, and an item any worker completes clears every slot's strikes.
 MAX_RESTARTS = 2
 # Workers are stopped explicitly at the end of a run; this only guards against leaks.
 _IDLE_TTL_SECONDS = 24 * 3600.0
@@ -134,8 +136,9 @@ def generate(
         )
     if on_mismatch not in ("error", "redo", "keep"):
         raise ValueError(f"on_mismatch must be 'error', 'redo' or 'keep', got {on_mismatch!r}")
-    if system is not None and _lone_surrogate(system) is not None:
-        raise ValueError(f"system holds {_lone_surrogate(system)}")
+    problem = _lone_surrogate(system)
+    if problem is not None:
+        raise ValueError(f"system holds {problem}")
     configs = _worker_configs(
         model_id, worker_num, tp, pp, gpu_assignments, max_model_len,
         gpu_memory_utilization, dtype, trust_remote_code, engine_args or {},
@@ -168,25 +171,6 @@ def generate(
         on_mismatch=on_mismatch,
     )
     return run.execute(configs, chunk_size, progress, startup_timeout)
-
-
-def run_fingerprint(
-    model: str, system: str | None, n: int, use_sample: bool, sampling: dict[str, Any]
-) -> str:
-    """A short hash of the settings that decide an item's result, kept under ``"_run"``.
-
-    Engine settings that should not change answers (memory, placement, ``max_model_len``,
-    ``dtype``, ``engine_args``) are left out, so a rerun may change them.
-    """
-    sampling = dict(sampling)
-    for key in ("temperature", "top_p"):
-        if key in sampling:
-            sampling[key] = float(sampling[key])  # 0 (Python) and 0.0 (command line) match
-    settings = {
-        "model": model, "system": system, "n": n, "use_sample": use_sample, "sampling": sampling,
-    }
-    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
 
 
 def _check_arguments(
@@ -367,6 +351,7 @@ class _Run:
     queue: deque[list[int]] = field(default_factory=deque)
     chunks_out: int = 0
     handles: dict[int, WorkerHandle] = field(default_factory=dict)
+    completed: int = 0  # items a worker generated (with a result or the engine's error)
     slots_left: int = 0
     fatal: BaseException | None = None
     tokens: int = 0
@@ -503,21 +488,23 @@ class _Run:
     def _serve_slot(self, slot: int, config: WorkerConfig, startup_timeout: float) -> None:
         """One worker slot: start a worker, feed it chunks, replace it if it dies.
 
-        The slot ends when no work is left, when its worker cannot start, or when its workers
-        died more than ``MAX_RESTARTS`` times in a row without completing an item.
+        The slot ends when no work is left, when its worker cannot start, or when it has more
+        than ``MAX_RESTARTS`` strikes (see there): its workers keep dying for no item's sake.
         """
         handle: WorkerHandle | None = None
-        deaths = 0  # of this slot's workers, since one last completed an item
+        strikes = 0
+        completed_before = 0
         start_error: WorkerStartError | None = None
         try:
             while True:
                 if handle is None:
                     if not self._work_left():
                         return
-                    if deaths > MAX_RESTARTS:
+                    if strikes > MAX_RESTARTS:
                         logger.error(
-                            "batch worker %d died %d times in a row without completing an item; "
-                            "giving up on it", slot, deaths,
+                            "batch worker %d: its workers died %d times under several items or "
+                            "failed items alone, with no item completed meanwhile; giving up "
+                            "on it", slot, strikes,
                         )
                         return
                     handle = WorkerHandle(
@@ -539,11 +526,13 @@ class _Run:
                 chunk = self._take_chunk()
                 if chunk is None:
                     return
-                survived, completed = self._run_chunk(handle, chunk)
-                if completed:
-                    deaths = 0
-                if not survived:
-                    deaths += 1
+                new_strikes = self._run_chunk(handle, chunk)
+                with self.changed:
+                    if self.completed != completed_before:
+                        completed_before = self.completed
+                        strikes = 0
+                if new_strikes is not None:
+                    strikes += new_strikes
                     # Let the dead worker's engine give its memory back before the next starts.
                     handle.wait_exited(60)
                     handle = None
@@ -556,10 +545,10 @@ class _Run:
                 self.slots_left -= 1
                 if not self.slots_left and self.queue and self.fatal is None:
                     self.fatal = start_error or VLLMServiceError(
-                        f"Every batch worker died {MAX_RESTARTS + 1} times in a row without "
-                        f"completing an item, or could not start; {sum(map(len, self.queue))} "
-                        "items are left (their worker logs are named in the log). With "
-                        "output_path, a rerun goes on from here."
+                        "Every batch worker gave up (its workers kept dying with no item "
+                        f"completed) or could not start; {sum(map(len, self.queue))} items are "
+                        "left (their worker logs are named in the log). With output_path, a "
+                        "rerun goes on from here."
                     )
                 self.changed.notify_all()
 
@@ -580,8 +569,8 @@ class _Run:
                     return None
                 self.changed.wait()
 
-    def _run_chunk(self, handle: WorkerHandle, chunk: list[int]) -> tuple[bool, int]:
-        """Run one chunk on a worker: (False if the worker died, items it completed).
+    def _run_chunk(self, handle: WorkerHandle, chunk: list[int]) -> int | None:
+        """Run one chunk on a worker; None if it survived, else the strikes its death brings.
 
         The unfinished items of a worker that died are back in the queue.
         """
@@ -603,8 +592,7 @@ class _Run:
         try:
             futures = handle.submit(requests)
         except WorkerUnavailable:
-            self._give_back(chunk, None)
-            return False, 0
+            return self._give_back(chunk, None)
         owner_of = dict(zip(futures, owners))
         unfinished = set(chunk)
         try:
@@ -616,14 +604,13 @@ class _Run:
                         unfinished.discard(index)
         except WorkerDiedError as exc:
             logger.warning("%s; %d items go back to the queue", exc, len(unfinished))
-            self._give_back(sorted(unfinished), exc)
-            return False, len(chunk) - len(unfinished)
+            return self._give_back(sorted(unfinished), exc)
         except ServiceShutdownError:
-            return False, 0  # the run is being stopped
+            return 0  # the run is being stopped
         with self.changed:
             self.chunks_out -= 1
             self.changed.notify_all()
-        return True, len(chunk)
+        return None
 
     def _one_sample(self, k: int) -> dict[str, Any]:
         """Sampling for copy ``k`` of a duplicated prompt: a seed of its own, or all copies match."""
@@ -646,21 +633,23 @@ class _Run:
         if pending.waiting:
             return False
         del self.pending[index]
+        self.completed += 1
         self._finish(index, pending.texts, pending.error)
         return True
 
-    def _give_back(self, indices: list[int], died: WorkerDiedError | None) -> None:
-        """Put a chunk's unfinished items back in the queue after its worker died.
+    def _give_back(self, indices: list[int], died: WorkerDiedError | None) -> int:
+        """Put a chunk's unfinished items back in the queue after its worker died; its strikes.
 
-        Any one of several items in flight may have killed the worker, so they go back as two
-        halves: repeated deaths narrow down to the item that causes them, while the others
-        still run in batches. A death counts against an item only when it was alone in
-        flight; after ``MAX_ATTEMPTS`` such deaths it gets an error. Retries go to the back
-        of the queue, so other work runs between an item's deaths. ``died`` is None when the
-        worker was gone before the chunk reached it: then the chunk goes back as it was.
+        Any one of several items in flight may have killed the worker, so they go back, to the
+        end of the queue, as two halves: repeated deaths narrow down to the item that causes
+        them, while the others still run in batches. A death counts against an item only when
+        it was alone in flight; such an item is tried again first, and after ``MAX_ATTEMPTS``
+        deaths gets an error. ``died`` is None when the worker was gone before the chunk
+        reached it: then the chunk goes back as it was.
         """
         with self.changed:
             self.chunks_out -= 1
+            strikes = 1
             if died is None:
                 self.queue.appendleft(indices)
             elif len(indices) > 1:
@@ -678,8 +667,10 @@ class _Run:
                         f"(last: {died})",
                     )
                 else:
-                    self.queue.append(indices)
+                    self.queue.appendleft(indices)
+                    strikes = 0
             self.changed.notify_all()
+            return strikes
 
     def _result(self, index: int, value: Any, error: str | None) -> dict[str, Any]:
         """A copy of item ``index`` with its result; ``error_key`` only if it failed."""
