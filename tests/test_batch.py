@@ -776,7 +776,7 @@ BASE_SETTINGS: dict[str, Any] = {
 
 @pytest.mark.parametrize("change", [
     {"model_id": "org/other-model"}, {"system": "Be verbose."}, {"system": None},
-    {"use_sample": True}, {"temperature": 0.7}, {"top_p": 1.0}, {"seed": 2}, {"seed": None},
+    {"n": 3}, {"use_sample": True}, {"temperature": 0.7}, {"top_p": 1.0}, {"seed": 2}, {"seed": None},
     {"stop": ["."]}, {"sampling_args": {"ignore_eos": True}}, {"max_output_len": 65},
 ])
 def test_results_made_with_other_settings_are_refused(
@@ -837,7 +837,7 @@ def test_lines_without_a_fingerprint_count_as_other_settings(
         json.dumps({"prompt": "p0", "results": "from an older version", "_index": 0}) + "\n"
         + json.dumps({"prompt": "p1", "results": None, "error": "boom", "_index": 1}) + "\n"
     )
-    with pytest.raises(ValueError, match=r"items 0\).*1 have none \(an older vllm-service"):
+    with pytest.raises(ValueError, match=r"items 0\).*; 1 have none, as an older vllm-service"):
         generate("org/model", prompts(2), output_path=output, progress=False)
     results = generate("org/model", prompts(2), on_mismatch="keep", output_path=output,
                        progress=False)

@@ -411,17 +411,21 @@ class _Run:
                     "file's value instead (the returned items keep theirs)", key, output.path,
                 )
         records = output.load(self.data, self.message_key)
-        done = {index: record for index, record in records.items() if self._is_done(record)}
-        other = sorted(i for i, record in done.items() if record.get(RUN_KEY) != output.run)
+        finished = {
+            index: record for index, record in records.items()
+            if record.get(self.error_key) is None and record.get(self.result_key) is not None
+        }
+        other = sorted(i for i, record in finished.items() if record.get(RUN_KEY) != output.run)
         if other and self.on_mismatch == "error":
             output.close(rewrite=False)
-            unmarked = sum(1 for i in other if RUN_KEY not in done[i])
+            unmarked = sum(1 for i in other if RUN_KEY not in finished[i])
             raise ValueError(
                 f"output_path {output.path} holds results of {len(other)} items made with other "
-                f"settings than this call's (items {_some(other)}): their {RUN_KEY!r} "
-                f"fingerprint of model, system, n, use_sample and the sampling (temperature, "
-                f"top_p, seed, stop, max_output_len, sampling_args) differs from {output.run!r}"
-                + (f", or {unmarked} have none (an older vllm-service wrote them)"
+                f"settings than this call's (items {_some(other)}): the fingerprint under "
+                f"{RUN_KEY!r} of what made them (model, system, n, use_sample, temperature, "
+                f"top_p, seed, stop, max_output_len, sampling_args) is not this call's "
+                f"{output.run!r}"
+                + (f"; {unmarked} have none, as an older vllm-service wrote them"
                    if unmarked else "")
                 + ". Pass on_mismatch='redo' (--on-mismatch redo) to generate them again with "
                 "these settings, on_mismatch='keep' to use them as they are, or use another "
@@ -429,14 +433,12 @@ class _Run:
             )
         if self.on_mismatch == "redo":
             for index in other:
-                del done[index]
-        return done
+                del finished[index]
+        return {index: record for index, record in finished.items() if self._is_done(record)}
 
     def _is_done(self, record: dict[str, Any]) -> bool:
-        """True for a record of an earlier run that holds a result of this run's shape."""
+        """True for a finished record of an earlier run whose result has this run's shape."""
         result = record.get(self.result_key)
-        if record.get(self.error_key) is not None or result is None:
-            return False
         if self.n == 1:
             return isinstance(result, str)
         return isinstance(result, list) and len(result) == self.n
