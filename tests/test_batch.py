@@ -4,7 +4,9 @@ Engine starts are the cost here (30-60 s each), so three runs carry most asserti
 ``two_workers`` (worker_num=2, strings, bad items, chunking, resume from a partial file),
 ``killed_worker`` (chat + system, n=3 with use_sample=True, a worker killed part way) and
 ``cli_run`` (the command line, n=3 with duplicated prompts). The scheduling rules (retries,
-their bound, a failed start) are also checked with a stand-in worker, which starts nothing.
+their bound, an item that kills workers, a failed start) and the output file (one run at a
+time, fsync, settings fingerprint, text that splitlines() or UTF-8 would trip on, input keys
+named like the output's) are also checked with a stand-in worker, which starts nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import pytest
 
 from _reference_engine import ReferenceEngine
-from vllm_service import WorkerStartError, _placement, batch, generate
+from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
 from vllm_service._protocol import Completion, Finished, Request
 from vllm_service._worker_handle import WorkerHandle
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
@@ -56,7 +58,7 @@ def recording_handle_class() -> type[WorkerHandle]:
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 # ----- two pinned CPU workers -----
@@ -72,8 +74,9 @@ TWO_WORKER_DATA: list[dict[str, Any]] = [
     {"id": 7, "prompt": ITALY},
     {"id": 8, "prompt": [{"role": "user", "content": FRANCE}], "tags": ["chat"]},
     {"id": 9, "prompt": "Write one sentence about the ocean."},
-    {"id": 10, "prompt": "What is 2 + 2?"},
+    {"id": 10, "prompt": "What is 2 + 2?", "note": "a line\u2028separator inside"},
     {"id": 11, "prompt": "Say hello."},
+    {"id": 12, "prompt": "Half an emoji: \ud83d"},
 ]
 
 
@@ -83,11 +86,20 @@ def two_workers(
 ) -> Iterator[dict[str, Any]]:
     """One worker_num=2 run with the seed's CPU defaults, over a partial earlier output."""
     output = tmp_path_factory.mktemp("two_workers") / "out.jsonl"
-    # An earlier run finished item 10, failed item 11, and was cut short writing a line.
+    # An earlier run with the same settings finished item 10, failed item 11, and was cut
+    # short writing a line.
+    run = _batch_output.run_fingerprint(
+        str(demo_model.resolve()), None, 1, False,
+        {"temperature": 0, "top_p": 1.0, "max_tokens": 24},
+    )
+    earlier = [
+        {**TWO_WORKER_DATA[10], "answer": "from an earlier run", "_index": 10, "_run": run},
+        {**TWO_WORKER_DATA[11], "answer": None, "error": "boom", "_index": 11, "_run": run},
+    ]
     output.write_text(
-        json.dumps({**TWO_WORKER_DATA[10], "answer": "from an earlier run", "_index": 10}) + "\n"
-        + json.dumps({**TWO_WORKER_DATA[11], "answer": None, "error": "boom", "_index": 11}) + "\n"
-        + '{"id": 1, "pro'
+        "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in earlier)
+        + '{"id": 1, "pro',
+        encoding="utf-8",
     )
     data = copy.deepcopy(TWO_WORKER_DATA)
     handles = recording_handle_class()
@@ -139,8 +151,9 @@ def test_bad_items_get_an_error_of_their_own_and_the_rest_run_on(
 ) -> None:
     results = two_workers["results"]
     errors = {r["id"]: r["error"] for r in results if "error" in r}
-    assert sorted(errors) == [2, 4, 5, 6]
+    assert sorted(errors) == [2, 4, 5, 6, 12]
     assert "empty" in errors[2]
+    assert "lone surrogate ('\\ud83d' at position 15" in errors[12]
     assert "no 'prompt' key" in errors[4]
     assert "got int" in errors[5]
     assert "maximum context length" in errors[6]
@@ -176,7 +189,9 @@ def test_a_rerun_skips_what_the_output_file_holds_and_leaves_it_in_order(
     )
     lines = read_lines(two_workers["output"])
     assert [line["_index"] for line in lines] == list(range(len(TWO_WORKER_DATA)))
-    assert [{k: v for k, v in line.items() if k != "_index"} for line in lines] == results
+    assert len({line["_run"] for line in lines}) == 1
+    assert [{k: v for k, v in line.items() if k not in ("_index", "_run")}
+            for line in lines] == results
 
 
 # ----- chat with a system prompt, n=3 with use_sample=True, a worker killed part way -----
@@ -264,6 +279,47 @@ def test_system_prompt_is_prepended_unless_the_conversation_has_one(
             assert request.prompt[0]["content"] == SYSTEM
 
 
+# ----- an item that kills its worker, on real workers -----
+
+
+def test_an_item_that_kills_real_workers_fails_alone(
+    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any worker sent the marked prompt is killed at once; the rest of its chunk finishes."""
+    marked = "Say goodbye."
+
+    class KillingHandle(WorkerHandle):
+        started: list[KillingHandle] = []
+
+        def __init__(self, config: Any, **kwargs: Any) -> None:
+            super().__init__(config, **kwargs)
+            KillingHandle.started.append(self)
+
+        def submit(self, requests: list[Request]) -> list[Future[Finished]]:
+            futures = super().submit(requests)
+            if any(r.prompt[-1]["content"] == marked for r in requests):
+                os.killpg(self.pid, signal.SIGKILL)
+            return futures
+
+    monkeypatch.setattr(batch, "WorkerHandle", KillingHandle)
+    # An engine start costs half a minute here: one death alone is enough to show the rule.
+    monkeypatch.setattr(batch, "MAX_ATTEMPTS", 1)
+    data = [{"prompt": FRANCE}, {"prompt": marked}, {"prompt": GERMANY}, {"prompt": "Say hi."}]
+    output = tmp_path / "out.jsonl"
+    results = generate(
+        str(demo_model), data, temperature=0, max_output_len=16, max_model_len=1024,
+        chunk_size=4, output_path=output, progress=False,
+    )
+    # Killed under [0, 1, 2, 3], then under [0, 1]; [2, 3] and [0] finish; [1] alone is killed.
+    assert results[1]["results"] is None and "the worker died 1 times" in results[1]["error"]
+    assert results[0]["results"] == "The capital of France is Paris."
+    for index in (2, 3):
+        assert isinstance(results[index]["results"], str) and results[index]["results"]
+        assert "error" not in results[index]
+    assert len(KillingHandle.started) == 3
+    assert [line["_index"] for line in read_lines(output)] == [0, 1, 2, 3]
+
+
 # ----- the command line, n=3 with duplicated prompts -----
 
 
@@ -285,13 +341,14 @@ def cli_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
         + "\n\n"  # a blank line at the end is fine
     )
     output = folder / "out.jsonl"
-    process = run_cli(
+    args = [
         source, "-o", output, "--model", demo_model, "--message-key", "q", "--result-key",
         "answers", "--system", SYSTEM, "--n", "3", "--temperature", "0.9", "--seed", "1",
         "--max-output-len", "16", "--max-model-len", "1024", "--chunk-size", "2",
         "--no-progress",
-    )
-    return {"process": process, "output": output, "questions": questions}
+    ]
+    process = run_cli(*args)
+    return {"process": process, "output": output, "questions": questions, "args": args}
 
 
 def test_cli_writes_every_item_with_n_samples_from_duplicated_prompts(
@@ -309,11 +366,22 @@ def test_cli_writes_every_item_with_n_samples_from_duplicated_prompts(
     assert any(len(set(line["answers"])) > 1 for line in lines)
 
 
-def test_cli_rerun_finds_everything_done(cli_run: dict[str, Any], demo_model: Path) -> None:
+def test_cli_rerun_finds_everything_done(cli_run: dict[str, Any]) -> None:
     before = cli_run["output"].read_text()
-    source = cli_run["output"].with_name("in.jsonl")
-    process = run_cli(source, "-o", cli_run["output"], "--model", demo_model, "--message-key",
-                      "q", "--result-key", "answers", "--n", "3", timeout=120)
+    process = run_cli(*cli_run["args"], timeout=120)
+    assert process.returncode == 0, process.stderr[-3000:]
+    assert "Started vLLM worker" not in process.stderr
+    assert cli_run["output"].read_text() == before
+
+
+def test_cli_rerun_with_other_settings_stops_unless_told(cli_run: dict[str, Any]) -> None:
+    before = cli_run["output"].read_text()
+    other = [*cli_run["args"], "--temperature", "0.5"]  # the last --temperature counts
+    process = run_cli(*other, timeout=120)
+    assert process.returncode == 2
+    assert "made with other settings" in process.stderr
+    assert "--on-mismatch redo" in process.stderr
+    process = run_cli(*other, "--on-mismatch", "keep", timeout=120)
     assert process.returncode == 0, process.stderr[-3000:]
     assert "Started vLLM worker" not in process.stderr
     assert cli_run["output"].read_text() == before
@@ -342,7 +410,8 @@ def test_cli_help_names_every_parameter() -> None:
                    "--use-sample", "--temperature", "--max-output-len", "--worker-num", "--tp",
                    "--pp", "--gpu-assignments", "--chunk-size", "--max-model-len",
                    "--gpu-memory-utilization", "--dtype", "--trust-remote-code", "--top-p",
-                   "--stop", "--seed", "--engine-args", "--sampling-args", "--error-key"):
+                   "--stop", "--seed", "--engine-args", "--sampling-args", "--error-key",
+                   "--index-key", "--on-mismatch"):
         assert option in process.stdout
 
 
@@ -354,14 +423,20 @@ class FakeHandle:
 
     ``plans`` holds one entry per worker start: None (works), an int (answers that many
     requests in all, then dies), "fail" (never starts) or "hang" (answers one request, then
-    none until stopped).
+    none until stopped); or, as a dict, such a list per worker slot, keyed by the core the slot
+    is pinned to ("0" or "1"). A worker sent any prompt in ``poison`` dies at once, with every
+    request of that batch.
     """
 
-    plans: list[Any] = []
+    plans: list[Any] | dict[str, list[Any]] = []
+    poison: set[str] = set()
     started: list[FakeHandle] = []
 
     def __init__(self, config: Any, *, idle_ttl: float, startup_timeout: float) -> None:
-        self.plan = FakeHandle.plans.pop(0) if FakeHandle.plans else None
+        plans = FakeHandle.plans
+        if isinstance(plans, dict):
+            plans = plans.setdefault(config.environment["VLLM_CPU_OMP_THREADS_BIND"], [])
+        self.plan = plans.pop(0) if plans else None
         self.config = config
         self.sent: list[Request] = []
         self.batches: list[int] = []
@@ -378,6 +453,8 @@ class FakeHandle:
     def submit(self, requests: list[Request]) -> list[Future[Finished]]:
         futures: list[Future[Finished]] = []
         self.batches.append(len(requests))
+        if any(r.prompt[-1]["content"] in FakeHandle.poison for r in requests):
+            self.plan = len(self.sent)
         for request in requests:
             future: Future[Finished] = Future()
             if isinstance(self.plan, int) and len(self.sent) >= self.plan:
@@ -409,6 +486,7 @@ def fake_workers(monkeypatch: pytest.MonkeyPatch) -> type[FakeHandle]:
     monkeypatch.setattr(_placement, "physical_cores", lambda: [[0], [1]])
     monkeypatch.setattr(_placement, "visible_gpus", lambda: [])
     FakeHandle.plans = []
+    FakeHandle.poison = set()
     FakeHandle.started = []
     return FakeHandle
 
@@ -450,21 +528,71 @@ def test_a_dead_workers_items_go_to_a_new_worker(fake_workers: type[FakeHandle])
 
 def test_an_item_whose_worker_keeps_dying_gets_an_error(fake_workers: type[FakeHandle]) -> None:
     fake_workers.plans = [0] * batch.MAX_ATTEMPTS
-    results = generate("org/model", prompts(3), progress=False)
-    assert all(r["results"] is None for r in results)
+    results = generate("org/model", prompts(1), progress=False)
+    assert results[0]["results"] is None
+    assert f"died {batch.MAX_ATTEMPTS} times" in results[0]["error"]
+    assert len(fake_workers.started) == batch.MAX_ATTEMPTS
+
+
+def test_an_item_that_kills_its_worker_fails_alone_and_its_chunk_finishes(
+    fake_workers: type[FakeHandle],
+) -> None:
+    fake_workers.poison = {"p5"}
+    results = generate("org/model", prompts(8), progress=False)
+    assert f"died {batch.MAX_ATTEMPTS} times" in results[5]["error"]
+    assert results[5]["results"] is None
+    assert [r["results"] for i, r in enumerate(results) if i != 5] == [
+        f"re: p{i} #0" for i in range(8) if i != 5
+    ]
+    # Halving the chunk after each death: 8 -> 4 -> 2 -> 1, then alone MAX_ATTEMPTS times.
+    assert len(fake_workers.started) == 3 + batch.MAX_ATTEMPTS
+
+
+def test_two_items_that_kill_workers_fail_and_the_rest_finish(
+    fake_workers: type[FakeHandle],
+) -> None:
+    fake_workers.poison = {"p1", "p6"}
+    results = generate("org/model", prompts(12), worker_num=2, chunk_size=6, progress=False)
+    failed = [i for i, r in enumerate(results) if "error" in r]
+    assert failed == [1, 6]
+    assert all(r["results"] == f"re: p{i} #0" for i, r in enumerate(results) if i not in failed)
+
+
+def test_items_that_all_kill_workers_fail_alone_without_failing_the_run(
+    fake_workers: type[FakeHandle],
+) -> None:
+    fake_workers.poison = {"p0", "p1"}
+    results = generate("org/model", prompts(2), progress=False)
     assert all(f"died {batch.MAX_ATTEMPTS} times" in r["error"] for r in results)
+    assert len(fake_workers.started) == 1 + 2 * batch.MAX_ATTEMPTS
+
+
+@pytest.mark.parametrize(("chunk_size", "workers_started"), [
+    (None, 3),  # three deaths under several items: 8, then 4 and 4
+    (1, 3 * batch.MAX_ATTEMPTS),  # three items failed from deaths alone
+])
+def test_workers_that_die_under_every_item_end_the_run_soon(
+    fake_workers: type[FakeHandle], chunk_size: int | None, workers_started: int
+) -> None:
+    fake_workers.plans = [0] * 100
+    with pytest.raises(VLLMServiceError, match="Every batch worker gave up"):
+        generate("org/model", prompts(8), chunk_size=chunk_size, progress=False)
+    assert len(fake_workers.started) == workers_started
 
 
 def test_when_every_worker_keeps_dying_the_run_fails_clearly(
     fake_workers: type[FakeHandle], tmp_path: Path
 ) -> None:
-    fake_workers.plans = [2, 0, 0]  # one chunk done, then the next fails three times
+    # One chunk done, then every worker dies at once: under [2, 3], under [4, 5], and three
+    # times under item 2 alone, which gets an error. Three strikes: the slot gives up.
+    fake_workers.plans = [2, 0, 0, 0, 0, 0]
     output = tmp_path / "out.jsonl"
-    with pytest.raises(VLLMServiceError, match="Every batch worker died"):
+    with pytest.raises(VLLMServiceError, match="Every batch worker gave up"):
         generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
+    assert len(fake_workers.started) == 5
     lines = sorted(read_lines(output), key=lambda line: line["_index"])  # in finishing order
-    assert [line["_index"] for line in lines] == [0, 1, 2, 3]
-    assert [line["results"] is None for line in lines] == [False, False, True, True]
+    assert [line["_index"] for line in lines] == [0, 1, 2]
+    assert f"died {batch.MAX_ATTEMPTS} times" in lines[2]["error"]
     fake_workers.plans = []
     results = generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
     assert len(fake_workers.started[-1].sent) == 4  # the rerun did the failed and the rest
@@ -475,6 +603,21 @@ def test_a_worker_that_cannot_start_stops_the_run(fake_workers: type[FakeHandle]
     fake_workers.plans = ["fail"]
     with pytest.raises(WorkerStartError, match="failed to load"):
         generate("org/model", prompts(3), progress=False)
+    fake_workers.plans = ["fail", "fail"]
+    with pytest.raises(WorkerStartError, match="failed to load"):
+        generate("org/model", prompts(3), worker_num=2, progress=False)
+
+
+def test_a_replacement_that_cannot_start_ends_only_its_slot(
+    fake_workers: type[FakeHandle], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The worker on core 0 dies after one answer and its replacement fails to load.
+    fake_workers.plans = {"0": [1, "fail"]}
+    results = generate("org/model", prompts(8), worker_num=2, chunk_size=2, progress=False)
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(8)]
+    assert len(fake_workers.started) == 3
+    assert "batch worker 0 could not start; the others go on" in caplog.text
+    assert "failed to load" in caplog.text
 
 
 def test_ctrl_c_stops_the_workers_and_keeps_what_finished(
@@ -503,3 +646,328 @@ def test_an_output_file_of_other_data_is_refused(
     with pytest.raises(ValueError, match="line 1 does not belong to this data"):
         generate("org/model", prompts(2), output_path=output, progress=False)
     assert fake_workers.started == []
+
+
+# ----- the output file: one run at a time, on disk, resumed only with the same settings -----
+
+
+def test_a_second_run_on_the_same_output_path_fails_at_once(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    fake_workers.plans = ["hang"]  # the first run answers one item, then waits
+    output = tmp_path / "out.jsonl"
+    outcome: dict[str, Any] = {}
+
+    def first_run() -> None:
+        outcome["results"] = generate("org/model", prompts(3), output_path=output, progress=False)
+
+    thread = threading.Thread(target=first_run)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not (output.exists() and output.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = time.monotonic()
+    with pytest.raises(VLLMServiceError) as raised:
+        generate("org/model", prompts(3), output_path=output, progress=False)
+    assert time.monotonic() - started < 1
+    message = str(raised.value)
+    assert f"output_path {output} is in use by another run" in message
+    assert f"{output}.lock" in message and "Wait for that run to end" in message
+    assert len(fake_workers.started) == 1  # the second run started no worker
+    # The first run goes on undisturbed: its worker dies, a new one finishes.
+    fake_workers.started[0].stop(WorkerDiedError("the worker was killed"))
+    thread.join(10)
+    assert [r["results"] for r in outcome["results"]] == [f"re: p{i} #0" for i in range(3)]
+    assert [line["results"] for line in read_lines(output)] == [f"re: p{i} #0" for i in range(3)]
+    assert not Path(f"{output}.lock").exists()
+
+
+def test_the_lock_of_a_crashed_run_does_not_block(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time\n"
+         f"fd = os.open({str(output) + '.lock'!r}, os.O_RDWR | os.O_CREAT)\n"
+         "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+         "print('locked', flush=True)\n"
+         "time.sleep(60)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(VLLMServiceError, match="in use by another run"):
+            generate("org/model", prompts(2), output_path=output, progress=False)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert Path(f"{output}.lock").exists()  # left behind by the killed process ...
+    results = generate("org/model", prompts(2), output_path=output, progress=False)
+    assert [r["results"] for r in results] == ["re: p0 #0", "re: p1 #0"]  # ... and no obstacle
+
+
+def test_lines_are_fsynced_and_the_rewrite_replaces_the_file_only_once_on_disk(
+    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(source: Any, target: Any) -> None:
+        events.append(("replace", str(source)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    output = tmp_path / "out.jsonl"
+    generate("org/model", prompts(4), chunk_size=1, output_path=output, progress=False)
+    partial = f"{output}.partial"
+    replaced = events.index(("replace", partial))
+    assert ("fsync", str(output)) in events[:replaced]  # appended lines, during the run
+    assert events[replaced - 1] == ("fsync", partial)  # the rewritten file, before os.replace
+    assert events[replaced + 1:] == [("fsync", str(tmp_path))]  # its directory, after
+    # Lines are fsynced at most once a second, not one by one.
+    assert events[:replaced].count(("fsync", str(output))) < 4
+
+
+def test_a_line_appended_before_a_quiet_spell_is_fsynced_within_seconds(
+    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    output = tmp_path / "out.jsonl"
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}") == str(output):
+            synced.append(len(read_lines(output)))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    fake_workers.plans = ["hang"]  # answers one item, then nothing until stopped
+    data = [{"prompt": ""}, {"prompt": "p1"}, {"prompt": "p2"}]
+    thread = threading.Thread(
+        target=generate, args=("org/model", data),
+        kwargs={"chunk_size": 1, "output_path": output, "progress": False},
+    )
+    thread.start()
+    try:
+        # Item 0 (bad) is written and fsynced at once, item 1 right after it (too soon for
+        # another fsync); then the worker hangs on item 2.
+        deadline = time.monotonic() + 5
+        while synced[-1:] != [2]:
+            assert time.monotonic() < deadline, f"fsyncs seen with {synced} lines"
+            time.sleep(0.05)
+        assert synced == [1, 2]
+    finally:
+        fake_workers.started[0].stop(WorkerDiedError("the worker was killed"))
+        thread.join(10)
+
+
+def sent_prompts(handles: list[FakeHandle]) -> list[str]:
+    return [r.prompt[-1]["content"] for h in handles for r in h.sent]
+
+
+BASE_SETTINGS: dict[str, Any] = {
+    "model_id": "org/model", "system": "Be brief.", "n": 2, "use_sample": False,
+    "temperature": 0.5, "top_p": 0.9, "seed": 1, "stop": ["\n"],
+    "sampling_args": {"ignore_eos": False}, "max_output_len": 64,
+}
+
+
+@pytest.mark.parametrize("change", [
+    {"model_id": "org/other-model"}, {"system": "Be verbose."}, {"system": None},
+    {"n": 3}, {"use_sample": True}, {"temperature": 0.7}, {"top_p": 1.0}, {"seed": 2}, {"seed": None},
+    {"stop": ["."]}, {"sampling_args": {"ignore_eos": True}}, {"max_output_len": 65},
+])
+def test_results_made_with_other_settings_are_refused(
+    fake_workers: type[FakeHandle], tmp_path: Path, change: dict[str, Any]
+) -> None:
+    output = tmp_path / "out.jsonl"
+    generate(data=prompts(3), output_path=output, progress=False, **BASE_SETTINGS)
+    before = output.read_text()
+    fake_workers.started = []
+    with pytest.raises(ValueError, match="made with other settings") as raised:
+        generate(data=prompts(3), output_path=output, progress=False,
+                 **{**BASE_SETTINGS, **change})
+    assert "on_mismatch='redo'" in str(raised.value) and str(output) in str(raised.value)
+    assert fake_workers.started == []
+    assert output.read_text() == before
+    assert not Path(f"{output}.lock").exists()
+
+
+def test_the_same_settings_resume_and_temperature_0_is_0_0(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    generate("org/model", prompts(3), temperature=0, output_path=output, progress=False)
+    fingerprints = {line["_run"] for line in read_lines(output)}
+    assert len(fingerprints) == 1 and len(fingerprints.pop()) == 16
+    fake_workers.started = []
+    results = generate("org/model", prompts(3), temperature=0.0, output_path=output,
+                       progress=False, worker_num=2, max_model_len=2048, dtype="float32")
+    assert fake_workers.started == []  # engine settings are not part of the fingerprint
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+
+
+def test_on_mismatch_redo_generates_again_and_keep_reuses(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    generate("org/model", prompts(3), output_path=output, progress=False)
+    first = {line["_run"] for line in read_lines(output)}
+    fake_workers.started = []
+    generate("org/model", prompts(3), system="Be brief.", on_mismatch="keep",
+             output_path=output, progress=False)
+    assert fake_workers.started == []
+    assert {line["_run"] for line in read_lines(output)} == first  # kept as they were made
+    results = generate("org/model", prompts(3), system="Be brief.", on_mismatch="redo",
+                       output_path=output, progress=False)
+    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p1", "p2"]
+    assert all(r.prompt[0]["content"] == "Be brief." for r in fake_workers.started[0].sent)
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+    lines = read_lines(output)
+    assert len(lines) == 3 and len({line["_run"] for line in lines} | first) == 2
+
+
+def test_lines_without_a_fingerprint_count_as_other_settings(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    output = tmp_path / "out.jsonl"
+    output.write_text(
+        json.dumps({"prompt": "p0", "results": "from an older version", "_index": 0}) + "\n"
+        + json.dumps({"prompt": "p1", "results": None, "error": "boom", "_index": 1}) + "\n"
+    )
+    with pytest.raises(ValueError, match=r"items 0\).*; 1 have none, as an older vllm-service"):
+        generate("org/model", prompts(2), output_path=output, progress=False)
+    results = generate("org/model", prompts(2), on_mismatch="keep", output_path=output,
+                       progress=False)
+    assert [r["results"] for r in results] == ["from an older version", "re: p1 #0"]
+    assert sent_prompts(fake_workers.started) == ["p1"]  # failed items are redone anyway
+
+
+def test_on_mismatch_is_checked(fake_workers: type[FakeHandle]) -> None:
+    with pytest.raises(ValueError, match="on_mismatch must be 'error', 'redo' or 'keep'"):
+        generate("org/model", prompts(1), on_mismatch="ignore")  # type: ignore[arg-type]
+
+
+# ----- input text the file format must carry -----
+
+
+def test_a_lone_surrogate_fails_its_item_only_and_the_file_still_resumes(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    data = [
+        {"prompt": "\ud83d"},  # what json.loads makes of '"\\ud83d"'
+        {"prompt": "fine", "note": "broken \udc80 note"},
+        {"prompt": [{"role": "user", "content": "half an emoji: \ud83d"}]},
+        {"prompt": "also fine"},
+    ]
+    output = tmp_path / "out.jsonl"
+    results = generate("org/model", data, output_path=output, progress=False)
+    assert sorted(sent_prompts(fake_workers.started)) == ["also fine", "fine"]
+    assert "lone surrogate ('\\ud83d' at position 0" in results[0]["error"]
+    assert "lone surrogate" in results[2]["error"]
+    assert results[1]["results"] == "re: fine #0" and results[3]["results"] == "re: also fine #0"
+    lines = read_lines(output)  # strict UTF-8: the surrogates are written as JSON escapes
+    assert [line["prompt"] for line in lines] == [item["prompt"] for item in data]
+    assert lines[1]["note"] == "broken \udc80 note"
+    fake_workers.started = []
+    before = output.read_bytes()
+    again = generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(fake_workers.started) == []  # the failed items fail again at once
+    assert again == results and output.read_bytes() == before
+
+
+def test_a_system_prompt_with_a_lone_surrogate_is_refused(fake_workers: type[FakeHandle]) -> None:
+    with pytest.raises(ValueError, match="system holds a lone surrogate"):
+        generate("org/model", prompts(1), system="\udc80")
+    assert fake_workers.started == []
+
+
+SEPARATORS = "\u2028 \u2029 \x85 \x1c \x1d \x1e \x0b \x0c \r"
+
+
+def test_line_separators_inside_strings_do_not_split_output_lines(
+    fake_workers: type[FakeHandle], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    data = [{"prompt": f"p{i} {SEPARATORS}"} for i in range(3)]
+    output = tmp_path / "out.jsonl"
+    generate("org/model", data, output_path=output, progress=False)
+    assert "\u2028" in output.read_text(encoding="utf-8")  # written as is (ensure_ascii=False)
+    fake_workers.started = []
+    results = generate("org/model", data, output_path=output, progress=False)
+    assert fake_workers.started == []
+    assert "not JSON" not in caplog.text
+    assert [r["prompt"] for r in results] == [item["prompt"] for item in data]
+
+
+def test_cli_input_lines_split_on_newlines_only(tmp_path: Path) -> None:
+    from vllm_service.cli import read_jsonl
+
+    source = tmp_path / "in.jsonl"
+    items = [{"prompt": f"p{i} {SEPARATORS}"} for i in range(2)]
+    source.write_text(
+        "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items), encoding="utf-8"
+    )
+    assert read_jsonl(source) == items
+
+
+# ----- input fields named like the keys generate() writes -----
+
+
+def test_input_fields_named_like_the_result_keys(
+    fake_workers: type[FakeHandle], tmp_path: Path
+) -> None:
+    data = [
+        {"prompt": "p0", "results": "an earlier answer"},
+        {"prompt": "p1", "error": "an earlier error"},
+        {"prompt": "p2", "_index": 7, "_run": "from elsewhere"},
+        {"prompt": "", "results": "an earlier answer", "error": "an earlier error"},
+    ]
+    output = tmp_path / "out.jsonl"
+    results = generate("org/model", data, output_path=output, progress=False)
+    assert results[0] == {"prompt": "p0", "results": "re: p0 #0"}
+    assert results[1] == {"prompt": "p1", "results": "re: p1 #0"}  # succeeded: no error key
+    assert results[2] == {"prompt": "p2", "_index": 7, "_run": "from elsewhere",
+                          "results": "re: p2 #0"}  # the caller's fields, as they were
+    assert results[3]["results"] is None and "is empty" in results[3]["error"]
+    lines = read_lines(output)
+    assert [line["_index"] for line in lines] == [0, 1, 2, 3]
+    assert len({line["_run"] for line in lines}) == 1
+    fake_workers.started = []
+    again = generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(fake_workers.started) == []  # item 1 is not taken for a failed one
+    assert again == results
+
+
+@pytest.mark.parametrize("keys", [
+    {"result_key": "_index"}, {"index_key": "error"}, {"result_key": "_run"},
+    {"index_key": "_run"}, {"message_key": "results"},
+])
+def test_keys_that_would_collide_are_refused(
+    fake_workers: type[FakeHandle], keys: dict[str, str]
+) -> None:
+    with pytest.raises(ValueError, match="must be four different keys"):
+        generate("org/model", prompts(1), **keys)
+
+
+def test_cli_refuses_results_of_other_settings_unless_told(
+    fake_workers: type[FakeHandle], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vllm_service.cli import main
+
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"prompt": "p0"}\n{"prompt": "p1"}\n')
+    command = ["generate", str(source), "-o", str(tmp_path / "out.jsonl"), "--model",
+               "org/model", "--no-progress"]
+    assert main(command) == 0
+    assert main([*command, "--system", "Be brief."]) == 2
+    assert "made with other settings" in capsys.readouterr().err
+    assert main([*command, "--system", "Be brief.", "--on-mismatch", "keep"]) == 0
+    assert len(fake_workers.started) == 1
+    assert main([*command, "--system", "Be brief.", "--on-mismatch", "redo"]) == 0
+    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p0", "p1", "p1"]

@@ -2,7 +2,7 @@
 
     generate(data)
       items: prompt built and checked per item     (a bad one gets its error now)
-      items already in output_path are skipped     (resume)
+      items already in output_path are skipped     (resume, same settings only)
       the rest cut into chunks, in one queue
          |
          v
@@ -11,41 +11,47 @@
       take a chunk, submit all its requests  -->   continuous batching
       as each request finishes:              <--   Finished
         item complete -> result, JSONL line, progress bar
-      worker died -> unfinished items back in the queue (bounded attempts), new worker
+      worker died -> unfinished items back in the queue in halves, new worker
+                     (an item alone under MAX_ATTEMPTS deaths gets an error)
          |
          v
     results in input order (input dicts copied, never changed)
+
+The output file (locking, fsync, format, settings fingerprint) is in ``_batch_output``.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from tqdm import tqdm
 
 from . import _placement
+from ._batch_output import RUN_KEY, OutputFile, run_fingerprint
 from ._protocol import ChatMessages, Finished, Request, WorkerConfig
 from ._worker_handle import WorkerHandle, WorkerUnavailable
-from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError
+from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
 from .settings import looks_like_local_path
 
 logger = logging.getLogger("vllm_service")
 
-# An item whose worker died under it this many times gets an error instead of another try.
+# An item whose worker died this many times while it was the only item in flight gets an
+# error instead of another try.
 MAX_ATTEMPTS = 3
-# A worker slot starts a new worker this many times after its worker died, then gives up.
+# A worker slot replaces its dead workers until it has more than this many strikes: a death
+# under several items (the cause is unknown) or an item that failed from deaths alone is a
+# strike, and an item any worker completes clears every slot's strikes.
 MAX_RESTARTS = 2
 # Workers are stopped explicitly at the end of a run; this only guards against leaks.
 _IDLE_TTL_SECONDS = 24 * 3600.0
@@ -81,15 +87,18 @@ def generate(
     index_key: str = "_index",
     progress: bool = True,
     startup_timeout: float = 900.0,
+    on_mismatch: Literal["error", "redo", "keep"] = "error",
 ) -> list[dict[str, Any]]:
     """Generate a completion for every item of ``data`` with vLLM; results in input order.
 
     Each item's prompt is ``item[message_key]``: a string (sent as one user message) or a
     chat conversation (a list of ``{"role": ..., "content": ...}``). ``system`` is put in
     front as a system message unless the conversation has one. Every returned dict is a copy
-    of its input item with ``result_key`` added: a string when ``n == 1``, a list of ``n``
-    strings otherwise. An item that fails (missing key, wrong type, empty, longer than the
-    context) gets ``result_key: None`` and its error under ``error_key``; the others go on.
+    of its input item with ``result_key`` set: a string when ``n == 1``, a list of ``n``
+    strings otherwise. An item that fails (missing key, wrong type, empty, text that is not
+    valid Unicode, longer than the context) gets ``result_key: None`` and its error under
+    ``error_key``; the others go on. ``error_key`` is in a returned dict exactly when its item
+    failed (an input's own value under it is dropped).
 
     ``n`` samples come from ``n`` copies of the prompt (``use_sample=False``) or from one
     request with ``SamplingParams(n=n)`` (``use_sample=True``).
@@ -99,7 +108,9 @@ def generate(
     CUDA_VISIBLE_DEVICES); without GPUs each gets its own CPU cores and a share of memory for
     its KV cache. Without ``chunk_size`` each worker takes an equal share of the items; with
     it, workers take chunks of that many items from one queue as they become free. A worker
-    that dies has its unfinished items retried elsewhere (at most ``MAX_ATTEMPTS`` times).
+    that dies has its unfinished items retried in ever smaller chunks, down to one item, and an
+    item that kills its worker ``MAX_ATTEMPTS`` times alone gets an error. A worker that
+    cannot start ends its slot; the others go on.
 
     Beyond the engine arguments named here: ``top_p``, ``stop``, ``seed`` (sample ``k`` of a
     duplicated prompt uses ``seed + k``), ``sampling_args`` (any other ``SamplingParams``
@@ -107,13 +118,27 @@ def generate(
     keyword). ``pp > 1`` uses vLLM's Ray executor and needs ``worker_num == 1``.
 
     ``output_path``: each finished item is appended to this JSONL file at once, with its
-    position in ``data`` under ``index_key``; a rerun with the same file skips the items it
-    holds with results, and a finished run leaves the file in input order. Raises
-    ``ValueError`` for impossible arguments and placements before any worker starts.
+    position in ``data`` under ``index_key`` and a fingerprint of the settings that produced
+    it (model, system, n, use_sample and the sampling) under ``"_run"``; a rerun with the same
+    file skips the items it holds with results, and a finished run leaves the file in input
+    order. Results made with other settings (or by a version without fingerprints) make the
+    rerun raise ``ValueError``, unless ``on_mismatch`` is ``"redo"`` (generate them again) or
+    ``"keep"`` (use them anyway). Only one run at a time may use a file: another raises
+    ``VLLMServiceError`` at once. Raises ``ValueError`` for impossible arguments and
+    placements before any worker starts.
     """
     _check_arguments(n, worker_num, tp, pp, chunk_size, max_output_len, temperature)
-    if result_key in (message_key, error_key) or error_key == message_key:
-        raise ValueError("message_key, result_key and error_key must be three different keys")
+    keys = (message_key, result_key, error_key, index_key, RUN_KEY)
+    if len(set(keys)) != len(keys):
+        raise ValueError(
+            "message_key, result_key, error_key and index_key must be four different keys, "
+            f"none of them {RUN_KEY!r} (the output file's fingerprint key); got {keys[:4]}"
+        )
+    if on_mismatch not in ("error", "redo", "keep"):
+        raise ValueError(f"on_mismatch must be 'error', 'redo' or 'keep', got {on_mismatch!r}")
+    problem = _lone_surrogate(system)
+    if problem is not None:
+        raise ValueError(f"system holds {problem}")
     configs = _worker_configs(
         model_id, worker_num, tp, pp, gpu_assignments, max_model_len,
         gpu_memory_utilization, dtype, trust_remote_code, engine_args or {},
@@ -127,6 +152,10 @@ def generate(
         **(sampling_args or {}),
     }
     sampling = {key: value for key, value in sampling.items() if value is not None}
+    output = None
+    if output_path is not None:
+        fingerprint = run_fingerprint(_model_name(model_id), system, n, use_sample, sampling)
+        output = OutputFile(Path(output_path), index_key, fingerprint)
 
     run = _Run(
         data=data,
@@ -138,7 +167,8 @@ def generate(
         n=n,
         use_sample=use_sample,
         sampling=sampling,
-        output=_OutputFile(Path(output_path), index_key) if output_path is not None else None,
+        output=output,
+        on_mismatch=on_mismatch,
     )
     return run.execute(configs, chunk_size, progress, startup_timeout)
 
@@ -177,9 +207,7 @@ def _worker_configs(
     extra_engine_args: dict[str, Any],
 ) -> list[WorkerConfig]:
     """One worker's configuration per worker: shared engine arguments, its own placement."""
-    model = model_id
-    if looks_like_local_path(model):
-        model = str(Path(model).expanduser().resolve())
+    model = _model_name(model_id)
     gpus = _placement.visible_gpus()
     if gpus:
         placements = _placement.gpu_placements(worker_num, tp, pp, gpu_assignments, gpus)
@@ -213,6 +241,13 @@ def _worker_configs(
     return configs
 
 
+def _model_name(model_id: str) -> str:
+    """A Hugging Face model id as it is, a local model folder as an absolute path."""
+    if looks_like_local_path(model_id):
+        return str(Path(model_id).expanduser().resolve())
+    return model_id
+
+
 class _BadItem(Exception):
     """An item whose prompt cannot be sent; the message goes under error_key."""
 
@@ -241,9 +276,42 @@ def build_conversation(item: dict[str, Any], message_key: str, system: str | Non
             f"{message_key!r} must be a string or a list of chat messages, "
             f"got {type(value).__name__}"
         )
+    problem = _lone_surrogate(messages)
+    if problem is not None:
+        raise _BadItem(f"the prompt under {message_key!r} holds {problem}")
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     return messages
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    """Describes the first lone surrogate in the strings of ``value``, or None if it has none.
+
+    ``json.loads`` turns ``"\\ud83d"`` into such a string; it is not valid Unicode, so the
+    tokenizer and UTF-8 cannot take it.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"a lone surrogate ({value[exc.start]!r} at position {exc.start} of "
+                f"{_shorten(value)}), which is not valid Unicode text; fix it in the input"
+            )
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        for part in value:
+            problem = _lone_surrogate(part)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    """``repr`` of the start of ``text`` (escapes surrogates, so it is safe to write)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 @dataclass
@@ -261,8 +329,8 @@ class _Pending:
 class _Run:
     """One call of :func:`generate`: the items, the queue of chunks, and the results.
 
-    Every field below ``output`` changes under ``changed`` (a lock with a condition), from the
-    worker slots' threads.
+    Every field below ``on_mismatch`` changes under ``changed`` (a lock with a condition), from
+    the worker slots' threads; so does the output file.
     """
 
     data: Sequence[dict[str, Any]]
@@ -274,7 +342,8 @@ class _Run:
     n: int
     use_sample: bool
     sampling: dict[str, Any]
-    output: _OutputFile | None
+    output: OutputFile | None
+    on_mismatch: str
 
     changed: threading.Condition = field(default_factory=threading.Condition)
     results: list[dict[str, Any] | None] = field(default_factory=list)
@@ -282,6 +351,7 @@ class _Run:
     queue: deque[list[int]] = field(default_factory=deque)
     chunks_out: int = 0
     handles: dict[int, WorkerHandle] = field(default_factory=dict)
+    completed: int = 0  # items a worker generated (with a result or the engine's error)
     slots_left: int = 0
     fatal: BaseException | None = None
     tokens: int = 0
@@ -305,19 +375,21 @@ class _Run:
         self.results = [None] * len(self.data)
         done = {}
         if self.output is not None:
-            done = self.output.load(self.data, self.message_key, self._is_done)
-        self.bar = tqdm(
-            total=len(self.data), initial=len(done), unit="item", desc="generate",
-            disable=not progress, dynamic_ncols=True,
-        )
+            done = self._resume(self.output)
         try:
-            todo = self._prepare(done)
-            size = chunk_size or max(1, math.ceil(len(todo) / len(configs)))
-            self.queue.extend(todo[i : i + size] for i in range(0, len(todo), size))
-            if self.queue:
-                self._run_workers(configs, startup_timeout)
+            self.bar = tqdm(
+                total=len(self.data), initial=len(done), unit="item", desc="generate",
+                disable=not progress, dynamic_ncols=True,
+            )
+            try:
+                todo = self._prepare(done)
+                size = chunk_size or max(1, math.ceil(len(todo) / len(configs)))
+                self.queue.extend(todo[i : i + size] for i in range(0, len(todo), size))
+                if self.queue:
+                    self._run_workers(configs, startup_timeout)
+            finally:
+                self.bar.close()
         finally:
-            self.bar.close()
             if self.output is not None:
                 self.output.close(rewrite=all(r is not None for r in self.results))
         if self.fatal is not None:
@@ -330,11 +402,43 @@ class _Run:
             )
         return self.results  # type: ignore[return-value]
 
+    def _resume(self, output: OutputFile) -> dict[int, dict[str, Any]]:
+        """Lock and read the output file; return {index: line} of the items to reuse."""
+        for key in (self.index_key, RUN_KEY):
+            if any(key in item for item in self.data):
+                logger.warning(
+                    "some items of data have a %r key of their own; in %s it holds the output "
+                    "file's value instead (the returned items keep theirs)", key, output.path,
+                )
+        records = output.load(self.data, self.message_key)
+        finished = {
+            index: record for index, record in records.items()
+            if record.get(self.error_key) is None and record.get(self.result_key) is not None
+        }
+        other = sorted(i for i, record in finished.items() if record.get(RUN_KEY) != output.run)
+        if other and self.on_mismatch == "error":
+            output.close(rewrite=False)
+            unmarked = sum(1 for i in other if RUN_KEY not in finished[i])
+            raise ValueError(
+                f"output_path {output.path} holds results of {len(other)} items made with other "
+                f"settings than this call's (items {_some(other)}): the fingerprint under "
+                f"{RUN_KEY!r} of what made them (model, system, n, use_sample, temperature, "
+                f"top_p, seed, stop, max_output_len, sampling_args) is not this call's "
+                f"{output.run!r}"
+                + (f"; {unmarked} have none, as an older vllm-service wrote them"
+                   if unmarked else "")
+                + ". Pass on_mismatch='redo' (--on-mismatch redo) to generate them again with "
+                "these settings, on_mismatch='keep' to use them as they are, or use another "
+                "output_path."
+            )
+        if self.on_mismatch == "redo":
+            for index in other:
+                del finished[index]
+        return {index: record for index, record in finished.items() if self._is_done(record)}
+
     def _is_done(self, record: dict[str, Any]) -> bool:
-        """True for a record of an earlier run that holds a result of this run's shape."""
+        """True for a finished record of an earlier run whose result has this run's shape."""
         result = record.get(self.result_key)
-        if record.get(self.error_key) is not None or result is None:
-            return False
         if self.n == 1:
             return isinstance(result, str)
         return isinstance(result, list) and len(result) == self.n
@@ -344,7 +448,7 @@ class _Run:
         todo = []
         for index, item in enumerate(self.data):
             if index in done:
-                self.results[index] = {**item, self.result_key: done[index][self.result_key]}
+                self.results[index] = self._result(index, done[index][self.result_key], None)
                 continue
             try:
                 conversation = build_conversation(item, self.message_key, self.system)
@@ -371,8 +475,11 @@ class _Run:
         try:
             with self.changed:
                 while self.slots_left:
-                    # A timeout keeps the wait interruptible by Ctrl-C.
+                    # A timeout keeps the wait interruptible by Ctrl-C, and bounds how long
+                    # an appended line waits for its fsync.
                     self.changed.wait(1.0)
+                    if self.output is not None:
+                        self.output.sync_if_due()
         except BaseException as exc:
             self._abort(exc)
             raise
@@ -381,18 +488,27 @@ class _Run:
                 thread.join(60)
 
     def _serve_slot(self, slot: int, config: WorkerConfig, startup_timeout: float) -> None:
-        """One worker slot: start a worker, feed it chunks, replace it if it dies."""
+        """One worker slot: start a worker, feed it chunks, replace it if it dies.
+
+        The slot ends when no work is left, when its worker cannot start, or when it has more
+        than ``MAX_RESTARTS`` strikes (see there): its workers keep dying for no item's sake.
+        """
         handle: WorkerHandle | None = None
-        starts = 0
+        strikes = 0
+        completed_before = 0
+        start_error: WorkerStartError | None = None
         try:
             while True:
                 if handle is None:
                     if not self._work_left():
                         return
-                    if starts > MAX_RESTARTS:
-                        logger.error("batch worker %d died %d times; giving up on it", slot, starts)
+                    if strikes > MAX_RESTARTS:
+                        logger.error(
+                            "batch worker %d: its workers died %d times under several items or "
+                            "failed items alone, with no item completed meanwhile; giving up "
+                            "on it", slot, strikes,
+                        )
                         return
-                    starts += 1
                     handle = WorkerHandle(
                         config, idle_ttl=_IDLE_TTL_SECONDS, startup_timeout=startup_timeout
                     )
@@ -400,13 +516,25 @@ class _Run:
                         self.handles[slot] = handle
                         if self.fatal is not None:
                             return
-                    handle.wait_ready()
+                    try:
+                        handle.wait_ready()
+                    except WorkerStartError as exc:
+                        logger.error("batch worker %d could not start; the others go on: %s",
+                                     slot, exc)
+                        start_error = exc
+                        return
                     with self.changed:
                         self.first_ready = self.first_ready or time.monotonic()
                 chunk = self._take_chunk()
                 if chunk is None:
                     return
-                if not self._run_chunk(handle, chunk):
+                new_strikes = self._run_chunk(handle, chunk)
+                with self.changed:
+                    if self.completed != completed_before:
+                        completed_before = self.completed
+                        strikes = 0
+                if new_strikes is not None:
+                    strikes += new_strikes
                     # Let the dead worker's engine give its memory back before the next starts.
                     handle.wait_exited(60)
                     handle = None
@@ -418,10 +546,11 @@ class _Run:
             with self.changed:
                 self.slots_left -= 1
                 if not self.slots_left and self.queue and self.fatal is None:
-                    self.fatal = VLLMServiceError(
-                        f"Every batch worker died more than {MAX_RESTARTS} times; "
-                        f"{sum(map(len, self.queue))} items are left (their worker logs are "
-                        "named in the log). With output_path, a rerun goes on from here."
+                    self.fatal = start_error or VLLMServiceError(
+                        "Every batch worker gave up (its workers kept dying with no item "
+                        f"completed) or could not start; {sum(map(len, self.queue))} items are "
+                        "left (their worker logs are named in the log). With output_path, a "
+                        "rerun goes on from here."
                     )
                 self.changed.notify_all()
 
@@ -442,8 +571,11 @@ class _Run:
                     return None
                 self.changed.wait()
 
-    def _run_chunk(self, handle: WorkerHandle, chunk: list[int]) -> bool:
-        """Run one chunk on a worker; False if the worker died (its items are back in the queue)."""
+    def _run_chunk(self, handle: WorkerHandle, chunk: list[int]) -> int | None:
+        """Run one chunk on a worker; None if it survived, else the strikes its death brings.
+
+        The unfinished items of a worker that died are back in the queue.
+        """
         requests: list[Request] = []
         owners: list[tuple[int, int]] = []  # (item index, sample number) of each request
         with self.changed:
@@ -462,8 +594,7 @@ class _Run:
         try:
             futures = handle.submit(requests)
         except WorkerUnavailable:
-            self._give_back(chunk, None)
-            return False
+            return self._give_back(chunk, None)
         owner_of = dict(zip(futures, owners))
         unfinished = set(chunk)
         try:
@@ -475,14 +606,13 @@ class _Run:
                         unfinished.discard(index)
         except WorkerDiedError as exc:
             logger.warning("%s; %d items go back to the queue", exc, len(unfinished))
-            self._give_back(sorted(unfinished), exc)
-            return False
+            return self._give_back(sorted(unfinished), exc)
         except ServiceShutdownError:
-            return False  # the run is being stopped
+            return 0  # the run is being stopped
         with self.changed:
             self.chunks_out -= 1
             self.changed.notify_all()
-        return True
+        return None
 
     def _one_sample(self, k: int) -> dict[str, Any]:
         """Sampling for copy ``k`` of a duplicated prompt: a seed of its own, or all copies match."""
@@ -505,18 +635,32 @@ class _Run:
         if pending.waiting:
             return False
         del self.pending[index]
+        self.completed += 1
         self._finish(index, pending.texts, pending.error)
         return True
 
-    def _give_back(self, indices: list[int], died: WorkerDiedError | None) -> None:
-        """Put a dead worker's unfinished items back in the queue, or fail them after MAX_ATTEMPTS."""
+    def _give_back(self, indices: list[int], died: WorkerDiedError | None) -> int:
+        """Put a chunk's unfinished items back in the queue after its worker died; its strikes.
+
+        Any one of several items in flight may have killed the worker, so they go back, to the
+        end of the queue, as two halves: repeated deaths narrow down to the item that causes
+        them, while the others still run in batches. A death counts against an item only when
+        it was alone in flight; such an item is tried again first, and after ``MAX_ATTEMPTS``
+        deaths gets an error. ``died`` is None when the worker was gone before the chunk
+        reached it: then the chunk goes back as it was.
+        """
         with self.changed:
             self.chunks_out -= 1
-            retry = []
-            for index in indices:
+            strikes = 1
+            if died is None:
+                self.queue.appendleft(indices)
+            elif len(indices) > 1:
+                half = (len(indices) + 1) // 2
+                self.queue.extend([indices[:half], indices[half:]])
+            elif indices:
+                index = indices[0]
                 pending = self.pending[index]
-                if died is not None:
-                    pending.attempts += 1
+                pending.attempts += 1
                 if pending.attempts >= MAX_ATTEMPTS:
                     del self.pending[index]
                     self._finish(
@@ -525,19 +669,27 @@ class _Run:
                         f"(last: {died})",
                     )
                 else:
-                    retry.append(index)
-            if retry:
-                self.queue.appendleft(retry)
+                    self.queue.appendleft(indices)
+                    strikes = 0
             self.changed.notify_all()
+            return strikes
+
+    def _result(self, index: int, value: Any, error: str | None) -> dict[str, Any]:
+        """A copy of item ``index`` with its result; ``error_key`` only if it failed."""
+        result = dict(self.data[index])
+        result[self.result_key] = value
+        if error is None:
+            result.pop(self.error_key, None)
+        else:
+            result[self.error_key] = error
+        return result
 
     def _finish(self, index: int, texts: list[str | None] | None, error: str | None) -> None:
         """Store an item's result, append it to the output file, move the progress bar."""
-        result = dict(self.data[index])
         if error is None and texts is not None:
-            result[self.result_key] = texts[0] if self.n == 1 else list(texts)
+            result = self._result(index, texts[0] if self.n == 1 else list(texts), None)
         else:
-            result[self.result_key] = None
-            result[self.error_key] = error
+            result = self._result(index, None, error)
         self.results[index] = result
         if self.output is not None:
             self.output.append(index, result)
@@ -557,71 +709,7 @@ class _Run:
             handle.stop(ServiceShutdownError(f"the batch run was stopped: {exc!r}"))
 
 
-class _OutputFile:
-    """The JSONL file each finished item is appended to, read back to resume a run."""
-
-    def __init__(self, path: Path, index_key: str) -> None:
-        self.path = path
-        self.index_key = index_key
-        self.records: dict[int, dict[str, Any]] = {}
-        self._file: Any = None
-
-    def load(
-        self,
-        data: Sequence[dict[str, Any]],
-        message_key: str,
-        is_done: Callable[[dict[str, Any]], bool],
-    ) -> dict[int, dict[str, Any]]:
-        """Read an earlier run's lines; return {index: line} of the items it finished.
-
-        Opens the file for appending. Raises ``ValueError`` if a line belongs to other data.
-        """
-        text = self.path.read_text(encoding="utf-8") if self.path.exists() else ""
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                logger.warning("%s line %d is not JSON (cut short?); ignoring it", self.path, number)
-                continue
-            index = record.get(self.index_key) if isinstance(record, dict) else None
-            if (
-                not isinstance(index, int)
-                or not 0 <= index < len(data)
-                or record.get(message_key) != data[index].get(message_key)
-            ):
-                raise ValueError(
-                    f"output_path {self.path} line {number} does not belong to this data (its "
-                    f"{self.index_key!r} does not name an item with the same {message_key!r}); "
-                    "use another output_path, or delete the file to start over"
-                )
-            self.records[index] = record
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = self.path.open("a", encoding="utf-8")
-        if text and not text.endswith("\n"):
-            self._file.write("\n")  # after a line cut short, start a fresh one
-        return {index: record for index, record in self.records.items() if is_done(record)}
-
-    def append(self, index: int, result: dict[str, Any]) -> None:
-        record = {**result, self.index_key: index}
-        try:
-            line = json.dumps(record, ensure_ascii=False)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"data[{index}] cannot be written to {self.path} as JSON: {exc}") from exc
-        self._file.write(line + "\n")
-        self._file.flush()
-        self.records[index] = record
-
-    def close(self, rewrite: bool) -> None:
-        """Close the file; with ``rewrite``, leave it in input order with one line per item."""
-        if self._file is None:
-            return
-        self._file.close()
-        self._file = None
-        if rewrite:
-            partial = self.path.with_name(self.path.name + ".partial")
-            with partial.open("w", encoding="utf-8") as file:
-                for index in sorted(self.records):
-                    file.write(json.dumps(self.records[index], ensure_ascii=False) + "\n")
-            os.replace(partial, self.path)
+def _some(indices: list[int], shown: int = 10) -> str:
+    """The first few of many item indices, for a message."""
+    text = ", ".join(map(str, indices[:shown]))
+    return text + (f" and {len(indices) - shown} more" if len(indices) > shown else "")

@@ -89,6 +89,9 @@ def _add_generate_command(commands: Any) -> None:
         help="results, one JSON object per line; also where a rerun resumes from")
     arg("--model", "--model-id", dest="model_id", required=True,
         help="local model folder or Hugging Face model id")
+    arg("--on-mismatch", choices=("error", "redo", "keep"), default=default["on_mismatch"],
+        help="what to do with results in OUTPUT.jsonl made with other settings (model, system, "
+        "sampling): stop with an error, generate them again, or keep them")
     prompts = command.add_argument_group("prompts and results")
     prompts.add_argument("--message-key", default=default["message_key"],
                          help="key holding each item's prompt (a string or a list of chat messages)")
@@ -193,7 +196,8 @@ def _run_generate(args: argparse.Namespace) -> int:
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     """The JSON objects of a JSONL file (blank lines skipped); ValueError names the bad line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # "\n" only: splitlines() would also split inside strings holding U+2028, U+0085 ...
+        lines = path.read_text(encoding="utf-8").split("\n")
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read {path}: {exc}") from exc
     items = []

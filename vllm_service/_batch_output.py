@@ -1,0 +1,217 @@
+"""The output file of :func:`vllm_service.generate`: a JSONL file a rerun resumes from.
+
+One line per finished item: the item, its result, its position in the data under the
+index key and the fingerprint of the settings that produced it under ``RUN_KEY``. Lines
+are appended as items finish; a finished run rewrites the file in input order. A lock
+file next to it (``out.jsonl.lock``) keeps two runs from writing it at once.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import VLLMServiceError
+
+logger = logging.getLogger("vllm_service")
+
+# The key each line keeps the fingerprint of the settings that produced it under.
+RUN_KEY = "_run"
+# Appended lines reach the OS at once (a crashed process loses none of them), but are
+# fsynced at most this often: a crashed machine then loses at most the last second's items,
+# which a rerun generates again, and thousands of short items a second do not each wait for
+# the disk. ``sync_if_due`` (also called by the run's main thread about once a second) bounds
+# how long a line waits for its fsync when no further line comes.
+_SYNC_INTERVAL_SECONDS = 1.0
+
+
+def run_fingerprint(
+    model: str, system: str | None, n: int, use_sample: bool, sampling: dict[str, Any]
+) -> str:
+    """A short hash of the settings that decide an item's result, kept under ``RUN_KEY``.
+
+    Engine settings (memory, placement, ``max_model_len``, ``dtype``, ``engine_args``) are left
+    out: a rerun may change them, after running out of memory for instance, and keep what is
+    done. A change of ``dtype`` can change answers slightly; that is accepted.
+    """
+    sampling = dict(sampling)
+    for key in ("temperature", "top_p"):
+        if key in sampling:
+            sampling[key] = float(sampling[key])  # 0 (Python) and 0.0 (command line) match
+    settings = {
+        "model": model, "system": system, "n": n, "use_sample": use_sample, "sampling": sampling,
+    }
+    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
+
+
+class OutputFile:
+    """The JSONL file each finished item is appended to, read back to resume a run.
+
+    ``load`` takes the lock and must come first; ``close`` releases it.
+    """
+
+    def __init__(self, path: Path, index_key: str, run: str) -> None:
+        self.path = path
+        self.lock_path = path.with_name(path.name + ".lock")
+        self.index_key = index_key
+        self.run = run
+        self.records: dict[int, dict[str, Any]] = {}
+        self._file: Any = None
+        self._lock_fd: int | None = None
+        self._synced_at = 0.0
+        self._unsynced = False
+
+    def load(
+        self, data: Sequence[dict[str, Any]], message_key: str
+    ) -> dict[int, dict[str, Any]]:
+        """Lock the file, read an earlier run's lines, open it for appending.
+
+        Returns ``{index: line}`` (the last line of each item). Raises ``VLLMServiceError`` if
+        another run holds the lock, ``ValueError`` if a line belongs to other data.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            text = self.path.read_bytes() if self.path.exists() else b""
+            self._read(text, data, message_key)
+            self._file = self.path.open("ab")
+            if text and not text.endswith(b"\n"):
+                self._file.write(b"\n")  # after a line cut short, start a fresh one
+            if not text:
+                _fsync_directory(self.path.parent)  # the new file's name survives a crash
+        except BaseException:
+            self.close(rewrite=False)
+            raise
+        return dict(self.records)
+
+    def _read(self, text: bytes, data: Sequence[dict[str, Any]], message_key: str) -> None:
+        # Split on b"\n" only: str.splitlines() would also split inside a JSON string holding
+        # U+2028, U+0085 and the like, which ensure_ascii=False writes as they are.
+        for number, raw in enumerate(text.split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                logger.warning("%s line %d is not JSON (cut short?); ignoring it", self.path, number)
+                continue
+            index = record.get(self.index_key) if isinstance(record, dict) else None
+            if (
+                not isinstance(index, int)
+                or not 0 <= index < len(data)
+                or record.get(message_key) != data[index].get(message_key)
+            ):
+                raise ValueError(
+                    f"output_path {self.path} line {number} does not belong to this data (its "
+                    f"{self.index_key!r} does not name an item with the same {message_key!r}); "
+                    "use another output_path, or delete the file to start over"
+                )
+            self.records[index] = record
+
+    def append(self, index: int, result: dict[str, Any]) -> None:
+        """Write one finished item's line (with its index and the run's fingerprint)."""
+        record = {**result, self.index_key: index, RUN_KEY: self.run}
+        self._file.write(_encode(record, f"data[{index}]", self.path))
+        self._file.flush()
+        self.records[index] = record
+        self._unsynced = True
+        self.sync_if_due()
+
+    def sync_if_due(self) -> None:
+        """fsync the lines appended since the last fsync, if that was long enough ago."""
+        if time.monotonic() - self._synced_at >= _SYNC_INTERVAL_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        """fsync the lines appended since the last fsync."""
+        if self._file is not None and self._unsynced:
+            os.fsync(self._file.fileno())
+            self._synced_at = time.monotonic()
+            self._unsynced = False
+
+    def close(self, rewrite: bool) -> None:
+        """Close the file and release the lock; with ``rewrite``, leave it in input order."""
+        try:
+            if self._file is not None:
+                self.sync()
+                self._file.close()
+                self._file = None
+                if rewrite:
+                    self._rewrite()
+        finally:
+            self._unlock()
+
+    def _rewrite(self) -> None:
+        """Replace the file by one line per item in input order, never leaving it half written."""
+        partial = self.path.with_name(self.path.name + ".partial")
+        with partial.open("wb") as file:
+            for index in sorted(self.records):
+                file.write(_encode(self.records[index], f"data[{index}]", self.path))
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, self.path)
+        _fsync_directory(self.path.parent)
+
+    def _lock(self) -> None:
+        # flock belongs to the open file: the kernel drops it when the process ends however it
+        # ends, so a crashed run leaves no lock behind that blocks the next one.
+        while True:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise VLLMServiceError(
+                    f"output_path {self.path} is in use by another run: it holds the lock "
+                    f"{self.lock_path}. Wait for that run to end (a rerun then resumes from the "
+                    "file), or give this run another output_path."
+                ) from None
+            # The run before may have deleted the lock file between our open and flock: then
+            # we hold a lock on a file nobody else sees, so take the new one instead.
+            try:
+                same = os.stat(self.lock_path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._lock_fd = fd
+                return
+            os.close(fd)
+
+    def _unlock(self) -> None:
+        if self._lock_fd is None:
+            return
+        # Deleted while still held, so no other run can lock this file after we let go.
+        self.lock_path.unlink(missing_ok=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+
+def _encode(record: dict[str, Any], name: str, path: Path) -> bytes:
+    """One JSONL line as UTF-8; non-ASCII text stays readable where it can."""
+    try:
+        line = json.dumps(record, ensure_ascii=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} cannot be written to {path} as JSON: {exc}") from exc
+    try:
+        return (line + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        # A lone surrogate ("\ud83d", which json.loads accepts) has no UTF-8 form; escaped
+        # as JSON writes it by default, it reads back as the same string.
+        return (json.dumps(record) + "\n").encode("ascii")
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a file's creation or replacement in ``directory`` survive a crash."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
