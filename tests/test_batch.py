@@ -29,6 +29,7 @@ import pytest
 
 from _reference_engine import ReferenceEngine
 from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
+from vllm_service._local_engine import cpu_dtype
 from vllm_service._protocol import Completion, Finished, Request
 from vllm_service._worker_handle import WorkerHandle
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
@@ -172,6 +173,9 @@ def test_two_workers_are_pinned_to_their_own_core_and_share_memory(
     kv_sizes = {h.config.engine_args["kv_cache_memory_bytes"] for h in handles}
     assert len(kv_sizes) == 1 and 0 < kv_sizes.pop() <= 2 << 30  # half of one engine's at most
     assert all(h.config.engine_args["gpu_memory_utilization"] == 0.9 for h in handles)
+    # The batch workers apply the same dtype rule as the service (the demo model is bf16).
+    expected = "float32" if cpu_dtype() == "float32" else "bfloat16"
+    assert [h.info["dtype"] for h in handles] == [expected, expected]
 
 
 def test_a_rerun_skips_what_the_output_file_holds_and_leaves_it_in_order(
