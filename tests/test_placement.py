@@ -203,7 +203,7 @@ def test_gpu_worker_configs_under_a_mask(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"n": 0}, "n must be"),
         ({"chunk_size": 0}, "chunk_size"),
         ({"gpu_assignments": [[0]]}, "no GPU is visible"),
-        ({"result_key": "prompt"}, "three different keys"),
+        ({"result_key": "prompt"}, "four different keys"),
     ],
 )
 def test_generate_refuses_before_starting_anything(
