@@ -32,6 +32,7 @@ from vllm_service import (
     VLLMInferenceService,
     VLLMSettings,
     WorkerDiedError,
+    WorkerStartError,
 )
 from vllm_service import _local_engine, _worker_handle
 from vllm_service._protocol import Request
@@ -170,6 +171,10 @@ def test_input_that_cannot_cross_the_pipe_fails_at_the_call(
         svc.chat([{"role": None, "content": "hi"}])
     with pytest.raises(ValueError, match="'type'"):
         svc.chat([{"role": "user", "content": ["just text"]}])
+    with pytest.raises(ValueError, match="lone surrogate"):
+        svc.generate("Half an emoji: \ud83d")
+    with pytest.raises(ValueError, match="message 0's content holds a lone surrogate"):
+        svc.chat([{"role": "user", "content": "\ud83d"}])
     status = svc.status()
     assert status.in_flight == 0 and status.expires_at is not None  # nothing left registered
     assert answers_like_vllm(svc, reference)
@@ -214,6 +219,41 @@ def test_a_killed_process_fails_the_calls_in_seconds_and_leaves_nothing(
 
     assert answers_like_vllm(svc, reference)  # the next call starts a fresh worker
     assert svc.status().pid != worker and svc.status().restarts == restarts + 1
+
+
+def test_a_worker_that_dies_idle_is_reported_and_leaves_nothing(
+    svc: VLLMInferenceService,
+) -> None:
+    svc.warmup()
+    worker = svc.status().pid
+    os.kill(worker, signal.SIGKILL)
+    assert wait_until(lambda: svc.status().state == "stopped", 15), svc.status()
+    assert f"(pid {worker}) was killed by SIGKILL" in (svc.status().last_error or "")
+    assert not group_members(worker)
+
+
+def test_an_engine_that_dies_while_loading_leaves_no_shared_memory(demo_model: Path) -> None:
+    settings = VLLMSettings(model_path=demo_model, max_model_len=1024, stop_timeout_seconds=3)
+    with VLLMInferenceService(settings) as service:
+        threads, outcomes = in_threads(service.warmup, 1)
+        assert wait_until(lambda: service.status().pid is not None, 30)
+        worker = service.status().pid
+        seen: set[str] = set()
+
+        def engine_holds_shared_memory() -> bool:
+            seen.update(shared_memory_files(worker))
+            return bool(seen and engine_processes(worker, "VLLM::EngineCor"))
+
+        assert wait_until(engine_holds_shared_memory, 180), "vLLM made no shared memory"
+        assert service.status().state == "starting"
+        time.sleep(1.0)  # the parent looks twice a second; a file younger than that may be missed
+        for pid in engine_processes(worker, "VLLM::EngineCor"):
+            os.kill(pid, signal.SIGKILL)
+        join(threads, 60)
+        assert isinstance(outcomes[0][0], WorkerStartError), outcomes
+        assert wait_until(lambda: service.status().state == "stopped", 30), service.status()
+        assert not [path for path in seen if os.path.exists(path)], "shared memory left behind"
+        assert not group_members(worker)
 
 
 # ----- 3. a worker that is alive but not answering (SIGSTOP) -----

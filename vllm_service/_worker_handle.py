@@ -129,6 +129,7 @@ class WorkerHandle:
         self.started_at = time.time()
         self.info: dict[str, Any] = {}
         self.exit_code: int | None = None
+        self.failure: str | None = None  # how it ended, when it ended by itself and badly
 
         context = multiprocessing.get_context("spawn")
         self._conn, child_conn = context.Pipe()
@@ -275,6 +276,10 @@ class WorkerHandle:
 
     def _tick(self) -> None:
         """The reader thread's clock: idle retirement, deadlines, escalation."""
+        if self._state is WorkerState.STARTING:
+            # vLLM creates its shared memory while loading; an engine that dies then leaves
+            # no process behind to ask at exit.
+            self._shm_paths |= shared_memory_files(self.pid)
         now = time.monotonic()
         start_timed_out = False
         signals: list[signal.Signals] = []
@@ -415,6 +420,8 @@ class WorkerHandle:
         clean = was in (WorkerState.RETIRING, WorkerState.STOPPING) and exit_code == 0
         if clean:
             self.log_path.unlink(missing_ok=True)
+        elif was is not WorkerState.STOPPING:  # not asked to go: a failure worth reporting
+            self.failure = f"The vLLM worker (pid {self.pid}) {how}; its output: {self.log_path}"
         logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
         self._outbox.put(None)
         self._conn.close()

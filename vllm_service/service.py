@@ -109,7 +109,8 @@ class VLLMInferenceService:
                 state="stopped", pid=None, mode=self._config.mode, model=self._config.model,
                 dtype=None, started_at=None, load_seconds=None, in_flight=0,
                 requests_served=self._served, restarts=self._restarts,
-                last_error=self._last_error, expires_at=None, memory_bytes=0,
+                last_error=(handle.failure if handle is not None else None) or self._last_error,
+                expires_at=None, memory_bytes=0,
             )
         state, in_flight, expires_at = handle.snapshot()
         if state is WorkerState.EXITED:
@@ -215,6 +216,7 @@ class VLLMInferenceService:
                     # Let the old worker give its memory back before a new one loads.
                     handle.wait_exited(timeout=60)
                     self._restarts += 1
+                    self._last_error = handle.failure or self._last_error
                 handle = WorkerHandle(
                     self._config,
                     idle_ttl=self.settings.idle_ttl_seconds,
@@ -359,7 +361,19 @@ def _first(value: Any, default: Any) -> Any:
 def _check_prompt(prompt: Any) -> str:
     if not isinstance(prompt, str):
         raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
+    _check_text(prompt, "the prompt")
     return prompt
+
+
+def _check_text(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot encode (a lone surrogate, e.g. from bad JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} holds a lone surrogate ({text[exc.start]!r} at position {exc.start}), "
+            "which is not text; decode the input with errors='replace' or fix its source"
+        ) from None
 
 
 def _check_messages(messages: Any) -> ChatMessages:
@@ -385,7 +399,9 @@ def _check_messages(messages: Any) -> ChatMessages:
                         f"message {index}: each part of a list 'content' must be a dict with a "
                         f"'type' (e.g. {{'type': 'text', 'text': ...}}), got {part!r}"
                     )
-        elif content is not None and not isinstance(content, str):
+        elif isinstance(content, str):
+            _check_text(content, f"message {index}'s content")
+        elif content is not None:
             raise ValueError(
                 f"message {index}: 'content' must be a str or a list of content parts, got "
                 f"{type(content).__name__}"
