@@ -241,7 +241,8 @@ def kill_scenario(service: VLLMInferenceService, victim: str, phase: str) -> lis
     else:
         target = pid if victim == "worker" else engine_pid(pid)
         shm = shared_memory_files(pid)
-    state = service.status().state
+    before = service.status()
+    state, error_before = before.state, before.last_error
     if target is None:
         return [victim, phase, state, note + "no target process"] + ["-"] * 6
     try:
@@ -259,6 +260,13 @@ def kill_scenario(service: VLLMInferenceService, victim: str, phase: str) -> lis
     stopped_at = None if stopped is None else time.monotonic() - killed
     left = len(group_members(pid))
     shm_left = existing(shm)
+    leaked = sorted(Path(p).name for p in shm if os.path.exists(p))
+    if leaked:
+        # Reported, then removed (they are this run's), so the machine is not left dirty.
+        note += f"shm left: {', '.join(leaked)}; "
+        for path in shm:
+            if os.path.exists(path):
+                os.unlink(path)
     last_error = service.status().last_error
     following = greedy_call(service)
     next_ok = (
@@ -272,8 +280,8 @@ def kill_scenario(service: VLLMInferenceService, victim: str, phase: str) -> lis
     message = next((c.error for c in calls if c.error is not None), None)
     if message is not None:
         note += f"error: {first_line(str(message), 150)}"
-    elif last_error and phase in ("idle", "retiring"):
-        note += f"last_error: {first_line(last_error, 150)}"
+    if last_error == error_before:
+        note += "; status().last_error unchanged by this death"
     row = [
         victim, phase, state, errors,
         "-" if not calls else fmt(errors_by),
@@ -656,8 +664,10 @@ def bad_inputs(s: VLLMInferenceService, model: str) -> list[tuple[str, Callable[
         ("prompt: bytes", lambda: g(b"hello"), ["prompt"]),
         ("prompt: empty string", lambda: g("", **GREEDY), ["prompt"]),
         ("prompt: 200k tokens (beyond max_model_len)", lambda: g("hello " * 200_000, **GREEDY),
-         ["prompt", "max_model_len"]),
+         ["prompt", "context length"]),
         ("prompt: lone surrogate \\ud800", lambda: g("abc \ud800 def", **GREEDY), ["surrogate"]),
+        ("chat: lone surrogate in content",
+         lambda: s.chat([{"role": "user", "content": "hi \udc80"}], **GREEDY), ["surrogate"]),
         ("prompt: RTL text and RLO mark", lambda: g("\u202eمرحبا بالعالم שלום", **GREEDY), []),
         ("prompt: emoji, ZWJ sequences", lambda: g("👩‍👩‍👧 🇫🇷 👋🏽 is", **GREEDY), []),
         ("prompt: NUL characters", lambda: g("a\x00b\x00 is", **GREEDY), []),
@@ -672,6 +682,10 @@ def bad_inputs(s: VLLMInferenceService, model: str) -> list[tuple[str, Callable[
         ("max_tokens: 0", lambda: g("hi", max_tokens=0), ["max_tokens"]),
         ("max_tokens: 2**40", lambda: g("hi", max_tokens=2**40), ["max_tokens"]),
         ("max_tokens: 1.5", lambda: g("hi", max_tokens=1.5), ["max_tokens"]),
+        ("max_tokens: 5000 (beyond max_model_len 2048)",
+         lambda: g("hi", temperature=0, max_tokens=5000), ["max_tokens"]),
+        ("stop: 10,000 stop strings", lambda: g("hi", stop=[f"s{i}" for i in range(10_000)],
+                                                **GREEDY), []),
         ("seed: 2**64", lambda: g("hi", seed=2**64), ["seed"]),
         ("seed: -5", lambda: g("hi", seed=-5), ["seed"]),
         ("repetition_penalty: inf", lambda: g("hi", repetition_penalty=float("inf")),
@@ -792,6 +806,10 @@ def part_input(model: str) -> str:
             elif call.error is not None:
                 text = str(call.error)
                 outcome = f"{type(call.error).__name__}: {first_line(text)}"
+                lines = [l.strip() for l in text.splitlines() if l.strip()]
+                if type(call.error).__name__ == "ValidationError" and len(lines) >= 3:
+                    outcome = (f"ValidationError: {lines[1]}: "
+                               f"{first_line(lines[2].split(' [type=')[0])}")
                 if first_line(text).rstrip(":") == "Invalid vllm-service settings":
                     outcome += " / " + first_line(text.split("\n", 1)[1])
             else:
