@@ -51,9 +51,9 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import psutil  # noqa: E402
+import psutil
 
-from vllm_service import (  # noqa: E402
+from vllm_service import (
     GenerationParams,
     GenerationResult,
     VLLMInferenceService,
@@ -61,7 +61,7 @@ from vllm_service import (  # noqa: E402
     demo_model_path,
     generate,
 )
-from vllm_service._worker_handle import group_members, shared_memory_files  # noqa: E402
+from vllm_service._worker_handle import group_members, shared_memory_files
 
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
@@ -237,14 +237,15 @@ def kill_scenario(service: VLLMInferenceService, victim: str, phase: str) -> lis
         target = pid if victim == "worker" else engine_pid(pid)
         shm = shared_memory_files(pid)
         if wait_until(lambda: service.status().state == "retiring", 60, interval=0.005) is None:
-            return [victim, phase, "not caught (no retiring state within 60 s)"] + ["-"] * 7
+            return [victim, phase, "not caught (no retiring state within 60 s)"] + ["-"] * 9
     else:
         target = pid if victim == "worker" else engine_pid(pid)
         shm = shared_memory_files(pid)
     before = service.status()
     state, error_before = before.state, before.last_error
     if target is None:
-        return [victim, phase, state, note + "no target process"] + ["-"] * 6
+        return [victim, phase, state, "-", "-", "-", "-", "-", "-", "-", "-",
+                note + "no target process"]
     try:
         os.kill(target, signal.SIGKILL)
     except ProcessLookupError:
@@ -275,6 +276,7 @@ def kill_scenario(service: VLLMInferenceService, victim: str, phase: str) -> lis
         and service.status().pid not in (None, pid)
     )
     next_at = following.ended - killed if next_ok and following.ended else None
+    load = service.status().load_seconds
     if following.outcome != "ok":
         note += f"next call: {following.outcome} {first_line(following.error or '')}; "
     message = next((c.error for c in calls if c.error is not None), None)
@@ -285,7 +287,7 @@ def kill_scenario(service: VLLMInferenceService, victim: str, phase: str) -> lis
     row = [
         victim, phase, state, errors,
         "-" if not calls else fmt(errors_by),
-        fmt(stopped_at), fmt(next_at, "FAILED"),
+        fmt(stopped_at), fmt(next_at, "FAILED"), fmt(load, "-"),
         "yes" if next_ok else "no", left, f"{shm_left} of {len(shm)}", note.strip("; "),
     ]
     log(f"  -> {row}")
@@ -294,7 +296,7 @@ def kill_scenario(service: VLLMInferenceService, victim: str, phase: str) -> lis
 
 KILL_HEADERS = [
     "victim", "phase", "state at kill", "callers' errors", "all errors by (s)",
-    "stopped by (s)", "next call ok by (s)", "fresh pid", "group left", "shm left", "notes",
+    "stopped by (s)", "next call ok by (s)", "of which new worker's load (s)", "fresh pid", "group left", "shm left", "notes",
 ]
 
 
@@ -565,7 +567,7 @@ def part_soak(model: str, expiries: int, kills: int, threads: int, burst: float,
                 except ProcessLookupError:
                     pass
                 # The callers go on: the next calls start a fresh worker.
-                wait_until(lambda: service.status().pid not in (None, pid)
+                wait_until(lambda pid=pid: service.status().pid not in (None, pid)
                            and service.status().state == "ready", START_BOUND, 0.1)
         time.sleep(burst)
         go.clear()
@@ -616,7 +618,7 @@ def part_soak(model: str, expiries: int, kills: int, threads: int, burst: float,
 class Unpicklable(str):
     """A str that carries a lock: passes the type check, cannot cross the pipe."""
 
-    def __new__(cls, text: str) -> Unpicklable:
+    def __new__(cls, text: str) -> Unpicklable:  # noqa: PYI034
         self = super().__new__(cls, text)
         self.lock = threading.Lock()
         return self
@@ -647,7 +649,7 @@ def cli_run(lines: list[str], extra: list[str] | None = None,
             if model is not None:
                 args += ["--model", model]
             process = subprocess.run(args + (extra or []), cwd=REPO, capture_output=True,
-                                     text=True, timeout=120)
+                                     text=True, timeout=120, check=False)
             tail = [l for l in process.stderr.splitlines() if l.strip()]
             return f"exit {process.returncode}: " + (tail[-1] if tail else "")
     return run
@@ -857,7 +859,7 @@ def main() -> int:
         parser.error(f"unknown parts {sorted(unknown)}")
     model = args.model or str(demo_model_path())
     cpu = next((l.split(":", 1)[1].strip() for l in subprocess.run(
-        ["lscpu"], capture_output=True, text=True).stdout.splitlines()
+        ["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
         if l.startswith("Model name")), "?")
     started = datetime.datetime.now(datetime.timezone.utc)
     log(f"parts {parts}; model {model}; cpu {cpu}; {os.cpu_count()} cores")
