@@ -51,6 +51,15 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
+# `python benchmarks/faults.py` puts benchmarks/ first on sys.path, not the checkout: without
+# this, `import vllm_service` finds whatever copy is installed (an editable install of another
+# checkout, say). The checkout this file is in comes first, for this process, the workers it
+# spawns (they inherit sys.path) and the child processes it runs (PYTHONPATH).
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(REPO)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])
+
 import psutil
 
 from vllm_service import (
@@ -63,7 +72,6 @@ from vllm_service import (
 )
 from vllm_service._worker_handle import group_members, shared_memory_files
 
-REPO = Path(__file__).resolve().parent.parent
 PROMPT = "The capital of France is"
 STORY = "Tell me a long story about a lighthouse keeper."
 GREEDY = {"temperature": 0, "max_tokens": 4}
@@ -421,7 +429,9 @@ CHILD = textwrap.dedent(
         service.warmup()
         text = service.generate("The capital of France is", temperature=0, max_tokens=4).text
         pid = service.status().pid
+        import vllm_service
         print(json.dumps({"pid": pid, "members": group_members(pid), "text": text,
+                          "library": vllm_service.__file__,
                           "shm": sorted(shared_memory_files(pid))}), flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """
@@ -444,6 +454,7 @@ def part_parent(model: str) -> str:
             return f"parent: the child printed nothing within {START_BOUND:.0f} s ({line.outcome})"
         info = json.loads(line.value)
         pid, shm = info["pid"], set(info["shm"])
+        log(f"  the child's worker {pid} ready; its vllm_service: {info['library']}")
         try:
             child.wait(30)
         except subprocess.TimeoutExpired:
@@ -862,7 +873,12 @@ def main() -> int:
         ["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines()
         if l.startswith("Model name")), "?")
     started = datetime.datetime.now(datetime.timezone.utc)
-    log(f"parts {parts}; model {model}; cpu {cpu}; {os.cpu_count()} cores")
+    import vllm_service
+
+    library = Path(vllm_service.__file__).resolve().parent
+    if library.parent != REPO:
+        parser.error(f"vllm_service was imported from {library}, not from {REPO}")
+    log(f"parts {parts}; model {model}; cpu {cpu}; {os.cpu_count()} cores; library {library}")
     outputs = []
     for part in sorted(parts, key=PARTS.index):
         began = time.monotonic()
