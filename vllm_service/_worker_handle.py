@@ -402,13 +402,24 @@ class WorkerHandle:
                     f"The vLLM worker {how} before it was ready", self._log_tail()
                 ),
             )
+        clean = was in (WorkerState.RETIRING, WorkerState.STOPPING) and exit_code == 0
+        if not clean and was is not WorkerState.STOPPING:
+            # It was not asked to go: a failure worth reporting, in status() too.
+            if was is WorkerState.STARTING:
+                when = "while loading the model"
+            elif futures:
+                when = f"while {len(futures)} request(s) were in flight"
+            else:
+                when = "with nothing in flight"
+            self.failure = (
+                f"The vLLM worker (pid {self.pid}) {how} {when}; the next call starts a new "
+                f"worker. Its output: {self.log_path}"
+            )
         if futures:
             _fail(
                 futures,
                 WorkerDiedError(
-                    f"The vLLM worker (pid {self.pid}) {how} while {len(futures)} request(s) "
-                    f"were in flight; the next call starts a new worker. Its output: "
-                    f"{self.log_path}",
+                    self.failure or f"The vLLM worker (pid {self.pid}) {how}",
                     pid=self.pid, exit_code=exit_code, log_path=str(self.log_path),
                 ),
             )
@@ -417,11 +428,8 @@ class WorkerHandle:
         self._shm_paths |= shared_memory_files(self.pid)
         _end_process_group(self.pid)
         remove_files(self._shm_paths)
-        clean = was in (WorkerState.RETIRING, WorkerState.STOPPING) and exit_code == 0
         if clean:
             self.log_path.unlink(missing_ok=True)
-        elif was is not WorkerState.STOPPING:  # not asked to go: a failure worth reporting
-            self.failure = f"The vLLM worker (pid {self.pid}) {how}; its output: {self.log_path}"
         logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
         self._outbox.put(None)
         self._conn.close()
