@@ -30,7 +30,8 @@ import pytest
 from _reference_engine import ReferenceEngine
 from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
 from vllm_service._local_engine import cpu_dtype
-from vllm_service._protocol import Completion, Finished, Request
+from vllm_service._protocol import Finished, Request
+from vllm_service.types import Sample
 from vllm_service._worker_handle import WorkerHandle
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
 
@@ -467,9 +468,9 @@ class FakeHandle:
                 self.hanging.append(future)
             else:
                 text = f"re: {request.prompt[-1]['content']}"
-                completions = [Completion(f"{text} #{k}", 3, "stop")
-                               for k in range(request.sampling["n"])]
-                future.set_result(Finished(request.request_id, 5, completions))
+                samples = [Sample(f"{text} #{k}", [1, 2, 3], "stop", 3)
+                           for k in range(request.sampling["n"])]
+                future.set_result(Finished(request.request_id, 5, samples))
             self.sent.append(request)
             futures.append(future)
         return futures

@@ -13,7 +13,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ._protocol import Completion, Finished, Request, WorkerConfig
+from ._protocol import Finished, Request, WorkerConfig
+from .types import Sample, TokenLogprobs, TopLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -46,30 +47,53 @@ class LocalEngine:
             "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
             "choices": choices,
         }
+        # Per request in flight: how many top alternatives it asked for (generated, prompt).
+        self._alternatives: dict[int, tuple[int | None, int | None]] = {}
 
     def add(self, request: Request) -> None:
         """Queue one request; raises (for that request alone) when vLLM rejects it."""
-        from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(**request.sampling)
+        params = sampling_params(request.sampling)
         params.output_kind = RequestOutputKind.FINAL_ONLY
+        # vLLM 0.32 truncates at tokenization, not in SamplingParams.
+        truncate = request.sampling.get("truncate_prompt_tokens")
+        tokenization = None if truncate is None else {"truncate_prompt_tokens": truncate}
         # The same rendering LLM.generate / LLM.chat use (chat template, special tokens),
         # one prompt at a time so that a bad prompt fails alone.
         if request.is_chat:
-            engine_input = self._llm._preprocess_chat_one(request.prompt)  # type: ignore[arg-type]
+            engine_input = self._llm._preprocess_chat_one(
+                request.prompt, tokenization_kwargs=tokenization  # type: ignore[arg-type]
+            )
+        elif request.is_token_ids:
+            engine_input = self._llm._preprocess_cmpl_one(
+                {"prompt_token_ids": request.prompt}, tokenization  # type: ignore[arg-type]
+            )
         else:
-            engine_input = self._llm._preprocess_cmpl_one(request.prompt)  # type: ignore[arg-type]
+            engine_input = self._llm._preprocess_cmpl_one(request.prompt, tokenization)  # type: ignore[arg-type]
+        lora = None
+        if request.lora is not None:
+            from vllm.lora.request import LoRARequest
+
+            lora = LoRARequest(request.lora.name, request.lora.lora_id, request.lora.path)
         try:
-            self._engine.add_request(str(request.request_id), engine_input, params)
+            self._engine.add_request(
+                str(request.request_id), engine_input, params, lora_request=lora
+            )
         except BaseException:
             # vLLM registers a request before it sends it to its engine process; one that fails
             # on the way (a value it cannot encode) would stay unfinished for ever.
             self._engine.abort_request([str(request.request_id)])
             raise
+        self._alternatives[request.request_id] = (
+            request.sampling.get("logprobs"),
+            request.sampling.get("prompt_logprobs"),
+        )
 
     def abort(self, request_ids: list[int]) -> None:
         self._engine.abort_request([str(i) for i in request_ids])
+        for request_id in request_ids:
+            self._alternatives.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self._engine.has_unfinished_requests()
@@ -80,14 +104,20 @@ class LocalEngine:
         for output in self._engine.step():
             if not output.finished:
                 continue
+            request_id = int(output.request_id)
+            top, prompt_top = self._alternatives.pop(request_id, (None, None))
+            prompt_ids = list(output.prompt_token_ids or ())
             finished.append(
                 Finished(
-                    request_id=int(output.request_id),
-                    prompt_tokens=len(output.prompt_token_ids or ()),
-                    completions=[
-                        Completion(c.text, len(c.token_ids), c.finish_reason or "stop")
-                        for c in output.outputs
-                    ],
+                    request_id=request_id,
+                    prompt_tokens=len(prompt_ids),
+                    samples=[to_sample(c, top) for c in output.outputs],
+                    prompt_token_ids=prompt_ids,
+                    prompt_logprobs=(
+                        None
+                        if output.prompt_logprobs is None
+                        else to_logprobs(prompt_ids, output.prompt_logprobs, prompt_top)
+                    ),
                 )
             )
         return finished
@@ -95,6 +125,63 @@ class LocalEngine:
     def close(self) -> None:
         """Stop vLLM's engine processes; the ``LLM`` object alone never lets them go."""
         self._engine.engine_core.shutdown()
+
+
+def sampling_params(sampling: dict[str, Any]) -> Any:
+    """A ``vllm.SamplingParams`` from the plain keywords a request carries."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    keywords = dict(sampling)
+    keywords.pop("truncate_prompt_tokens", None)
+    constraint = keywords.pop("structured_outputs", None)
+    if constraint is not None:
+        keywords["structured_outputs"] = StructuredOutputsParams(**constraint)
+    return SamplingParams(**keywords)
+
+
+def to_sample(output: Any, top: int | None) -> Sample:
+    """A ``vllm.CompletionOutput`` as plain data."""
+    token_ids = list(output.token_ids)
+    reason = output.finish_reason
+    return Sample(
+        text=output.text,
+        token_ids=token_ids,
+        finish_reason="length" if reason == "length" else ("error" if reason == "abort" else "stop"),
+        completion_tokens=len(token_ids),
+        stop_reason=output.stop_reason,
+        cumulative_logprob=output.cumulative_logprob if output.logprobs is not None else None,
+        logprobs=None if output.logprobs is None else to_logprobs(token_ids, output.logprobs, top),
+    )
+
+
+def to_logprobs(
+    token_ids: list[int], positions: Any, top: int | None
+) -> list[TokenLogprobs | None]:
+    """vLLM's logprobs (per position a dict of token id -> ``Logprob``) as plain data.
+
+    vLLM adds the chosen token to a position's top ``top`` alternatives when it is not one
+    of them; it is left out of :attr:`TokenLogprobs.top` then.
+    """
+    result: list[TokenLogprobs | None] = []
+    for token_id, position in zip(token_ids, positions):
+        if position is None:  # the first prompt token has none
+            result.append(None)
+            continue
+        chosen = position.get(token_id)
+        alternatives = sorted(position.items(), key=lambda item: item[1].rank or 0)
+        if top is not None and top >= 0 and len(alternatives) > top:
+            alternatives = [a for a in alternatives if a[0] != token_id]
+        result.append(
+            TokenLogprobs(
+                token_id=token_id,
+                token=chosen.decoded_token if chosen is not None else None,
+                logprob=chosen.logprob if chosen is not None else float("nan"),
+                rank=chosen.rank if chosen is not None else None,
+                top=[TopLogprob(i, lp.decoded_token, lp.logprob, lp.rank) for i, lp in alternatives],
+            )
+        )
+    return result
 
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # from, up to but not including

@@ -11,8 +11,9 @@
 
 The worker never pickles exception objects: errors travel as text (:class:`RemoteError`).
 Its exit code says how it ended (``EXIT_*`` below); a negative one is the signal that killed it.
-Sampling parameters travel as a plain dict of ``vllm.SamplingParams`` keywords, so the same
-messages serve a local engine and a remote server.
+Sampling parameters travel as a plain dict of ``vllm.SamplingParams`` keywords (a structured
+output constraint as the keywords of vLLM's ``StructuredOutputsParams``), so the same messages
+serve a local engine and a remote server. Results travel as the public :class:`Sample`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .types import Sample, TokenLogprobs
+
 ChatMessages = list[dict[str, Any]]
+TokenIds = list[int]
 
 EXIT_OK = 0  # stopped when asked, or its parent went away
 EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
@@ -44,16 +48,30 @@ class WorkerConfig:
 
 
 @dataclass(frozen=True)
+class LoraAdapter:
+    """A LoRA adapter as the engine takes it: the service gives each name its own id."""
+
+    name: str
+    lora_id: int
+    path: str | None = None  # None in remote mode: the server knows the adapter by name
+
+
+@dataclass(frozen=True)
 class Request:
-    """One prompt to run: a string for completion, a list of messages for chat."""
+    """One prompt to run: a string or token ids for completion, a list of messages for chat."""
 
     request_id: int
-    prompt: str | ChatMessages
+    prompt: str | TokenIds | ChatMessages
     sampling: dict[str, Any]
+    lora: LoraAdapter | None = None
 
     @property
     def is_chat(self) -> bool:
-        return not isinstance(self.prompt, str)
+        return isinstance(self.prompt, list) and bool(self.prompt) and isinstance(self.prompt[0], dict)
+
+    @property
+    def is_token_ids(self) -> bool:
+        return isinstance(self.prompt, list) and not self.is_chat
 
 
 @dataclass(frozen=True)
@@ -96,15 +114,8 @@ class StartFailed:
 
 
 @dataclass(frozen=True)
-class Completion:
-    text: str
-    token_count: int
-    finish_reason: str
-
-
-@dataclass(frozen=True)
 class Finished:
-    """A request ended: with ``completions`` (one per sample), or with ``error``.
+    """A request ended: with ``samples`` (``n`` of them), or with ``error``.
 
     ``server_error`` marks an error of the remote server rather than of this request
     (unreachable, timed out, 5xx, key refused): the request gets an error result, and the
@@ -113,9 +124,11 @@ class Finished:
 
     request_id: int
     prompt_tokens: int = 0
-    completions: list[Completion] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)
     error: str | None = None
     server_error: bool = False
+    prompt_token_ids: TokenIds | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 ToWorker = Submit | Abort | Stop

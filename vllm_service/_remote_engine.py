@@ -30,8 +30,9 @@ from urllib.parse import urlsplit
 
 import openai
 
-from ._protocol import Completion, Finished, Request, WorkerConfig
+from ._protocol import Finished, Request, WorkerConfig
 from .errors import RemoteServerError
+from .types import Sample, TokenLogprobs, TopLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ _CONNECT_TIMEOUT_SECONDS = 10.0
 _CLOSE_TIMEOUT_SECONDS = 5.0
 
 # The OpenAI API's own sampling parameters; every other vllm.SamplingParams keyword (top_k,
-# repetition_penalty, ignore_eos, ...) goes in the request's extra body, which vLLM reads.
+# repetition_penalty, ignore_eos, structured_outputs, ...) goes in the request's extra body,
+# which vLLM's server reads (logprobs is mapped to the chat API's own pair).
 _OPENAI_PARAMS = frozenset(
     {
         "temperature",
@@ -57,8 +59,18 @@ _OPENAI_PARAMS = frozenset(
         "frequency_penalty",
         "seed",
         "n",
+        "logit_bias",
+        "logprobs",
     }
 )
+# Request options vLLM 0.32's server does not take (it ignores unknown fields silently), and
+# why; refused at the call.
+REMOTE_UNSUPPORTED = {
+    "detokenize": "the server always returns text",
+    "extra_args": "the server takes only vllm_xargs, for its own plugins",
+    "prompt_logprobs": "the server returns them only in answers that are not streamed, and "
+    "the service streams every answer; use local mode",
+}
 # HTTP statuses that reject the request itself, not the server.
 _REQUEST_ERROR_STATUSES = (400, 422)
 
@@ -173,6 +185,8 @@ class RemoteEngine:
                     )
             except RemoteServerError as exc:
                 finished = Finished(request.request_id, error=str(exc), server_error=True)
+            except _Rejected as exc:
+                finished = Finished(request.request_id, error=str(exc))
             except Exception as exc:  # an answer we cannot read must still end the request
                 logger.exception("vllm-service: request %d failed", request.request_id)
                 finished = Finished(request.request_id, error=f"{type(exc).__name__}: {exc}")
@@ -181,7 +195,13 @@ class RemoteEngine:
     async def _send_resolving(self, request: Request) -> Finished:
         try:
             return await self._send(request)
-        except openai.NotFoundError:
+        except openai.NotFoundError as exc:
+            if request.lora is not None:
+                raise _Rejected(
+                    f"The vLLM server at {self.base_url} serves no LoRA adapter "
+                    f"{request.lora.name!r} (start it with --enable-lora --lora-modules "
+                    f"{request.lora.name}=FOLDER): {server_message(exc)}"
+                ) from None
             # The server may have been restarted: under another name of the same model the
             # request goes on; with another model _resolve_model raises.
             name, _, _ = await self._resolve_model(self._wanted_model, served_as=self.model)
@@ -195,12 +215,11 @@ class RemoteEngine:
         # Streamed, so that the per-attempt timeout bounds the wait for the next chunk, not the
         # whole generation, and the openai client never retries (re-runs) a generation: it
         # retries only before an answer starts.
-        params, extra_body = split_sampling(request.sampling)
-        if params.get("n", 1) > 1:
-            # usage counts the tokens of all samples together; ask for each one's token ids.
-            extra_body["return_token_ids"] = True
+        params, extra_body = split_sampling(request.sampling, request.is_chat)
+        extra_body["return_token_ids"] = True  # the prompt's and each sample's
+        model = self.model if request.lora is None else request.lora.name
         options: dict[str, Any] = {
-            "model": self.model,
+            "model": model,
             "extra_body": extra_body,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -212,7 +231,7 @@ class RemoteEngine:
             )
         else:
             stream = await self._client.completions.create(prompt=request.prompt, **options)
-        answer = _StreamedAnswer(request.is_chat)
+        answer = _StreamedAnswer(request.is_chat, request.sampling.get("logprobs"))
         try:
             async with stream:
                 async for chunk in stream:
@@ -304,11 +323,21 @@ def api_base_url(url: str) -> str:
     return url
 
 
-def split_sampling(sampling: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def split_sampling(
+    sampling: dict[str, Any], is_chat: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """``vllm.SamplingParams`` keywords as OpenAI parameters and vLLM's extra body."""
     params = {k: v for k, v in sampling.items() if k in _OPENAI_PARAMS}
     extra_body = {k: v for k, v in sampling.items() if k not in _OPENAI_PARAMS}
+    if is_chat and "logprobs" in params:
+        params["top_logprobs"] = params.pop("logprobs")
+        params["logprobs"] = True
     return params, extra_body
+
+
+def unsupported_fields(sampling: dict[str, Any]) -> list[str]:
+    """The request options in ``sampling`` a vLLM server cannot take, each with the reason."""
+    return [f"{name}: {why}" for name, why in REMOTE_UNSUPPORTED.items() if name in sampling]
 
 
 def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
@@ -355,30 +384,69 @@ def _last_part(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
+class _Rejected(Exception):
+    """The server cannot run this request (not the server's failure): its message says why."""
+
+
 class _StreamedAnswer:
     """The choices of one streamed answer, put together by their index as chunks arrive."""
 
-    def __init__(self, is_chat: bool) -> None:
+    def __init__(self, is_chat: bool, logprobs: int | None) -> None:
         self._is_chat = is_chat
+        self._want_logprobs = logprobs is not None
         self._texts: dict[int, list[str]] = {}
-        self._token_counts: dict[int, int] = {}  # from token_ids, when the server sends them
+        self._token_ids: dict[int, list[int]] = {}  # the server sends them (return_token_ids)
+        self._logprobs: dict[int, list[tuple[str | None, float, list[TopLogprob]]]] = {}
         self._finish_reasons: dict[int, str] = {}
+        self._stop_reasons: dict[int, str | int | None] = {}
+        self._prompt_token_ids: list[int] | None = None
         self._usage: Any = None
 
     def add(self, chunk: Any) -> None:
-        """Take in one chunk: text deltas of some choices, or the closing usage."""
+        """Take in one chunk: deltas of some choices, or the closing usage."""
         if chunk.usage is not None:
             self._usage = chunk.usage
+        prompt_ids = getattr(chunk, "prompt_token_ids", None)  # chat: on the first chunk
+        if prompt_ids is not None:
+            self._prompt_token_ids = list(prompt_ids)
         for choice in chunk.choices:
+            index = choice.index
             text = choice.delta.content if self._is_chat else choice.text
-            self._texts.setdefault(choice.index, []).append(text or "")
+            self._texts.setdefault(index, []).append(text or "")
+            prompt_ids = getattr(choice, "prompt_token_ids", None)  # completions: first chunk
+            if prompt_ids is not None:
+                self._prompt_token_ids = list(prompt_ids)
             token_ids = getattr(choice, "token_ids", None)
             if token_ids is not None:
-                self._token_counts[choice.index] = (
-                    self._token_counts.get(choice.index, 0) + len(token_ids)
-                )
+                self._token_ids.setdefault(index, []).extend(token_ids)
+            if choice.logprobs is not None:
+                self._logprobs.setdefault(index, []).extend(self._positions(choice.logprobs))
             if choice.finish_reason:
-                self._finish_reasons[choice.index] = choice.finish_reason
+                self._finish_reasons[index] = choice.finish_reason
+                self._stop_reasons[index] = getattr(choice, "stop_reason", None)
+
+    def _positions(self, logprobs: Any) -> list[tuple[str | None, float, list[TopLogprob]]]:
+        """Chosen token text, its logprob and the top alternatives, per position of a delta."""
+        if self._is_chat:
+            return [
+                (
+                    entry.token,
+                    entry.logprob,
+                    [TopLogprob(None, t.token, t.logprob, rank)
+                     for rank, t in enumerate(entry.top_logprobs or (), start=1)],
+                )
+                for entry in logprobs.content or ()
+            ]
+        tops = logprobs.top_logprobs or [None] * len(logprobs.tokens or ())
+        return [
+            (
+                token,
+                logprob,
+                [TopLogprob(None, t, lp, rank)
+                 for rank, (t, lp) in enumerate(sorted((top or {}).items(), key=lambda x: -x[1]), 1)],
+            )
+            for token, logprob, top in zip(logprobs.tokens or (), logprobs.token_logprobs or (), tops)
+        ]
 
     def finished(self, request_id: int, base_url: str) -> Finished:
         """The whole answer; raises if a choice ended without its finish reason."""
@@ -388,19 +456,46 @@ class _StreamedAnswer:
                 f"The answer of the vLLM server at {base_url} ended before choice(s) "
                 f"{unfinished} finished; see the server's log."
             )
-        samples = len(self._texts)
-        completions = [
-            Completion(
-                "".join(self._texts[i]), self._token_count(i, samples), self._finish_reasons[i]
-            )
-            for i in sorted(self._texts)
-        ]
-        prompt_tokens = self._usage.prompt_tokens if self._usage is not None else 0
-        return Finished(request_id, prompt_tokens=prompt_tokens, completions=completions)
+        samples = [self._sample(i) for i in sorted(self._texts)]
+        if self._usage is not None:
+            prompt_tokens = self._usage.prompt_tokens
+        else:
+            prompt_tokens = len(self._prompt_token_ids or ())
+        return Finished(
+            request_id,
+            prompt_tokens=prompt_tokens,
+            samples=samples,
+            prompt_token_ids=self._prompt_token_ids,
+        )
 
-    def _token_count(self, index: int, samples: int) -> int:
-        if index in self._token_counts:
-            return self._token_counts[index]
-        if self._usage is None:
-            return 0
-        return self._usage.completion_tokens // samples
+    def _sample(self, index: int) -> Sample:
+        token_ids = self._token_ids.get(index, [])
+        logprobs = None
+        if self._want_logprobs:
+            positions = self._logprobs.get(index, [])
+            logprobs = [
+                TokenLogprobs(
+                    token_id=token_ids[k] if k < len(token_ids) else None,
+                    token=token,
+                    logprob=logprob,
+                    rank=next((t.rank for t in top if t.token == token), None),
+                    top=top,
+                )
+                for k, (token, logprob, top) in enumerate(positions)
+            ]
+        reason = self._finish_reasons[index]
+        count = len(token_ids)
+        if not count and self._usage is not None:  # a server that sends no token ids
+            count = self._usage.completion_tokens // max(1, len(self._texts))
+        return Sample(
+            text="".join(self._texts[index]),
+            token_ids=token_ids,
+            finish_reason="length" if reason == "length" else "stop",
+            completion_tokens=count,
+            stop_reason=self._stop_reasons.get(index),
+            cumulative_logprob=(
+                sum(lp.logprob for lp in logprobs if lp.logprob is not None)
+                if logprobs is not None else None
+            ),
+            logprobs=logprobs,
+        )

@@ -624,13 +624,13 @@ class _Run:
     def _record(self, index: int, k: int, finished: Finished) -> bool:
         """Note one finished request; True when its item is complete. Called under the lock."""
         pending = self.pending[index]
-        if finished.error is not None or not finished.completions:
+        if finished.error is not None or not finished.samples:
             pending.error = pending.error or finished.error or "the engine returned no output"
         elif self.use_sample:
-            pending.texts = [c.text for c in finished.completions]
+            pending.texts = [sample.text for sample in finished.samples]
         else:
-            pending.texts[k] = finished.completions[0].text
-        self.tokens += sum(c.token_count for c in finished.completions)
+            pending.texts[k] = finished.samples[0].text
+        self.tokens += sum(sample.completion_tokens for sample in finished.samples)
         pending.waiting -= 1
         if pending.waiting:
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import threading
@@ -14,7 +15,8 @@ from concurrent.futures import wait as wait_futures
 from pathlib import Path
 from typing import Any
 
-from ._protocol import ChatMessages, Finished, Request, WorkerConfig
+from ._lora import VLLM_DEFAULT_MAX_LORA_RANK, LoraRegistry, lora_engine_args
+from ._protocol import ChatMessages, Finished, LoraAdapter, Request, TokenIds, WorkerConfig
 from ._worker_handle import WorkerHandle, WorkerState, WorkerUnavailable
 from .errors import (
     RemoteServerError,
@@ -24,9 +26,13 @@ from .errors import (
     WorkerStartError,
 )
 from .settings import VLLMSettings, looks_like_local_path, vllm_variables_from_env_file
-from .types import GenerationParams, GenerationResult, ServiceStatus
+from .types import MAX_INT32, GenerationParams, GenerationResult, ServiceStatus
 
 logger = logging.getLogger("vllm_service")
+
+Params = GenerationParams | dict[str, Any] | None
+# vLLM's default of the engine argument max_logprobs.
+_VLLM_DEFAULT_MAX_LOGPROBS = 20
 
 
 class VLLMInferenceService:
@@ -36,11 +42,27 @@ class VLLMInferenceService:
     :meth:`warmup`) and exits after ``idle_ttl_seconds`` with nothing in flight; the next
     request starts it again. Requests from all threads run together in vLLM's continuous
     batching. Use it as a context manager, or call :meth:`shutdown`, to free the worker.
+
+    Every generation method takes ``params`` (a :class:`GenerationParams` or a dict of its
+    fields: vLLM's sampling fields, one structured-output constraint, a LoRA adapter) and the
+    same fields as keyword arguments, which win over ``params``; ``sampling_params=`` takes a
+    ``vllm.SamplingParams`` whose values win over both.
     """
 
     def __init__(self, settings: VLLMSettings | None = None) -> None:
         self.settings = settings if settings is not None else VLLMSettings()
         self._config = worker_config(self.settings)
+        local = self.settings.mode == "local"
+        enabled = bool(self._config.engine_args.get("enable_lora"))
+        self._loras = LoraRegistry(
+            local,
+            self._config.engine_args.get("max_lora_rank", VLLM_DEFAULT_MAX_LORA_RANK)
+            if enabled
+            else None,
+        )
+        if local:
+            for name, path in self.settings.lora_modules.items():
+                self._loras.add(name, path)
         self._lock = threading.Lock()
         self._slot = _WorkerSlot()
         self._closed = False
@@ -55,40 +77,68 @@ class VLLMInferenceService:
 
     # ----- generation -----
 
-    def generate(
-        self, prompt: str, params: GenerationParams | dict[str, Any] | None = None, **overrides: Any
-    ) -> GenerationResult:
-        """Complete one prompt. Keyword arguments (``temperature=0.2``) override ``params``."""
-        return self.generate_batch([_check_prompt(prompt)], params, **overrides)[0]
+    def generate(self, prompt: str | TokenIds, params: Params = None, **overrides: Any) -> GenerationResult:
+        """Complete one prompt: a string, or token ids (``[1, 2, 3]``)."""
+        return self.generate_batch([prompt], params, **overrides)[0]
 
     def generate_batch(
-        self, prompts: Sequence[str], params: GenerationParams | dict[str, Any] | None = None, **overrides: Any
+        self, prompts: Sequence[str | TokenIds], params: Params = None, **overrides: Any
     ) -> list[GenerationResult]:
         """Complete many prompts at once; results come back in the same order.
 
-        A prompt vLLM rejects (empty, longer than the context), or in remote mode one the
-        server failed (after the retries), gets ``finish_reason == "error"`` and its message,
-        and the others run on. Remote mode raises :class:`RemoteServerError` when every
-        prompt of the call failed on the server.
+        A prompt vLLM rejects (empty, longer than the context, a constraint its backend cannot
+        compile), or in remote mode one the server failed (after the retries), gets
+        ``finish_reason == "error"`` and its message, and the others run on. Remote mode raises
+        :class:`RemoteServerError` when every prompt of the call failed on the server.
         """
         if isinstance(prompts, str):
             raise TypeError("generate_batch takes a list of prompts; use generate() for one")
+        if prompts and all(isinstance(p, int) for p in prompts):
+            raise TypeError(
+                "generate_batch takes a list of prompts, and a list of ints is one prompt of "
+                "token ids: use generate(token_ids), or generate_batch([token_ids, ...])"
+            )
         return self._run([_check_prompt(p) for p in prompts], params, overrides)
 
-    def chat(
-        self, messages: ChatMessages, params: GenerationParams | dict[str, Any] | None = None, **overrides: Any
-    ) -> GenerationResult:
+    def chat(self, messages: ChatMessages, params: Params = None, **overrides: Any) -> GenerationResult:
         """Answer one conversation (OpenAI-style messages), using the model's chat template."""
         return self.chat_batch([messages], params, **overrides)[0]
 
     def chat_batch(
-        self,
-        conversations: Sequence[ChatMessages],
-        params: GenerationParams | dict[str, Any] | None = None,
-        **overrides: Any,
+        self, conversations: Sequence[ChatMessages], params: Params = None, **overrides: Any
     ) -> list[GenerationResult]:
         """Answer many conversations at once; results come back in the same order."""
         return self._run([_check_messages(c) for c in conversations], params, overrides)
+
+    # ----- LoRA adapters -----
+
+    def load_lora(self, name: str, path: str | os.PathLike[str]) -> None:
+        """Make the PEFT LoRA adapter in folder ``path`` usable as ``lora=name``.
+
+        vLLM loads it on the first request that names it; a worker started later knows it too.
+        An adapter already called ``name`` is replaced. Local mode only: a remote server
+        serves the adapters it was started with (``vllm serve --lora-modules name=path``).
+        """
+        if self.settings.mode != "local":
+            raise NotImplementedError(
+                "load_lora works in local mode; a remote vLLM server serves the adapters it was "
+                "started with (vllm serve --enable-lora --lora-modules name=path): pass "
+                "lora='name' with a request to use one"
+            )
+        self._loras.add(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget adapter ``name``: later requests naming it fail. Raises ``KeyError`` if unknown.
+
+        Requests already sent finish with it; vLLM drops it from memory when it needs the room.
+        """
+        if self.settings.mode != "local":
+            raise NotImplementedError("unload_lora works in local mode (see load_lora)")
+        self._loras.remove(name)
+
+    def lora_adapters(self) -> list[str]:
+        """The names of the adapters usable as ``lora=`` (local mode)."""
+        return self._loras.names()
 
     # ----- life cycle -----
 
@@ -154,17 +204,16 @@ class VLLMInferenceService:
     # ----- internals -----
 
     def _run(
-        self,
-        prompts: list[str | ChatMessages],
-        params: GenerationParams | dict[str, Any] | None,
-        overrides: dict[str, Any],
+        self, prompts: list[str | TokenIds | ChatMessages], params: Params, overrides: dict[str, Any]
     ) -> list[GenerationResult]:
-        sampling = self._sampling(params, overrides)
+        chosen = _chosen_params(params, overrides)
+        sampling = self._sampling(chosen)
+        lora = self._lora(chosen.lora)
         if not prompts:
             return []
         timeout = self.settings.request_timeout_seconds
         deadline = None if timeout is None else time.monotonic() + timeout
-        requests = [Request(next(self._request_ids), p, sampling) for p in prompts]
+        requests = [Request(next(self._request_ids), p, sampling, lora) for p in prompts]
         ids = [r.request_id for r in requests]
         handle: WorkerHandle | None = None
         try:
@@ -202,7 +251,7 @@ class VLLMInferenceService:
         except (WorkerDiedError, RemoteServerError) as exc:
             self._last_error = str(exc)
             raise
-        return [_to_result(f) for f in finished]
+        return [_to_result(f, chosen.json_schema or chosen.json_object) for f in finished]
 
     def _ready_worker(self, deadline: float | None = None) -> WorkerHandle:
         with self._lock:
@@ -237,33 +286,70 @@ class VLLMInferenceService:
             raise
         return handle
 
-    def _sampling(
-        self, params: GenerationParams | dict[str, Any] | None, overrides: dict[str, Any]
-    ) -> dict[str, Any]:
-        if params is None:
-            params = GenerationParams()
-        elif isinstance(params, dict):
-            params = GenerationParams(**params)
-        elif not isinstance(params, GenerationParams):
-            raise TypeError(
-                f"params must be a GenerationParams or a dict of its fields, got "
-                f"{type(params).__name__}"
-            )
-        chosen = params.merged(overrides)
-        s = self.settings
-        sampling = {
-            "temperature": _first(chosen.temperature, s.default_temperature),
-            "top_p": _first(chosen.top_p, s.default_top_p),
-            "top_k": _first(chosen.top_k, s.default_top_k),
-            "max_tokens": _first(chosen.max_tokens, s.default_max_tokens),
-            "repetition_penalty": _first(chosen.repetition_penalty, s.default_repetition_penalty),
-            "stop": chosen.stop,
-            "presence_penalty": chosen.presence_penalty,
-            "frequency_penalty": chosen.frequency_penalty,
-            "seed": chosen.seed,
-            "ignore_eos": chosen.ignore_eos,
+    def _sampling(self, chosen: GenerationParams) -> dict[str, Any]:
+        """The request's sampling keywords: the chosen ones over the service's defaults."""
+        settings = self.settings
+        defaults = {
+            "temperature": settings.default_temperature,
+            "top_p": settings.default_top_p,
+            "top_k": settings.default_top_k,
+            "max_tokens": settings.default_max_tokens,
+            "repetition_penalty": settings.default_repetition_penalty,
         }
-        return {k: v for k, v in sampling.items() if v is not None}
+        sampling = {**defaults, **chosen.sampling()}
+        if sampling.get("n", 1) > 1 and sampling["temperature"] == 0:
+            raise ValueError(
+                f"n={sampling['n']} samples need temperature > 0 (greedy sampling makes them "
+                "all the same)"
+            )
+        if self._config.mode == "local":
+            limit = self._config.engine_args.get("max_logprobs", _VLLM_DEFAULT_MAX_LOGPROBS)
+            for name in ("logprobs", "prompt_logprobs"):
+                wanted = sampling.get(name)
+                if wanted is not None and limit != -1 and (wanted == -1 or wanted > limit):
+                    asked = "the whole vocabulary (-1)" if wanted == -1 else wanted
+                    raise ValueError(
+                        f"{name}={asked} is more than the engine's max_logprobs {limit}; start "
+                        f"it with VLLM_ENGINE_ARGS='{{\"max_logprobs\": {wanted}}}'"
+                    )
+        else:
+            from ._remote_engine import unsupported_fields
+
+            refused = unsupported_fields(sampling)
+            if refused:
+                raise ValueError("a vLLM server (remote mode) cannot take " + "; ".join(refused))
+        return sampling
+
+    def _lora(self, name: str | None) -> LoraAdapter | None:
+        if name is None:
+            return None
+        if self._config.mode == "remote":
+            return LoraAdapter(name, 0)  # the server knows it by name
+        return self._loras.get(name)
+
+
+def _chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams:
+    """``params`` with the call's keyword arguments, and a ``sampling_params=`` object, on top."""
+    overrides = dict(overrides)
+    vllm_params = overrides.pop("sampling_params", None)
+    if params is None:
+        params = GenerationParams()
+    elif isinstance(params, dict):
+        params = GenerationParams(**params)
+    elif not isinstance(params, GenerationParams):
+        raise TypeError(
+            f"params must be a GenerationParams or a dict of its fields, got "
+            f"{type(params).__name__}"
+        )
+    chosen = params.merged(overrides)
+    if vllm_params is not None:
+        if not hasattr(type(vllm_params), "__struct_fields__"):
+            raise TypeError(
+                f"sampling_params must be a vllm.SamplingParams, got {type(vllm_params).__name__}"
+            )
+        from_vllm = GenerationParams.from_sampling_params(vllm_params)
+        chosen = chosen.merged({name: getattr(from_vllm, name) for name in from_vllm.model_fields_set})
+    return chosen
 
 
 class _WorkerSlot:
@@ -296,7 +382,7 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     model = settings.model_path
     if settings.mode == "local" and looks_like_local_path(model):
         model = str(Path(model).expanduser().resolve())
-    engine_args = {
+    engine_args: dict[str, Any] = {
         "model": model,
         "dtype": settings.dtype,
         "max_model_len": settings.max_model_len,
@@ -305,6 +391,8 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
         "trust_remote_code": settings.trust_remote_code,
         **settings.engine_args,
     }
+    if settings.mode == "local":
+        engine_args = lora_engine_args(engine_args, settings.lora_modules)
     return WorkerConfig(
         mode=settings.mode,
         model=model,
@@ -318,24 +406,31 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     )
 
 
-def _to_result(finished: Finished) -> GenerationResult:
-    if finished.error is not None or not finished.completions:
-        return GenerationResult(
-            text="",
-            prompt_tokens=finished.prompt_tokens,
-            completion_tokens=0,
-            finish_reason="error",
-            error=finished.error or "the engine returned no output",
+def _to_result(finished: Finished, parse_as: Any) -> GenerationResult:
+    """The caller's result; ``parse_as`` is the ``json_schema`` or ``json_object`` asked for."""
+    if finished.error is not None or not finished.samples:
+        return GenerationResult.failed(
+            finished.error or "the engine returned no output", finished.prompt_tokens
         )
-    completion = finished.completions[0]
-    reason = completion.finish_reason
+    aborted = any(sample.finish_reason == "error" for sample in finished.samples)
     return GenerationResult(
-        text=completion.text,
+        samples=finished.samples,
         prompt_tokens=finished.prompt_tokens,
-        completion_tokens=completion.token_count,
-        finish_reason="length" if reason == "length" else ("error" if reason == "abort" else "stop"),
-        error="the request was aborted" if reason == "abort" else None,
+        error="the request was aborted" if aborted else None,
+        prompt_token_ids=finished.prompt_token_ids,
+        prompt_logprobs=finished.prompt_logprobs,
+        parsed=_parsed(finished.samples[0].text, parse_as) if parse_as else None,
     )
+
+
+def _parsed(text: str, parse_as: Any) -> Any:
+    """``text`` as the pydantic model ``parse_as``, or as JSON; None when it does not parse."""
+    try:
+        if isinstance(parse_as, type):
+            return parse_as.model_validate_json(text)
+        return json.loads(text)
+    except ValueError:  # pydantic's ValidationError is one
+        return None
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -354,13 +449,18 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _first(value: Any, default: Any) -> Any:
-    return default if value is None else value
-
-
-def _check_prompt(prompt: Any) -> str:
+def _check_prompt(prompt: Any) -> str | TokenIds:
+    if isinstance(prompt, list):
+        if not prompt or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT32 for t in prompt
+        ):
+            raise ValueError(
+                "a prompt given as a list must be a non-empty list of token ids (ints from 0 "
+                "to 2**31 - 1)"
+            )
+        return prompt
     if not isinstance(prompt, str):
-        raise TypeError(f"a prompt must be a str, got {type(prompt).__name__}")
+        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
     _check_text(prompt, "the prompt")
     return prompt
 

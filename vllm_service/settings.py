@@ -70,6 +70,12 @@ class VLLMSettings(BaseSettings):
         default_factory=dict,
         description='Any other vllm.LLM argument, as JSON in the environment: {"enforce_eager": true}.',
     )
+    lora_modules: dict[str, str] = Field(
+        default_factory=dict,
+        description='LoRA adapters usable as lora="name", as JSON in the environment: '
+        '{"name": "/path/to/adapter"}. Local mode: turns on vLLM\'s LoRA support (enable_lora, '
+        "max_lora_rank from the adapters); remote mode: not used (the server has its own).",
+    )
     startup_timeout_seconds: float = Field(
         900, gt=0, description="How long to wait for the worker to load the model."
     )
@@ -135,6 +141,14 @@ class VLLMSettings(BaseSettings):
             path = Path(self.model_path).expanduser()
             if not path.exists():
                 raise ValueError(f"VLLM_MODEL_PATH: local model folder {path} does not exist")
+        if self.mode == "local":
+            from ._lora import adapter_rank
+
+            for name, folder in self.lora_modules.items():
+                try:
+                    adapter_rank(folder)
+                except ValueError as exc:
+                    raise ValueError(f"VLLM_LORA_MODULES: adapter {name!r}: {exc}") from None
         return self
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FinishReason = Literal["stop", "length", "error"]
 
@@ -13,71 +15,359 @@ FinishReason = Literal["stop", "length", "error"]
 # fails deep inside the engine, so it is refused here.
 MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**63 - 1
+# vLLM's VLLM_MAX_N_SEQUENCES default: the most samples one request may ask for.
+MAX_N = 16384
+
+# The structured-output constraints, as GenerationParams names them -> vLLM's names.
+STRUCTURED_FIELDS = {
+    "json_schema": "json",
+    "regex": "regex",
+    "choice": "choice",
+    "grammar": "grammar",
+    "json_object": "json_object",
+}
+# Fields that are not SamplingParams keywords: they travel next to the sampling.
+_NOT_SAMPLING = {"lora", *STRUCTURED_FIELDS}
+_BEAM_SEARCH = ("use_beam_search", "best_of", "beam_width", "length_penalty", "early_stopping")
+_BEAM_SEARCH_HINT = (
+    "beam search is not a sampling option in vLLM 0.32 (it runs through LLM.beam_search(), "
+    "outside the request loop the service shares between callers); use n=... samples with "
+    "temperature > 0 and pick by result.samples[i].cumulative_logprob, or call vLLM's "
+    "LLM.beam_search directly"
+)
 
 
 class GenerationParams(BaseModel):
-    """Sampling parameters; a field left as ``None`` falls back to the service's default.
+    """Per-request options: vLLM's sampling fields, a structured-output constraint, a LoRA adapter.
 
-    Bad values (a negative temperature, ``top_p`` above 1, a seed beyond 64 bits, NaN, ...)
-    raise ``ValueError`` here, before anything reaches the worker. The ranges are vLLM's own.
+    A field left as ``None`` falls back to the service's default (for the sampling fields the
+    service has defaults for) or to vLLM's. Bad values (a negative temperature, ``top_p``
+    above 1, a seed beyond 64 bits, NaN, two constraints at once, ...) raise ``ValueError``
+    here, before anything reaches the worker. The ranges are vLLM's own.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
+    # ----- sampling (vLLM's SamplingParams fields, same names and meaning) -----
     temperature: float | None = Field(None, ge=0, le=2, description="0 is greedy.")
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=-1, le=MAX_INT32, description="-1 or 0 disables top-k.")
+    min_p: float | None = Field(None, ge=0, le=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
+    n: int | None = Field(None, ge=1, le=MAX_N, description="Samples per prompt (needs temperature > 0).")
     repetition_penalty: float | None = Field(None, gt=0)
-    stop: list[str] | None = Field(None, description="Stop strings; a single str is one.")
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    stop: list[str] | None = Field(None, description="Stop strings; a single str is one.")
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool | None = None
     ignore_eos: bool | None = Field(
         None, description="Keep generating past the end-of-sequence token (benchmarks)."
     )
+    bad_words: list[str] | None = None
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    spaces_between_special_tokens: bool | None = None
+    detokenize: bool | None = Field(None, description="False: token ids only, no text.")
+    logprobs: int | None = Field(
+        None, ge=-1, le=MAX_INT32,
+        description="Top alternatives returned per generated token (-1: the whole vocabulary).",
+    )
+    prompt_logprobs: int | None = Field(None, ge=-1, le=MAX_INT32)
+    logprob_token_ids: list[int] | None = Field(
+        None, description="Return the logprobs of exactly these tokens at each position."
+    )
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1, le=MAX_INT32,
+        description="Keep only the prompt's last k tokens (-1: as many as the context takes).",
+    )
+    thinking_token_budget: int | None = Field(None, ge=0, le=MAX_INT32)
+    extra_args: dict[str, Any] | None = Field(
+        None, description="Passed to custom sampling code (vLLM plugins) as is."
+    )
 
-    @field_validator("stop", mode="before")
+    # ----- structured outputs: at most one -----
+    json_schema: dict[str, Any] | type[BaseModel] | None = Field(
+        None, description="A JSON schema, or a pydantic model class (result.parsed is one)."
+    )
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = Field(None, description="An EBNF (GBNF) or Lark grammar.")
+    json_object: bool | None = Field(None, description="Any JSON object.")
+
+    # ----- adapter -----
+    lora: str | None = Field(None, description="The name of a LoRA adapter the service knows.")
+
+    @model_validator(mode="before")
     @classmethod
-    def _stop_strings(cls, value: Any) -> Any:
+    def _no_beam_search(cls, values: Any) -> Any:
+        if isinstance(values, dict):
+            asked = [key for key in _BEAM_SEARCH if key in values]
+            if asked:
+                raise ValueError(f"{asked[0]}: {_BEAM_SEARCH_HINT}")
+        return values
+
+    @field_validator("stop", "bad_words", mode="before")
+    @classmethod
+    def _strings(cls, value: Any) -> Any:
         if isinstance(value, str):
             value = [value]
         if isinstance(value, list) and any(isinstance(v, str) and not v for v in value):
-            raise ValueError("stop strings must not be empty")
+            raise ValueError("must not hold empty strings")
         return value
+
+    @field_validator("stop_token_ids", "allowed_token_ids", "logprob_token_ids")
+    @classmethod
+    def _token_ids(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None and any(not 0 <= v <= MAX_INT32 for v in value):
+            raise ValueError("token ids must be between 0 and 2**31 - 1")
+        return value
+
+    @field_validator("allowed_token_ids", "choice")
+    @classmethod
+    def _not_empty(cls, value: list[Any] | None) -> list[Any] | None:
+        if value is not None and not value:
+            raise ValueError("must not be empty (leave it out for no limit)")
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema(cls, value: Any) -> Any:
+        if isinstance(value, type) and not issubclass(value, BaseModel):
+            raise ValueError("must be a JSON-schema dict or a pydantic model class")
+        return value
+
+    @model_validator(mode="after")
+    def _one_constraint(self) -> GenerationParams:
+        given = [name for name in STRUCTURED_FIELDS if getattr(self, name) not in (None, False)]
+        if len(given) > 1:
+            raise ValueError(
+                f"give at most one structured-output constraint per request, got {given}"
+            )
+        if self.min_tokens is not None and self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not be more than max_tokens ({self.max_tokens})"
+            )
+        return self
 
     def merged(self, overrides: dict[str, Any]) -> GenerationParams:
         """These parameters with ``overrides`` (keyword arguments of a call) on top."""
         unknown = set(overrides) - set(type(self).model_fields)
+        beam = [key for key in _BEAM_SEARCH if key in unknown]
+        if beam:
+            raise TypeError(f"{beam[0]}: {_BEAM_SEARCH_HINT}")
         if unknown:
             raise TypeError(
                 f"unknown generation parameter(s) {sorted(unknown)}; "
                 f"known: {sorted(type(self).model_fields)}"
             )
-        values = self.model_dump(exclude_none=True)
+        values = {name: getattr(self, name) for name in self.model_fields_set}
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return GenerationParams(**values)
+        if any(overrides.get(name) is not None for name in STRUCTURED_FIELDS):
+            # A constraint given with the call replaces the one in params.
+            for name in STRUCTURED_FIELDS:
+                if overrides.get(name) is None:
+                    values.pop(name, None)
+        return GenerationParams(**{k: v for k, v in values.items() if v is not None})
+
+    def sampling(self) -> dict[str, Any]:
+        """The ``vllm.SamplingParams`` keywords set here, as plain data.
+
+        A structured-output constraint becomes ``structured_outputs`` (the keywords of vLLM's
+        ``StructuredOutputsParams``; a pydantic model becomes its JSON schema).
+        ``truncate_prompt_tokens`` is among them, though vLLM 0.32 takes it at tokenization.
+        """
+        values = {
+            name: getattr(self, name)
+            for name in type(self).model_fields
+            if name not in _NOT_SAMPLING and getattr(self, name) is not None
+        }
+        constraint = self.structured_output()
+        if constraint is not None:
+            values["structured_outputs"] = constraint
+        return values
+
+    def structured_output(self) -> dict[str, Any] | None:
+        """The constraint as vLLM's ``StructuredOutputsParams`` keywords, or None."""
+        for name, vllm_name in STRUCTURED_FIELDS.items():
+            value = getattr(self, name)
+            if value is None or value is False:
+                continue
+            if isinstance(value, type):  # a pydantic model class
+                value = value.model_json_schema()
+            return {vllm_name: value}
+        return None
+
+    @classmethod
+    def from_sampling_params(cls, sampling_params: Any) -> GenerationParams:
+        """The fields of a ``vllm.SamplingParams`` object, every one as the object holds it.
+
+        Raises ``ValueError`` naming a field the object sets that the service cannot pass
+        on (beam search is a separate API in vLLM; see the docs).
+        """
+        values: dict[str, Any] = {}
+        defaults = type(sampling_params)()
+        for name in getattr(type(sampling_params), "__struct_fields__", ()):
+            if name.startswith("_"):
+                continue
+            value = getattr(sampling_params, name)
+            if name == "structured_outputs":
+                if value is not None:
+                    values.update(_structured_from_vllm(value))
+                continue
+            if name in cls.model_fields:
+                if value is not None:
+                    values[name] = value
+            elif value != getattr(defaults, name) and name not in _SAMPLING_PARAMS_INTERNAL:
+                raise ValueError(
+                    f"sampling_params.{name} is set, but vllm-service does not pass that field "
+                    f"on; leave it at its default ({getattr(defaults, name)!r})"
+                )
+        return cls(**values)
+
+
+# SamplingParams fields the service sets itself or that are not options of a request.
+_SAMPLING_PARAMS_INTERNAL = frozenset(
+    {"output_kind", "stream_interval", "skip_clone", "output_text_buffer_length", "flat_logprobs"}
+)
+
+
+def _structured_from_vllm(params: Any) -> dict[str, Any]:
+    """GenerationParams fields for a ``vllm.sampling_params.StructuredOutputsParams``."""
+    found = {}
+    for name, vllm_name in STRUCTURED_FIELDS.items():
+        value = getattr(params, vllm_name, None)
+        if value is not None and value is not False:
+            found[name] = json.loads(value) if vllm_name == "json" and isinstance(value, str) else value
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int | None
+    """The token's id (``None`` in remote mode, where the server sends only its text)."""
+    token: str | None
+    """The token as text (``None`` with ``detokenize=False``)."""
+    logprob: float
+    rank: int | None
+    """1 for the most likely token."""
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """The logprob of the token at one position, and the top alternatives there."""
+
+    token_id: int | None
+    token: str | None
+    logprob: float
+    rank: int | None
+    """The chosen token's rank among all tokens (``None`` where the server does not say)."""
+    top: list[TopLogprob]
+    """The ``logprobs`` most likely tokens, most likely first (the chosen one among them if
+    it is one of them)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One generated sequence of a request (a request with ``n`` > 1 has ``n``)."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason
+    completion_tokens: int
+    stop_reason: str | int | None = None
+    """The stop string or stop token id that ended it; ``None`` for the end-of-sequence token
+    or the length limit."""
+    cumulative_logprob: float | None = None
+    """Sum of the chosen tokens' logprobs, when ``logprobs`` was asked for."""
+    logprobs: list[TokenLogprobs] | None = None
+    """Per generated token, when ``logprobs`` was asked for."""
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """One generated completion.
+    """What one prompt produced: its samples (one unless ``n`` > 1) and prompt details.
 
-    ``finish_reason`` is ``"stop"`` (the model ended or a stop string matched),
-    ``"length"`` (``max_tokens`` reached) or ``"error"``; on ``"error"`` the message is in
-    :attr:`error` and :attr:`text` is empty.
+    The fields of the first sample are also the result's own (``text``, ``token_ids``,
+    ``logprobs``, ``cumulative_logprob``, ``finish_reason``, ``stop_reason``), so code that
+    asks for one sample never looks at :attr:`samples`. ``finish_reason`` is ``"stop"`` (the
+    model ended or a stop string or token matched), ``"length"`` (``max_tokens`` reached) or
+    ``"error"``; on ``"error"`` the message is in :attr:`error`, :attr:`text` is empty and
+    there are no samples. Everything is plain data: it pickles, and :meth:`to_dict` is JSON.
     """
 
-    text: str
+    samples: list[Sample]
     prompt_tokens: int
-    completion_tokens: int
-    finish_reason: FinishReason
     error: str | None = None
+    prompt_token_ids: list[int] | None = None
+    """The prompt's token ids as the engine saw them (after the chat template, truncation)."""
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
+    """Per prompt token, when ``prompt_logprobs`` was asked for; the first is ``None``."""
+    parsed: Any = None
+    """With ``json_schema=`` a pydantic model: the first sample's text as that model; with a
+    JSON schema dict or ``json_object=True``: the decoded JSON. ``None`` when the text does
+    not parse (e.g. cut off by ``max_tokens``: see ``finish_reason``)."""
+
+    @classmethod
+    def failed(cls, error: str, prompt_tokens: int = 0) -> GenerationResult:
+        """The result of a request that ended with an error."""
+        return cls(samples=[], prompt_tokens=prompt_tokens, error=error)
+
+    @property
+    def text(self) -> str:
+        """The first sample's text (empty on error)."""
+        return self.samples[0].text if self.samples else ""
+
+    @property
+    def token_ids(self) -> list[int]:
+        """The first sample's token ids."""
+        return self.samples[0].token_ids if self.samples else []
+
+    @property
+    def logprobs(self) -> list[TokenLogprobs] | None:
+        """The first sample's per-token logprobs, when asked for."""
+        return self.samples[0].logprobs if self.samples else None
+
+    @property
+    def cumulative_logprob(self) -> float | None:
+        """The first sample's cumulative logprob, when logprobs were asked for."""
+        return self.samples[0].cumulative_logprob if self.samples else None
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        """Why the first sample ended; ``"error"`` when the request failed."""
+        return self.samples[0].finish_reason if self.samples and self.error is None else "error"
+
+    @property
+    def stop_reason(self) -> str | int | None:
+        """The stop string or token id that ended the first sample, if one did."""
+        return self.samples[0].stop_reason if self.samples else None
+
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens generated, over all samples (as the OpenAI API's ``usage`` counts them)."""
+        return sum(sample.completion_tokens for sample in self.samples)
 
     @property
     def total_tokens(self) -> int:
         """Prompt plus completion tokens."""
         return self.prompt_tokens + self.completion_tokens
+
+    def to_dict(self) -> dict[str, Any]:
+        """Everything as JSON-ready data, the first sample's fields included at the top."""
+        data = dataclasses.asdict(self)
+        data["parsed"] = (
+            self.parsed.model_dump(mode="json") if isinstance(self.parsed, BaseModel) else self.parsed
+        )
+        for name in ("text", "token_ids", "finish_reason", "stop_reason", "cumulative_logprob",
+                     "completion_tokens"):
+            data[name] = getattr(self, name)
+        return data
 
 
 WorkerState = Literal["stopped", "starting", "ready", "retiring", "stopping"]
