@@ -52,11 +52,22 @@ class ReferenceEngine:
         """What ``LLM.chat`` answers to one conversation, with the service's defaults."""
         return self._ask("chat", messages, sampling)
 
-    def _ask(self, kind: str, prompt: Any, sampling: dict[str, Any]) -> str:
+    def output(self, kind: str, prompt: Any, **sampling: Any) -> dict[str, Any]:
+        """Everything vLLM returns for one prompt (``kind`` "generate" or "chat"), as plain data.
+
+        ``{"prompt_token_ids", "prompt_logprobs", "samples": [{"text", "token_ids",
+        "finish_reason", "stop_reason", "cumulative_logprob", "logprobs"}]}``, where a
+        logprobs entry is ``{token_id: (logprob, rank, decoded)}`` per position. A
+        ``structured_outputs`` dict and ``truncate_prompt_tokens`` are taken as the service
+        takes them.
+        """
+        return self._ask(kind, prompt, sampling, full=True)
+
+    def _ask(self, kind: str, prompt: Any, sampling: dict[str, Any], full: bool = False) -> Any:
         sampling = {**SERVICE_DEFAULTS, **sampling}
-        key = repr((kind, prompt, sorted(sampling.items())))
+        key = repr((kind, prompt, sorted(sampling.items()), full))
         if key not in self._cache:
-            self._conn.send((kind, prompt, sampling))
+            self._conn.send((kind, prompt, sampling, full))
             self._cache[key] = self._conn.recv()
         return self._cache[key]
 
@@ -69,20 +80,61 @@ class ReferenceEngine:
 
 def _serve(conn: Any, args: dict[str, Any]) -> None:
     from vllm import LLM, SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
 
     llm = LLM(**args)
     conn.send("ready")
     try:
         while (message := conn.recv()) is not None:
-            kind, prompt, sampling = message
+            kind, prompt, sampling, full = message
+            sampling = dict(sampling)
+            truncate = sampling.pop("truncate_prompt_tokens", None)
+            tokenization = None if truncate is None else {"truncate_prompt_tokens": truncate}
+            if "structured_outputs" in sampling:
+                sampling["structured_outputs"] = StructuredOutputsParams(
+                    **sampling["structured_outputs"]
+                )
             params = SamplingParams(**sampling)
             if kind == "chat":
-                outputs = llm.chat([prompt], params, use_tqdm=False)
+                outputs = llm.chat([prompt], params, use_tqdm=False, tokenization_kwargs=tokenization)
             else:
-                outputs = llm.generate([prompt], params, use_tqdm=False)
-            conn.send(outputs[0].outputs[0].text)
+                if isinstance(prompt, list):
+                    prompt = {"prompt_token_ids": prompt}
+                outputs = llm.generate(
+                    [prompt], params, use_tqdm=False, tokenization_kwargs=tokenization
+                )
+            conn.send(_plain(outputs[0]) if full else outputs[0].outputs[0].text)
     except EOFError:
         pass
     finally:
         llm.llm_engine.engine_core.shutdown()  # vLLM's engine process outlives us otherwise
         os._exit(0)
+
+
+def _plain(output: Any) -> dict[str, Any]:
+    """A ``vllm.RequestOutput`` as plain data (see ``ReferenceEngine.output``)."""
+
+    def positions(entries: Any) -> Any:
+        if entries is None:
+            return None
+        return [
+            None if entry is None
+            else {i: (lp.logprob, lp.rank, lp.decoded_token) for i, lp in entry.items()}
+            for entry in entries
+        ]
+
+    return {
+        "prompt_token_ids": list(output.prompt_token_ids),
+        "prompt_logprobs": positions(output.prompt_logprobs),
+        "samples": [
+            {
+                "text": c.text,
+                "token_ids": list(c.token_ids),
+                "finish_reason": c.finish_reason,
+                "stop_reason": c.stop_reason,
+                "cumulative_logprob": c.cumulative_logprob,
+                "logprobs": positions(c.logprobs),
+            }
+            for c in output.outputs
+        ],
+    }

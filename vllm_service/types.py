@@ -133,11 +133,15 @@ class GenerationParams(BaseModel):
             raise ValueError("must not be empty (leave it out for no limit)")
         return value
 
-    @field_validator("json_schema")
+    @field_validator("json_schema", mode="before")
     @classmethod
     def _schema(cls, value: Any) -> Any:
-        if isinstance(value, type) and not issubclass(value, BaseModel):
-            raise ValueError("must be a JSON-schema dict or a pydantic model class")
+        if value is not None and not isinstance(value, dict) and not (
+            isinstance(value, type) and issubclass(value, BaseModel)
+        ):
+            raise ValueError(
+                f"must be a JSON-schema dict or a pydantic model class, got {value!r}"
+            )
         return value
 
     @model_validator(mode="after")
