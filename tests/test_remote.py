@@ -30,6 +30,7 @@ from pathlib import Path
 import openai
 import pytest
 from _reference_engine import ReferenceEngine
+from pydantic import BaseModel, Field
 
 from vllm_service._local_engine import cpu_dtype
 from vllm_service import (
@@ -382,7 +383,10 @@ def test_sampling_split_between_openai_params_and_extra_body() -> None:
             "seed": 3,
             "n": 2,
             "ignore_eos": True,
-        }
+            "logprobs": 2,
+            "structured_outputs": {"regex": "a+"},
+        },
+        is_chat=False,
     )
     assert params == {
         "temperature": 0.5,
@@ -393,8 +397,15 @@ def test_sampling_split_between_openai_params_and_extra_body() -> None:
         "frequency_penalty": 0.2,
         "seed": 3,
         "n": 2,
+        "logprobs": 2,
     }
-    assert extra == {"top_k": 5, "repetition_penalty": 1.1, "ignore_eos": True}
+    assert extra == {
+        "top_k": 5, "repetition_penalty": 1.1, "ignore_eos": True,
+        "structured_outputs": {"regex": "a+"},
+    }
+    # the chat API names logprobs differently
+    params, _ = split_sampling({"logprobs": 2}, is_chat=True)
+    assert params == {"logprobs": True, "top_logprobs": 2}
 
 
 def test_context_manager(server: VLLMServer, vllm_says: dict[str, str]) -> None:
@@ -642,8 +653,11 @@ def test_engine_samples_n_and_aborts(server: VLLMServer) -> None:
             finished += engine.step()
         assert [f.request_id for f in finished] == [1]
         (result,) = finished
-        assert result.error is None and len(result.completions) == 3
-        assert all(c.token_count == 8 and c.finish_reason == "length" for c in result.completions)
+        assert result.error is None and len(result.samples) == 3
+        assert all(
+            s.completion_tokens == len(s.token_ids) == 8 and s.finish_reason == "length"
+            for s in result.samples
+        )
         assert result.prompt_tokens == 4
         # The streamed samples, put together by index, are the server's unstreamed ones.
         client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
@@ -657,7 +671,7 @@ def test_engine_samples_n_and_aborts(server: VLLMServer) -> None:
             extra_body={"ignore_eos": True},
         )
         plain_texts = [c.text for c in sorted(plain.choices, key=lambda c: c.index)]
-        assert [c.text for c in result.completions] == plain_texts
+        assert [s.text for s in result.samples] == plain_texts
     finally:
         engine.close()
 
@@ -821,6 +835,119 @@ def test_batch_requests_are_in_flight_together(
 
 
 # ----- the API key stays secret -----
+
+
+# ----- everything vLLM does per request, through the server -----
+
+
+def test_token_ids_logprobs_and_prompt_ids_are_vllms(
+    remote: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    prompt = "The capital of France is"
+    result = remote.generate(prompt, temperature=0, max_tokens=10, logprobs=3)
+    expected = reference.output("generate", prompt, temperature=0, max_tokens=10, logprobs=3)
+    sample = expected["samples"][0]
+    assert result.text == sample["text"] and result.token_ids == sample["token_ids"]
+    assert result.prompt_token_ids == expected["prompt_token_ids"]
+    assert result.completion_tokens == 10 and result.prompt_tokens == len(result.prompt_token_ids)
+    assert result.logprobs is not None and len(result.logprobs) == 10
+    for position, token_id, wanted in zip(result.logprobs, result.token_ids, sample["logprobs"]):
+        assert position.token_id == token_id and position.token == wanted[token_id][2]
+        assert position.logprob == pytest.approx(wanted[token_id][0], abs=1e-3)
+        top = sorted((v for v in wanted.values() if v[1] <= 3), key=lambda v: v[1])
+        assert [t.token for t in position.top] == [v[2] for v in top]
+        assert [t.rank for t in position.top] == [1, 2, 3] and position.rank == 1
+    assert result.cumulative_logprob == pytest.approx(sample["cumulative_logprob"], abs=1e-2)
+    chat = remote.chat(FRANCE, temperature=0, max_tokens=10, logprobs=2)
+    chat_expected = reference.output("chat", FRANCE, temperature=0, max_tokens=10, logprobs=2)
+    assert chat.token_ids == chat_expected["samples"][0]["token_ids"]
+    assert chat.prompt_token_ids == chat_expected["prompt_token_ids"]
+    assert chat.logprobs is not None and [p.token_id for p in chat.logprobs] == chat.token_ids
+    assert all(len(p.top) == 2 for p in chat.logprobs)
+    # a prompt of token ids
+    from_ids = remote.generate(result.prompt_token_ids, temperature=0, max_tokens=10)
+    assert from_ids.token_ids == result.token_ids
+
+
+def test_n_samples_through_the_server(
+    remote: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    sampling = {"n": 3, "temperature": 1.0, "seed": 5, "max_tokens": 8}
+    result = remote.generate("Once upon a time", **sampling)
+    expected = reference.output("generate", "Once upon a time", **sampling)
+    assert [s.token_ids for s in result.samples] == [s["token_ids"] for s in expected["samples"]]
+    assert result.text == result.samples[0].text
+    assert result.completion_tokens == sum(len(s.token_ids) for s in result.samples)
+
+
+REMOTE_FIELDS = [
+    {"stop_token_ids": [30]},
+    {"bad_words": ["Paris"]},
+    {"logit_bias": {7042: -100.0}},
+    {"allowed_token_ids": [7042, 30, 13]},
+    {"min_tokens": 10, "stop_token_ids": [30]},
+    {"truncate_prompt_tokens": 2},
+    {"stop": ["."], "include_stop_str_in_output": True},
+    {"skip_special_tokens": False},
+    {"temperature": 1.0, "seed": 3, "top_k": 3, "min_p": 0.2},
+    {"repetition_penalty": 1.8, "presence_penalty": 1.0, "frequency_penalty": 1.0},
+    {"regex": "[0-9]{3}-[0-9]{4}"},
+    {"choice": ["alpha", "beta"]},
+    {"grammar": 'root ::= "yes" | "no"'},
+]
+
+
+def test_every_request_field_reaches_the_server(
+    remote: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    prompt = "The capital of France is"
+    plain = reference.output("generate", prompt, temperature=0, max_tokens=10)["samples"][0]
+    results = remote.generate_batch([prompt], temperature=0, max_tokens=10)  # warm
+    for fields in REMOTE_FIELDS:
+        sampling = {"temperature": 0, "max_tokens": 10, **fields}
+        (result,) = remote.generate_batch([prompt], **sampling)
+        constraint = {k: v for k, v in fields.items() if k in ("regex", "choice", "grammar")}
+        wanted = {k: v for k, v in sampling.items() if k not in constraint}
+        if constraint:
+            wanted["structured_outputs"] = constraint
+        expected = reference.output("generate", prompt, **wanted)["samples"][0]
+        assert result.error is None, (fields, result.error)
+        assert result.token_ids == expected["token_ids"], fields
+        assert result.text == expected["text"], fields
+        if "stop_token_ids" in fields and "min_tokens" not in fields:
+            assert result.stop_reason == 30
+        results.append(result)
+    assert sum(r.token_ids != plain["token_ids"] for r in results[1:]) >= len(REMOTE_FIELDS) - 2
+
+
+class Town(BaseModel):
+    name: str = Field(max_length=20)
+    is_capital: bool
+
+
+def test_structured_outputs_through_the_server(
+    remote: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    messages = [{"role": "user", "content": "Describe Paris as JSON."}]
+    result = remote.chat(messages, json_schema=Town, temperature=0, max_tokens=60)
+    assert isinstance(result.parsed, Town), result.text
+    expected = reference.output("chat", messages, temperature=0, max_tokens=60,
+                                structured_outputs={"json": Town.model_json_schema()})
+    assert result.text == expected["samples"][0]["text"]
+    bad, good = remote.generate_batch(["Answer:"], regex="(unclosed"), remote.generate(
+        "Answer:", choice=["up", "down"], temperature=0)
+    assert bad[0].finish_reason == "error" and "regex" in (bad[0].error or "")
+    assert good.text in ("up", "down")
+
+
+def test_fields_a_server_cannot_take_are_refused_at_the_call(remote: VLLMInferenceService) -> None:
+    for fields, match in (({"detokenize": False}, "detokenize"),
+                          ({"prompt_logprobs": 1}, "prompt_logprobs.*local mode"),
+                          ({"extra_args": {"a": 1}}, "extra_args")):
+        with pytest.raises(ValueError, match=match):
+            remote.generate("Hi", **fields)
+    with pytest.raises(NotImplementedError, match="--lora-modules"):
+        remote.load_lora("x", "/tmp")
 
 
 def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixture) -> None:
