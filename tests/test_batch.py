@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from _reference_engine import ReferenceEngine
 from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
@@ -405,6 +406,55 @@ def test_cli_names_the_bad_line_of_the_input(tmp_path: Path) -> None:
     assert not (tmp_path / "out.jsonl").exists()
 
 
+CITY_SCHEMA = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "big": {"type": "boolean"}},
+    "required": ["name", "big"],
+}
+
+
+def test_cli_json_schema_constrains_every_result(
+    demo_model: Path, tmp_path: Path, reference: ReferenceEngine
+) -> None:
+    source, schema, output = tmp_path / "in.jsonl", tmp_path / "schema.json", tmp_path / "out.jsonl"
+    questions = ["Describe Paris as JSON.", "Describe Rome as JSON."]
+    source.write_text("".join(json.dumps({"prompt": q}) + "\n" for q in questions))
+    schema.write_text(json.dumps(CITY_SCHEMA))
+    process = run_cli(source, "-o", output, "--model", demo_model, "--json-schema", schema,
+                      "--temperature", "0", "--max-output-len", "60", "--max-model-len", "1024",
+                      "--no-progress")
+    assert process.returncode == 0, process.stderr[-3000:]
+    for line, question in zip(read_lines(output), questions):
+        value = json.loads(line["results"])
+        assert set(value) == {"name", "big"} and isinstance(value["big"], bool)
+        assert line["results"] == reference.output(
+            "chat", [{"role": "user", "content": question}], temperature=0, top_p=1.0,
+            max_tokens=60, structured_outputs={"json": CITY_SCHEMA},
+        )["samples"][0]["text"]
+    process = run_cli(source, "-o", output, "--model", demo_model, "--regex", "a+",
+                      "--choice", "x", timeout=60)
+    assert process.returncode == 2 and "at most one structured-output constraint" in process.stderr
+
+
+def test_constraints_reach_every_request(fake_workers: type[FakeHandle]) -> None:
+    class Answer(BaseModel):
+        ok: bool
+
+    for given, sent in (
+        ({"regex": "[0-9]+"}, {"regex": "[0-9]+"}),
+        ({"choice": ["a", "b"]}, {"choice": ["a", "b"]}),
+        ({"grammar": 'root ::= "x"'}, {"grammar": 'root ::= "x"'}),
+        ({"json_schema": Answer}, {"json": Answer.model_json_schema()}),
+    ):
+        fake_workers.started = []
+        generate("org/model", prompts(3), progress=False, **given)
+        requests = [r for h in fake_workers.started for r in h.sent]
+        assert len(requests) == 3
+        assert all(r.sampling["structured_outputs"] == sent for r in requests)
+    with pytest.raises(ValueError, match="at most one"):
+        generate("org/model", prompts(3), progress=False, regex="a", choice=["a"])
+
+
 def test_cli_help_names_every_parameter() -> None:
     process = subprocess.run(
         [sys.executable, "-m", "vllm_service.cli", "generate", "--help"],
@@ -416,7 +466,8 @@ def test_cli_help_names_every_parameter() -> None:
                    "--pp", "--gpu-assignments", "--chunk-size", "--max-model-len",
                    "--gpu-memory-utilization", "--dtype", "--trust-remote-code", "--top-p",
                    "--stop", "--seed", "--engine-args", "--sampling-args", "--error-key",
-                   "--index-key", "--on-mismatch"):
+                   "--index-key", "--on-mismatch", "--json-schema", "--regex", "--choice",
+                   "--grammar"):
         assert option in process.stdout
 
 

@@ -10,11 +10,14 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+from ._lora import ZERO_ADAPTER_NAME, write_zero_adapter
 from ._protocol import Finished, Request, WorkerConfig
-from .types import Sample, TokenLogprobs, TopLogprob
+from .types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,34 @@ class LocalEngine:
         }
         # Per request in flight: how many top alternatives it asked for (generated, prompt).
         self._alternatives: dict[int, tuple[int | None, int | None]] = {}
+        self._base_lora, self._base_lora_folder = self._base_model_adapter(engine_args, choices)
+
+    def _base_model_adapter(self, engine_args: dict[str, Any], choices: list[str]) -> tuple[Any, str | None]:
+        """The all-zero adapter requests without one get on CPU while LoRA is on (see _lora)."""
+        from vllm.platforms import current_platform
+
+        if not engine_args.get("enable_lora") or not current_platform.is_cpu():
+            return None, None
+        from vllm.lora.request import LoRARequest
+
+        folder = tempfile.mkdtemp(prefix="vllm-service-base-lora-")
+        if write_zero_adapter(engine_args["model"], Path(folder)) is None:
+            shutil.rmtree(folder, ignore_errors=True)
+            choices.append(
+                "CPU backend with LoRA: found no attention weight to build the base model's "
+                "stand-in adapter from; requests without an adapter may get another request's "
+                "adapter when they share a batch (a vLLM 0.32 CPU bug)"
+            )
+            return None, None
+        request = LoRARequest(ZERO_ADAPTER_NAME, MAX_INT32, folder)
+        # Not pinned: a pinned adapter holds a batch slot vLLM's scheduler does not count,
+        # and a batch of as many other adapters as slots then fails in the engine.
+        self._engine.add_lora(request)
+        choices.append(
+            "CPU backend with LoRA: requests without an adapter run with an all-zero adapter, "
+            "as vLLM 0.32's CPU kernels give them another request's adapter otherwise"
+        )
+        return request, folder
 
     def add(self, request: Request) -> None:
         """Queue one request; raises (for that request alone) when vLLM rejects it."""
@@ -71,11 +102,9 @@ class LocalEngine:
             )
         else:
             engine_input = self._llm._preprocess_cmpl_one(request.prompt, tokenization)  # type: ignore[arg-type]
-        lora = None
+        lora = self._base_lora
         if request.lora is not None:
-            from vllm.lora.request import LoRARequest
-
-            lora = LoRARequest(request.lora.name, request.lora.lora_id, request.lora.path)
+            lora = self._loaded_adapter(request.lora.name, request.lora.lora_id, request.lora.path)
         try:
             self._engine.add_request(
                 str(request.request_id), engine_input, params, lora_request=lora
@@ -89,6 +118,22 @@ class LocalEngine:
             request.sampling.get("logprobs"),
             request.sampling.get("prompt_logprobs"),
         )
+
+    def _loaded_adapter(self, name: str, lora_id: int, path: str | None) -> Any:
+        """The adapter as vLLM takes it, loaded into the engine now if it is not there.
+
+        vLLM loads a new adapter on the first request that names it, and an adapter that
+        fails to load there ends the engine for good; loaded beforehand, it fails alone.
+        """
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(name, lora_id, path)
+        if lora_id not in self._engine.list_loras():
+            try:
+                self._engine.add_lora(request)
+            except Exception as exc:
+                raise ValueError(f"LoRA adapter {name!r} ({path}) cannot be loaded: {exc}") from None
+        return request
 
     def abort(self, request_ids: list[int]) -> None:
         self._engine.abort_request([str(i) for i in request_ids])
@@ -125,6 +170,8 @@ class LocalEngine:
     def close(self) -> None:
         """Stop vLLM's engine processes; the ``LLM`` object alone never lets them go."""
         self._engine.engine_core.shutdown()
+        if self._base_lora_folder is not None:
+            shutil.rmtree(self._base_lora_folder, ignore_errors=True)
 
 
 def sampling_params(sampling: dict[str, Any]) -> Any:

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import BaseModel
 from tqdm import tqdm
 
 from . import _placement
@@ -43,6 +44,7 @@ from ._protocol import ChatMessages, Finished, Request, WorkerConfig
 from ._worker_handle import WorkerHandle, WorkerUnavailable
 from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
 from .settings import looks_like_local_path
+from .types import GenerationParams
 
 logger = logging.getLogger("vllm_service")
 
@@ -81,6 +83,10 @@ def generate(
     stop: list[str] | None = None,
     seed: int | None = None,
     sampling_args: dict[str, Any] | None = None,
+    json_schema: dict[str, Any] | type[BaseModel] | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
+    grammar: str | None = None,
     engine_args: dict[str, Any] | None = None,
     output_path: str | os.PathLike[str] | None = None,
     error_key: str = "error",
@@ -115,7 +121,9 @@ def generate(
     Beyond the engine arguments named here: ``top_p``, ``stop``, ``seed`` (sample ``k`` of a
     duplicated prompt uses ``seed + k``), ``sampling_args`` (any other ``SamplingParams``
     keyword, e.g. ``{"ignore_eos": True}``) and ``engine_args`` (any other ``vllm.LLM``
-    keyword). ``pp > 1`` uses vLLM's Ray executor and needs ``worker_num == 1``.
+    keyword). At most one structured-output constraint holds for every item: ``json_schema``
+    (a JSON-schema dict or a pydantic model class), ``regex``, ``choice`` or ``grammar``
+    (docs/structured-outputs.md); the result is the constrained text. ``pp > 1`` uses vLLM's Ray executor and needs ``worker_num == 1``.
 
     ``output_path``: each finished item is appended to this JSONL file at once, with its
     position in ``data`` under ``index_key`` and a fingerprint of the settings that produced
@@ -151,6 +159,11 @@ def generate(
         "seed": seed,
         **(sampling_args or {}),
     }
+    constraint = GenerationParams(
+        json_schema=json_schema, regex=regex, choice=choice, grammar=grammar
+    ).structured_output()
+    if constraint is not None:
+        sampling["structured_outputs"] = constraint
     sampling = {key: value for key, value in sampling.items() if value is not None}
     output = None
     if output_path is not None:

@@ -118,6 +118,15 @@ def _add_generate_command(commands: Any) -> None:
     sampling.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     sampling.add_argument("--sampling-args", type=_json_object, metavar="JSON", default=None,
                           help='other vllm.SamplingParams arguments, e.g. \'{"ignore_eos": true}\'')
+    structured = command.add_argument_group(
+        "structured outputs (at most one; docs/structured-outputs.md)")
+    structured.add_argument("--json-schema", type=_json_file, metavar="FILE", default=None,
+                            help="every result is JSON that follows the JSON schema in FILE")
+    structured.add_argument("--regex", default=None, help="every result matches this regex")
+    structured.add_argument("--choice", action="append", metavar="TEXT", default=None,
+                            help="every result is one of these texts (repeat for each)")
+    structured.add_argument("--grammar", type=_text_file, metavar="FILE", default=None,
+                            help="every result follows the EBNF or Lark grammar in FILE")
     workers = command.add_argument_group("workers and engine")
     workers.add_argument("--worker-num", type=int, default=default["worker_num"],
                          help="worker processes, each with its own engine on its own GPUs or "
@@ -224,6 +233,25 @@ def _json_object(text: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError("must be a JSON object, like '{\"key\": 1}'")
     return value
+
+
+def _json_file(path: str) -> dict[str, Any]:
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{path} must hold a JSON object (a JSON schema)")
+    return value
+
+
+def _text_file(path: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc}") from exc
 
 
 def _gpu_assignments(text: str) -> list[list[int]]:
