@@ -29,6 +29,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from _lora_adapter import make_adapter, peft_greedy
 from _reference_engine import ReferenceEngine
 from pydantic import BaseModel, Field
 
@@ -44,14 +45,16 @@ from vllm_service import (
 
 API_KEY = "remote-test-key-5f3a9c"
 SERVED_NAMES = ["smol-a", "smol-b"]
+LORA_NAME = "smol-lora"
 STARTUP_SECONDS = 240  # about 40 s alone; the machine is shared with other engines
 
 
 class VLLMServer:
     """``python -m vllm.entrypoints.openai.api_server`` in its own process group."""
 
-    def __init__(self, model: Path, log_path: Path) -> None:
+    def __init__(self, model: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
         self.model = str(model)
+        self.extra_args = extra_args or []  # on every start
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self.log_path = log_path
@@ -79,6 +82,7 @@ class VLLMServer:
             "--dtype",
             cpu_dtype(),
         ]
+        command += self.extra_args
         if api_key:
             command += ["--api-key", api_key]
         if served_names:
@@ -225,9 +229,18 @@ def vllm_error(status: int, message: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+def remote_adapter(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter (made with peft) the server serves as ``LORA_NAME``."""
+    return make_adapter(demo_model, tmp_path_factory.mktemp("adapter") / LORA_NAME, seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(
+    demo_model: Path, remote_adapter: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[VLLMServer]:
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
-    srv = VLLMServer(demo_model, log_path)
+    lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"{LORA_NAME}={remote_adapter}"]
+    srv = VLLMServer(demo_model, log_path, lora)
     try:
         srv.start(api_key=API_KEY, served_names=SERVED_NAMES)
         yield srv
@@ -519,7 +532,7 @@ def test_served_model_name_is_resolved(server: VLLMServer, vllm_says: dict[str, 
         service.warmup()
     message = str(caught.value)
     assert f"The vLLM server at {server.url} does not serve 'not-served'" in message
-    assert "['smol-a', 'smol-b']" in message and "VLLM_MODEL_PATH" in message
+    assert f"['smol-a', 'smol-b', '{LORA_NAME}']" in message and "VLLM_MODEL_PATH" in message
 
 
 def test_server_that_serves_only_another_model_is_an_error() -> None:
@@ -938,6 +951,23 @@ def test_structured_outputs_through_the_server(
         "Answer:", choice=["up", "down"], temperature=0)
     assert bad[0].finish_reason == "error" and "regex" in (bad[0].error or "")
     assert good.text in ("up", "down")
+
+
+def test_a_lora_adapter_the_server_serves(
+    remote: VLLMInferenceService, remote_adapter: Path, demo_model: Path,
+    reference: ReferenceEngine,
+) -> None:
+    prompt = "The capital of France is"
+    result = remote.generate(prompt, temperature=0, max_tokens=16, lora=LORA_NAME)
+    assert result.token_ids == peft_greedy(demo_model, remote_adapter, prompt, 16)
+    base = remote.generate(prompt, temperature=0, max_tokens=16)
+    assert base.text == reference.generate(prompt, temperature=0, max_tokens=16)
+    assert base.token_ids != result.token_ids
+    unknown, good = remote.generate_batch([prompt], lora="nope"), remote.generate(prompt, lora=LORA_NAME, temperature=0, max_tokens=16)
+    assert unknown[0].finish_reason == "error"
+    assert "serves no LoRA adapter 'nope'" in (unknown[0].error or "")
+    assert "--lora-modules nope=FOLDER" in (unknown[0].error or "")
+    assert good.token_ids == result.token_ids
 
 
 def test_fields_a_server_cannot_take_are_refused_at_the_call(remote: VLLMInferenceService) -> None:

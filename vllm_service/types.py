@@ -225,7 +225,7 @@ class GenerationParams(BaseModel):
             if name in cls.model_fields:
                 if value is not None:
                     values[name] = value
-            elif value != getattr(defaults, name) and name not in _SAMPLING_PARAMS_INTERNAL:
+            elif name not in _SAMPLING_PARAMS_INTERNAL and _differs(value, getattr(defaults, name)):
                 raise ValueError(
                     f"sampling_params.{name} is set, but vllm-service does not pass that field "
                     f"on; leave it at its default ({getattr(defaults, name)!r})"
@@ -237,6 +237,13 @@ class GenerationParams(BaseModel):
 _SAMPLING_PARAMS_INTERNAL = frozenset(
     {"output_kind", "stream_interval", "skip_clone", "output_text_buffer_length", "flat_logprobs"}
 )
+
+
+def _differs(value: Any, default: Any) -> bool:
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError):  # arrays compare element by element
+        return True
 
 
 def _structured_from_vllm(params: Any) -> dict[str, Any]:
