@@ -78,6 +78,7 @@ def main() -> None:
             )
             tokens = [r.completion_tokens for r in constrained]
             valid = sum(r.parsed is not None for r in constrained)
+            unparsed = sorted(r.finish_reason for r in constrained if r.parsed is None)
             plain, plain_seconds = timed(
                 service,
                 [{"messages": c, **sampling, "max_tokens": n, "ignore_eos": True}
@@ -93,7 +94,7 @@ def main() -> None:
             print(
                 f"round {round_number + 1}: {args.chats} chats, {sum(tokens)} tokens "
                 f"(mean {sum(tokens) / len(tokens):.0f}); {valid}/{args.chats} parse against the "
-                f"schema; constrained {constrained_rate:.1f} tok/s, unconstrained "
+                f"schema{f' (the others ended: {unparsed})' if unparsed else ''}; constrained {constrained_rate:.1f} tok/s, unconstrained "
                 f"{plain_rate:.1f} tok/s, ratio {ratios[-1]:.3f}",
                 flush=True,
             )
