@@ -26,6 +26,7 @@ import psutil
 import pytest
 
 from _reference_engine import ReferenceEngine
+from _waiting import wait_until
 from vllm_service import (
     RequestTimeoutError,
     ServiceShutdownError,
@@ -44,13 +45,6 @@ PROMPT = "The capital of France is"
 STORY = "Tell me a long story."
 
 
-def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.1)
-    return condition()
 
 
 def in_threads(call: Callable[[], Any], count: int) -> tuple[list[threading.Thread], list[Any]]:

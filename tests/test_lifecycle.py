@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from _reference_engine import ReferenceEngine
+from _waiting import wait_until
 from vllm_service import (
     RequestTimeoutError,
     ServiceShutdownError,
@@ -33,13 +34,6 @@ IDLE_TTL = 8.0
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 
 
-def wait_until(condition, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.2)
-    return condition()
 
 
 def pid_alive(pid: int) -> bool:
