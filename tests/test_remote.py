@@ -65,6 +65,7 @@ class VLLMServer:
         # the ones meant for it.
         env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
         env.update(HF_HUB_OFFLINE="1", VLLM_CPU_KVCACHE_SPACE="1")
+        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # for load_lora / unload_lora
         command = [
             sys.executable,
             "-m",
@@ -976,8 +977,44 @@ def test_fields_a_server_cannot_take_are_refused_at_the_call(remote: VLLMInferen
                           ({"extra_args": {"a": 1}}, "extra_args")):
         with pytest.raises(ValueError, match=match):
             remote.generate("Hi", **fields)
-    with pytest.raises(NotImplementedError, match="--lora-modules"):
-        remote.load_lora("x", "/tmp")
+
+
+def test_lora_adapters_loaded_at_run_time(
+    remote: VLLMInferenceService, server: VLLMServer, remote_adapter: Path, demo_model: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    assert remote.lora_adapters() == [LORA_NAME]
+    second = make_adapter(demo_model, tmp_path_factory.mktemp("adapter2") / "second", seed=1)
+    prompt = "The capital of France is"
+    remote.load_lora("second", second)
+    assert remote.lora_adapters() == sorted([LORA_NAME, "second"])
+    result = remote.generate(prompt, temperature=0, max_tokens=16, lora="second")
+    assert result.token_ids == peft_greedy(demo_model, second, prompt, 16)
+    remote.load_lora("second", remote_adapter)  # replaced, as in local mode
+    replaced = remote.generate(prompt, temperature=0, max_tokens=16, lora="second")
+    assert replaced.token_ids == peft_greedy(demo_model, remote_adapter, prompt, 16)
+    with pytest.raises(ValueError, match="refused to load LoRA adapter 'missing'"):
+        remote.load_lora("missing", "/no/such/adapter")
+    remote.unload_lora("second")
+    assert remote.lora_adapters() == [LORA_NAME]
+    with pytest.raises(KeyError, match="second"):
+        remote.unload_lora("second")
+    gone = remote.generate_batch([prompt], lora="second")[0]
+    assert gone.finish_reason == "error" and "serves no LoRA adapter 'second'" in (gone.error or "")
+
+    def without_runtime_loading(handler: http.server.BaseHTTPRequestHandler, body: dict | None) -> bool:
+        if handler.path.endswith("_lora_adapter"):  # what vLLM answers without the variable
+            send_json(handler, 404, {"detail": "Not Found"})
+            return True
+        return False
+
+    with StandIn(without_runtime_loading, upstream_port=server.port) as stand_in:
+        service = VLLMInferenceService(remote_settings(server, api_url=stand_in.url))
+        with pytest.raises(RuntimeError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+            service.load_lora("third", second)
+        with pytest.raises(RuntimeError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
+            service.unload_lora(LORA_NAME)
+        service.shutdown()
 
 
 def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ._lora import VLLM_DEFAULT_MAX_LORA_RANK, LoraRegistry, lora_engine_args
 from ._protocol import ChatMessages, Finished, LoraAdapter, Request, TokenIds, WorkerConfig
@@ -115,30 +115,41 @@ class VLLMInferenceService:
     def load_lora(self, name: str, path: str | os.PathLike[str]) -> None:
         """Make the PEFT LoRA adapter in folder ``path`` usable as ``lora=name``.
 
-        vLLM loads it on the first request that names it; a worker started later knows it too.
-        An adapter already called ``name`` is replaced. Local mode only: a remote server
-        serves the adapters it was started with (``vllm serve --lora-modules name=path``).
+        Local mode: the folder is checked now (``ValueError`` naming what is wrong) and vLLM
+        loads the adapter with the first request that names it; a worker started later knows
+        it too. An adapter already called ``name`` is replaced. Remote mode: the server loads
+        it (``path`` is a folder on the server's machine), which a vLLM server allows only when
+        started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``; ``RuntimeError`` says so.
         """
-        if self.settings.mode != "local":
-            raise NotImplementedError(
-                "load_lora works in local mode; a remote vLLM server serves the adapters it was "
-                "started with (vllm serve --enable-lora --lora-modules name=path): pass "
-                "lora='name' with a request to use one"
-            )
+        if self.settings.mode == "remote":
+            self._server_lora("load", name, os.fspath(path))
+            return
         self._loras.add(name, path)
 
     def unload_lora(self, name: str) -> None:
-        """Forget adapter ``name``: later requests naming it fail. Raises ``KeyError`` if unknown.
+        """Forget adapter ``name``: later requests naming it fail. ``KeyError`` if unknown.
 
-        Requests already sent finish with it; vLLM drops it from memory when it needs the room.
+        Requests already sent finish with it. Local mode: vLLM drops it from memory when it
+        needs the room. Remote mode: the server unloads it (see :meth:`load_lora`).
         """
-        if self.settings.mode != "local":
-            raise NotImplementedError("unload_lora works in local mode (see load_lora)")
+        if self.settings.mode == "remote":
+            self._server_lora("unload", name)
+            return
         self._loras.remove(name)
 
     def lora_adapters(self) -> list[str]:
-        """The names of the adapters usable as ``lora=`` (local mode)."""
+        """The names of the adapters usable as ``lora=`` (in remote mode: the server's)."""
+        if self.settings.mode == "remote":
+            from ._remote_engine import server_lora_names
+
+            return server_lora_names(self._config.api_url or "", self._config.api_key)
         return self._loras.names()
+
+    def _server_lora(self, action: Literal["load", "unload"], name: str, path: str | None = None) -> None:
+        from ._remote_engine import server_lora
+
+        server_lora(self._config.api_url or "", self._config.api_key, action, name, path,
+                    timeout=self.settings.api_timeout_seconds)
 
     # ----- life cycle -----
 
