@@ -79,7 +79,7 @@ class VLLMInferenceService:
 
     def generate(self, prompt: str | TokenIds, params: Params = None, **overrides: Any) -> GenerationResult:
         """Complete one prompt: a string, or token ids (``[1, 2, 3]``)."""
-        return self.generate_batch([prompt], params, **overrides)[0]
+        return self._run([_check_prompt(prompt)], params, overrides)[0]
 
     def generate_batch(
         self, prompts: Sequence[str | TokenIds], params: Params = None, **overrides: Any
