@@ -341,9 +341,8 @@ def server_lora(
     body: dict[str, Any] = {"lora_name": name}
     if path is not None:  # load_inplace: an adapter of that name is replaced, as in local mode
         body.update(lora_path=path, load_inplace=True)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        answer = httpx.post(url, json=body, headers=headers, timeout=timeout)
+        answer = httpx.post(url, json=body, headers=_auth(api_key), timeout=timeout)
     except httpx.HTTPError as exc:
         raise RemoteServerError(f"Cannot reach the vLLM server at {url}: {exc}") from None
     if answer.status_code == 200:
@@ -372,13 +371,17 @@ def server_lora_names(api_url: str, api_key: str | None, timeout: float = 30.0) 
     import httpx
 
     url = f"{api_base_url(api_url)}/models"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        answer = httpx.get(url, headers=headers, timeout=timeout)
+        answer = httpx.get(url, headers=_auth(api_key), timeout=timeout)
         answer.raise_for_status()
     except httpx.HTTPError as exc:
         raise RemoteServerError(f"Cannot list the models of the vLLM server at {url}: {exc}") from None
     return sorted(card["id"] for card in answer.json().get("data", ()) if card.get("parent"))
+
+
+def _auth(api_key: str | None) -> dict[str, str]:
+    """The header a vLLM server started with --api-key wants."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
 
 def split_sampling(
