@@ -3,8 +3,8 @@
 The worker process owns exactly one engine and calls it from one thread, in this loop::
 
     while running:
-        for each message on the pipe: engine.add(request) / engine.abort(ids)
-        if engine.has_unfinished(): send every Finished that engine.step() returns
+        for each message on the pipe: engine.add(request) / engine.abort(ids) / engine.sleep()
+        if engine.has_unfinished(): send every Delta and Finished that engine.step() returns
 
 A new kind of engine is one class with these methods; nothing else in the worker changes.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ._protocol import Finished, Request
+from ._protocol import Delta, Finished, Request
 
 
 class Engine(Protocol):
@@ -28,10 +28,15 @@ class Engine(Protocol):
       never comes out of ``step``.
     - ``has_unfinished()`` is True while any added request has not come out of ``step``.
     - ``step()`` advances the engine and returns the requests that finished in it, each
-      exactly once. It may block while the engine computes, but never for longer than one
-      engine step or a short poll: the loop reads the pipe between steps. If the engine's own
-      processes die, ``step`` may block for good; the worker's engine watchdog ends the
-      worker then, so ``step`` need not detect it.
+      exactly once, and for requests with ``stream`` set a ``Delta`` per sample whose output
+      grew (what the finishing step adds may come in the ``Finished`` alone). It may block
+      while the engine computes, but never for longer than one engine step or a short poll:
+      the loop reads the pipe between steps. If the engine's own processes die, ``step`` may
+      block for good; the worker's engine watchdog ends the worker then, so ``step`` need not
+      detect it.
+    - ``sleep()`` moves the model's weights off the GPU (vLLM's sleep mode, level 1), with
+      nothing in flight; ``wake_up()`` brings them back. Only called when the engine was
+      built with ``enable_sleep_mode``.
     - ``close()`` releases everything the engine started (processes, connections); it is
       called once, also after a failed ``step``.
     - ``info`` says what was loaded, for the parent (model, max_model_len, dtype, ...) and the
@@ -43,7 +48,9 @@ class Engine(Protocol):
     def add(self, request: Request) -> None: ...
     def abort(self, request_ids: list[int]) -> None: ...
     def has_unfinished(self) -> bool: ...
-    def step(self) -> list[Finished]: ...
+    def step(self) -> list[Delta | Finished]: ...
+    def sleep(self) -> None: ...
+    def wake_up(self) -> None: ...
     def close(self) -> None: ...
 
 

@@ -2,6 +2,8 @@
 
 Requests are added to vLLM's engine as they arrive and the engine is stepped while any is
 unfinished, so a request that arrives while others run joins the running batch at once.
+Streamed requests ask vLLM for delta outputs: each step's new text goes to the parent at
+once, and vLLM's own merge puts the deltas together for the final result.
 Only the worker process imports this module (it imports vLLM and torch).
 """
 
@@ -16,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ._lora import ZERO_ADAPTER_NAME, write_zero_adapter
-from ._protocol import Finished, Request, WorkerConfig
+from ._protocol import Delta, Finished, Request, WorkerConfig
 from .types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,8 @@ class LocalEngine:
         }
         # Per request in flight: how many top alternatives it asked for (generated, prompt).
         self._alternatives: dict[int, tuple[int | None, int | None]] = {}
+        # Per streamed request: its output so far, the deltas merged (None before the first).
+        self._streamed: dict[int, Any] = {}
         self._base_lora, self._base_lora_folder = self._base_model_adapter(engine_args, choices)
 
     def _base_model_adapter(self, engine_args: dict[str, Any], choices: list[str]) -> tuple[Any, str | None]:
@@ -86,7 +90,7 @@ class LocalEngine:
         from vllm.sampling_params import RequestOutputKind
 
         params = sampling_params(request.sampling)
-        params.output_kind = RequestOutputKind.FINAL_ONLY
+        params.output_kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
         # vLLM 0.32 truncates at tokenization, not in SamplingParams.
         truncate = request.sampling.get("truncate_prompt_tokens")
         tokenization = None if truncate is None else {"truncate_prompt_tokens": truncate}
@@ -118,6 +122,8 @@ class LocalEngine:
             request.sampling.get("logprobs"),
             request.sampling.get("prompt_logprobs"),
         )
+        if request.stream:
+            self._streamed[request.request_id] = None
 
     def _loaded_adapter(self, name: str, lora_id: int, path: str | None) -> Any:
         """The adapter as vLLM takes it, loaded into the engine now if it is not there.
@@ -139,24 +145,39 @@ class LocalEngine:
         self._engine.abort_request([str(i) for i in request_ids])
         for request_id in request_ids:
             self._alternatives.pop(request_id, None)
+            self._streamed.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return self._engine.has_unfinished_requests()
 
-    def step(self) -> list[Finished]:
-        """Run one engine step; return the requests that finished in it."""
-        finished = []
+    def step(self) -> list[Delta | Finished]:
+        """Run one engine step; return the streamed requests' new output and what finished."""
+        messages: list[Delta | Finished] = []
         for output in self._engine.step():
+            request_id = int(output.request_id)
+            top, prompt_top = self._alternatives.get(request_id, (None, None))
+            if request_id in self._streamed:
+                so_far = self._streamed[request_id]
+                if not output.finished:
+                    messages.extend(
+                        Delta(request_id, c.index, c.text, list(c.token_ids))
+                        for c in output.outputs
+                        if c.text or c.token_ids
+                    )
+                if so_far is not None:
+                    so_far.add(output, aggregate=True)
+                    output = so_far
+                self._streamed[request_id] = output
             if not output.finished:
                 continue
-            request_id = int(output.request_id)
-            top, prompt_top = self._alternatives.pop(request_id, (None, None))
+            self._alternatives.pop(request_id, None)
+            self._streamed.pop(request_id, None)
             prompt_ids = list(output.prompt_token_ids or ())
-            finished.append(
+            messages.append(
                 Finished(
                     request_id=request_id,
                     prompt_tokens=len(prompt_ids),
-                    samples=[to_sample(c, top) for c in output.outputs],
+                    samples=[to_sample(c, top) for c in sorted(output.outputs, key=lambda c: c.index)],
                     prompt_token_ids=prompt_ids,
                     prompt_logprobs=(
                         None
@@ -165,7 +186,13 @@ class LocalEngine:
                     ),
                 )
             )
-        return finished
+        return messages
+
+    def sleep(self) -> None:
+        self._llm.sleep(level=1)
+
+    def wake_up(self) -> None:
+        self._llm.wake_up()
 
     def close(self) -> None:
         """Stop vLLM's engine processes; the ``LLM`` object alone never lets them go."""

@@ -4,9 +4,11 @@
     ----------------                         --------------
     Submit([Request, ...])  ------------->   engine.add() each; a bad one -> Finished(error=...)
     Abort([request_id, ...]) ------------>   engine.abort()
+    Sleep()                 ------------->   engine.sleep(); the next Submit wakes it (GPU only)
     Stop()                  ------------->   tear the engine down, exit
                             <-------------   Ready(info)            once, after the engine is built
                             <-------------   StartFailed(error)     instead of Ready
+                            <-------------   Delta(...)             new text of a streamed request
                             <-------------   Finished(...)          one per request, as each ends
 
 The worker never pickles exception objects: errors travel as text (:class:`RemoteError`).
@@ -64,6 +66,7 @@ class Request:
     prompt: str | TokenIds | ChatMessages
     sampling: dict[str, Any]
     lora: LoraAdapter | None = None
+    stream: bool = False  # send Delta messages as the text grows, then Finished
 
     @property
     def is_chat(self) -> bool:
@@ -82,6 +85,11 @@ class Submit:
 @dataclass(frozen=True)
 class Abort:
     request_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """Put the engine into vLLM's sleep mode (weights off the GPU) until the next Submit."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +122,19 @@ class StartFailed:
 
 
 @dataclass(frozen=True)
+class Delta:
+    """New output of a streamed request: sample ``index``'s next text and token ids.
+
+    The output of the step that finishes a request comes in its :class:`Finished` alone.
+    """
+
+    request_id: int
+    index: int
+    text: str
+    token_ids: TokenIds
+
+
+@dataclass(frozen=True)
 class Finished:
     """A request ended: with ``samples`` (``n`` of them), or with ``error``.
 
@@ -131,5 +152,5 @@ class Finished:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
-ToWorker = Submit | Abort | Stop
-FromWorker = Ready | StartFailed | Finished
+ToWorker = Submit | Abort | Sleep | Stop
+FromWorker = Ready | StartFailed | Delta | Finished

@@ -5,7 +5,8 @@
     add(request)  -- schedule a task -->      wait for a slot (VLLM_MAX_CONCURRENT_REQUESTS),
                                               POST /completions or /chat/completions,
                                               streamed; put the chunks together
-    step()        <-- queue of Finished --    put the request's Finished on the queue
+    step()        <-- queue of messages --    put a streamed request's Deltas, then every
+                                              request's Finished, on the queue
     abort(ids)    -- cancel the tasks -->
 
 Requests go out as they arrive and many are in flight at once, so the server batches them as
@@ -30,7 +31,7 @@ from urllib.parse import urlsplit
 
 import openai
 
-from ._protocol import Finished, Request, WorkerConfig
+from ._protocol import Delta, Finished, Request, WorkerConfig
 from .errors import RemoteServerError
 from .types import Sample, TokenLogprobs, TopLogprob
 
@@ -92,7 +93,7 @@ class RemoteEngine:
         logging.getLogger("httpx2").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
-        self._finished: queue.Queue[Finished] = queue.Queue()
+        self._messages: queue.Queue[Delta | Finished] = queue.Queue()
         self._in_flight: dict[int, concurrent.futures.Future[None]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -140,19 +141,29 @@ class RemoteEngine:
     def has_unfinished(self) -> bool:
         return bool(self._in_flight)
 
-    def step(self) -> list[Finished]:
-        """Wait briefly for answers; return the requests that finished since the last step."""
+    def step(self) -> list[Delta | Finished]:
+        """Wait briefly for answers; return what streamed and finished since the last step."""
         try:
-            ready = [self._finished.get(timeout=_STEP_WAIT_SECONDS)]
+            ready = [self._messages.get(timeout=_STEP_WAIT_SECONDS)]
         except queue.Empty:
             return []
         while True:
             try:
-                ready.append(self._finished.get_nowait())
+                ready.append(self._messages.get_nowait())
             except queue.Empty:
                 break
-        # A request aborted after it finished is already forgotten: drop its answer.
-        return [f for f in ready if self._in_flight.pop(f.request_id, None) is not None]
+        # A request aborted in the meantime is already forgotten: drop what it sent.
+        messages = [m for m in ready if m.request_id in self._in_flight]
+        for message in messages:
+            if isinstance(message, Finished):
+                del self._in_flight[message.request_id]
+        return messages
+
+    def sleep(self) -> None:
+        raise NotImplementedError("a remote server's memory is the server's to manage")
+
+    def wake_up(self) -> None:
+        raise NotImplementedError("a remote server's memory is the server's to manage")
 
     def close(self) -> None:
         """Cancel what is in flight, close the client's connections and stop the event loop."""
@@ -190,7 +201,7 @@ class RemoteEngine:
             except Exception as exc:  # an answer we cannot read must still end the request
                 logger.exception("vllm-service: request %d failed", request.request_id)
                 finished = Finished(request.request_id, error=f"{type(exc).__name__}: {exc}")
-        self._finished.put(finished)
+        self._messages.put(finished)
 
     async def _send_resolving(self, request: Request) -> Finished:
         try:
@@ -235,7 +246,9 @@ class RemoteEngine:
         try:
             async with stream:
                 async for chunk in stream:
-                    answer.add(chunk)
+                    for index, text, token_ids in answer.add(chunk):
+                        if request.stream:
+                            self._messages.put(Delta(request.request_id, index, text, token_ids))
         except openai.APIConnectionError as exc:  # timeouts included
             raise RemoteServerError(self._describe_broken_stream(exc)) from None
         return answer.finished(request.request_id, self.base_url)
@@ -463,8 +476,12 @@ class _StreamedAnswer:
         self._prompt_token_ids: list[int] | None = None
         self._usage: Any = None
 
-    def add(self, chunk: Any) -> None:
-        """Take in one chunk: deltas of some choices, or the closing usage."""
+    def add(self, chunk: Any) -> list[tuple[int, str, list[int]]]:
+        """Take in one chunk: deltas of some choices, or the closing usage.
+
+        Returns the new (index, text, token ids) of each choice that grew and did not finish.
+        """
+        grown = []
         if chunk.usage is not None:
             self._usage = chunk.usage
         prompt_ids = getattr(chunk, "prompt_token_ids", None)  # chat: on the first chunk
@@ -485,6 +502,9 @@ class _StreamedAnswer:
             if choice.finish_reason:
                 self._finish_reasons[index] = choice.finish_reason
                 self._stop_reasons[index] = getattr(choice, "stop_reason", None)
+            elif text or token_ids:
+                grown.append((index, text or "", list(token_ids or ())))
+        return grown
 
     def _positions(self, logprobs: Any) -> list[tuple[str | None, float, list[TopLogprob]]]:
         """Chosen token text, its logprob and the top alternatives, per position of a delta."""

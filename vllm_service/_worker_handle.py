@@ -5,24 +5,28 @@
     submit(): pickle,
       register Futures,
       queue the bytes  ---->  send on the pipe ---------------------------->  engine.add / step
-                                                    wait([pipe, sentinel]) <-- Finished(request_id)
+                                                    wait([pipe, sentinel]) <-- Delta, Finished
+    on_delta(Delta) <-------------------------------- a streamed request's new text
     Future.result() <-------------------------------- route to its Future
-                                                    every tick: deadlines, idle TTL, escalation
+                                                    every tick: deadlines, keep-alive, escalation
                                                     sentinel fired -> fail every Future
 
 Callers never write to the pipe themselves, so none of them can block on a worker that has
 stopped reading, and an interrupt can never leave half a message on the pipe. The reader
-thread is the one clock: it retires an idle worker and escalates (Stop, SIGTERM, SIGKILL to the
+thread is the one clock: it retires an idle worker (see :class:`KeepAlive`), puts it to sleep,
+and escalates (Stop, SIGTERM, SIGKILL to the
 worker's whole process group) whenever a state outlives its deadline. A worker that ends for
 any reason has its process group ended and its shared memory removed, so nothing of vLLM's
 outlives it.
 
 The states, and who moves between them (every move goes through ``_move``)::
 
-    STARTING --Ready--> READY --idle TTL--> RETIRING --exit--> EXITED
-        |                 |                     |                 ^
-        +-- stop(), start timeout, StartFailed -+--> STOPPING ----+   (any state: the process
-                                                                       ended -> EXITED)
+    STARTING --Ready--> READY --idle TTL, retire()--> RETIRING --exit--> EXITED
+        |                 |                              |                 ^
+        +-- stop(), start timeout, StartFailed ----------+--> STOPPING ----+   (any state: the
+                                                                         process ended -> EXITED)
+
+A RETIRING worker takes no new requests; it is told to stop once those in flight have ended.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
@@ -49,9 +54,11 @@ from ._protocol import (
     EXIT_ENGINE_DIED,
     EXIT_ERROR,
     Abort,
+    Delta,
     Finished,
     Ready,
     Request,
+    Sleep,
     StartFailed,
     Stop,
     Submit,
@@ -95,6 +102,42 @@ class WorkerUnavailable(Exception):
     """This worker takes no more requests (retiring or gone): use a new one."""
 
 
+class KeepAlive:
+    """How long an idle worker stays, shared by a service and each worker it starts.
+
+    The idle clock runs from the end of the last request (or of the last hold) and never
+    while a request runs or a hold lasts.
+    """
+
+    def __init__(self, ttl: float, sleep_after: float | None = None) -> None:
+        self.ttl = ttl
+        """Seconds an idle worker stays: 0 retires it at once, a negative value never."""
+        self.sleep_after = sleep_after
+        """Seconds idle before the engine sleeps (GPU only); None never."""
+        self._holds = 0
+        self.released_at = 0.0  # time.monotonic() when the last hold ended
+        self._lock = threading.Lock()
+
+    @property
+    def held(self) -> bool:
+        return self._holds > 0
+
+    def hold(self) -> None:
+        with self._lock:
+            self._holds += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds -= 1
+            self.released_at = time.monotonic()
+
+    def expired(self, idle_for: float) -> bool:
+        return not self.held and self.ttl >= 0 and idle_for >= self.ttl
+
+    def sleep_due(self, idle_for: float) -> bool:
+        return not self.held and self.sleep_after is not None and idle_for >= self.sleep_after
+
+
 class WorkerHandle:
     """One spawned worker process and the requests in flight on it."""
 
@@ -102,11 +145,13 @@ class WorkerHandle:
         self,
         config: WorkerConfig,
         *,
-        idle_ttl: float,
+        keep_alive: KeepAlive,
         startup_timeout: float,
         stop_timeout: float = 30.0,
+        on_change: Callable[[WorkerHandle, WorkerState], None] | None = None,
     ) -> None:
-        self._idle_ttl = idle_ttl
+        self._keep_alive = keep_alive
+        self._on_change = on_change
         self._startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.log_path = _new_log_path()
@@ -120,9 +165,13 @@ class WorkerHandle:
         # many signals were sent since.
         self._deadline: float | None = self._started + startup_timeout
         self._signals_sent = 0
+        self._stop_sent = False
         self._last_activity = self._started
+        self.asleep = False  # the engine is in vLLM's sleep mode
         self._ready: Future[dict[str, Any]] = Future()
         self._pending: dict[int, Future[Finished]] = {}
+        self._listeners: dict[int, Callable[[Delta], None]] = {}
+        self._announcements: list[WorkerState] = []
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._exited = threading.Event()
         self._shm_paths: set[str] = set()
@@ -144,6 +193,8 @@ class WorkerHandle:
             "Started vLLM worker pid %d for %s (%s mode); its output: %s",
             self.pid, config.model, config.mode, self.log_path,
         )
+        self._announcements.append(WorkerState.STARTING)
+        self._announce()
         for target, name in ((self._read_until_exit, "reader"), (self._send_until_exit, "sender")):
             threading.Thread(
                 target=target, name=f"vllm-service-{name}-{self.pid}", daemon=True
@@ -165,17 +216,23 @@ class WorkerHandle:
         return self._state is WorkerState.READY
 
     @property
+    def ready(self) -> Future[dict[str, Any]]:
+        """Settles once the engine is loaded (with its info) or failed to start."""
+        return self._ready
+
+    @property
     def exited(self) -> bool:
         return self._exited.is_set()
 
     def snapshot(self) -> tuple[WorkerState, int, float | None]:
         """(state, requests in flight, epoch time of idle retirement or None), read at once."""
+        keep_alive = self._keep_alive
         with self._lock:
             state, in_flight = self._state, len(self._pending)
-            idle_for = time.monotonic() - self._last_activity
+            idle_for = self._idle_for(time.monotonic())
         expires_at = None
-        if state is WorkerState.READY and not in_flight:
-            expires_at = time.time() + max(0.0, self._idle_ttl - idle_for)
+        if state is WorkerState.READY and not in_flight and not keep_alive.held and keep_alive.ttl >= 0:
+            expires_at = time.time() + max(0.0, keep_alive.ttl - idle_for)
         return state, in_flight, expires_at
 
     def memory_bytes(self) -> int:
@@ -203,10 +260,13 @@ class WorkerHandle:
 
     # ----- requests -----
 
-    def submit(self, requests: list[Request]) -> list[Future[Finished]]:
+    def submit(
+        self, requests: list[Request], on_delta: Callable[[Delta], None] | None = None
+    ) -> list[Future[Finished]]:
         """Queue requests for the worker; one Future per request, in order. Never blocks.
 
-        Raises ``TypeError`` when a request cannot be sent (an object that does not pickle),
+        ``on_delta`` gets the :class:`Delta` messages of streamed requests, on the reader
+        thread, before their Future is settled; it must not block. Raises ``TypeError`` when a request cannot be sent (an object that does not pickle),
         with nothing registered, and :class:`WorkerUnavailable` when the worker is not ready.
         """
         try:
@@ -225,7 +285,10 @@ class WorkerHandle:
             # longer pass these requests by; queued under it, so no interrupt separates the two.
             for request, future in zip(requests, futures, strict=True):
                 self._pending[request.request_id] = future
+                if on_delta is not None:
+                    self._listeners[request.request_id] = on_delta
             self._last_activity = time.monotonic()
+            self.asleep = False  # the worker wakes its engine for these
             self._outbox.put(data)
         return futures
 
@@ -233,12 +296,21 @@ class WorkerHandle:
         """Give up on requests: their futures fail with ``error``, the worker drops them."""
         with self._lock:
             futures = [self._pending.pop(i) for i in request_ids if i in self._pending]
+            for request_id in request_ids:
+                self._listeners.pop(request_id, None)
             self._last_activity = time.monotonic()
             if futures:
                 self._post(Abort(request_ids))
         _fail(futures, error)
 
     # ----- ending -----
+
+    def retire(self) -> None:
+        """Take no new requests, and stop once those in flight have ended."""
+        with self._lock:
+            self._move(WorkerState.RETIRING)
+            self._stop_when_drained(time.monotonic())
+        self._announce()
 
     def stop(self, error: VLLMServiceError, timeout: float | None = None) -> None:
         """Fail what is in flight with ``error``, ask the worker to exit, and make sure it does.
@@ -259,6 +331,8 @@ class WorkerHandle:
                 self._post(Stop())
             futures = list(self._pending.values())
             self._pending.clear()
+            self._listeners.clear()
+        self._announce()
         _fail(futures, error)
         _settle(self._ready, error=error)
         self._exited.wait(timeout + 3 * _TERMINATE_SECONDS + 2 * _POLL_SECONDS)
@@ -272,7 +346,31 @@ class WorkerHandle:
         self._state = new
         self._deadline = deadline
         self._signals_sent = 0
+        if new is not WorkerState.EXITED:  # announced once the clean-up is done
+            self._announcements.append(new)
         return True
+
+    def _stop_when_drained(self, now: float) -> None:
+        """A retiring worker with nothing in flight is told to stop; call under the lock."""
+        if self._state is WorkerState.RETIRING and not self._pending and not self._stop_sent:
+            self._post(Stop())
+            self._stop_sent = True
+            self._deadline = now + self.stop_timeout
+
+    def _idle_for(self, now: float) -> float:
+        """Seconds since the last request or hold ended; call under the lock."""
+        return now - max(self._last_activity, self._keep_alive.released_at)
+
+    def _announce(self) -> None:
+        """Tell ``on_change`` of the moves made since the last call; call without the lock."""
+        with self._lock:
+            moves, self._announcements = self._announcements, []
+        if self._on_change is not None:
+            for state in moves:
+                try:
+                    self._on_change(self, state)
+                except Exception:
+                    logger.exception("vllm-service: reporting a state change failed")
 
     def _tick(self) -> None:
         """The reader thread's clock: idle retirement, deadlines, escalation."""
@@ -283,17 +381,28 @@ class WorkerHandle:
         now = time.monotonic()
         start_timed_out = False
         signals: list[signal.Signals] = []
+        keep_alive = self._keep_alive
         with self._lock:
-            if (
+            idle_for = self._idle_for(now)
+            if self._state is WorkerState.READY and not self._pending and keep_alive.expired(idle_for):
+                logger.info(
+                    "vLLM worker pid %d idle for %.1f s (keep-alive %g s); stopping it",
+                    self.pid, idle_for, keep_alive.ttl,
+                )
+                self._move(WorkerState.RETIRING)
+                self._stop_when_drained(now)
+            elif (
                 self._state is WorkerState.READY
                 and not self._pending
-                and now - self._last_activity >= self._idle_ttl
+                and not self.asleep
+                and keep_alive.sleep_due(idle_for)
             ):
                 logger.info(
-                    "vLLM worker pid %d idle for %.0f s; stopping it", self.pid, self._idle_ttl
+                    "vLLM worker pid %d idle for %.1f s; putting its engine to sleep",
+                    self.pid, idle_for,
                 )
-                self._move(WorkerState.RETIRING, now + self.stop_timeout)
-                self._post(Stop())
+                self._post(Sleep())
+                self.asleep = True
             elif self._deadline is not None and now >= self._deadline:
                 if self._state is WorkerState.STARTING:
                     start_timed_out = True
@@ -304,6 +413,7 @@ class WorkerHandle:
                 ]
                 self._signals_sent += 1
                 self._deadline = now + _TERMINATE_SECONDS
+        self._announce()
         if start_timed_out:
             _settle(
                 self._ready,
@@ -355,10 +465,19 @@ class WorkerHandle:
             message = self._conn.recv()
         except (EOFError, OSError):
             return False
-        if isinstance(message, Finished):
+        if isinstance(message, Delta):
+            listener = self._listeners.get(message.request_id)
+            if listener is not None:
+                try:
+                    listener(message)
+                except Exception:
+                    logger.exception("vllm-service: passing on streamed output failed")
+        elif isinstance(message, Finished):
             with self._lock:
                 future = self._pending.pop(message.request_id, None)
+                self._listeners.pop(message.request_id, None)
                 self._last_activity = time.monotonic()
+                self._stop_when_drained(self._last_activity)
             if future is not None:
                 _settle(future, result=message)
         elif isinstance(message, Ready):
@@ -368,6 +487,7 @@ class WorkerHandle:
             with self._lock:
                 self._move(WorkerState.READY)
                 self._last_activity = time.monotonic()
+            self._announce()
             self._shm_paths |= shared_memory_files(self.pid)
             for choice in message.info.get("choices", []):
                 logger.warning("vLLM worker pid %d: %s", self.pid, choice)
@@ -376,6 +496,7 @@ class WorkerHandle:
         elif isinstance(message, StartFailed):
             with self._lock:
                 self._move(WorkerState.STOPPING, time.monotonic() + self.stop_timeout)
+            self._announce()
             error = WorkerStartError(
                 f"The vLLM worker failed to start: {message.error}", self._log_tail()
             )
@@ -393,6 +514,7 @@ class WorkerHandle:
             self._move(WorkerState.EXITED)
             futures = list(self._pending.values())
             self._pending.clear()
+            self._listeners.clear()
         # Callers hear first; the clean-up below may take seconds.
         how = self._describe_exit(exit_code)
         if not self._ready.done():
@@ -435,6 +557,8 @@ class WorkerHandle:
         self._conn.close()
         _live_handles.discard(self)
         self._exited.set()
+        self._announcements.append(WorkerState.EXITED)
+        self._announce()
 
     # ----- helpers -----
 
@@ -473,6 +597,11 @@ class WorkerHandle:
         except OSError:
             return ""
         return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def remaining(deadline: float | None) -> float | None:
+    """Seconds left until ``deadline`` (a ``time.monotonic()`` value); None without one."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 def _new_log_path() -> Path:

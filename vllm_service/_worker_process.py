@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -28,9 +29,11 @@ from ._protocol import (
     Finished,
     Ready,
     RemoteError,
+    Sleep,
     StartFailed,
     Stop,
     Submit,
+    ToWorker,
     WorkerConfig,
 )
 
@@ -81,35 +84,45 @@ def remote_error(exc: BaseException) -> RemoteError:
 
 
 def _serve(conn: Connection, engine: Engine) -> None:
+    asleep = False
     while True:
         busy = engine.has_unfinished()
         if conn.poll(0 if busy else _IDLE_POLL_SECONDS):
-            if not _read_messages(conn, engine):
-                return
+            for message in _waiting_messages(conn):
+                if message is None or isinstance(message, Stop):
+                    return
+                if isinstance(message, Abort):
+                    engine.abort(message.request_ids)
+                elif isinstance(message, Sleep):
+                    if not asleep and not engine.has_unfinished():
+                        engine.sleep()
+                        asleep = True
+                elif isinstance(message, Submit):
+                    if asleep:
+                        engine.wake_up()
+                        asleep = False
+                    for request in message.requests:
+                        try:
+                            engine.add(request)
+                        except Exception as exc:
+                            conn.send(
+                                Finished(request.request_id, error=f"{type(exc).__name__}: {exc}")
+                            )
         if engine.has_unfinished():
-            for finished in engine.step():
-                conn.send(finished)
+            for output in engine.step():
+                conn.send(output)
 
 
-def _read_messages(conn: Connection, engine: Engine) -> bool:
-    """Handle every message waiting on the pipe; False when the worker should stop."""
+def _waiting_messages(conn: Connection) -> Iterator[ToWorker | None]:
+    """Every message waiting on the pipe; None when the parent is gone."""
     while True:
         try:
-            message = conn.recv()
+            yield conn.recv()
         except (EOFError, OSError):
-            return False  # the parent is gone
-        if isinstance(message, Stop):
-            return False
-        if isinstance(message, Abort):
-            engine.abort(message.request_ids)
-        elif isinstance(message, Submit):
-            for request in message.requests:
-                try:
-                    engine.add(request)
-                except Exception as exc:
-                    conn.send(Finished(request.request_id, error=f"{type(exc).__name__}: {exc}"))
+            yield None
+            return
         if not conn.poll(0):
-            return True
+            return
 
 
 def _start_watchdog(closing: threading.Event) -> None:

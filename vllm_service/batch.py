@@ -41,7 +41,7 @@ from tqdm import tqdm
 from . import _placement
 from ._batch_output import RUN_KEY, OutputFile, run_fingerprint
 from ._protocol import ChatMessages, Finished, Request, WorkerConfig
-from ._worker_handle import WorkerHandle, WorkerUnavailable
+from ._worker_handle import KeepAlive, WorkerHandle, WorkerUnavailable
 from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
 from .settings import looks_like_local_path
 from .types import GenerationParams
@@ -523,7 +523,7 @@ class _Run:
                         )
                         return
                     handle = WorkerHandle(
-                        config, idle_ttl=_IDLE_TTL_SECONDS, startup_timeout=startup_timeout
+                        config, keep_alive=KeepAlive(_IDLE_TTL_SECONDS), startup_timeout=startup_timeout
                     )
                     with self.changed:
                         self.handles[slot] = handle
