@@ -5,27 +5,36 @@
 ...     print(service.generate("What is the capital of France?").text)
 """
 
+from ._stream import AsyncGenerationStream, GenerationStream
+from .async_service import AsyncVLLMInferenceService
 from .batch import generate
 from .demo_model import demo_model_path
 from .errors import (
     RemoteServerError,
+    RequestAbortedError,
     RequestTimeoutError,
     ServiceShutdownError,
     VLLMServiceError,
     WorkerDiedError,
     WorkerStartError,
 )
-from .service import VLLMInferenceService
+from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
-from .types import GenerationParams, GenerationResult, ServiceStatus
+from .types import GenerationParams, GenerationResult, ServiceStatus, StreamChunk
 
 __all__ = [
+    "AsyncGenerationStream",
+    "AsyncVLLMInferenceService",
     "GenerationParams",
     "GenerationResult",
+    "GenerationStream",
+    "Hold",
     "RemoteServerError",
+    "RequestAbortedError",
     "RequestTimeoutError",
     "ServiceShutdownError",
     "ServiceStatus",
+    "StreamChunk",
     "VLLMInferenceService",
     "VLLMServiceError",
     "VLLMSettings",

@@ -50,3 +50,8 @@ class RemoteServerError(VLLMServiceError):
 
 class RequestTimeoutError(VLLMServiceError):
     """A call took longer than ``VLLM_REQUEST_TIMEOUT_SECONDS``; its requests were aborted."""
+
+
+class RequestAbortedError(VLLMServiceError):
+    """The request was given up before it finished: its call was cancelled, its stream
+    closed, or the worker unloaded with ``unload(wait=False)``. The service goes on."""

@@ -5,21 +5,27 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures import wait as wait_futures
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from ._lora import VLLM_DEFAULT_MAX_LORA_RANK, LoraRegistry, lora_engine_args
-from ._protocol import ChatMessages, Finished, LoraAdapter, Request, TokenIds, WorkerConfig
-from ._worker_handle import WorkerHandle, WorkerState, WorkerUnavailable
+from ._placement import visible_gpus
+from ._protocol import ChatMessages, Delta, Finished, LoraAdapter, Request, TokenIds, WorkerConfig
+from ._stream import GenerationStream
+from ._worker_handle import KeepAlive, WorkerHandle, WorkerState, WorkerUnavailable, remaining
 from .errors import (
     RemoteServerError,
+    RequestAbortedError,
     RequestTimeoutError,
     ServiceShutdownError,
     WorkerDiedError,
@@ -63,6 +69,7 @@ class VLLMInferenceService:
         if local:
             for name, path in self.settings.lora_modules.items():
                 self._loras.add(name, path)
+        self._keep_alive = KeepAlive(self.settings.idle_ttl_seconds, self.settings.idle_sleep_seconds)
         self._lock = threading.Lock()
         self._slot = _WorkerSlot()
         self._closed = False
@@ -77,12 +84,21 @@ class VLLMInferenceService:
 
     # ----- generation -----
 
-    def generate(self, prompt: str | TokenIds, params: Params = None, **overrides: Any) -> GenerationResult:
-        """Complete one prompt: a string, or token ids (``[1, 2, 3]``)."""
-        return self._run([_check_prompt(prompt)], params, overrides)[0]
+    def generate(
+        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> GenerationResult:
+        """Complete one prompt: a string, or token ids (``[1, 2, 3]``).
+
+        ``keep_alive`` (seconds; on every generation method) sets how long the worker stays
+        once nothing is in flight, from this call on: 0 exits at once, a negative value never.
+        Unset, ``VLLM_IDLE_TTL_SECONDS`` applies.
+        """
+        return self._run(self._prepare([_check_prompt(prompt)], params, overrides, keep_alive))[0]
 
     def generate_batch(
-        self, prompts: Sequence[str | TokenIds], params: Params = None, **overrides: Any
+        self, prompts: Sequence[str | TokenIds], params: Params = None, *,
+        keep_alive: float | None = None, **overrides: Any,
     ) -> list[GenerationResult]:
         """Complete many prompts at once; results come back in the same order.
 
@@ -91,24 +107,45 @@ class VLLMInferenceService:
         ``finish_reason == "error"`` and its message, and the others run on. Remote mode raises
         :class:`RemoteServerError` when every prompt of the call failed on the server.
         """
-        if isinstance(prompts, str):
-            raise TypeError("generate_batch takes a list of prompts; use generate() for one")
-        if prompts and all(isinstance(p, int) for p in prompts):
-            raise TypeError(
-                "generate_batch takes a list of prompts, and a list of ints is one prompt of "
-                "token ids: use generate(token_ids), or generate_batch([token_ids, ...])"
-            )
-        return self._run([_check_prompt(p) for p in prompts], params, overrides)
+        return self._run(self._prepare(_checked_prompts(prompts), params, overrides, keep_alive))
 
-    def chat(self, messages: ChatMessages, params: Params = None, **overrides: Any) -> GenerationResult:
+    def chat(
+        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> GenerationResult:
         """Answer one conversation (OpenAI-style messages), using the model's chat template."""
-        return self.chat_batch([messages], params, **overrides)[0]
+        return self._run(self._prepare([_check_messages(messages)], params, overrides, keep_alive))[0]
 
     def chat_batch(
-        self, conversations: Sequence[ChatMessages], params: Params = None, **overrides: Any
+        self, conversations: Sequence[ChatMessages], params: Params = None, *,
+        keep_alive: float | None = None, **overrides: Any,
     ) -> list[GenerationResult]:
         """Answer many conversations at once; results come back in the same order."""
-        return self._run([_check_messages(c) for c in conversations], params, overrides)
+        prompts = [_check_messages(c) for c in conversations]
+        return self._run(self._prepare(prompts, params, overrides, keep_alive))
+
+    def stream(
+        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> GenerationStream:
+        """Complete one prompt, handing out the text as it is generated.
+
+        Returns an iterator of :class:`StreamChunk`: each has the new ``text`` and
+        ``token_ids``, and the last one the whole :class:`GenerationResult` in ``result``. The
+        request starts at once, in the same batch as every other call. Breaking out of the
+        loop (and dropping the stream), :meth:`GenerationStream.close`, or leaving a ``with``
+        block on it aborts the request in the engine.
+        """
+        call = self._prepare([_check_prompt(prompt)], params, overrides, keep_alive, stream=True)
+        return GenerationStream(self, call)
+
+    def chat_stream(
+        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> GenerationStream:
+        """Answer one conversation, handing out the text as it is generated (see :meth:`stream`)."""
+        call = self._prepare([_check_messages(messages)], params, overrides, keep_alive, stream=True)
+        return GenerationStream(self, call)
 
     # ----- LoRA adapters -----
 
@@ -164,34 +201,32 @@ class VLLMInferenceService:
 
     def status(self) -> ServiceStatus:
         """What the worker is doing now. Never starts a worker or keeps one alive."""
+        return self._status_of(self._slot.handle)
+
+    def hold(self) -> Hold:
+        """Keep the worker alive for a ``with`` (or ``async with``) block, whatever the TTL.
+
+        For a pipeline of calls with pauses between them. It does not start the worker (the
+        first call, or :meth:`warmup`, does); once the block ends, the idle clock starts and
+        the normal keep-alive applies. Blocks may nest and overlap, from any thread.
+        """
+        return Hold(self._keep_alive)
+
+    def unload(self, wait: bool = True) -> None:
+        """Stop the worker now and give its memory back; the service stays open.
+
+        ``wait=True`` lets the calls in flight finish first (new calls wait for the next
+        worker); ``wait=False`` aborts them with :class:`RequestAbortedError`. Returns once
+        the worker has exited. The next call starts a new worker.
+        """
         handle = self._slot.handle
-        if handle is None or handle.exited:  # exited: its processes and files are gone too
-            return ServiceStatus(
-                state="stopped", pid=None, mode=self._config.mode, model=self._config.model,
-                dtype=None, started_at=None, load_seconds=None, in_flight=0,
-                requests_served=self._served, restarts=self._restarts,
-                last_error=(handle.failure if handle is not None else None) or self._last_error,
-                expires_at=None, memory_bytes=0,
-            )
-        state, in_flight, expires_at = handle.snapshot()
-        if state is WorkerState.EXITED:
-            state = WorkerState.STOPPING  # the process ended; its clean-up is under way
-        info = handle.info
-        return ServiceStatus(
-            state=state.value,  # type: ignore[arg-type]
-            pid=handle.pid,
-            mode=self._config.mode,
-            model=info.get("model", self._config.model),
-            dtype=info.get("dtype"),
-            started_at=handle.started_at,
-            load_seconds=info.get("startup_seconds"),
-            in_flight=in_flight,
-            requests_served=self._served,
-            restarts=self._restarts,
-            last_error=self._last_error,
-            expires_at=expires_at,
-            memory_bytes=handle.memory_bytes(),
-        )
+        if handle is None:
+            return
+        if wait and handle.state in (WorkerState.READY, WorkerState.RETIRING):
+            handle.retire()
+            handle.wait_exited()
+        else:
+            handle.stop(RequestAbortedError("the worker was unloaded (unload(wait=False))"))
 
     def shutdown(self) -> None:
         """Stop the worker; calls in flight fail with :class:`ServiceShutdownError`.
@@ -212,43 +247,77 @@ class VLLMInferenceService:
         state = "closed" if self._closed else ("ready" if self.is_ready() else "idle")
         return f"VLLMInferenceService(model={self._config.model!r}, mode={self._config.mode!r}, {state})"
 
-    # ----- internals -----
+    # ----- internals: one call, from its prompts to its results -----
 
-    def _run(
-        self, prompts: list[str | TokenIds | ChatMessages], params: Params, overrides: dict[str, Any]
-    ) -> list[GenerationResult]:
+    def _prepare(
+        self,
+        prompts: list[str | TokenIds | ChatMessages],
+        params: Params,
+        overrides: dict[str, Any],
+        keep_alive: float | None,
+        stream: bool = False,
+    ) -> Call:
+        """Check everything about a call and build its requests; raises before anything runs."""
         chosen = _chosen_params(params, overrides)
         sampling = self._sampling(chosen)
         lora = self._lora(chosen.lora)
-        if not prompts:
-            return []
+        if keep_alive is not None and (
+            isinstance(keep_alive, bool)
+            or not isinstance(keep_alive, (int, float))
+            or not math.isfinite(keep_alive)
+        ):
+            raise ValueError(
+                f"keep_alive must be a number of seconds (0: exit once idle, negative: never), "
+                f"got {keep_alive!r}"
+            )
         timeout = self.settings.request_timeout_seconds
-        deadline = None if timeout is None else time.monotonic() + timeout
-        requests = [Request(next(self._request_ids), p, sampling, lora) for p in prompts]
-        ids = [r.request_id for r in requests]
+        return Call(
+            requests=[Request(next(self._request_ids), p, sampling, lora, stream) for p in prompts],
+            parse_as=chosen.json_schema or chosen.json_object,
+            keep_alive=self.settings.idle_ttl_seconds if keep_alive is None else float(keep_alive),
+            deadline=None if timeout is None else time.monotonic() + timeout,
+        )
+
+    def _run(self, call: Call) -> list[GenerationResult]:
+        if not call.requests:
+            return []
         handle: WorkerHandle | None = None
         try:
             while True:
-                handle = self._ready_worker(deadline)
+                handle = self._ready_worker(call.deadline)
                 try:
-                    futures = handle.submit(requests)
+                    futures = self._submit(handle, call)
                     break
                 except WorkerUnavailable:
                     continue  # it began to retire or died just now: start a new one
-            done, not_done = wait_futures(futures, timeout=_remaining(deadline))
+            _, not_done = wait_futures(futures, timeout=remaining(call.deadline))
         except BaseException:
             # Ctrl-C, or any error on the way: the engine drops whatever of these it has.
             if handle is not None:
-                handle.abort(ids, ServiceShutdownError("the call was interrupted"))
+                handle.abort(call.request_ids, RequestAbortedError("the call was interrupted"))
             raise
         if not_done:
-            handle.abort(
-                ids,
-                RequestTimeoutError(
-                    f"{len(not_done)} of {len(requests)} request(s) did not finish within "
-                    f"{timeout} s (VLLM_REQUEST_TIMEOUT_SECONDS)"
-                ),
-            )
+            self._time_out(handle, call, len(not_done))
+        return self._results(call, futures)
+
+    def _submit(
+        self, handle: WorkerHandle, call: Call, on_delta: Callable[[Delta], None] | None = None
+    ) -> list[Future[Finished]]:
+        """Send the call's requests; from now on the worker stays ``call.keep_alive`` once idle."""
+        self._keep_alive.ttl = call.keep_alive
+        return handle.submit(call.requests, on_delta)
+
+    def _time_out(self, handle: WorkerHandle, call: Call, unfinished: int) -> None:
+        handle.abort(
+            call.request_ids,
+            RequestTimeoutError(
+                f"{unfinished} of {len(call.requests)} request(s) did not finish within "
+                f"{self.settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS)"
+            ),
+        )
+
+    def _results(self, call: Call, futures: list[Future[Finished]]) -> list[GenerationResult]:
+        """The call's results from its settled futures; raises what the call must raise."""
         with self._lock:
             self._served += sum(1 for f in futures if f.done() and f.exception() is None)
         try:
@@ -262,9 +331,10 @@ class VLLMInferenceService:
         except (WorkerDiedError, RemoteServerError) as exc:
             self._last_error = str(exc)
             raise
-        return [_to_result(f, chosen.json_schema or chosen.json_object) for f in finished]
+        return [_to_result(f, call.parse_as) for f in finished]
 
-    def _ready_worker(self, deadline: float | None = None) -> WorkerHandle:
+    def _worker(self) -> WorkerHandle:
+        """The current worker, started if there is none taking requests."""
         with self._lock:
             if self._closed:
                 raise ServiceShutdownError(
@@ -279,23 +349,67 @@ class VLLMInferenceService:
                     self._last_error = handle.failure or self._last_error
                 handle = WorkerHandle(
                     self._config,
-                    idle_ttl=self.settings.idle_ttl_seconds,
+                    keep_alive=self._keep_alive,
                     startup_timeout=self.settings.startup_timeout_seconds,
                     stop_timeout=self.settings.stop_timeout_seconds,
+                    on_change=_weakly(self._log_change),
                 )
                 self._slot.handle = handle
+        return handle
+
+    def _ready_worker(self, deadline: float | None = None) -> WorkerHandle:
+        handle = self._worker()
         try:
-            handle.wait_ready(_remaining(deadline))  # a failed start reaches every waiter
+            handle.wait_ready(remaining(deadline))  # a failed start reaches every waiter
         except FuturesTimeoutError:
-            raise RequestTimeoutError(
-                f"the worker was still loading the model after "
-                f"{self.settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); it "
-                "goes on loading for the next call"
-            ) from None
+            raise self._start_timed_out() from None
         except WorkerStartError as exc:
             self._last_error = str(exc).split("\n", 1)[0]
             raise
         return handle
+
+    def _start_timed_out(self) -> RequestTimeoutError:
+        return RequestTimeoutError(
+            f"the worker was still loading the model after "
+            f"{self.settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); it "
+            "goes on loading for the next call"
+        )
+
+    def _log_change(self, handle: WorkerHandle, state: WorkerState) -> None:
+        status = self._status_of(handle)
+        logger.info("vllm-service worker %s: %s", state.value, status.describe())
+
+    def _status_of(self, handle: WorkerHandle | None) -> ServiceStatus:
+        keep_alive = self._keep_alive
+        common = dict(
+            mode=self._config.mode, requests_served=self._served, restarts=self._restarts,
+            keep_alive_seconds=keep_alive.ttl, held=keep_alive.held,
+        )
+        if handle is None or handle.exited:  # exited: its processes and files are gone too
+            return ServiceStatus(
+                state="stopped", pid=None, model=self._config.model, dtype=None,
+                started_at=None, load_seconds=None, in_flight=0,
+                last_error=(handle.failure if handle is not None else None) or self._last_error,
+                expires_at=None, memory_bytes=0, asleep=False, **common,  # type: ignore[arg-type]
+            )
+        state, in_flight, expires_at = handle.snapshot()
+        if state is WorkerState.EXITED:
+            state = WorkerState.STOPPING  # the process ended; its clean-up is under way
+        info = handle.info
+        return ServiceStatus(
+            state=state.value,  # type: ignore[arg-type]
+            pid=handle.pid,
+            model=info.get("model", self._config.model),
+            dtype=info.get("dtype"),
+            started_at=handle.started_at,
+            load_seconds=info.get("startup_seconds"),
+            in_flight=in_flight,
+            last_error=self._last_error,
+            expires_at=expires_at,
+            memory_bytes=handle.memory_bytes(),
+            asleep=handle.asleep,
+            **common,  # type: ignore[arg-type]
+        )
 
     def _sampling(self, chosen: GenerationParams) -> dict[str, Any]:
         """The request's sampling keywords: the chosen ones over the service's defaults."""
@@ -337,6 +451,63 @@ class VLLMInferenceService:
         if self._config.mode == "remote":
             return LoraAdapter(name, 0)  # the server knows it by name
         return self._loras.get(name)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One public call, checked and ready to send: its requests and how to finish it."""
+
+    requests: list[Request]
+    parse_as: Any  # the json_schema or json_object asked for, to fill ``parsed``
+    keep_alive: float  # how long the worker stays once idle, from this call on
+    deadline: float | None  # time.monotonic() by which it must end
+
+    @property
+    def request_ids(self) -> list[int]:
+        return [r.request_id for r in self.requests]
+
+
+class Hold:
+    """Keeps the worker alive while entered (``with`` or ``async with``); see ``hold()``."""
+
+    def __init__(self, keep_alive: KeepAlive) -> None:
+        self._keep_alive = keep_alive
+
+    def __enter__(self) -> Hold:
+        self._keep_alive.hold()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._keep_alive.release()
+
+    async def __aenter__(self) -> Hold:
+        return self.__enter__()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.__exit__()
+
+
+def _weakly(method: Callable[..., None]) -> Callable[..., None]:
+    """``method``, without keeping its object alive (a worker must not keep its service)."""
+    reference = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = reference()
+        if bound is not None:
+            bound(*args)
+
+    return call
+
+
+def _checked_prompts(prompts: Any) -> list[str | TokenIds]:
+    if isinstance(prompts, str):
+        raise TypeError("generate_batch takes a list of prompts; use generate() for one")
+    if prompts and all(isinstance(p, int) for p in prompts):
+        raise TypeError(
+            "generate_batch takes a list of prompts, and a list of ints is one prompt of "
+            "token ids: use generate(token_ids), or generate_batch([token_ids, ...])"
+        )
+    return [_check_prompt(p) for p in prompts]
 
 
 def _chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams:
@@ -404,6 +575,14 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     }
     if settings.mode == "local":
         engine_args = lora_engine_args(engine_args, settings.lora_modules)
+    if settings.idle_sleep_seconds is not None:
+        if not visible_gpus():
+            raise ValueError(
+                "VLLM_IDLE_SLEEP_SECONDS needs a GPU: vLLM's sleep mode moves the weights off "
+                "the GPU, and vLLM has no sleep mode on CPU (this machine has no NVIDIA GPU). "
+                "Unset it; VLLM_IDLE_TTL_SECONDS frees the memory by ending the worker."
+            )
+        engine_args["enable_sleep_mode"] = True
     return WorkerConfig(
         mode=settings.mode,
         model=model,
@@ -442,10 +621,6 @@ def _parsed(text: str, parse_as: Any) -> Any:
         return json.loads(text)
     except ValueError:  # pydantic's ValidationError is one
         return None
-
-
-def _remaining(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
 _live_services: weakref.WeakSet[VLLMInferenceService] = weakref.WeakSet()

@@ -49,7 +49,17 @@ class VLLMSettings(BaseSettings):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per engine (tensor parallelism).")
     dtype: str = Field("auto", description="Model dtype: auto, float16, bfloat16, float32.")
     idle_ttl_seconds: float = Field(
-        1800, gt=0, description="The worker exits after this long with no request in flight."
+        1800,
+        allow_inf_nan=False,
+        description="The worker exits after this long with no request in flight: 0 as soon as "
+        "nothing is in flight, a negative value never. A call's keep_alive= overrides it.",
+    )
+    idle_sleep_seconds: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="GPU only: after this long idle the engine goes into vLLM's sleep mode "
+        "(weights off the GPU) and the next request wakes it; unset never sleeps.",
     )
     trust_remote_code: bool = Field(True, description="Trust remote code in the model repository.")
     default_temperature: float = Field(
@@ -137,6 +147,11 @@ class VLLMSettings(BaseSettings):
     def _check_mode(self) -> VLLMSettings:
         if self.mode == "remote" and not self.api_url:
             raise ValueError("VLLM_API_URL is required when VLLM_MODE=remote")
+        if self.mode == "remote" and self.idle_sleep_seconds is not None:
+            raise ValueError(
+                "VLLM_IDLE_SLEEP_SECONDS applies to local mode only: a remote server manages "
+                "its own memory (start it with --enable-sleep-mode to put it to sleep)"
+            )
         if self.mode == "local" and looks_like_local_path(self.model_path):
             path = Path(self.model_path).expanduser()
             if not path.exists():

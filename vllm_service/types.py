@@ -393,7 +393,9 @@ class ServiceStatus:
 
     state: WorkerState
     """``"stopped"`` (no worker; the next call starts one), ``"starting"`` (loading the model),
-    ``"ready"``, ``"retiring"`` (idle TTL passed, exiting) or ``"stopping"`` (shut down)."""
+    ``"ready"``, ``"retiring"`` (idle TTL passed or :meth:`~VLLMInferenceService.unload`: it
+    finishes the calls in flight, takes no new ones and exits) or ``"stopping"`` (shut down,
+    or unloaded without waiting)."""
     pid: int | None
     """The worker process's pid, or ``None`` when there is none."""
     mode: Literal["local", "remote"]
@@ -414,6 +416,37 @@ class ServiceStatus:
     last_error: str | None
     """The last worker failure (a failed start, a dead worker), if any."""
     expires_at: float | None
-    """When the worker retires if nothing comes; ``None`` while busy or with no worker."""
+    """When the worker retires if nothing comes; ``None`` while busy, held
+    (:meth:`~VLLMInferenceService.hold`), set never to expire, or with no worker."""
     memory_bytes: int
     """Resident memory of the worker and its engine processes, 0 with no worker."""
+    keep_alive_seconds: float
+    """How long the worker stays once idle (the last call's ``keep_alive=``, or
+    ``VLLM_IDLE_TTL_SECONDS``): 0 exits at once, negative never."""
+    held: bool
+    """True inside a :meth:`~VLLMInferenceService.hold` block: the worker does not expire."""
+    asleep: bool
+    """True while the engine is in vLLM's sleep mode (``VLLM_IDLE_SLEEP_SECONDS``, GPU only)."""
+
+    def describe(self) -> str:
+        """The fields as one ``name=value`` line, for logs."""
+        return " ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class StreamChunk:
+    """One piece of a streamed generation (:meth:`VLLMInferenceService.stream`).
+
+    Joined in order, the ``text`` of all chunks of sample ``index`` is that sample's text.
+    The last chunk carries the whole :class:`GenerationResult` in ``result`` (with an error
+    result when the request failed); the chunks before it have ``None``.
+    """
+
+    text: str
+    """The new text."""
+    token_ids: list[int]
+    """The ids of the new tokens."""
+    index: int = 0
+    """Which sample the new text belongs to (0 unless ``n`` > 1)."""
+    result: GenerationResult | None = None
+    """The full result, on the last chunk only."""

@@ -1,0 +1,215 @@
+"""The asyncio face of the service: :class:`AsyncVLLMInferenceService`.
+
+It drives the same worker through the same :class:`VLLMInferenceService` internals. A call
+submits its requests and awaits their futures on the event loop (``asyncio.wrap_future``):
+no thread waits for a request, so a thousand concurrent tasks make no thread. Only what
+blocks by nature runs in a thread: starting the worker (waiting for an old one to exit),
+unloading and shutting down, and remote-mode adapter calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from ._protocol import ChatMessages, TokenIds
+from ._stream import AsyncGenerationStream
+from ._worker_handle import WorkerHandle, WorkerUnavailable, remaining
+from .errors import RequestAbortedError, WorkerStartError
+from .service import (
+    Call,
+    Hold,
+    Params,
+    VLLMInferenceService,
+    _check_messages,
+    _check_prompt,
+    _checked_prompts,
+)
+from .settings import VLLMSettings
+from .types import GenerationResult, ServiceStatus
+
+
+class AsyncVLLMInferenceService:
+    """:class:`VLLMInferenceService` for asyncio: every method ``async``, streams ``async for``.
+
+    The same settings, worker and life cycle (lazy start, keep-alive, hold, unload). Pass
+    ``service=`` to share the worker of an existing synchronous service (one worker for the
+    sync and the async parts of an app); :meth:`shutdown` then closes that service too.
+    Cancelling a task that awaits a call aborts the call's requests in the engine.
+    """
+
+    def __init__(
+        self, settings: VLLMSettings | None = None, *, service: VLLMInferenceService | None = None
+    ) -> None:
+        if service is not None and settings is not None:
+            raise TypeError("pass settings or service=, not both (the service has its settings)")
+        self.service = service if service is not None else VLLMInferenceService(settings)
+        """The synchronous service behind this one (the same worker)."""
+        self.settings = self.service.settings
+
+    # ----- generation -----
+
+    async def generate(
+        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> GenerationResult:
+        """Complete one prompt (see :meth:`VLLMInferenceService.generate`)."""
+        call = self.service._prepare([_check_prompt(prompt)], params, overrides, keep_alive)
+        return (await self._run(call))[0]
+
+    async def generate_batch(
+        self, prompts: Sequence[str | TokenIds], params: Params = None, *,
+        keep_alive: float | None = None, **overrides: Any,
+    ) -> list[GenerationResult]:
+        """Complete many prompts at once (see :meth:`VLLMInferenceService.generate_batch`)."""
+        call = self.service._prepare(_checked_prompts(prompts), params, overrides, keep_alive)
+        return await self._run(call)
+
+    async def chat(
+        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> GenerationResult:
+        """Answer one conversation (see :meth:`VLLMInferenceService.chat`)."""
+        call = self.service._prepare([_check_messages(messages)], params, overrides, keep_alive)
+        return (await self._run(call))[0]
+
+    async def chat_batch(
+        self, conversations: Sequence[ChatMessages], params: Params = None, *,
+        keep_alive: float | None = None, **overrides: Any,
+    ) -> list[GenerationResult]:
+        """Answer many conversations at once (see :meth:`VLLMInferenceService.chat_batch`)."""
+        prompts = [_check_messages(c) for c in conversations]
+        return await self._run(self.service._prepare(prompts, params, overrides, keep_alive))
+
+    def stream(
+        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> AsyncGenerationStream:
+        """Complete one prompt as an async iterator of :class:`StreamChunk` (``async for``).
+
+        The arguments are checked now; the request starts at the first step of the loop.
+        """
+        call = self.service._prepare(
+            [_check_prompt(prompt)], params, overrides, keep_alive, stream=True
+        )
+        return AsyncGenerationStream(self.service, call, self._ready_worker)
+
+    def chat_stream(
+        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
+        **overrides: Any,
+    ) -> AsyncGenerationStream:
+        """Answer one conversation as an async iterator of :class:`StreamChunk`."""
+        call = self.service._prepare(
+            [_check_messages(messages)], params, overrides, keep_alive, stream=True
+        )
+        return AsyncGenerationStream(self.service, call, self._ready_worker)
+
+    # ----- LoRA adapters -----
+
+    async def load_lora(self, name: str, path: str) -> None:
+        """See :meth:`VLLMInferenceService.load_lora`."""
+        await asyncio.to_thread(self.service.load_lora, name, path)
+
+    async def unload_lora(self, name: str) -> None:
+        """See :meth:`VLLMInferenceService.unload_lora`."""
+        await asyncio.to_thread(self.service.unload_lora, name)
+
+    async def lora_adapters(self) -> list[str]:
+        """See :meth:`VLLMInferenceService.lora_adapters`."""
+        return await asyncio.to_thread(self.service.lora_adapters)
+
+    # ----- life cycle -----
+
+    async def warmup(self) -> None:
+        """Start the worker and load the model now."""
+        await self._ready_worker(None)
+
+    def is_ready(self) -> bool:
+        """True when a worker is running with its model loaded. Does not start or keep one."""
+        return self.service.is_ready()
+
+    async def status(self) -> ServiceStatus:
+        """What the worker is doing now (see :meth:`VLLMInferenceService.status`)."""
+        return self.service.status()
+
+    def hold(self) -> Hold:
+        """Keep the worker alive for an ``async with`` block (see :meth:`VLLMInferenceService.hold`)."""
+        return self.service.hold()
+
+    async def unload(self, wait: bool = True) -> None:
+        """Stop the worker now; the next call starts one (see :meth:`VLLMInferenceService.unload`)."""
+        await asyncio.to_thread(self.service.unload, wait)
+
+    async def shutdown(self) -> None:
+        """Stop the worker and close the service (see :meth:`VLLMInferenceService.shutdown`)."""
+        await asyncio.to_thread(self.service.shutdown)
+
+    async def __aenter__(self) -> AsyncVLLMInferenceService:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.shutdown()
+
+    def __repr__(self) -> str:
+        return "Async" + repr(self.service)
+
+    # ----- internals -----
+
+    async def _run(self, call: Call) -> list[GenerationResult]:
+        if not call.requests:
+            return []
+        handle: WorkerHandle | None = None
+        try:
+            while True:
+                handle = await self._ready_worker(call.deadline)
+                try:
+                    futures = self.service._submit(handle, call)
+                    break
+                except WorkerUnavailable:
+                    continue
+            _, not_done = await _wait(futures, remaining(call.deadline))
+        except BaseException:  # the task was cancelled
+            if handle is not None:
+                handle.abort(call.request_ids, RequestAbortedError("the call was cancelled"))
+            raise
+        if not_done:
+            self.service._time_out(handle, call, len(not_done))
+        return self.service._results(call, futures)
+
+    async def _ready_worker(self, deadline: float | None) -> WorkerHandle:
+        """The ready worker, started if needed, without blocking the event loop."""
+        handle = self.service._slot.handle
+        if handle is None or not handle.accepting or self.service._closed:
+            # Starting may wait for an old worker to exit: the one wait that gets a thread.
+            handle = await asyncio.to_thread(self.service._worker)
+        _, not_done = await _wait([handle.ready], remaining(deadline))
+        if not_done:
+            raise self.service._start_timed_out()
+        try:
+            handle.ready.result()
+        except WorkerStartError as exc:
+            self.service._last_error = str(exc).split("\n", 1)[0]
+            raise
+        return handle
+
+
+async def _wait(futures: list[Future[Any]], timeout: float | None) -> tuple[set[Any], set[Any]]:
+    """Wait on the loop for concurrent futures, never cancelling them (others may share them).
+
+    The caller reads the outcomes from ``futures`` themselves.
+    """
+    if all(f.done() for f in futures):
+        return set(futures), set()
+    waiting = [asyncio.wrap_future(f) for f in futures]
+    for future in waiting:
+        future.add_done_callback(_seen)
+    return await asyncio.wait(waiting, timeout=timeout)
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    # The outcome is read from the concurrent future; this keeps asyncio from logging an
+    # error it thinks nobody saw.
+    if not future.cancelled():
+        future.exception()
