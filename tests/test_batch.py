@@ -488,7 +488,7 @@ class FakeHandle:
     poison: set[str] = set()
     started: list[FakeHandle] = []
 
-    def __init__(self, config: Any, *, idle_ttl: float, startup_timeout: float) -> None:
+    def __init__(self, config: Any, *, keep_alive: Any, startup_timeout: float) -> None:
         plans = FakeHandle.plans
         if isinstance(plans, dict):
             plans = plans.setdefault(config.environment["VLLM_CPU_OMP_THREADS_BIND"], [])

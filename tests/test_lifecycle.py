@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from _reference_engine import ReferenceEngine
-from _waiting import wait_until
+from _waiting import engine_cpu_percent, wait_until
 from vllm_service import (
+    RequestAbortedError,
     RequestTimeoutError,
     ServiceShutdownError,
     VLLMInferenceService,
@@ -64,17 +65,6 @@ def start_callers(call, count: int) -> tuple[list[threading.Thread], list[object
 def join_all(threads: list[threading.Thread], timeout: float) -> None:
     for t in threads:
         t.join(timeout=timeout)
-
-
-def engine_cpu_percent(pgid: int, seconds: float = 2.0) -> float:
-    """CPU use of the worker's whole process group over ``seconds`` (100 = one core)."""
-    import psutil
-
-    processes = [psutil.Process(pid) for pid in group_members(pgid)]
-    for process in processes:
-        process.cpu_percent(None)
-    time.sleep(seconds)
-    return sum(process.cpu_percent(None) for process in processes)
 
 
 @pytest.fixture(scope="module")
@@ -138,19 +128,86 @@ def test_idle_ttl_frees_the_worker_and_next_call_works(
     assert current_pid(short_lived) != pid
 
 
-def test_request_arriving_while_worker_retires_goes_to_a_new_worker(
+def test_a_stream_outlives_a_short_keep_alive_and_the_clock_starts_at_its_end(
+    short_lived: VLLMInferenceService,
+) -> None:
+    # keep_alive=1 for this call: the worker may leave 1 s after it, never during it
+    stream = short_lived.stream("Tell me a story.", max_tokens=150, ignore_eos=True, keep_alive=1)
+    pid = current_pid(short_lived)
+    started = time.monotonic()
+    chunks = list(stream)
+    assert time.monotonic() - started > 3, "the stream should outlast the keep-alive"
+    assert chunks[-1].result is not None and chunks[-1].result.completion_tokens == 150
+    ended = time.monotonic()
+    assert current_pid(short_lived) == pid and short_lived.status().state == "ready"
+    assert wait_until(lambda: short_lived.status().state != "ready", 10)
+    assert time.monotonic() - ended >= 0.9
+    assert wait_until(lambda: short_lived.status().state == "stopped", 20)
+    assert not group_members(pid)
+
+
+def test_never_expire_hold_and_exit_at_once(short_lived: VLLMInferenceService) -> None:
+    short_lived.generate("Hello", max_tokens=2, keep_alive=-1)  # never expires
+    pid = current_pid(short_lived)
+    status = short_lived.status()
+    assert status.expires_at is None and status.keep_alive_seconds == -1
+    time.sleep(IDLE_TTL + 1)
+    assert current_pid(short_lived) == pid and short_lived.is_ready()
+
+    with short_lived.hold():
+        # keep_alive=0 would end it at once, but the hold keeps it for the block
+        short_lived.generate("Hello", max_tokens=2, keep_alive=0)
+        time.sleep(2)
+        status = short_lived.status()
+        assert status.state == "ready" and status.held and status.expires_at is None
+    # the block ended: keep_alive=0 applies, and the worker leaves at once
+    assert wait_until(lambda: short_lived.status().state == "stopped", 15)
+    assert not pid_alive(pid)
+
+
+def test_unload_waits_for_calls_in_flight_and_new_calls_go_to_a_new_worker(
     short_lived: VLLMInferenceService, reference: ReferenceEngine
 ) -> None:
     short_lived.warmup()
-    handle = short_lived._slot.handle
-    # Make the idle check fire now, as the reader thread would at the end of the TTL.
-    handle._idle_ttl = 0
-    handle._tick()
-    assert short_lived.status().state == "retiring"
-    result = short_lived.generate("The capital of France is", temperature=0, max_tokens=4)
-    assert result.text == reference.generate("The capital of France is", temperature=0, max_tokens=4)
-    assert short_lived._slot.handle is not handle
-    assert handle.exited and not group_members(handle.pid)
+    pid = current_pid(short_lived)
+    stream = short_lived.stream("Tell me a story.", max_tokens=100, ignore_eos=True)
+    next(stream)
+    unloading = threading.Thread(target=short_lived.unload)
+    unloading.start()
+    assert wait_until(lambda: short_lived.status().state == "retiring", 10)
+    # a call that arrives now waits for the next worker
+    threads, outcomes = start_callers(
+        lambda: short_lived.generate("The capital of France is", temperature=0, max_tokens=4), 1
+    )
+    rest = list(stream)
+    assert rest[-1].result is not None and rest[-1].result.completion_tokens == 100
+    unloading.join(60)
+    assert not unloading.is_alive() and not group_members(pid)
+    join_all(threads, 300)
+    assert outcomes == [
+        short_lived.generate("The capital of France is", temperature=0, max_tokens=4)
+    ]
+    assert outcomes[0].text == reference.generate(
+        "The capital of France is", temperature=0, max_tokens=4
+    )
+    assert current_pid(short_lived) != pid
+    assert short_lived.status().restarts >= 1
+
+
+def test_unload_without_waiting_aborts_calls_in_flight(short_lived: VLLMInferenceService) -> None:
+    short_lived.warmup()
+    pid = current_pid(short_lived)
+    threads, outcomes = start_callers(
+        lambda: short_lived.generate("Tell me a story.", max_tokens=1000, ignore_eos=True), 2
+    )
+    assert wait_until(lambda: short_lived.status().in_flight == 2, 10)
+    short_lived.unload(wait=False)
+    join_all(threads, 30)
+    assert len(outcomes) == 2 and all(isinstance(o, RequestAbortedError) for o in outcomes)
+    assert "unload" in str(outcomes[0])
+    assert wait_until(lambda: short_lived.status().state == "stopped", 15)
+    assert not group_members(pid)
+    short_lived.unload()  # nothing to unload: a no-op
 
 
 def test_shutdown_racing_requests(short_lived: VLLMInferenceService) -> None:

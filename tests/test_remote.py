@@ -12,6 +12,7 @@ in front of it, passing on what it does not answer itself and counting requests.
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import http.server
 import json
@@ -31,10 +32,12 @@ import openai
 import pytest
 from _lora_adapter import make_adapter, peft_greedy
 from _reference_engine import ReferenceEngine
+from _waiting import wait_until
 from pydantic import BaseModel, Field
 
 from vllm_service._local_engine import cpu_dtype
 from vllm_service import (
+    AsyncVLLMInferenceService,
     GenerationParams,
     RemoteServerError,
     ServiceShutdownError,
@@ -846,6 +849,66 @@ def test_batch_requests_are_in_flight_together(
         watcher.join()
     assert all(r.completion_tokens == 64 and r.finish_reason == "length" for r in results)
     assert max(running) >= 8, running
+
+
+def server_running(server: VLLMServer) -> float:
+    """How many requests the server's engine runs now (its Prometheus metrics)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/metrics") as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith("vllm:num_requests_running"):
+                return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("the server reports no vllm:num_requests_running")
+
+
+# ----- streaming and asyncio through the server -----
+
+
+def test_streams_add_up_to_the_servers_answers(
+    remote: VLLMInferenceService, vllm_says: dict[str, str]
+) -> None:
+    chunks = list(remote.chat_stream(FRANCE, temperature=0, max_tokens=20))
+    assert len(chunks) > 5
+    result = chunks[-1].result
+    assert result is not None and "".join(c.text for c in chunks) == result.text == vllm_says["france20"]
+    assert [t for c in chunks for t in c.token_ids] == result.token_ids
+    chunks = list(remote.stream("The capital of France is", temperature=0, max_tokens=5))
+    assert "".join(c.text for c in chunks) == vllm_says["paris5"]
+
+    async def streamed() -> str:
+        aservice = AsyncVLLMInferenceService(service=remote)
+        texts = [c.text async for c in aservice.chat_stream(FRANCE, temperature=0, max_tokens=20)]
+        answer = await aservice.chat(FRANCE, temperature=0, max_tokens=20)
+        assert answer.text == vllm_says["france20"]
+        return "".join(texts)
+
+    assert asyncio.run(streamed()) == vllm_says["france20"]
+
+
+def test_a_stream_given_up_stops_on_the_server(
+    server: VLLMServer, remote: VLLMInferenceService
+) -> None:
+    endless = {"max_tokens": 1500, "ignore_eos": True}
+    for _ in remote.stream("Tell me a story.", **endless):
+        break
+    assert wait_until(lambda: server_running(server) == 0, 10)
+
+    stream = remote.stream("Tell me a story.", **endless)
+    next(stream)
+    assert server_running(server) == 1
+    stream.close()
+    assert wait_until(lambda: server_running(server) == 0, 10)
+
+    async def cancelled() -> None:
+        aservice = AsyncVLLMInferenceService(service=remote)
+        task = asyncio.create_task(aservice.generate("Tell me a story.", **endless))
+        assert await asyncio.to_thread(wait_until, lambda: server_running(server) == 1, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(cancelled())
+    assert wait_until(lambda: server_running(server) == 0, 10)
+    assert remote.status().in_flight == 0
 
 
 # ----- the API key stays secret -----

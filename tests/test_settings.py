@@ -88,7 +88,7 @@ def test_api_key_is_never_shown() -> None:
     assert "sk-secret-123" not in repr(s) and "sk-secret-123" not in str(s)
     assert "sk-secret-123" not in repr(worker_config(s))
     with pytest.raises(ValueError) as info:
-        VLLMSettings(model_path="org/model", api_key="sk-secret-123", idle_ttl_seconds=-1)
+        VLLMSettings(model_path="org/model", api_key="sk-secret-123", startup_timeout_seconds=-1)
     assert "sk-secret-123" not in str(info.value)
 
 

@@ -1,0 +1,108 @@
+"""The examples run as a user runs them: the streaming HTTP server, over loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from _reference_engine import ReferenceEngine
+from _waiting import wait_until
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+FRANCE = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """examples/streaming_server.py in a process of its own; its base URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = tmp_path_factory.mktemp("example") / "server.log"
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_MODEL_PATH"}
+    with open(log, "wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "streaming_server.py"), "--port", str(port)],
+            stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(f"the example server exited; see {log}")
+        try:
+            return httpx.get(f"{url}/status", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        assert wait_until(up, 300), f"the example server did not come up; see {log}"
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)  # uvicorn's clean exit runs the service's shutdown
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        assert process.returncode == 0, log.read_text()[-3000:]
+
+
+def events(answer: httpx.Response) -> Iterator[dict[str, Any]]:
+    """The server-sent events of a streamed answer, as they arrive."""
+    for line in answer.iter_lines():
+        if line.startswith("data: "):
+            yield json.loads(line.removeprefix("data: "))
+
+
+def test_the_answer_streams_as_events_and_is_vllms(server: str, reference: ReferenceEngine) -> None:
+    body = {"message": FRANCE, "temperature": 0, "max_tokens": 24}
+    with httpx.stream("POST", f"{server}/chat", json=body, timeout=120) as answer:
+        assert answer.status_code == 200
+        assert answer.headers["content-type"].startswith("text/event-stream")
+        received = list(events(answer))
+    pieces, done = received[:-1], received[-1]
+    assert len(pieces) > 5 and all("text" in p for p in pieces)
+    expected = reference.chat([{"role": "user", "content": FRANCE}], temperature=0, max_tokens=24)
+    assert "".join(p["text"] for p in pieces) == expected
+    assert done["done"] is True and done["finish_reason"] in ("stop", "length")
+    assert 0 < done["completion_tokens"] <= 24 and done["error"] is None
+
+
+def test_a_client_that_hangs_up_stops_its_generation(server: str) -> None:
+    body = {"message": "Tell me a very long story.", "max_tokens": 1500}
+    with httpx.stream("POST", f"{server}/chat", json=body, timeout=120) as answer:
+        stream = events(answer)
+        next(stream), next(stream)
+        assert httpx.get(f"{server}/status").json()["in_flight"] == 1
+    # the connection is closed: the server aborts the request in the engine
+    assert wait_until(lambda: httpx.get(f"{server}/status").json()["in_flight"] == 0, 10)
+
+
+def test_concurrent_clients_and_bad_values(server: str) -> None:
+    import concurrent.futures
+
+    def ask(k: int) -> str:
+        body = {"message": f"Count to {k}.", "temperature": 0, "max_tokens": 16}
+        with httpx.stream("POST", f"{server}/chat", json=body, timeout=120) as answer:
+            return "".join(e.get("text", "") for e in events(answer))
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(8)))
+    assert all(answers)
+    status = httpx.get(f"{server}/status").json()
+    assert status["state"] == "ready" and status["requests_served"] >= 10
+
+    bad = httpx.post(f"{server}/chat", json={"message": "Hi", "temperature": -1}, timeout=30)
+    assert bad.status_code == 400 and "temperature" in bad.json()["detail"]

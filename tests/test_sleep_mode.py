@@ -1,0 +1,83 @@
+"""``VLLM_IDLE_SLEEP_SECONDS``: vLLM's sleep mode for an idle engine, GPU only.
+
+This machine has no GPU, so the setting's refusal is tested for real, and the GPU path as
+far as it goes without one: the engine arguments, the worker's sleep and wake-up calls (the
+real worker process and loop around a stand-in engine), and the exact vLLM calls made.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import _standin_worker
+import vllm_service._worker_handle
+import vllm_service.service
+from _waiting import wait_until
+from vllm_service import VLLMInferenceService, VLLMSettings
+from vllm_service._local_engine import LocalEngine
+from vllm_service._placement import visible_gpus
+
+
+def test_this_cpu_machine_refuses_the_setting_saying_why(demo_model: Path) -> None:
+    assert not visible_gpus()
+    settings = VLLMSettings(model_path=demo_model, idle_sleep_seconds=60)
+    with pytest.raises(ValueError, match="needs a GPU") as info:
+        VLLMInferenceService(settings)
+    assert "no sleep mode on CPU" in str(info.value)
+    with pytest.raises(ValueError, match="local mode only"):
+        VLLMSettings(
+            mode="remote", model_path="m", api_url="http://127.0.0.1:1", idle_sleep_seconds=60
+        )
+    with pytest.raises(ValueError, match="greater than 0"):
+        VLLMSettings(model_path=demo_model, idle_sleep_seconds=0)
+
+
+def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
+    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls_file = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("STANDIN_CALLS", str(calls_file))
+    monkeypatch.setattr(vllm_service.service, "visible_gpus", lambda: ["0"])  # a GPU machine
+    monkeypatch.setattr(vllm_service._worker_handle, "run_worker", _standin_worker.run_worker)
+
+    settings = VLLMSettings(model_path=demo_model, idle_sleep_seconds=1, idle_ttl_seconds=60)
+    with VLLMInferenceService(settings) as service:
+        assert service.generate("Hello").text == "ok"
+        assert not service.status().asleep
+        assert wait_until(lambda: service.status().asleep, 5), "the idle engine did not sleep"
+        status = service.status()
+        assert status.state == "ready" and status.expires_at is not None  # the TTL still runs
+        time.sleep(2)  # asleep, it is not told to sleep again
+        assert service.generate("Hello again").text == "ok"
+        assert not service.status().asleep
+        with service.hold():  # a held worker does not sleep
+            time.sleep(2.5)
+            assert not service.status().asleep
+        assert wait_until(lambda: service.status().asleep, 5)
+
+    calls: list[dict[str, Any]] = _standin_worker.calls(str(calls_file))
+    assert calls[0]["call"] == "init" and calls[0]["engine_args"]["enable_sleep_mode"] is True
+    assert [c["call"] for c in calls[1:]] == [
+        "add", "sleep", "wake_up", "add", "sleep", "close"
+    ]
+
+
+def test_the_local_engine_uses_vllms_sleep_level_1_and_wake_up() -> None:
+    made: list[tuple[str, dict[str, Any]]] = []
+
+    class RecordingLLM:
+        def sleep(self, **kwargs: Any) -> None:
+            made.append(("sleep", kwargs))
+
+        def wake_up(self, **kwargs: Any) -> None:
+            made.append(("wake_up", kwargs))
+
+    engine = LocalEngine.__new__(LocalEngine)  # no vLLM engine behind it
+    engine._llm = RecordingLLM()
+    engine.sleep()
+    engine.wake_up()
+    assert made == [("sleep", {"level": 1}), ("wake_up", {})]
