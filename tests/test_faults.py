@@ -9,7 +9,6 @@ reach the worker. Every wait here is bounded: a hang fails the test instead of b
 
 from __future__ import annotations
 
-import _thread
 import json
 import os
 import signal
@@ -26,7 +25,7 @@ import psutil
 import pytest
 
 from _reference_engine import ReferenceEngine
-from _waiting import wait_until
+from _waiting import engine_cpu_percent, wait_until
 from vllm_service import (
     RequestTimeoutError,
     ServiceShutdownError,
@@ -355,8 +354,14 @@ def test_a_forked_child_gets_a_worker_of_its_own_and_never_touches_the_parents(
 
 
 def interrupted_after(seconds: float, call: Callable[[], Any]) -> bool:
-    """Run ``call`` with a KeyboardInterrupt raised into this thread after ``seconds``."""
-    timer = threading.Timer(seconds, _thread.interrupt_main)
+    """Run ``call`` with a real SIGINT (Ctrl-C) sent to this, the main, thread after ``seconds``.
+
+    A signal, not ``_thread.interrupt_main``: only a signal wakes a thread blocked in a wait,
+    as Ctrl-C does.
+    """
+    main = threading.main_thread().ident
+    assert main == threading.get_ident()
+    timer = threading.Timer(seconds, signal.pthread_kill, (main, signal.SIGINT))
     try:
         timer.start()  # with a short delay the interrupt may land in here already
         call()
@@ -372,15 +377,18 @@ def test_ctrl_c_aborts_the_calls_requests_in_the_engine(
 ) -> None:
     svc.warmup()
     worker = svc.status().pid
-    assert interrupted_after(2.0, lambda: svc.generate(STORY, max_tokens=3000, ignore_eos=True))
-    assert svc.status().in_flight == 0
-    # The engine stops generating for it: vLLM's engine processes go idle.
-    processes = [psutil.Process(pid) for pid in engine_processes(worker)]
-    time.sleep(1.0)
-    for process in processes:
-        process.cpu_percent(None)
-    time.sleep(2.0)
-    assert sum(process.cpu_percent(None) for process in processes) < 30
+    assert worker is not None
+    for call in (
+        lambda: svc.generate(STORY, max_tokens=3000, ignore_eos=True),
+        lambda: list(svc.stream(STORY, max_tokens=3000, ignore_eos=True)),
+    ):
+        started = time.monotonic()
+        assert interrupted_after(2.0, call)
+        assert time.monotonic() - started < 5, "the interrupt waited for the generation"
+        assert svc.status().in_flight == 0
+        # The engine stops generating for it: vLLM's engine processes go idle.
+        time.sleep(1.5)
+        assert engine_cpu_percent(worker) < 30
     # Interrupts while a large request is being handed over never leave half a message.
     for delay in (0.0, 0.005, 0.02, 0.1):
         interrupted_after(delay, lambda: svc.generate_batch(["x " * 300_000] * 3, max_tokens=2))
