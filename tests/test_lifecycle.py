@@ -276,6 +276,13 @@ def test_request_timeout_aborts_the_call_not_the_worker(
         with pytest.raises(RequestTimeoutError, match="VLLM_REQUEST_TIMEOUT_SECONDS"):
             service.generate("Tell me a story.", max_tokens=5000, ignore_eos=True)
         assert time.monotonic() - started < 10
+        # a stream's timeout counts over the whole stream, and raises from the loop
+        started = time.monotonic()
+        chunks = []
+        with pytest.raises(RequestTimeoutError, match="VLLM_REQUEST_TIMEOUT_SECONDS"):
+            for chunk in service.stream("Tell me a story.", max_tokens=5000, ignore_eos=True):
+                chunks.append(chunk)
+        assert chunks and time.monotonic() - started < 10
         # the aborted request no longer runs: the engine goes idle
         time.sleep(1.0)
         assert engine_cpu_percent(pid) < 30

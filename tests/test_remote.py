@@ -40,6 +40,7 @@ from vllm_service import (
     AsyncVLLMInferenceService,
     GenerationParams,
     RemoteServerError,
+    RequestAbortedError,
     ServiceShutdownError,
     VLLMInferenceService,
     VLLMSettings,
@@ -638,17 +639,46 @@ def test_5xx_is_retried_a_bounded_number_of_times() -> None:
     )
 
 
-def test_idle_worker_exits_and_comes_back(server: VLLMServer, vllm_says: dict[str, str]) -> None:
+def test_keep_alive_hold_and_unload_in_remote_mode(
+    server: VLLMServer, vllm_says: dict[str, str]
+) -> None:
     with VLLMInferenceService(remote_settings(server, idle_ttl_seconds=1)) as service:
         service.warmup()
-        first = service._slot.handle
-        assert first.wait_exited(timeout=15)
-        assert not service.is_ready()
-        assert (
-            service.generate("The capital of France is", temperature=0, max_tokens=5).text
-            == vllm_says["paris5"]
-        )
-        assert service._slot.handle is not first
+        first = service.status().pid
+        assert wait_until(lambda: service.status().state == "stopped", 15)  # idle TTL 1 s
+        answer = service.generate("The capital of France is", temperature=0, max_tokens=5)
+        assert answer.text == vllm_says["paris5"]
+        assert service.status().pid not in (None, first) and service.status().restarts == 1
+
+        with service.hold():
+            service.generate("Hello", max_tokens=2)
+            time.sleep(2.5)
+            assert service.status().state == "ready" and service.status().held
+        assert wait_until(lambda: service.status().state == "stopped", 15)
+
+        service.generate("Hello", max_tokens=2, keep_alive=-1)
+        time.sleep(2.5)
+        assert service.status().state == "ready" and service.status().expires_at is None
+        service.generate("Hello", max_tokens=2, keep_alive=0)
+        assert wait_until(lambda: service.status().state == "stopped", 15)
+
+        service.warmup()
+        thread_outcome: list[BaseException] = []
+
+        def long_call() -> None:
+            try:
+                service.generate("Tell me a story.", max_tokens=1500, ignore_eos=True)
+            except BaseException as exc:
+                thread_outcome.append(exc)
+
+        caller = threading.Thread(target=long_call)
+        caller.start()
+        assert wait_until(lambda: server_running(server) == 1, 10)
+        service.unload(wait=False)
+        caller.join(30)
+        assert len(thread_outcome) == 1 and isinstance(thread_outcome[0], RequestAbortedError)
+        assert service.status().state == "stopped"
+        assert wait_until(lambda: server_running(server) == 0, 10), "the server still generates"
 
 
 def test_engine_samples_n_and_aborts(server: VLLMServer) -> None:

@@ -7,6 +7,8 @@ real worker process and loop around a stand-in engine), and the exact vLLM calls
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ import _standin_worker
 import vllm_service._worker_handle
 import vllm_service.service
 from _waiting import wait_until
-from vllm_service import VLLMInferenceService, VLLMSettings
+from vllm_service import ServiceStatus, VLLMInferenceService, VLLMSettings
 from vllm_service._local_engine import LocalEngine
 from vllm_service._placement import visible_gpus
 
@@ -37,7 +39,8 @@ def test_this_cpu_machine_refuses_the_setting_saying_why(demo_model: Path) -> No
 
 
 def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
-    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     calls_file = tmp_path / "calls.jsonl"
     monkeypatch.setenv("STANDIN_CALLS", str(calls_file))
@@ -58,6 +61,19 @@ def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
             time.sleep(2.5)
             assert not service.status().asleep
         assert wait_until(lambda: service.status().asleep, 5)
+
+    # every change of state is logged at INFO with all the fields of status()
+    changes = [
+        r.getMessage() for r in caplog.records
+        if r.levelno == logging.INFO and r.getMessage().startswith("vllm-service worker ")
+    ]
+    assert [m.split(":")[0].rsplit(" ", 1)[1] for m in changes] == [
+        "starting", "ready", "stopping", "exited"
+    ]
+    for message in changes:
+        for field in dataclasses.fields(ServiceStatus):
+            assert f" {field.name}=" in message or f": {field.name}=" in message, (field, message)
+    assert "state='stopped'" in changes[-1] and "requests_served=2" in changes[-1]
 
     calls: list[dict[str, Any]] = _standin_worker.calls(str(calls_file))
     assert calls[0]["call"] == "init" and calls[0]["engine_args"]["enable_sleep_mode"] is True

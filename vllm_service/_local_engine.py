@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import re
 import shutil
 import tempfile
@@ -24,6 +25,8 @@ from .types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
+# How long step() waits for the engine's next output before the worker loop reads its pipe.
+_STEP_POLL_SECONDS = 0.005
 # On a CPU-only machine the KV cache is sized from memory that is free at start:
 # this share of it, within these bounds.
 _CPU_KV_CACHE_SHARE = 0.15
@@ -151,7 +154,12 @@ class LocalEngine:
         return self._engine.has_unfinished_requests()
 
     def step(self) -> list[Delta | Finished]:
-        """Run one engine step; return the streamed requests' new output and what finished."""
+        """Take one engine step's output; return the streamed requests' new output and what
+        finished. Returns nothing after a short wait when the engine has not finished a step,
+        so that the worker loop hands a new request to the engine at once.
+        """
+        if not self._output_ready(_STEP_POLL_SECONDS):
+            return []
         messages: list[Delta | Finished] = []
         for output in self._engine.step():
             request_id = int(output.request_id)
@@ -187,6 +195,24 @@ class LocalEngine:
                 )
             )
         return messages
+
+    def _output_ready(self, timeout: float) -> bool:
+        """Whether vLLM's engine process has sent a step's output, waiting up to ``timeout``.
+
+        vLLM's engine process steps on its own; ``LLMEngine.step()`` blocks until the next
+        output arrives. A request that reaches the worker while it blocks there would wait
+        for that step's end before it is added, and then miss the step the engine starts
+        meanwhile: about 1.5 steps later than vLLM's own async server adds it (hundreds of
+        ms at 16 running requests here). So wait on the client's output queue instead (the
+        same queue ``step()`` reads), briefly; an engine client without one is stepped as is.
+        """
+        outputs = getattr(self._engine.engine_core, "outputs_queue", None)
+        if not isinstance(outputs, queue.Queue):
+            return True
+        with outputs.not_empty:  # Queue.qsize() would take this lock again: use _qsize()
+            if not outputs._qsize():  # type: ignore[attr-defined]
+                outputs.not_empty.wait(timeout)
+            return bool(outputs._qsize())  # type: ignore[attr-defined]
 
     def sleep(self) -> None:
         self._llm.sleep(level=1)

@@ -39,9 +39,9 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# How long step() waits for a request to finish before handing control back to the worker
-# loop, which then reads new messages from the pipe.
-_STEP_WAIT_SECONDS = 0.05
+# How long step() waits for a request's output before handing control back to the worker
+# loop, which then reads new messages from the pipe (so a new request goes out within it).
+_STEP_WAIT_SECONDS = 0.005
 # A server that is down is found out at connect time; a long per-request timeout must not
 # make that wait long.
 _CONNECT_TIMEOUT_SECONDS = 10.0
