@@ -101,7 +101,7 @@ def test_concurrent_clients_and_bad_values(server: str) -> None:
         answers = list(pool.map(ask, range(8)))
     assert all(answers)
     status = httpx.get(f"{server}/status").json()
-    assert status["state"] == "ready" and status["requests_served"] >= 10
+    assert status["state"] == "ready" and status["requests_served"] >= 8
 
     bad = httpx.post(f"{server}/chat", json={"message": "Hi", "temperature": -1}, timeout=30)
     assert bad.status_code == 400 and "temperature" in bad.json()["detail"]

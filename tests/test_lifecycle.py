@@ -197,16 +197,20 @@ def test_unload_waits_for_calls_in_flight_and_new_calls_go_to_a_new_worker(
 def test_unload_without_waiting_aborts_calls_in_flight(short_lived: VLLMInferenceService) -> None:
     short_lived.warmup()
     pid = current_pid(short_lived)
-    threads, outcomes = start_callers(
-        lambda: short_lived.generate("Tell me a story.", max_tokens=1000, ignore_eos=True), 2
-    )
-    assert wait_until(lambda: short_lived.status().in_flight == 2, 10)
+    # two requests generating: each stream has handed out its first chunk
+    streams = [
+        short_lived.stream("Tell me a story.", max_tokens=3000, ignore_eos=True) for _ in range(2)
+    ]
+    for stream in streams:
+        next(stream)
+    assert short_lived.status().in_flight == 2
+    started = time.monotonic()
     short_lived.unload(wait=False)
-    join_all(threads, 30)
-    assert len(outcomes) == 2 and all(isinstance(o, RequestAbortedError) for o in outcomes)
-    assert "unload" in str(outcomes[0])
-    assert wait_until(lambda: short_lived.status().state == "stopped", 15)
-    assert not group_members(pid)
+    assert time.monotonic() - started < 15
+    for stream in streams:
+        with pytest.raises(RequestAbortedError, match="unload"):
+            list(stream)
+    assert short_lived.status().state == "stopped" and not group_members(pid)
     short_lived.unload()  # nothing to unload: a no-op
 
 

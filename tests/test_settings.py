@@ -50,7 +50,7 @@ def test_vllm_own_variables_are_ignored(monkeypatch: pytest.MonkeyPatch, tmp_pat
     ("variable", "value"),
     [
         ("VLLM_GPU_MEMORY_UTILIZATION", "2"),
-        ("VLLM_IDLE_TTL_SECONDS", "-5"),
+        ("VLLM_IDLE_TTL_SECONDS", "soon"),
         ("VLLM_MODE", "foo"),
         ("VLLM_MAX_MODEL_LEN", "lots"),
         ("VLLM_DTYPE", "int3"),
