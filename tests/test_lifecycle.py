@@ -94,9 +94,13 @@ def test_lazy_start_then_kill_9_mid_request(
     threads, errors = start_callers(
         lambda: short_lived.generate("Tell me a story.", max_tokens=1000, ignore_eos=True), 3
     )
+    stream = short_lived.stream("Tell me a story.", max_tokens=1000, ignore_eos=True)
+    next(stream)  # a stream that is being read when the worker dies
     time.sleep(2.0)
     killed_at = time.monotonic()
     os.kill(pid, signal.SIGKILL)
+    with pytest.raises(WorkerDiedError):
+        list(stream)
     join_all(threads, 30)
     assert not any(t.is_alive() for t in threads), "a caller hung on a dead worker"
     assert time.monotonic() - killed_at < 15
