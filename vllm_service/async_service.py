@@ -190,7 +190,7 @@ class AsyncVLLMInferenceService:
         try:
             handle.ready.result()
         except WorkerStartError as exc:
-            self.service._last_error = str(exc).split("\n", 1)[0]
+            self.service._note_start_failure(exc)
             raise
         return handle
 

@@ -364,9 +364,13 @@ class VLLMInferenceService:
         except FuturesTimeoutError:
             raise self._start_timed_out() from None
         except WorkerStartError as exc:
-            self._last_error = str(exc).split("\n", 1)[0]
+            self._note_start_failure(exc)
             raise
         return handle
+
+    def _note_start_failure(self, error: WorkerStartError) -> None:
+        """Keep a failed start's first line (its message, not the log tail) for status()."""
+        self._last_error = str(error).split("\n", 1)[0]
 
     def _start_timed_out(self) -> RequestTimeoutError:
         return RequestTimeoutError(
