@@ -15,6 +15,7 @@ from .errors import (
     RequestTimeoutError,
     ServiceShutdownError,
     VLLMServiceError,
+    WeightUpdateError,
     WorkerDiedError,
     WorkerStartError,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "VLLMInferenceService",
     "VLLMServiceError",
     "VLLMSettings",
+    "WeightUpdateError",
     "WorkerDiedError",
     "WorkerStartError",
     "demo_model_path",

@@ -4,6 +4,7 @@ The worker process owns exactly one engine and calls it from one thread, in this
 
     while running:
         for each message on the pipe: engine.add(request) / engine.abort(ids) / engine.sleep()
+        once nothing runs and an update waits: engine.update_weights(files, folder)
         if engine.has_unfinished(): send every Delta and Finished that engine.step() returns
 
 A new kind of engine is one class with these methods; nothing else in the worker changes.
@@ -37,6 +38,10 @@ class Engine(Protocol):
     - ``sleep()`` moves the model's weights off the GPU (vLLM's sleep mode, level 1), with
       nothing in flight; ``wake_up()`` brings them back. Only called when the engine was
       built with ``enable_sleep_mode``.
+    - ``update_weights(files, folder)`` loads the tensors of safetensors ``files`` in place,
+      with nothing in flight, and clears what depends on the old weights (the prefix cache).
+      It raises :class:`WeightsRejected` when they do not fit (the engine keeps its weights)
+      and :class:`WeightsBroken` when loading failed part-way (the worker must exit).
     - ``close()`` releases everything the engine started (processes, connections); it is
       called once, also after a failed ``step``.
     - ``info`` says what was loaded, for the parent (model, max_model_len, dtype, ...) and the
@@ -51,7 +56,16 @@ class Engine(Protocol):
     def step(self) -> list[Delta | Finished]: ...
     def sleep(self) -> None: ...
     def wake_up(self) -> None: ...
+    def update_weights(self, files: list[str], folder: str | None) -> None: ...
     def close(self) -> None: ...
+
+
+class WeightsRejected(Exception):
+    """The update does not fit the model; the engine still has its previous weights."""
+
+
+class WeightsBroken(Exception):
+    """Loading failed part-way: the engine holds a mix of old and new weights."""
 
 
 def make_engine(config: Any) -> Engine:

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 GiB = 1 << 30
 # How long step() waits for the engine's next output before the worker loop reads its pipe.
 _STEP_POLL_SECONDS = 0.005
+# Mixed into vLLM's worker class: it loads new weights next to the model (update_weights).
+WEIGHT_LOADER = "vllm_service._weight_loader.WeightLoader"
 # On a CPU-only machine the KV cache is sized from memory that is free at start:
 # this share of it, within these bounds.
 _CPU_KV_CACHE_SHARE = 0.15
@@ -220,6 +222,22 @@ class LocalEngine:
     def wake_up(self) -> None:
         self._llm.wake_up()
 
+    def update_weights(self, files: list[str], folder: str | None) -> None:
+        """Load new weights in place through vLLM's worker extension (``_weight_loader``)."""
+        from ._engine import WeightsBroken, WeightsRejected
+
+        extension = self._llm.llm_engine.vllm_config.parallel_config.worker_extension_cls
+        if extension != WEIGHT_LOADER:
+            raise WeightsRejected(
+                f"VLLM_ENGINE_ARGS sets worker_extension_cls={extension!r}, which replaces "
+                f"{WEIGHT_LOADER}, the class that loads the weights; remove it to update weights"
+            )
+        for problem in self._llm.collective_rpc("vllm_service_load_weights", args=(files, folder)):
+            if problem:
+                kind, message = problem
+                raise (WeightsBroken if kind == "broken" else WeightsRejected)(message)
+        self._llm.reset_prefix_cache()
+
     def close(self) -> None:
         """Stop vLLM's engine processes; the ``LLM`` object alone never lets them go."""
         self._engine.engine_core.shutdown()
@@ -314,6 +332,7 @@ def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[s
     from vllm.platforms import current_platform
 
     args = dict(requested)
+    args.setdefault("worker_extension_cls", WEIGHT_LOADER)  # for update_weights
     choices: list[str] = []
 
     model_limit = _model_max_len(args["model"], bool(args.get("trust_remote_code")))

@@ -5,11 +5,14 @@
     Submit([Request, ...])  ------------->   engine.add() each; a bad one -> Finished(error=...)
     Abort([request_id, ...]) ------------>   engine.abort()
     Sleep()                 ------------->   engine.sleep(); the next Submit wakes it (GPU only)
+    UpdateWeights(...)      ------------->   once nothing runs: engine.update_weights(); Submits
+                                             that come meanwhile wait for it
     Stop()                  ------------->   tear the engine down, exit
                             <-------------   Ready(info)            once, after the engine is built
                             <-------------   StartFailed(error)     instead of Ready
                             <-------------   Delta(...)             new text of a streamed request
                             <-------------   Finished(...)          one per request, as each ends
+                            <-------------   WeightsUpdated(...)    one per UpdateWeights
 
 The worker never pickles exception objects: errors travel as text (:class:`RemoteError`).
 Its exit code says how it ended (``EXIT_*`` below); a negative one is the signal that killed it.
@@ -31,6 +34,7 @@ TokenIds = list[int]
 EXIT_OK = 0  # stopped when asked, or its parent went away
 EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
 EXIT_ENGINE_DIED = 3  # one of vLLM's engine processes died under it (the log says which)
+EXIT_WEIGHTS_BROKEN = 4  # a weight update failed part-way, leaving a mix of old and new
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,22 @@ class Sleep:
 
 
 @dataclass(frozen=True)
+class UpdateWeights:
+    """Load the tensors of safetensors ``files`` into the engine once nothing runs.
+
+    ``folder`` is the source folder (its config.json is checked), None for staged tensors.
+    ``abort_in_flight`` ends the requests running now with an error instead of letting them
+    finish. An Abort naming ``request_id`` drops it if it has not started.
+    """
+
+    request_id: int
+    files: list[str]
+    folder: str | None
+    version: str | int | None
+    abort_in_flight: bool
+
+
+@dataclass(frozen=True)
 class Stop:
     pass
 
@@ -150,7 +170,20 @@ class Finished:
     server_error: bool = False
     prompt_token_ids: TokenIds | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    weight_version: str | int | None = None  # of the weights the request ran on
 
 
-ToWorker = Submit | Abort | Sleep | Stop
-FromWorker = Ready | StartFailed | Delta | Finished
+@dataclass(frozen=True)
+class WeightsUpdated:
+    """The answer to :class:`UpdateWeights`: ``error`` None when the new weights are live.
+
+    ``version`` is the engine's weight version now (the previous one after an error).
+    """
+
+    request_id: int
+    version: str | int | None
+    error: str | None = None
+
+
+ToWorker = Submit | Abort | Sleep | UpdateWeights | Stop
+FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated

@@ -165,6 +165,9 @@ class RemoteEngine:
     def wake_up(self) -> None:
         raise NotImplementedError("a remote server's memory is the server's to manage")
 
+    def update_weights(self, files: list[str], folder: str | None) -> None:
+        raise NotImplementedError("the service refuses update_weights in remote mode")
+
     def close(self) -> None:
         """Cancel what is in flight, close the client's connections and stop the event loop."""
         self.abort(list(self._in_flight))

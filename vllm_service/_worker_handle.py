@@ -53,6 +53,7 @@ from typing import Any
 from ._protocol import (
     EXIT_ENGINE_DIED,
     EXIT_ERROR,
+    EXIT_WEIGHTS_BROKEN,
     Abort,
     Delta,
     Finished,
@@ -62,6 +63,8 @@ from ._protocol import (
     StartFailed,
     Stop,
     Submit,
+    UpdateWeights,
+    WeightsUpdated,
     WorkerConfig,
 )
 from ._worker_process import run_worker
@@ -168,8 +171,13 @@ class WorkerHandle:
         self._stop_sent = False
         self._last_activity = self._started
         self.asleep = False  # the engine is in vLLM's sleep mode
+        # Of the engine's weights, set by update_weights; an updated worker never retires
+        # for idleness, as its weights exist nowhere else.
+        self.weight_version: str | int | None = None
+        self.weights_updated = False
         self._ready: Future[dict[str, Any]] = Future()
-        self._pending: dict[int, Future[Finished]] = {}
+        # Per request (and weight update) in flight: its Future, settled with its answer.
+        self._pending: dict[int, Future[Any]] = {}
         self._listeners: dict[int, Callable[[Delta], None]] = {}
         self._announcements: list[WorkerState] = []
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -231,7 +239,10 @@ class WorkerHandle:
             state, in_flight = self._state, len(self._pending)
             idle_for = self._idle_for(time.monotonic())
         expires_at = None
-        if state is WorkerState.READY and not in_flight and not keep_alive.held and keep_alive.ttl >= 0:
+        if (
+            state is WorkerState.READY and not in_flight and not keep_alive.held
+            and keep_alive.ttl >= 0 and not self.weights_updated
+        ):
             expires_at = time.time() + max(0.0, keep_alive.ttl - idle_for)
         return state, in_flight, expires_at
 
@@ -266,8 +277,9 @@ class WorkerHandle:
         """Queue requests for the worker; one Future per request, in order. Never blocks.
 
         ``on_delta`` gets the :class:`Delta` messages of streamed requests, on the reader
-        thread, before their Future is settled; it must not block. Raises ``TypeError`` when a request cannot be sent (an object that does not pickle),
-        with nothing registered, and :class:`WorkerUnavailable` when the worker is not ready.
+        thread, before their Future is settled; it must not block. Raises ``TypeError`` when
+        a request cannot be sent (an object that does not pickle), with nothing registered,
+        and :class:`WorkerUnavailable` when the worker is not ready.
         """
         try:
             data = bytes(ForkingPickler.dumps(Submit(requests)))
@@ -277,16 +289,31 @@ class WorkerHandle:
                 "(prompts, messages and sampling values must be plain data: str, numbers, lists, "
                 "dicts)"
             ) from None
-        futures: list[Future[Finished]] = [Future() for _ in requests]
+        return self._register(data, [r.request_id for r in requests], on_delta)
+
+    def update_weights(self, update: UpdateWeights) -> Future[WeightsUpdated]:
+        """Queue a weight update; its Future settles with the worker's answer. Never blocks.
+
+        The worker lets (or, with ``abort_in_flight``, stops) what runs end, loads the
+        weights, then runs what came meanwhile. Raises :class:`WorkerUnavailable` when the
+        worker is not ready.
+        """
+        data = bytes(ForkingPickler.dumps(update))
+        return self._register(data, [update.request_id])[0]
+
+    def _register(
+        self, data: bytes, ids: list[int], on_delta: Callable[[Delta], None] | None = None
+    ) -> list[Future[Any]]:
+        futures: list[Future[Any]] = [Future() for _ in ids]
         with self._lock:
             if self._state is not WorkerState.READY:
                 raise WorkerUnavailable
             # Registered under the lock, so idle retirement (which needs an empty table) can no
             # longer pass these requests by; queued under it, so no interrupt separates the two.
-            for request, future in zip(requests, futures, strict=True):
-                self._pending[request.request_id] = future
+            for request_id, future in zip(ids, futures, strict=True):
+                self._pending[request_id] = future
                 if on_delta is not None:
-                    self._listeners[request.request_id] = on_delta
+                    self._listeners[request_id] = on_delta
             self._last_activity = time.monotonic()
             self.asleep = False  # the worker wakes its engine for these
             self._outbox.put(data)
@@ -384,7 +411,10 @@ class WorkerHandle:
         keep_alive = self._keep_alive
         with self._lock:
             idle_for = self._idle_for(now)
-            if self._state is WorkerState.READY and not self._pending and keep_alive.expired(idle_for):
+            if (
+                self._state is WorkerState.READY and not self._pending
+                and not self.weights_updated and keep_alive.expired(idle_for)
+            ):
                 logger.info(
                     "vLLM worker pid %d idle for %.1f s (keep-alive %g s); stopping it",
                     self.pid, idle_for, keep_alive.ttl,
@@ -472,7 +502,10 @@ class WorkerHandle:
                     listener(message)
                 except Exception:
                     logger.exception("vllm-service: passing on streamed output failed")
-        elif isinstance(message, Finished):
+        elif isinstance(message, (Finished, WeightsUpdated)):
+            if isinstance(message, WeightsUpdated) and message.error is None:
+                self.weight_version = message.version
+                self.weights_updated = True
             with self._lock:
                 future = self._pending.pop(message.request_id, None)
                 self._listeners.pop(message.request_id, None)
@@ -580,6 +613,8 @@ class WorkerHandle:
                 "vLLM's engine process ended",
             )
             return f"exited because {reason}"
+        if exit_code == EXIT_WEIGHTS_BROKEN:
+            return "exited because a weight update failed part-way"
         if exit_code == EXIT_ERROR:
             return f"failed (exit code {exit_code}; the traceback is in its output)"
         return f"exited with code {exit_code}"

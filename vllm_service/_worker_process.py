@@ -9,6 +9,7 @@ block for good). The exit code says which (``EXIT_*`` in ``_protocol``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -20,20 +21,25 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ._engine import Engine, make_engine
+from ._engine import Engine, WeightsRejected, make_engine
 from ._protocol import (
     EXIT_ENGINE_DIED,
     EXIT_ERROR,
     EXIT_OK,
+    EXIT_WEIGHTS_BROKEN,
     Abort,
+    Delta,
     Finished,
     Ready,
     RemoteError,
+    Request,
     Sleep,
     StartFailed,
     Stop,
     Submit,
     ToWorker,
+    UpdateWeights,
+    WeightsUpdated,
     WorkerConfig,
 )
 
@@ -41,6 +47,9 @@ from ._protocol import (
 _IDLE_POLL_SECONDS = 1.0
 # How often the watchdog looks at the engine's processes.
 _WATCHDOG_SECONDS = 0.5
+_ABORTED_FOR_UPDATE = (
+    "aborted: update_weights(in_flight='abort') replaced the weights while this request ran"
+)
 
 
 def run_worker(conn: Connection, config: WorkerConfig) -> None:
@@ -61,8 +70,7 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
             return
         _start_watchdog(closing)
         conn.send(Ready(engine.info))
-        _serve(conn, engine)
-        exit_code = EXIT_OK
+        exit_code = _serve(conn, engine)
     except BaseException:
         traceback.print_exc()
     finally:
@@ -83,34 +91,114 @@ def remote_error(exc: BaseException) -> RemoteError:
     return RemoteError(type(exc).__name__, str(exc), traceback.format_exc())
 
 
-def _serve(conn: Connection, engine: Engine) -> None:
-    asleep = False
-    while True:
-        busy = engine.has_unfinished()
-        if conn.poll(0 if busy else _IDLE_POLL_SECONDS):
-            for message in _waiting_messages(conn):
-                if message is None or isinstance(message, Stop):
-                    return
-                if isinstance(message, Abort):
-                    engine.abort(message.request_ids)
-                elif isinstance(message, Sleep):
-                    if not asleep and not engine.has_unfinished():
-                        engine.sleep()
-                        asleep = True
-                elif isinstance(message, Submit):
-                    if asleep:
-                        engine.wake_up()
-                        asleep = False
-                    for request in message.requests:
-                        try:
-                            engine.add(request)
-                        except Exception as exc:
-                            conn.send(
-                                Finished(request.request_id, error=f"{type(exc).__name__}: {exc}")
-                            )
-        if engine.has_unfinished():
-            for output in engine.step():
-                conn.send(output)
+def _serve(conn: Connection, engine: Engine) -> int:
+    """Serve the pipe until Stop or the parent is gone; returns the exit code."""
+    return _Server(conn, engine).serve()
+
+
+class _Server:
+    """The worker loop: messages from the pipe in, engine steps, results out, in one thread."""
+
+    def __init__(self, conn: Connection, engine: Engine) -> None:
+        self.conn = conn
+        self.engine = engine
+        self.asleep = False
+        self.running: set[int] = set()  # ids of requests added to the engine, not yet finished
+        self.update: UpdateWeights | None = None  # waits until nothing runs
+        self.held: list[Request] = []  # requests that came after the waiting update
+        self.version: str | int | None = None  # of the weights the engine has
+
+    def serve(self) -> int:
+        while True:
+            busy = self.engine.has_unfinished() or self.update is not None
+            if self.conn.poll(0 if busy else _IDLE_POLL_SECONDS):
+                for message in _waiting_messages(self.conn):
+                    if message is None or isinstance(message, Stop):
+                        return EXIT_OK
+                    self.take(message)
+            if self.update is not None and not self.engine.has_unfinished():
+                if not self.apply_update():
+                    return EXIT_WEIGHTS_BROKEN
+            if self.engine.has_unfinished():
+                for output in self.engine.step():
+                    self.send(output)
+
+    def take(self, message: ToWorker) -> None:
+        if isinstance(message, Abort):
+            self.abort(message.request_ids)
+        elif isinstance(message, Sleep):
+            if not self.asleep and not self.engine.has_unfinished() and self.update is None:
+                self.engine.sleep()
+                self.asleep = True
+        elif isinstance(message, Submit):
+            if self.update is not None:
+                self.held.extend(message.requests)
+            else:
+                self.add(message.requests)
+        elif isinstance(message, UpdateWeights):
+            self.update = message
+            if message.abort_in_flight:
+                ids = sorted(self.running)
+                self.engine.abort(ids)
+                for request_id in ids:
+                    self.send(Finished(request_id, error=_ABORTED_FOR_UPDATE))
+
+    def add(self, requests: list[Request]) -> None:
+        if requests and self.asleep:
+            self.engine.wake_up()
+            self.asleep = False
+        for request in requests:
+            try:
+                self.engine.add(request)
+                self.running.add(request.request_id)
+            except Exception as exc:
+                self.send(Finished(request.request_id, error=f"{type(exc).__name__}: {exc}"))
+
+    def abort(self, request_ids: list[int]) -> None:
+        self.engine.abort(request_ids)
+        self.running.difference_update(request_ids)
+        self.held = [r for r in self.held if r.request_id not in request_ids]
+        if self.update is not None and self.update.request_id in request_ids:
+            self.update = None  # given up before it started
+            self.release_held()
+
+    def apply_update(self) -> bool:
+        """Load the waiting update and answer it; False when the engine is left broken."""
+        update, self.update = self.update, None
+        assert update is not None
+        if self.asleep:
+            self.engine.wake_up()
+            self.asleep = False
+        try:
+            self.engine.update_weights(update.files, update.folder)
+        except WeightsRejected as exc:
+            self.conn.send(WeightsUpdated(update.request_id, self.version, error=str(exc)))
+        except Exception as exc:  # WeightsBroken, or anything unforeseen: trust nothing
+            traceback.print_exc()
+            self.conn.send(
+                WeightsUpdated(
+                    update.request_id, None,
+                    error=f"loading failed part-way ({type(exc).__name__}: {exc}); the engine "
+                    "held a mix of old and new weights, so its worker exited and the next call "
+                    "starts a new one from the model's own weights",
+                )
+            )
+            return False
+        else:
+            self.version = update.version
+            self.conn.send(WeightsUpdated(update.request_id, self.version))
+        self.release_held()
+        return True
+
+    def release_held(self) -> None:
+        held, self.held = self.held, []
+        self.add(held)
+
+    def send(self, output: Delta | Finished) -> None:
+        if isinstance(output, Finished):
+            self.running.discard(output.request_id)
+            output = dataclasses.replace(output, weight_version=self.version)
+        self.conn.send(output)
 
 
 def _waiting_messages(conn: Connection) -> Iterator[ToWorker | None]:

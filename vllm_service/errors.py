@@ -55,3 +55,12 @@ class RequestTimeoutError(VLLMServiceError):
 class RequestAbortedError(VLLMServiceError):
     """The request was given up before it finished: its call was cancelled, its stream
     closed, or the worker unloaded with ``unload(wait=False)``. The service goes on."""
+
+
+class WeightUpdateError(VLLMServiceError):
+    """:meth:`~vllm_service.VLLMInferenceService.update_weights` could not load the weights.
+
+    The message names what does not fit (a parameter, its shape or dtype, the architecture).
+    The worker goes on with its previous weights, unless the message says loading failed
+    part-way: then the worker has exited and the next call starts one from the model's own.
+    """

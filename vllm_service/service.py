@@ -20,14 +20,25 @@ from typing import Any, Literal
 
 from ._lora import VLLM_DEFAULT_MAX_LORA_RANK, LoraRegistry, lora_engine_args
 from ._placement import visible_gpus
-from ._protocol import ChatMessages, Delta, Finished, LoraAdapter, Request, TokenIds, WorkerConfig
+from ._protocol import (
+    ChatMessages,
+    Delta,
+    Finished,
+    LoraAdapter,
+    Request,
+    TokenIds,
+    UpdateWeights,
+    WorkerConfig,
+)
 from ._stream import GenerationStream
+from ._weight_source import WeightSource, staged
 from ._worker_handle import KeepAlive, WorkerHandle, WorkerState, WorkerUnavailable, remaining
 from .errors import (
     RemoteServerError,
     RequestAbortedError,
     RequestTimeoutError,
     ServiceShutdownError,
+    WeightUpdateError,
     WorkerDiedError,
     WorkerStartError,
 )
@@ -71,6 +82,7 @@ class VLLMInferenceService:
                 self._loras.add(name, path)
         self._keep_alive = KeepAlive(self.settings.idle_ttl_seconds, self.settings.idle_sleep_seconds)
         self._lock = threading.Lock()
+        self._update_lock = threading.Lock()  # one weight update at a time
         self._slot = _WorkerSlot()
         self._closed = False
         self._request_ids = itertools.count()
@@ -187,6 +199,70 @@ class VLLMInferenceService:
 
         server_lora(self._config.api_url or "", self._config.api_key, action, name, path,
                     timeout=self.settings.api_timeout_seconds)
+
+    # ----- weights -----
+
+    def update_weights(
+        self,
+        source: WeightSource,
+        *,
+        version: str | int | None = None,
+        in_flight: Literal["finish", "abort"] = "finish",
+    ) -> None:
+        """Load new weights into the running engine, without a restart (local mode).
+
+        ``source`` is a folder of safetensors files for the same architecture (as
+        ``save_pretrained`` writes it), or a mapping of parameter name to ``torch.Tensor``
+        with the names of the Hugging Face checkpoint (all of a ``state_dict()`` or part of
+        it). Tensors reach the worker through a file in shared memory, not the pipe.
+
+        ``in_flight="finish"`` lets the requests running now end on the old weights first;
+        ``"abort"`` ends them at once with an error result. Requests sent meanwhile wait
+        and run on the new weights. The prefix cache is cleared. ``version`` (any str or
+        int) is then ``status().weight_version`` and every result's ``weight_version``.
+
+        Starts the worker if none runs. An updated worker no longer exits when idle (its
+        weights exist nowhere else); :meth:`unload` still ends it, and the next worker loads
+        the model's own weights. Raises :class:`WeightUpdateError`, naming the parameter,
+        when the source does not fit: the engine keeps its previous weights.
+        """
+        if self._config.mode == "remote":
+            raise RuntimeError(
+                "update_weights needs local mode (VLLM_MODE=local). A vLLM server loads new "
+                "weights only through its development endpoints (vllm serve with "
+                "VLLM_SERVER_DEV_MODE=1: /pause, /collective_rpc reload_weights on a folder the "
+                "server can read, /resume), or NCCL weight transfer from a GPU trainer; "
+                "vllm-service drives neither"
+            )
+        if in_flight not in ("finish", "abort"):
+            raise ValueError(f"in_flight must be 'finish' or 'abort', got {in_flight!r}")
+        if version is not None and (isinstance(version, bool) or not isinstance(version, (str, int))):
+            raise TypeError(f"version must be a str or an int, got {type(version).__name__}")
+        started = time.monotonic()
+        with self._update_lock, staged(source) as weights:
+            update = UpdateWeights(
+                next(self._request_ids), weights.files, weights.folder, version, in_flight == "abort"
+            )
+            handle: WorkerHandle | None = None
+            try:
+                while True:
+                    handle = self._ready_worker()
+                    try:
+                        answer = handle.update_weights(update)
+                        break
+                    except WorkerUnavailable:
+                        continue
+                result = answer.result()
+            except BaseException:
+                if handle is not None:
+                    handle.abort([update.request_id], RequestAbortedError("update_weights was interrupted"))
+                raise
+        if result.error is not None:
+            raise WeightUpdateError(f"update_weights: {result.error}")
+        logger.info(
+            "vllm-service: weights updated to version %r (%.0f MB) in %.2f s",
+            version, weights.nbytes / 1e6, time.monotonic() - started,
+        )
 
     # ----- life cycle -----
 
@@ -412,6 +488,7 @@ class VLLMInferenceService:
             expires_at=expires_at,
             memory_bytes=handle.memory_bytes(),
             asleep=handle.asleep,
+            weight_version=handle.weight_version,
             **common,  # type: ignore[arg-type]
         )
 
@@ -614,6 +691,7 @@ def _to_result(finished: Finished, parse_as: Any) -> GenerationResult:
         prompt_token_ids=finished.prompt_token_ids,
         prompt_logprobs=finished.prompt_logprobs,
         parsed=_parsed(finished.samples[0].text, parse_as) if parse_as else None,
+        weight_version=finished.weight_version,
     )
 
 

@@ -323,6 +323,9 @@ class GenerationResult:
     """With ``json_schema=`` a pydantic model: the first sample's text as that model; with a
     JSON schema dict or ``json_object=True``: the decoded JSON. ``None`` when the text does
     not parse (e.g. cut off by ``max_tokens``: see ``finish_reason``)."""
+    weight_version: str | int | None = None
+    """The ``version`` given to the :meth:`~VLLMInferenceService.update_weights` whose weights
+    produced this result; ``None`` for the model's own weights (and on error)."""
 
     @classmethod
     def failed(cls, error: str, prompt_tokens: int = 0) -> GenerationResult:
@@ -427,6 +430,9 @@ class ServiceStatus:
     """True inside a :meth:`~VLLMInferenceService.hold` block: the worker does not expire."""
     asleep: bool
     """True while the engine is in vLLM's sleep mode (``VLLM_IDLE_SLEEP_SECONDS``, GPU only)."""
+    weight_version: str | int | None = None
+    """The ``version`` of the last :meth:`~VLLMInferenceService.update_weights` of the current
+    worker; ``None`` while it has the model's own weights (and with no worker)."""
 
     def describe(self) -> str:
         """The fields as one ``name=value`` line, for logs."""
