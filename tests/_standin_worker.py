@@ -1,6 +1,7 @@
 """The real worker process around a stand-in engine, for what this CPU machine cannot run.
 
-vLLM's sleep mode exists only on GPUs. Tests put :func:`run_worker` in place of the worker's
+vLLM's sleep mode exists only on GPUs, and a weight update that fails part-way cannot be
+caused on purpose. Tests put :func:`run_worker` in place of the worker's
 entry point (``vllm_service._worker_handle.run_worker``); the spawned worker then runs the
 real loop with :class:`StandInEngine`, which answers every request with "ok" and writes each
 call it gets, one JSON line each, to the file named by ``STANDIN_CALLS``.
@@ -14,6 +15,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from vllm_service import _worker_process
+from vllm_service._engine import WeightsBroken, WeightsRejected
 from vllm_service._protocol import Finished, Request, WorkerConfig
 from vllm_service.types import Sample
 
@@ -43,6 +45,15 @@ class StandInEngine:
 
     def wake_up(self) -> None:
         self._record("wake_up")
+
+    def update_weights(self, files: list[str], folder: str | None) -> None:
+        """Records the call; a folder named "rejected" or "broken" fails that way."""
+        self._record("update_weights", files=files)
+        name = os.path.basename(folder or "")
+        if name == "rejected":
+            raise WeightsRejected("model.layers.0.mlp.up_proj.weight does not fit")
+        if name == "broken":
+            raise WeightsBroken("the file went away half-way")
 
     def close(self) -> None:
         self._record("close")

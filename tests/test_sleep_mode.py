@@ -97,3 +97,51 @@ def test_the_local_engine_uses_vllms_sleep_level_1_and_wake_up() -> None:
     engine.sleep()
     engine.wake_up()
     assert made == [("sleep", {"level": 1}), ("wake_up", {})]
+
+
+def test_sleep_and_wake_up_refuse_on_this_cpu_machine_saying_why(demo_model: Path) -> None:
+    with VLLMInferenceService(VLLMSettings(model_path=demo_model)) as service:
+        for call in (service.sleep, service.wake_up):
+            with pytest.raises(RuntimeError, match="sleep mode is GPU only") as info:
+                call()
+            assert "no sleep mode on CPU" in str(info.value)
+        with pytest.raises(ValueError, match="level 2 discards the weights"):
+            service.sleep(level=2)
+        assert service.status().state == "stopped"  # nothing was started
+
+
+def test_sleep_and_wake_up_on_a_gpu_machine_call_the_engines_sleep_mode(
+    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls_file = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("STANDIN_CALLS", str(calls_file))
+    monkeypatch.setattr(vllm_service.service, "visible_gpus", lambda: ["0"])  # a GPU machine
+    monkeypatch.setattr(vllm_service._worker_handle, "run_worker", _standin_worker.run_worker)
+
+    plain = VLLMSettings(model_path=demo_model)
+    with VLLMInferenceService(plain) as service, pytest.raises(RuntimeError, match="enable_sleep_mode"):
+        service.sleep()
+
+    settings = VLLMSettings(model_path=demo_model, engine_args={"enable_sleep_mode": True})
+    with VLLMInferenceService(settings) as service:
+        service.sleep()  # no worker: nothing to free
+        assert service.status().state == "stopped"
+        assert service.generate("Hello").text == "ok"
+
+        def made(call: str) -> int:
+            return [c["call"] for c in _standin_worker.calls(str(calls_file))].count(call)
+
+        service.sleep()
+        assert service.status().asleep
+        assert wait_until(lambda: made("sleep") == 1, 5)
+        service.wake_up()
+        assert not service.status().asleep
+        assert wait_until(lambda: made("wake_up") == 1, 5)
+        service.sleep()
+        assert wait_until(lambda: made("sleep") == 2, 5)
+        assert service.generate("Hello again").text == "ok"  # a request wakes it too
+        assert not service.status().asleep
+    calls: list[dict[str, Any]] = _standin_worker.calls(str(calls_file))
+    assert [c["call"] for c in calls] == [
+        "init", "add", "sleep", "wake_up", "sleep", "wake_up", "add", "close"
+    ]

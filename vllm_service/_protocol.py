@@ -4,7 +4,8 @@
     ----------------                         --------------
     Submit([Request, ...])  ------------->   engine.add() each; a bad one -> Finished(error=...)
     Abort([request_id, ...]) ------------>   engine.abort()
-    Sleep()                 ------------->   engine.sleep(); the next Submit wakes it (GPU only)
+    Sleep()                 ------------->   engine.sleep() once nothing runs; the next Submit
+                                             or WakeUp() wakes it (GPU only)
     UpdateWeights(...)      ------------->   once nothing runs: engine.update_weights(); Submits
                                              that come meanwhile wait for it
     Stop()                  ------------->   tear the engine down, exit
@@ -97,6 +98,11 @@ class Sleep:
 
 
 @dataclass(frozen=True)
+class WakeUp:
+    """Bring a sleeping engine's weights back now, rather than with the next request."""
+
+
+@dataclass(frozen=True)
 class UpdateWeights:
     """Load the tensors of safetensors ``files`` into the engine once nothing runs.
 
@@ -185,5 +191,5 @@ class WeightsUpdated:
     error: str | None = None
 
 
-ToWorker = Submit | Abort | Sleep | UpdateWeights | Stop
+ToWorker = Submit | Abort | Sleep | WakeUp | UpdateWeights | Stop
 FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated

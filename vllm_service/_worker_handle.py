@@ -64,6 +64,7 @@ from ._protocol import (
     Stop,
     Submit,
     UpdateWeights,
+    WakeUp,
     WeightsUpdated,
     WorkerConfig,
 )
@@ -181,7 +182,8 @@ class WorkerHandle:
         self._listeners: dict[int, Callable[[Delta], None]] = {}
         self._announcements: list[WorkerState] = []
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._exited = threading.Event()
+        self._exited = threading.Event()  # the process and its clean-up are done
+        self._reported = threading.Event()  # ... and on_change has heard of it
         self._shm_paths: set[str] = set()
         self.started_at = time.time()
         self.info: dict[str, Any] = {}
@@ -267,7 +269,8 @@ class WorkerHandle:
         return self._ready.result(timeout)
 
     def wait_exited(self, timeout: float | None = None) -> bool:
-        return self._exited.wait(timeout)
+        """Wait until the worker has exited, been cleaned up after, and reported so."""
+        return self._reported.wait(timeout)
 
     # ----- requests -----
 
@@ -330,6 +333,20 @@ class WorkerHandle:
                 self._post(Abort(request_ids))
         _fail(futures, error)
 
+    def sleep(self) -> None:
+        """Put the engine in vLLM's sleep mode once what is in flight has ended (GPU only)."""
+        with self._lock:
+            if self._state is WorkerState.READY and not self.asleep:
+                self._post(Sleep())
+                self.asleep = True
+
+    def wake_up(self) -> None:
+        """Bring a sleeping engine back now (a request would also wake it)."""
+        with self._lock:
+            if self._state is WorkerState.READY and self.asleep:
+                self._post(WakeUp())
+                self.asleep = False
+
     # ----- ending -----
 
     def retire(self) -> None:
@@ -362,7 +379,7 @@ class WorkerHandle:
         self._announce()
         _fail(futures, error)
         _settle(self._ready, error=error)
-        self._exited.wait(timeout + 3 * _TERMINATE_SECONDS + 2 * _POLL_SECONDS)
+        self.wait_exited(timeout + 3 * _TERMINATE_SECONDS + 2 * _POLL_SECONDS)
 
     # ----- the state machine -----
 
@@ -592,6 +609,7 @@ class WorkerHandle:
         self._exited.set()
         self._announcements.append(WorkerState.EXITED)
         self._announce()
+        self._reported.set()
 
     # ----- helpers -----
 

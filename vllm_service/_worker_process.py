@@ -39,6 +39,7 @@ from ._protocol import (
     Submit,
     ToWorker,
     UpdateWeights,
+    WakeUp,
     WeightsUpdated,
     WorkerConfig,
 )
@@ -103,6 +104,7 @@ class _Server:
         self.conn = conn
         self.engine = engine
         self.asleep = False
+        self.sleep_due = False  # asked to sleep while requests ran: sleep once they end
         self.running: set[int] = set()  # ids of requests added to the engine, not yet finished
         self.update: UpdateWeights | None = None  # waits until nothing runs
         self.held: list[Request] = []  # requests that came after the waiting update
@@ -119,6 +121,9 @@ class _Server:
             if self.update is not None and not self.engine.has_unfinished():
                 if not self.apply_update():
                     return EXIT_WEIGHTS_BROKEN
+            if self.sleep_due and not self.engine.has_unfinished() and self.update is None:
+                self.engine.sleep()
+                self.asleep, self.sleep_due = True, False
             if self.engine.has_unfinished():
                 for output in self.engine.step():
                     self.send(output)
@@ -127,9 +132,12 @@ class _Server:
         if isinstance(message, Abort):
             self.abort(message.request_ids)
         elif isinstance(message, Sleep):
-            if not self.asleep and not self.engine.has_unfinished() and self.update is None:
-                self.engine.sleep()
-                self.asleep = True
+            self.sleep_due = not self.asleep
+        elif isinstance(message, WakeUp):
+            self.sleep_due = False
+            if self.asleep:
+                self.engine.wake_up()
+                self.asleep = False
         elif isinstance(message, Submit):
             if self.update is not None:
                 self.held.extend(message.requests)
@@ -144,6 +152,8 @@ class _Server:
                     self.send(Finished(request_id, error=_ABORTED_FOR_UPDATE))
 
     def add(self, requests: list[Request]) -> None:
+        if requests:
+            self.sleep_due = False
         if requests and self.asleep:
             self.engine.wake_up()
             self.asleep = False

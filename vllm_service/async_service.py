@@ -12,10 +12,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Literal
 
 from ._protocol import ChatMessages, TokenIds
 from ._stream import AsyncGenerationStream
+from ._weight_source import WeightSource
 from ._worker_handle import WorkerHandle, WorkerUnavailable, remaining
 from .errors import RequestAbortedError, WorkerStartError
 from .service import (
@@ -119,6 +120,29 @@ class AsyncVLLMInferenceService:
     async def lora_adapters(self) -> list[str]:
         """See :meth:`VLLMInferenceService.lora_adapters`."""
         return await asyncio.to_thread(self.service.lora_adapters)
+
+    # ----- weights -----
+
+    async def update_weights(
+        self,
+        source: WeightSource,
+        *,
+        version: str | int | None = None,
+        in_flight: Literal["finish", "abort"] = "finish",
+    ) -> None:
+        """See :meth:`VLLMInferenceService.update_weights`; runs in a thread (an update is
+        rare and long). Cancelling the task does not stop an update the worker has begun."""
+        await asyncio.to_thread(
+            self.service.update_weights, source, version=version, in_flight=in_flight
+        )
+
+    async def sleep(self, level: int = 1) -> None:
+        """See :meth:`VLLMInferenceService.sleep` (GPU only)."""
+        self.service.sleep(level)
+
+    async def wake_up(self) -> None:
+        """See :meth:`VLLMInferenceService.wake_up` (GPU only)."""
+        self.service.wake_up()
 
     # ----- life cycle -----
 

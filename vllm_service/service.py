@@ -264,6 +264,47 @@ class VLLMInferenceService:
             version, weights.nbytes / 1e6, time.monotonic() - started,
         )
 
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's GPU memory around a training step (vLLM's sleep mode, level 1).
+
+        The weights move to CPU memory and the KV cache is dropped, once the requests in
+        flight have ended; :meth:`wake_up` (or the next request) brings them back. GPU only,
+        with the engine started in sleep mode (``VLLM_IDLE_SLEEP_SECONDS``, or
+        ``VLLM_ENGINE_ARGS='{"enable_sleep_mode": true}'``); ``RuntimeError`` says which is
+        missing. Does nothing with no worker running.
+        """
+        if level != 1:
+            raise ValueError(
+                f"sleep level {level} is not offered: level 2 discards the weights, and the "
+                "service would then serve garbage until update_weights; use level 1"
+            )
+        handle = self._sleep_mode_worker()
+        if handle is not None:
+            handle.sleep()
+
+    def wake_up(self) -> None:
+        """Bring a sleeping engine's weights back now (see :meth:`sleep`)."""
+        handle = self._sleep_mode_worker()
+        if handle is not None:
+            handle.wake_up()
+
+    def _sleep_mode_worker(self) -> WorkerHandle | None:
+        """The ready worker, when it can sleep; raises saying why it cannot."""
+        if self._config.mode == "remote":
+            raise RuntimeError("sleep mode is the server's to manage in remote mode")
+        if not visible_gpus():
+            raise RuntimeError(
+                "sleep mode is GPU only: vLLM has no sleep mode on CPU (this machine has no "
+                "NVIDIA GPU). unload() frees the memory by ending the worker"
+            )
+        if not self._config.engine_args.get("enable_sleep_mode"):
+            raise RuntimeError(
+                "the engine was not started in sleep mode: set VLLM_ENGINE_ARGS="
+                "'{\"enable_sleep_mode\": true}' (or VLLM_IDLE_SLEEP_SECONDS)"
+            )
+        handle = self._slot.handle
+        return handle if handle is not None and handle.is_ready else None
+
     # ----- life cycle -----
 
     def warmup(self) -> None:

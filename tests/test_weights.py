@@ -1,0 +1,317 @@
+"""``update_weights``: new weights in the running engine, checked against fresh vLLM engines.
+
+The second set of weights is the demo model after two optimizer steps on layers 3 and 7
+(``_trained_weights``). "Fresh engine" answers come from vLLM used directly
+(``ReferenceEngine``), loaded from the model's own folder or the trained one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import _standin_worker
+import vllm_service._worker_handle
+from _reference_engine import ReferenceEngine
+from _trained_weights import layer_tensors, train_copy
+from _waiting import wait_until
+from vllm_service import VLLMInferenceService, VLLMSettings, WeightUpdateError
+
+PROMPTS = ["The capital of France is", "Bananas are", "Once upon a time", "def fib(n):"]
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 24}
+TRAINED_LAYERS = (3, 7)
+
+
+@pytest.fixture(scope="module")
+def trained(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_copy(demo_model, tmp_path_factory.mktemp("trained"), TRAINED_LAYERS)
+
+
+@pytest.fixture(scope="module")
+def expected(trained: Path, reference: ReferenceEngine) -> dict[str, list[list[int]]]:
+    """Greedy token ids per prompt from fresh engines: the model's own weights, the trained."""
+    fresh = ReferenceEngine(str(trained))
+    try:
+        trained_ids = [_token_ids(fresh, p) for p in PROMPTS]
+    finally:
+        fresh.close()
+    own = [_token_ids(reference, p) for p in PROMPTS]
+    assert own != trained_ids, "the training steps changed nothing the prompts show"
+    return {"own": own, "trained": trained_ids}
+
+
+@pytest.fixture(scope="module")
+def updating(service: VLLMInferenceService) -> Iterator[VLLMInferenceService]:
+    """The session's service; its worker is unloaded afterwards, taking the new weights along."""
+    yield service
+    service.unload()
+
+
+def _token_ids(engine: ReferenceEngine, prompt: str) -> list[int]:
+    return engine.output("generate", prompt, **GREEDY)["samples"][0]["token_ids"]
+
+
+def greedy(service: VLLMInferenceService) -> tuple[list[list[int]], set[Any]]:
+    results = service.generate_batch(PROMPTS, **GREEDY)
+    assert all(r.error is None for r in results), [r.error for r in results]
+    return [r.token_ids for r in results], {r.weight_version for r in results}
+
+
+def test_a_folder_gives_what_a_fresh_engine_from_it_gives_and_updating_back_restores(
+    updating: VLLMInferenceService, demo_model: Path, trained: Path,
+    expected: dict[str, list[list[int]]],
+) -> None:
+    pid = updating.status().pid
+    assert greedy(updating) == (expected["own"], {None})
+    assert updating.status().weight_version is None
+
+    updating.update_weights(trained, version="step-1")
+    assert greedy(updating) == (expected["trained"], {"step-1"})
+    assert updating.status().weight_version == "step-1"
+
+    updating.update_weights(demo_model, version=2)
+    assert greedy(updating) == (expected["own"], {2})
+    status = updating.status()
+    assert status.weight_version == 2 and status.pid == pid  # the same worker throughout
+
+
+def test_a_partial_state_dict_of_tensors_updates_those_layers(
+    updating: VLLMInferenceService, demo_model: Path, trained: Path,
+    expected: dict[str, list[list[int]]],
+) -> None:
+    new = layer_tensors(trained, TRAINED_LAYERS)
+    assert len(new) == 2 * 9  # 9 tensors per decoder layer, out of the model's 272
+    updating.update_weights(new, version="partial")
+    assert greedy(updating) == (expected["trained"], {"partial"})
+
+    updating.update_weights(layer_tensors(demo_model, TRAINED_LAYERS), version="own")
+    assert greedy(updating) == (expected["own"], {"own"})
+
+
+def test_a_whole_transformers_state_dict_with_its_tied_head_loads(
+    updating: VLLMInferenceService, trained: Path, expected: dict[str, list[list[int]]],
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(trained, torch_dtype=torch.float32)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
+    updating.update_weights(state, version="state_dict")
+    assert greedy(updating) == (expected["trained"], {"state_dict"})
+
+
+def test_a_source_that_does_not_fit_names_the_problem_and_the_weights_stay(
+    updating: VLLMInferenceService, demo_model: Path, trained: Path, tmp_path: Path,
+    expected: dict[str, list[list[int]]],
+) -> None:
+    updating.update_weights(trained, version="kept")
+    tensors = load_file(trained / "model.safetensors")
+    q = "model.layers.0.self_attn.q_proj.weight"
+    other_architecture = tmp_path / "qwen"
+    other_architecture.mkdir()
+    (other_architecture / "model.safetensors").symlink_to(trained / "model.safetensors")
+    (other_architecture / "config.json").write_text('{"architectures": ["Qwen2ForCausalLM"]}')
+    different_head = {
+        "model.embed_tokens.weight": tensors["model.embed_tokens.weight"],
+        "lm_head.weight": torch.zeros_like(tensors["model.embed_tokens.weight"]),
+    }
+    cases: list[tuple[Any, type[Exception], str]] = [
+        ({q: tensors[q]}, WeightUpdateError,
+         f"{q} comes without model.layers.0.self_attn.k_proj.weight, "
+         "model.layers.0.self_attn.v_proj.weight"),
+        ({"model.layers.0.mlp.nope.weight": torch.zeros(3)}, WeightUpdateError,
+         "model.layers.0.mlp.nope.weight is not a parameter of the engine's model"),
+        ({"model.norm.weight": torch.zeros(7)}, WeightUpdateError,
+         r"model.norm.weight has shape \[7\], the engine's model \[576\]"),
+        ({"model.norm.weight": torch.zeros(576, dtype=torch.int64)}, WeightUpdateError,
+         "model.norm.weight has dtype I64"),
+        (different_head, WeightUpdateError, "lm_head.weight differs from model.embed_tokens.weight"),
+        (other_architecture, WeightUpdateError, "holds a Qwen2ForCausalLM; the engine runs a LlamaForCausalLM"),
+        ({"model.norm.weight": [1.0] * 576}, TypeError, "model.norm.weight is a list, not a torch.Tensor"),
+        ({}, ValueError, "empty mapping"),
+        (tmp_path / "missing", FileNotFoundError, "does not exist"),
+        (tmp_path, ValueError, "holds no .safetensors file"),
+        (42, TypeError, "a folder of safetensors files or a mapping"),
+    ]
+    for source, error, message in cases:
+        with pytest.raises(error, match=message):
+            updating.update_weights(source, version="refused")
+    with pytest.raises(ValueError, match="in_flight must be 'finish' or 'abort'"):
+        updating.update_weights(trained, in_flight="later")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="version must be a str or an int"):
+        updating.update_weights(trained, version=1.5)  # type: ignore[arg-type]
+
+    assert greedy(updating) == (expected["trained"], {"kept"})
+    assert updating.status().weight_version == "kept"
+
+
+def test_requests_running_finish_on_the_old_weights_and_new_ones_wait_for_the_new(
+    updating: VLLMInferenceService, demo_model: Path, trained: Path,
+    expected: dict[str, list[list[int]]],
+) -> None:
+    updating.update_weights(demo_model, version="old")
+    with ThreadPoolExecutor(3) as pool:
+        running = pool.submit(updating.generate, PROMPTS[0], temperature=0, max_tokens=200, ignore_eos=True)
+        assert wait_until(lambda: updating.status().in_flight == 1, 10)
+        update = pool.submit(updating.update_weights, trained, version="new")
+        time.sleep(1.0)
+        waiting = pool.submit(updating.generate, PROMPTS[1], **GREEDY)  # sent while it waits
+        time.sleep(0.5)
+        assert not running.done() and not update.done() and not waiting.done()
+        first = running.result(timeout=120)
+        update.result(timeout=60)
+        second = waiting.result(timeout=60)
+    assert first.weight_version == "old" and first.completion_tokens == 200
+    assert first.finish_reason == "length"
+    assert second.weight_version == "new" and second.token_ids == expected["trained"][1]
+
+
+def test_in_flight_abort_ends_running_requests_with_an_error_result(
+    updating: VLLMInferenceService, trained: Path, expected: dict[str, list[list[int]]],
+) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        call = pool.submit(updating.generate, PROMPTS[0], temperature=0, max_tokens=1500, ignore_eos=True)
+        streamed: list[Any] = []
+        stream = pool.submit(
+            lambda: streamed.extend(updating.stream(PROMPTS[1], max_tokens=1500, ignore_eos=True))
+        )
+        assert wait_until(lambda: updating.status().in_flight == 2, 10)
+        started = time.monotonic()
+        updating.update_weights(trained, version="aborted-them", in_flight="abort")
+        assert time.monotonic() - started < 10
+        result = call.result(timeout=10)
+        stream.result(timeout=10)
+    for ended in (result, streamed[-1].result):
+        assert ended.finish_reason == "error"
+        assert "update_weights(in_flight='abort')" in (ended.error or "")
+    assert greedy(updating) == (expected["trained"], {"aborted-them"})
+
+
+def test_sixteen_threads_generate_through_five_updates_and_each_result_names_live_weights(
+    updating: VLLMInferenceService, demo_model: Path, trained: Path,
+    expected: dict[str, list[list[int]]],
+) -> None:
+    updating.update_weights(demo_model, version=0)
+    folders = {v: (trained if v % 2 else demo_model) for v in range(1, 6)}
+    weights_of = {0: "own", **{v: ("trained" if v % 2 else "own") for v in folders}}
+    stop = threading.Event()
+    records: list[tuple[int, float, float, Any]] = []  # prompt, start, end, result
+    failures: list[BaseException] = []
+
+    def generate_until_stopped(thread: int) -> None:
+        i = thread
+        while not stop.is_set():
+            prompt = i % len(PROMPTS)
+            start = time.monotonic()
+            try:
+                result = updating.generate(PROMPTS[prompt], **GREEDY)
+            except BaseException as exc:  # recorded: the test fails on any
+                failures.append(exc)
+                return
+            records.append((prompt, start, time.monotonic(), result))
+            i += 1
+
+    threads = [threading.Thread(target=generate_until_stopped, args=(t,)) for t in range(16)]
+    for thread in threads:
+        thread.start()
+    called: dict[int, float] = {0: 0.0}
+    returned: dict[int, float] = {0: time.monotonic()}
+    try:
+        time.sleep(2)
+        for version, folder in folders.items():
+            called[version] = time.monotonic()
+            updating.update_weights(folder, version=version)
+            returned[version] = time.monotonic()
+            time.sleep(1.5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "a generating thread hangs"
+    assert not failures, failures
+    assert len(records) >= 48  # 3 per thread at the least
+    seen = {r.weight_version for _, _, _, r in records}
+    assert seen == set(range(6)), seen
+    for prompt, start, end, result in records:
+        version = result.weight_version
+        assert result.error is None
+        # the answer is exactly that of the weights it names, never a mix
+        assert result.token_ids == expected[weights_of[version]][prompt], (version, prompt)
+        # and those weights were live at some point while the call ran
+        assert end >= called[version]
+        if version + 1 in returned:
+            assert start <= returned[version + 1]
+
+
+def test_remote_mode_says_what_the_server_would_need() -> None:
+    settings = VLLMSettings(mode="remote", model_path="m", api_url="http://127.0.0.1:9")
+    with VLLMInferenceService(settings) as remote:
+        with pytest.raises(RuntimeError, match="needs local mode") as info:
+            remote.update_weights({"model.norm.weight": torch.zeros(1)})
+        assert "VLLM_SERVER_DEV_MODE=1" in str(info.value)
+
+
+# ----- the worker around a stand-in engine: what the real one cannot be made to do -----
+
+
+@pytest.fixture
+def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("STANDIN_CALLS", str(calls))
+    monkeypatch.setattr(vllm_service._worker_handle, "run_worker", _standin_worker.run_worker)
+    return calls
+
+
+def _folder(parent: Path, name: str) -> Path:
+    folder = parent / name
+    folder.mkdir()
+    save_file({"model.norm.weight": torch.ones(4)}, str(folder / "model.safetensors"))
+    return folder
+
+
+def test_an_updated_worker_outlives_its_idle_ttl_and_unload_brings_the_own_weights_back(
+    standin: Path, demo_model: Path, tmp_path: Path
+) -> None:
+    settings = VLLMSettings(model_path=demo_model, idle_ttl_seconds=1)
+    with VLLMInferenceService(settings) as service:
+        service.update_weights(_folder(tmp_path, "new"), version=7)
+        status = service.status()
+        assert status.weight_version == 7 and status.expires_at is None
+        time.sleep(3)
+        assert service.status().state == "ready" and service.status().pid == status.pid
+        assert service.generate("Hello").weight_version == 7
+        service.unload()
+        result = service.generate("Hello")
+        assert result.weight_version is None and service.status().pid != status.pid
+        assert wait_until(lambda: service.status().state == "stopped", 10)  # the TTL applies again
+
+
+def test_a_rejected_update_keeps_the_worker_and_one_broken_part_way_ends_it(
+    standin: Path, demo_model: Path, tmp_path: Path
+) -> None:
+    settings = VLLMSettings(model_path=demo_model, idle_ttl_seconds=600)
+    with VLLMInferenceService(settings) as service:
+        service.update_weights(_folder(tmp_path, "good"), version=1)
+        pid = service.status().pid
+        with pytest.raises(WeightUpdateError, match="up_proj.weight does not fit"):
+            service.update_weights(_folder(tmp_path, "rejected"), version=2)
+        assert service.status().weight_version == 1 and service.status().pid == pid
+        assert service.generate("Hello").weight_version == 1
+
+        with pytest.raises(WeightUpdateError, match="part-way .* its worker exited"):
+            service.update_weights(_folder(tmp_path, "broken"), version=3)
+        assert wait_until(lambda: service.status().state == "stopped", 10)
+        assert "weight update failed part-way" in (service.status().last_error or "")
+        result = service.generate("Hello")  # a new worker, with the model's own weights
+        assert result.text == "ok" and result.weight_version is None
+        assert service.status().pid != pid
+    calls = [c["call"] for c in _standin_worker.calls(str(standin))]
+    assert calls.count("update_weights") == 3 and calls.count("init") == 2
