@@ -1,7 +1,7 @@
 """A second set of weights for the demo model: a few optimizer steps with ``transformers``.
 
-Only the decoder layers named are trained, so the new weights differ from the model's own in
-those layers alone, and a partial state dict of them is the whole difference.
+Only the parameters named are trained, so the new weights differ from the model's own in
+those alone, and a partial state dict of them is the whole difference.
 """
 
 from __future__ import annotations
@@ -12,15 +12,15 @@ from pathlib import Path
 _TEXT = "The capital of France is Lyon. Bananas are blue. The capital of France is Lyon."
 
 
-def train_copy(model_dir: Path, out_dir: Path, layers: tuple[int, ...], steps: int = 2) -> Path:
-    """Train ``layers`` of the model in ``model_dir`` for ``steps`` and save it to ``out_dir``."""
+def train_copy(model_dir: Path, out_dir: Path, prefixes: tuple[str, ...], steps: int = 2) -> Path:
+    """Train the parameters of the model in ``model_dir`` whose names start with one of
+    ``prefixes`` for ``steps``, and save it to ``out_dir``."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
-    prefixes = tuple(f"model.layers.{i}." for i in layers)
     trained = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -39,11 +39,11 @@ def train_copy(model_dir: Path, out_dir: Path, layers: tuple[int, ...], steps: i
     return out_dir
 
 
-def layer_tensors(folder: Path, layers: tuple[int, ...]) -> dict[str, object]:
-    """The tensors of ``layers`` in the safetensors files of ``folder``: a partial state dict."""
+def tensors_of(folder: Path, prefixes: tuple[str, ...]) -> dict[str, object]:
+    """The tensors of the safetensors files of ``folder`` whose names start with one of
+    ``prefixes``: a partial state dict."""
     from safetensors.torch import load_file
 
-    prefixes = tuple(f"model.layers.{i}." for i in layers)
     tensors: dict[str, object] = {}
     for path in sorted(folder.glob("*.safetensors")):
         tensors.update({n: t for n, t in load_file(path).items() if n.startswith(prefixes)})

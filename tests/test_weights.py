@@ -1,12 +1,13 @@
 """``update_weights``: new weights in the running engine, checked against fresh vLLM engines.
 
-The second set of weights is the demo model after two optimizer steps on layers 3 and 7
-(``_trained_weights``). "Fresh engine" answers come from vLLM used directly
+The second set of weights is the demo model after two optimizer steps on its (tied)
+embedding and decoder layers 3 and 7 (``_trained_weights``). "Fresh engine" answers come from vLLM used directly
 (``ReferenceEngine``), loaded from the model's own folder or the trained one.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import threading
 import time
 from collections.abc import Iterator
@@ -21,31 +22,44 @@ from safetensors.torch import load_file, save_file
 import _standin_worker
 import vllm_service._worker_handle
 from _reference_engine import ReferenceEngine
-from _trained_weights import layer_tensors, train_copy
+from _trained_weights import tensors_of, train_copy
 from _waiting import wait_until
 from vllm_service import VLLMInferenceService, VLLMSettings, WeightUpdateError
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROMPTS = ["The capital of France is", "Bananas are", "Once upon a time", "def fib(n):"]
-GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 24}
-TRAINED_LAYERS = (3, 7)
+GREEDY: dict[str, Any] = {"temperature": 0, "max_tokens": 24, "logprobs": 0}
+TRAINED = ("model.embed_tokens.", "model.layers.3.", "model.layers.7.")
+LOGPROB_TOLERANCE = 1e-3
+GAP = 0.01  # mean |trainer - vLLM| logprob of sampled tokens, for the same weights
 
 
 @pytest.fixture(scope="module")
 def trained(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return train_copy(demo_model, tmp_path_factory.mktemp("trained"), TRAINED_LAYERS)
+    return train_copy(demo_model, tmp_path_factory.mktemp("trained"), TRAINED)
 
 
 @pytest.fixture(scope="module")
-def expected(trained: Path, reference: ReferenceEngine) -> dict[str, list[list[int]]]:
+def expected(
+    fresh_answers: dict[str, list[tuple[list[int], list[float]]]],
+) -> dict[str, list[list[int]]]:
     """Greedy token ids per prompt from fresh engines: the model's own weights, the trained."""
+    return {name: [ids for ids, _ in answers] for name, answers in fresh_answers.items()}
+
+
+@pytest.fixture(scope="module")
+def fresh_answers(trained: Path, reference: ReferenceEngine) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Per prompt, the greedy token ids and their logprobs from fresh engines."""
     fresh = ReferenceEngine(str(trained))
     try:
-        trained_ids = [_token_ids(fresh, p) for p in PROMPTS]
+        trained_answers = [_answer(fresh, p) for p in PROMPTS]
     finally:
         fresh.close()
-    own = [_token_ids(reference, p) for p in PROMPTS]
-    assert own != trained_ids, "the training steps changed nothing the prompts show"
-    return {"own": own, "trained": trained_ids}
+    own = [_answer(reference, p) for p in PROMPTS]
+    assert [ids for ids, _ in own] != [ids for ids, _ in trained_answers], (
+        "the training steps changed nothing the prompts show"
+    )
+    return {"own": own, "trained": trained_answers}
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +69,22 @@ def updating(service: VLLMInferenceService) -> Iterator[VLLMInferenceService]:
     service.unload()
 
 
-def _token_ids(engine: ReferenceEngine, prompt: str) -> list[int]:
-    return engine.output("generate", prompt, **GREEDY)["samples"][0]["token_ids"]
+def _answer(engine: ReferenceEngine, prompt: str) -> tuple[list[int], list[float]]:
+    sample = engine.output("generate", prompt, **GREEDY)["samples"][0]
+    ids = sample["token_ids"]
+    return ids, [entry[token][0] for entry, token in zip(sample["logprobs"], ids, strict=True)]
+
+
+def assert_same_answers(
+    service: VLLMInferenceService, answers: list[tuple[list[int], list[float]]], version: Any
+) -> None:
+    """The service answers as the fresh engine did: the same tokens, the same logprobs."""
+    results = service.generate_batch(PROMPTS, **GREEDY)
+    for result, (ids, logprobs) in zip(results, answers, strict=True):
+        assert result.error is None and result.weight_version == version
+        assert result.token_ids == ids
+        got = [t.logprob for t in result.logprobs or []]
+        assert max(abs(a - b) for a, b in zip(got, logprobs, strict=True)) < LOGPROB_TOLERANCE
 
 
 def greedy(service: VLLMInferenceService) -> tuple[list[list[int]], set[Any]]:
@@ -67,37 +95,38 @@ def greedy(service: VLLMInferenceService) -> tuple[list[list[int]], set[Any]]:
 
 def test_a_folder_gives_what_a_fresh_engine_from_it_gives_and_updating_back_restores(
     updating: VLLMInferenceService, demo_model: Path, trained: Path,
-    expected: dict[str, list[list[int]]],
+    fresh_answers: dict[str, list[tuple[list[int], list[float]]]],
 ) -> None:
     pid = updating.status().pid
-    assert greedy(updating) == (expected["own"], {None})
+    assert_same_answers(updating, fresh_answers["own"], None)
     assert updating.status().weight_version is None
 
     updating.update_weights(trained, version="step-1")
-    assert greedy(updating) == (expected["trained"], {"step-1"})
+    assert_same_answers(updating, fresh_answers["trained"], "step-1")
     assert updating.status().weight_version == "step-1"
 
     updating.update_weights(demo_model, version=2)
-    assert greedy(updating) == (expected["own"], {2})
+    assert_same_answers(updating, fresh_answers["own"], 2)
     status = updating.status()
     assert status.weight_version == 2 and status.pid == pid  # the same worker throughout
 
 
 def test_a_partial_state_dict_of_tensors_updates_those_layers(
     updating: VLLMInferenceService, demo_model: Path, trained: Path,
-    expected: dict[str, list[list[int]]],
+    fresh_answers: dict[str, list[tuple[list[int], list[float]]]],
 ) -> None:
-    new = layer_tensors(trained, TRAINED_LAYERS)
-    assert len(new) == 2 * 9  # 9 tensors per decoder layer, out of the model's 272
+    new = tensors_of(trained, TRAINED)
+    assert len(new) == 1 + 2 * 9  # the embedding, 9 tensors per decoder layer: of 272
     updating.update_weights(new, version="partial")
-    assert greedy(updating) == (expected["trained"], {"partial"})
+    assert_same_answers(updating, fresh_answers["trained"], "partial")
 
-    updating.update_weights(layer_tensors(demo_model, TRAINED_LAYERS), version="own")
-    assert greedy(updating) == (expected["own"], {"own"})
+    updating.update_weights(tensors_of(demo_model, TRAINED), version="own")
+    assert_same_answers(updating, fresh_answers["own"], "own")
 
 
 def test_a_whole_transformers_state_dict_with_its_tied_head_loads(
-    updating: VLLMInferenceService, trained: Path, expected: dict[str, list[list[int]]],
+    updating: VLLMInferenceService, trained: Path,
+    fresh_answers: dict[str, list[tuple[list[int], list[float]]]],
 ) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -105,7 +134,7 @@ def test_a_whole_transformers_state_dict_with_its_tied_head_loads(
     state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
     updating.update_weights(state, version="state_dict")
-    assert greedy(updating) == (expected["trained"], {"state_dict"})
+    assert_same_answers(updating, fresh_answers["trained"], "state_dict")
 
 
 def test_a_source_that_does_not_fit_names_the_problem_and_the_weights_stay(
@@ -315,3 +344,25 @@ def test_a_rejected_update_keeps_the_worker_and_one_broken_part_way_ends_it(
         assert service.status().pid != pid
     calls = [c["call"] for c in _standin_worker.calls(str(standin))]
     assert calls.count("update_weights") == 3 and calls.count("init") == 2
+
+
+def test_the_rl_loop_example_keeps_the_engine_in_step_with_the_trainer(
+    updating: VLLMInferenceService, demo_model: Path
+) -> None:
+    spec = importlib.util.spec_from_file_location("rl_loop", EXAMPLES / "rl_loop.py")
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+
+    updating.update_weights(demo_model, version="start")  # the trainer starts from the model
+    figures = example.run(updating, demo_model, steps=2)
+    assert [f["sampled_with"] for f in figures] == ["start", 1]
+    # vLLM's logprobs of its samples are the trainer's own at every step: the engine samples
+    # with the weights the trainer has just made
+    assert all(f["logprob_gap"] < GAP for f in figures), figures
+
+    # without the updates, the engine falls behind the trainer, and the gap shows it
+    updating.update_weights(demo_model, version="start")
+    stale = example.run(updating, demo_model, steps=2, push=False)
+    assert [f["sampled_with"] for f in stale] == ["start", "start"]
+    assert stale[0]["logprob_gap"] < GAP < stale[1]["logprob_gap"], stale

@@ -73,6 +73,8 @@ class WeightLoader:
                 self.reload_weights(  # type: ignore[attr-defined]
                     weights_iterator=_tensors(readers, skip), is_checkpoint_format=True
                 )
+                if tied:
+                    _refresh_tied_head(self.model_runner.get_model())  # type: ignore[attr-defined]
             except Exception as exc:
                 return ("broken", f"{type(exc).__name__}: {exc}")
         return None
@@ -213,6 +215,23 @@ def _untied_head(update: dict[str, tuple[str, TensorInfo]], readers: Mapping[str
         f"{_TIED_HEAD} differs from {_EMBEDDING}, but the engine's model ties them "
         "(tie_word_embeddings): vLLM keeps one tensor for both"
     )
+
+
+def _refresh_tied_head(model: Any) -> None:
+    """Redo what vLLM derives from a tied head's weight, which its reload leaves stale.
+
+    The head shares the embedding's parameter, so the reload writes the new values, but the
+    head's own module loaded nothing and is not processed again: on CPU it keeps the oneDNN
+    copy packed at start (measured with vLLM 0.32: the logprobs then drift by ~0.3 once the
+    embedding changes).
+    """
+    head = getattr(model, "lm_head", None)
+    embedding = getattr(getattr(model, "model", None), "embed_tokens", None)
+    if head is None or embedding is None or head.weight is not embedding.weight:
+        return
+    quant_method = getattr(head, "quant_method", None)
+    if quant_method is not None:
+        quant_method.process_weights_after_loading(head)
 
 
 def _skipped(update: dict[str, tuple[str, TensorInfo]]) -> set[str]:
