@@ -32,7 +32,7 @@ def full_model_weights(model: Path, folder: Path) -> dict[str, object]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    loaded = AutoModelForCausalLM.from_pretrained(model, torch_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     loaded.save_pretrained(folder, safe_serialization=True)
     for extra in ("tokenizer.json", "tokenizer_config.json"):
         (folder / extra).write_bytes((model / extra).read_bytes())

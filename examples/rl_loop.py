@@ -50,7 +50,7 @@ def run(
     import torch
     from transformers import AutoModelForCausalLM
 
-    policy = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     figures = []
     for step in range(1, steps + 1):

@@ -20,7 +20,7 @@ def train_copy(model_dir: Path, out_dir: Path, prefixes: tuple[str, ...], steps:
 
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     trained = [p for n, p in model.named_parameters() if n.startswith(prefixes)]
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -130,7 +130,7 @@ def test_a_whole_transformers_state_dict_with_its_tied_head_loads(
 ) -> None:
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(trained, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(trained, dtype=torch.float32)
     state = model.state_dict()
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
     updating.update_weights(state, version="state_dict")
