@@ -119,6 +119,7 @@ def test_a_partial_state_dict_of_tensors_updates_those_layers(
     assert len(new) == 1 + 2 * 9  # the embedding, 9 tensors per decoder layer: of 272
     updating.update_weights(new, version="partial")
     assert_same_answers(updating, fresh_answers["trained"], "partial")
+    assert not list(Path("/dev/shm").glob("vllm-service-weights-*")), "staged tensors were left"
 
     updating.update_weights(tensors_of(demo_model, TRAINED), version="own")
     assert_same_answers(updating, fresh_answers["own"], "own")
