@@ -44,9 +44,10 @@ def reward(text: str) -> float:
 
 def run(
     service: VLLMInferenceService, model_path: Path, steps: int, lr: float = 1e-4,
-    push: bool = True,
+    push_steps: int | None = None,
 ) -> list[dict[str, Any]]:
-    """The loop; one dict of figures per step. ``push=False`` leaves the engine stale."""
+    """The loop; one dict of figures per step. Only the first ``push_steps`` steps (all when
+    None) push their weights: after that the engine falls behind the trainer."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -71,7 +72,7 @@ def run(
         optimizer.zero_grad()
 
         started = time.perf_counter()
-        if push:
+        if push_steps is None or step <= push_steps:
             service.update_weights(policy.state_dict(), version=step)
         figures.append({
             "step": step,

@@ -7,6 +7,7 @@ embedding and decoder layers 3 and 7 (``_trained_weights``). "Fresh engine" answ
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import threading
 import time
@@ -24,7 +25,12 @@ import vllm_service._worker_handle
 from _reference_engine import ReferenceEngine
 from _trained_weights import tensors_of, train_copy
 from _waiting import wait_until
-from vllm_service import VLLMInferenceService, VLLMSettings, WeightUpdateError
+from vllm_service import (
+    AsyncVLLMInferenceService,
+    VLLMInferenceService,
+    VLLMSettings,
+    WeightUpdateError,
+)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROMPTS = ["The capital of France is", "Bananas are", "Once upon a time", "def fib(n):"]
@@ -136,6 +142,19 @@ def test_a_whole_transformers_state_dict_with_its_tied_head_loads(
     assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()
     updating.update_weights(state, version="state_dict")
     assert_same_answers(updating, fresh_answers["trained"], "state_dict")
+
+
+def test_the_asyncio_service_updates_the_weights_of_the_service_it_shares(
+    updating: VLLMInferenceService, trained: Path, expected: dict[str, list[list[int]]],
+) -> None:
+    async def update_then_generate() -> Any:
+        shared = AsyncVLLMInferenceService(service=updating)
+        await shared.update_weights(trained, version="from-asyncio")
+        return await shared.generate(PROMPTS[0], **GREEDY)
+
+    result = asyncio.run(update_then_generate())
+    assert result.weight_version == "from-asyncio" and result.token_ids == expected["trained"][0]
+    assert updating.status().weight_version == "from-asyncio"
 
 
 def test_a_source_that_does_not_fit_names_the_problem_and_the_weights_stay(
@@ -255,12 +274,12 @@ def test_sixteen_threads_generate_through_five_updates_and_each_result_names_liv
     called: dict[int, float] = {0: 0.0}
     returned: dict[int, float] = {0: time.monotonic()}
     try:
-        time.sleep(2)
+        time.sleep(1)
         for version, folder in folders.items():
             called[version] = time.monotonic()
             updating.update_weights(folder, version=version)
             returned[version] = time.monotonic()
-            time.sleep(1.5)
+            time.sleep(1)
     finally:
         stop.set()
         for thread in threads:
@@ -356,14 +375,11 @@ def test_the_rl_loop_example_keeps_the_engine_in_step_with_the_trainer(
     spec.loader.exec_module(example)
 
     updating.update_weights(demo_model, version="start")  # the trainer starts from the model
-    figures = example.run(updating, demo_model, steps=2)
-    assert [f["sampled_with"] for f in figures] == ["start", 1]
-    # vLLM's logprobs of its samples are the trainer's own at every step: the engine samples
-    # with the weights the trainer has just made
-    assert all(f["logprob_gap"] < GAP for f in figures), figures
-
-    # without the updates, the engine falls behind the trainer, and the gap shows it
-    updating.update_weights(demo_model, version="start")
-    stale = example.run(updating, demo_model, steps=2, push=False)
-    assert [f["sampled_with"] for f in stale] == ["start", "start"]
-    assert stale[0]["logprob_gap"] < GAP < stale[1]["logprob_gap"], stale
+    figures = example.run(updating, demo_model, steps=3, push_steps=1)
+    assert [f["sampled_with"] for f in figures] == ["start", 1, 1]
+    gaps = [f["logprob_gap"] for f in figures]
+    # vLLM's logprobs of its samples are the trainer's own while the weights are pushed: the
+    # engine samples with the weights the trainer has just made (step 2 with step 1's) ...
+    assert gaps[0] < GAP and gaps[1] < GAP, figures
+    # ... and without a push the engine falls behind the trainer, which the gap shows
+    assert gaps[2] > GAP, figures
