@@ -157,6 +157,19 @@ def test_the_asyncio_service_updates_the_weights_of_the_service_it_shares(
     assert updating.status().weight_version == "from-asyncio"
 
 
+def test_two_callers_updating_at_once_both_land_one_after_the_other(
+    updating: VLLMInferenceService, demo_model: Path, trained: Path,
+    expected: dict[str, list[list[int]]],
+) -> None:
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(updating.update_weights, trained, version="first")
+        second = pool.submit(updating.update_weights, demo_model, version="second")
+        first.result(timeout=60), second.result(timeout=60)
+    last = updating.status().weight_version
+    assert last in ("first", "second")
+    assert greedy(updating) == (expected["trained" if last == "first" else "own"], {last})
+
+
 def test_a_source_that_does_not_fit_names_the_problem_and_the_weights_stay(
     updating: VLLMInferenceService, demo_model: Path, trained: Path, tmp_path: Path,
     expected: dict[str, list[list[int]]],

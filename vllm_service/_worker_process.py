@@ -207,7 +207,8 @@ class _Server:
     def send(self, output: Delta | Finished) -> None:
         if isinstance(output, Finished):
             self.running.discard(output.request_id)
-            output = dataclasses.replace(output, weight_version=self.version)
+            if self.version is not None:  # None is the field's default: no copy needed
+                output = dataclasses.replace(output, weight_version=self.version)
         self.conn.send(output)
 
 
