@@ -26,15 +26,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _reference_engine import ReferenceEngine
 from pydantic import BaseModel
 
-from _reference_engine import ReferenceEngine
-from vllm_service import WorkerStartError, _batch_output, _placement, batch, generate
+from vllm_service import (
+    WorkerStartError,
+    _batch_local,
+    _batch_output,
+    _batch_schedule,
+    _placement,
+    batch,
+    generate,
+)
 from vllm_service._local_engine import cpu_dtype
 from vllm_service._protocol import Finished, Request
-from vllm_service.types import Sample
 from vllm_service._worker_handle import WorkerHandle
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
+from vllm_service.types import Sample
 
 FRANCE = "What is the capital of France?"
 GERMANY = "What is the capital of Germany?"
@@ -107,7 +115,7 @@ def two_workers(
     data = copy.deepcopy(TWO_WORKER_DATA)
     handles = recording_handle_class()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batch, "WorkerHandle", handles)
+        patch.setattr(_batch_local, "WorkerHandle", handles)
         # The seed's defaults as they are (gpu_memory_utilization=0.9): each worker sizes its
         # KV cache from its share of free memory.
         patch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
@@ -234,7 +242,7 @@ def killed_worker(
             outcome["error"] = exc
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batch, "WorkerHandle", handles)
+        patch.setattr(_batch_local, "WorkerHandle", handles)
         thread = threading.Thread(target=run)
         thread.start()
         deadline = time.monotonic() + 600
@@ -307,9 +315,9 @@ def test_an_item_that_kills_real_workers_fails_alone(
                 os.killpg(self.pid, signal.SIGKILL)
             return futures
 
-    monkeypatch.setattr(batch, "WorkerHandle", KillingHandle)
+    monkeypatch.setattr(_batch_local, "WorkerHandle", KillingHandle)
     # An engine start costs half a minute here: one death alone is enough to show the rule.
-    monkeypatch.setattr(batch, "MAX_ATTEMPTS", 1)
+    monkeypatch.setattr(_batch_schedule, "MAX_ATTEMPTS", 1)
     data = [{"prompt": FRANCE}, {"prompt": marked}, {"prompt": GERMANY}, {"prompt": "Say hi."}]
     output = tmp_path / "out.jsonl"
     results = generate(
@@ -538,7 +546,7 @@ class FakeHandle:
 
 @pytest.fixture
 def fake_workers(monkeypatch: pytest.MonkeyPatch) -> type[FakeHandle]:
-    monkeypatch.setattr(batch, "WorkerHandle", FakeHandle)
+    monkeypatch.setattr(_batch_local, "WorkerHandle", FakeHandle)
     monkeypatch.setattr(_placement, "physical_cores", lambda: [[0], [1]])
     monkeypatch.setattr(_placement, "visible_gpus", lambda: [])
     FakeHandle.plans = []
@@ -583,11 +591,11 @@ def test_a_dead_workers_items_go_to_a_new_worker(fake_workers: type[FakeHandle])
 
 
 def test_an_item_whose_worker_keeps_dying_gets_an_error(fake_workers: type[FakeHandle]) -> None:
-    fake_workers.plans = [0] * batch.MAX_ATTEMPTS
+    fake_workers.plans = [0] * _batch_schedule.MAX_ATTEMPTS
     results = generate("org/model", prompts(1), progress=False)
     assert results[0]["results"] is None
-    assert f"died {batch.MAX_ATTEMPTS} times" in results[0]["error"]
-    assert len(fake_workers.started) == batch.MAX_ATTEMPTS
+    assert f"died {_batch_schedule.MAX_ATTEMPTS} times" in results[0]["error"]
+    assert len(fake_workers.started) == _batch_schedule.MAX_ATTEMPTS
 
 
 def test_an_item_that_kills_its_worker_fails_alone_and_its_chunk_finishes(
@@ -595,13 +603,13 @@ def test_an_item_that_kills_its_worker_fails_alone_and_its_chunk_finishes(
 ) -> None:
     fake_workers.poison = {"p5"}
     results = generate("org/model", prompts(8), progress=False)
-    assert f"died {batch.MAX_ATTEMPTS} times" in results[5]["error"]
+    assert f"died {_batch_schedule.MAX_ATTEMPTS} times" in results[5]["error"]
     assert results[5]["results"] is None
     assert [r["results"] for i, r in enumerate(results) if i != 5] == [
         f"re: p{i} #0" for i in range(8) if i != 5
     ]
     # Halving the chunk after each death: 8 -> 4 -> 2 -> 1, then alone MAX_ATTEMPTS times.
-    assert len(fake_workers.started) == 3 + batch.MAX_ATTEMPTS
+    assert len(fake_workers.started) == 3 + _batch_schedule.MAX_ATTEMPTS
 
 
 def test_two_items_that_kill_workers_fail_and_the_rest_finish(
@@ -619,13 +627,13 @@ def test_items_that_all_kill_workers_fail_alone_without_failing_the_run(
 ) -> None:
     fake_workers.poison = {"p0", "p1"}
     results = generate("org/model", prompts(2), progress=False)
-    assert all(f"died {batch.MAX_ATTEMPTS} times" in r["error"] for r in results)
-    assert len(fake_workers.started) == 1 + 2 * batch.MAX_ATTEMPTS
+    assert all(f"died {_batch_schedule.MAX_ATTEMPTS} times" in r["error"] for r in results)
+    assert len(fake_workers.started) == 1 + 2 * _batch_schedule.MAX_ATTEMPTS
 
 
 @pytest.mark.parametrize(("chunk_size", "workers_started"), [
     (None, 3),  # three deaths under several items: 8, then 4 and 4
-    (1, 3 * batch.MAX_ATTEMPTS),  # three items failed from deaths alone
+    (1, 3 * _batch_schedule.MAX_ATTEMPTS),  # three items failed from deaths alone
 ])
 def test_workers_that_die_under_every_item_end_the_run_soon(
     fake_workers: type[FakeHandle], chunk_size: int | None, workers_started: int
@@ -648,7 +656,7 @@ def test_when_every_worker_keeps_dying_the_run_fails_clearly(
     assert len(fake_workers.started) == 5
     lines = sorted(read_lines(output), key=lambda line: line["_index"])  # in finishing order
     assert [line["_index"] for line in lines] == [0, 1, 2]
-    assert f"died {batch.MAX_ATTEMPTS} times" in lines[2]["error"]
+    assert f"died {_batch_schedule.MAX_ATTEMPTS} times" in lines[2]["error"]
     fake_workers.plans = []
     results = generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
     assert len(fake_workers.started[-1].sent) == 4  # the rerun did the failed and the rest

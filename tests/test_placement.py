@@ -6,10 +6,11 @@ Pure functions, plus generate()'s refusals that come before any worker starts: n
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytest
 
-from vllm_service import _placement, batch, generate
+from vllm_service import _batch_local, _placement, batch, generate
 from vllm_service._placement import (
     cpu_kv_cache_bytes_per_worker,
     cpu_placements,
@@ -17,6 +18,7 @@ from vllm_service._placement import (
     group_physical_cores,
     parse_cuda_mask,
 )
+from vllm_service._protocol import WorkerConfig
 
 GiB = 1 << 30
 
@@ -156,13 +158,21 @@ def test_cpu_kv_cache_is_shared_between_workers() -> None:
 # ----- what generate() hands each worker -----
 
 
+def worker_configs_here(
+    model: str, worker_num: int, tp: int, pp: int, gpu_assignments: Any, extra: dict[str, Any]
+) -> list[WorkerConfig]:
+    """What generate() gives its workers on this machine (max_model_len=4096 and the defaults)."""
+    spec = batch.engine_spec(model, tp, pp, 4096, 0.9, "auto", True, extra)
+    return _batch_local.worker_configs(
+        spec, worker_num, _batch_local.Host.this_machine(), gpu_assignments
+    )
+
+
 def test_cpu_worker_configs_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_placement, "physical_cores", lambda: [[0], [1]])
     monkeypatch.setattr(_placement, "visible_gpus", lambda: [])
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    configs = batch._worker_configs(
-        "org/model", 2, 1, 1, None, 4096, 0.9, "auto", True, {"enforce_eager": True}
-    )
+    configs = worker_configs_here("org/model", 2, 1, 1, None, {"enforce_eager": True})
     assert [c.environment for c in configs] == [
         {"VLLM_CPU_OMP_THREADS_BIND": "0"},
         {"VLLM_CPU_OMP_THREADS_BIND": "1"},
@@ -175,13 +185,13 @@ def test_cpu_worker_configs_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> 
     assert "distributed_executor_backend" not in args
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # the user's size wins
-    (config,) = batch._worker_configs("org/model", 1, 1, 1, None, 4096, 0.9, "auto", True, {})
+    (config,) = worker_configs_here("org/model", 1, 1, 1, None, {})
     assert "kv_cache_memory_bytes" not in config.engine_args
 
 
 def test_gpu_worker_configs_under_a_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_placement, "visible_gpus", lambda: ["2", "3", "5", "6"])
-    configs = batch._worker_configs("org/model", 2, 1, 1, [[0, 1], [3]], 4096, 0.9, "auto", True, {})
+    configs = worker_configs_here("org/model", 2, 1, 1, [[0, 1], [3]], {})
     assert [c.environment for c in configs] == [
         {"CUDA_VISIBLE_DEVICES": "2,3"},
         {"CUDA_VISIBLE_DEVICES": "6"},
@@ -189,7 +199,7 @@ def test_gpu_worker_configs_under_a_mask(monkeypatch: pytest.MonkeyPatch) -> Non
     assert [c.engine_args["tensor_parallel_size"] for c in configs] == [2, 1]
     assert all("kv_cache_memory_bytes" not in c.engine_args for c in configs)
 
-    (config,) = batch._worker_configs("org/model", 1, 2, 2, None, 4096, 0.9, "auto", True, {})
+    (config,) = worker_configs_here("org/model", 1, 2, 2, None, {})
     assert config.environment == {"CUDA_VISIBLE_DEVICES": "2,3,5,6"}
     assert config.engine_args["pipeline_parallel_size"] == 2
     assert config.engine_args["distributed_executor_backend"] == "ray"
@@ -215,7 +225,7 @@ def test_generate_refuses_before_starting_anything(
     def no_worker(*args: object, **kwargs: object) -> None:
         raise AssertionError("a worker was started")
 
-    monkeypatch.setattr(batch, "WorkerHandle", no_worker)
+    monkeypatch.setattr(_batch_local, "WorkerHandle", no_worker)
     started = time.monotonic()
     with pytest.raises(ValueError, match=message):
         generate("org/model", [{"prompt": "hi"}], **arguments)

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,53 @@ class OutputFile:
             self.close(rewrite=False)
             raise
         return dict(self.records)
+
+    def resume(
+        self,
+        data: Sequence[dict[str, Any]],
+        message_key: str,
+        result_key: str,
+        error_key: str,
+        on_mismatch: str,
+        is_done: Callable[[dict[str, Any]], bool],
+    ) -> dict[int, dict[str, Any]]:
+        """Lock and read the file; return ``{index: line}`` of the items a rerun reuses.
+
+        Those are the lines with a result and no error for which ``is_done`` holds, made with
+        this run's settings (or any, with ``on_mismatch="keep"``). Results of other settings
+        raise ``ValueError`` with ``on_mismatch="error"``.
+        """
+        for key in (self.index_key, RUN_KEY):
+            if any(key in item for item in data):
+                logger.warning(
+                    "some items of data have a %r key of their own; in %s it holds the output "
+                    "file's value instead (the returned items keep theirs)", key, self.path,
+                )
+        records = self.load(data, message_key)
+        finished = {
+            index: record for index, record in records.items()
+            if record.get(error_key) is None and record.get(result_key) is not None
+        }
+        other = sorted(i for i, record in finished.items() if record.get(RUN_KEY) != self.run)
+        if other and on_mismatch == "error":
+            self.close(rewrite=False)
+            unmarked = sum(1 for i in other if RUN_KEY not in finished[i])
+            raise ValueError(
+                f"output_path {self.path} holds results of {len(other)} items made with other "
+                f"settings than this call's (items {_some(other)}): the fingerprint under "
+                f"{RUN_KEY!r} of what made them (model, system, n, use_sample, temperature, "
+                f"top_p, seed, stop, max_output_len, sampling_args) is not this call's "
+                f"{self.run!r}"
+                + (f"; {unmarked} have none, as an older vllm-service wrote them"
+                   if unmarked else "")
+                + ". Pass on_mismatch='redo' (--on-mismatch redo) to generate them again with "
+                "these settings, on_mismatch='keep' to use them as they are, or use another "
+                "output_path."
+            )
+        if on_mismatch == "redo":
+            for index in other:
+                del finished[index]
+        return {index: record for index, record in finished.items() if is_done(record)}
 
     def _read(self, text: bytes, data: Sequence[dict[str, Any]], message_key: str) -> None:
         # Split on b"\n" only: str.splitlines() would also split inside a JSON string holding
@@ -215,3 +262,9 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _some(indices: list[int], shown: int = 10) -> str:
+    """The first few of many item indices, for a message."""
+    text = ", ".join(map(str, indices[:shown]))
+    return text + (f" and {len(indices) - shown} more" if len(indices) > shown else "")

@@ -1,0 +1,140 @@
+"""Batch workers on this machine: spawned worker processes, each pinned to its GPUs or cores.
+
+The placement rules (which GPUs or cores, how much KV cache memory) are those of one machine,
+:class:`Host`; the Ray pool applies the same rules on each node of a cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from concurrent.futures import as_completed
+from dataclasses import dataclass, field
+from typing import Any
+
+import psutil
+
+from . import _placement
+from ._batch_schedule import WorkerGone
+from ._protocol import Finished, Request, WorkerConfig
+from ._worker_handle import KeepAlive, WorkerHandle, WorkerUnavailable
+from .errors import ServiceShutdownError
+
+logger = logging.getLogger("vllm_service")
+
+# Workers are stopped explicitly at the end of a run; this only guards against leaks.
+_IDLE_TTL_SECONDS = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What every worker's engine gets, wherever it runs: the model and ``vllm.LLM`` keywords."""
+
+    model: str
+    tp: int = 1
+    pp: int = 1
+    engine_args: dict[str, Any] = field(default_factory=dict)  # without the placement's own
+    extra_engine_args: dict[str, Any] = field(default_factory=dict)  # the caller's, win last
+
+
+@dataclass(frozen=True)
+class Host:
+    """What decides where workers run on one machine."""
+
+    gpus: list[str]  # the GPUs this process may hand out (CUDA_VISIBLE_DEVICES entries)
+    cores: list[list[int]]  # its physical cores, each as its logical CPU ids
+    # Free memory, to size each CPU worker's KV cache from; None on GPUs, or when the user
+    # sized it (VLLM_CPU_KVCACHE_SPACE).
+    available_memory: int | None
+
+    @classmethod
+    def this_machine(cls) -> Host:
+        """This machine, as this process sees it (its CUDA_VISIBLE_DEVICES and CPU affinity)."""
+        gpus = _placement.visible_gpus()
+        sized_by_user = bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
+        return cls(
+            gpus=gpus,
+            cores=_placement.physical_cores(),
+            available_memory=None if gpus or sized_by_user else psutil.virtual_memory().available,
+        )
+
+
+def worker_configs(
+    spec: EngineSpec,
+    worker_num: int,
+    host: Host,
+    gpu_assignments: Sequence[Sequence[int]] | None = None,
+) -> list[WorkerConfig]:
+    """The configurations of ``worker_num`` workers sharing ``host``: each its own placement.
+
+    Raises ``ValueError`` for a placement the host cannot give.
+    """
+    if host.gpus:
+        placements = _placement.gpu_placements(
+            worker_num, spec.tp, spec.pp, gpu_assignments, host.gpus
+        )
+    else:
+        if gpu_assignments is not None:
+            raise ValueError("gpu_assignments was given, but no GPU is visible")
+        placements = _placement.cpu_placements(worker_num, spec.tp, spec.pp, host.cores)
+    shared = dict(spec.engine_args)
+    if host.available_memory is not None:
+        # On CPU, gpu_memory_utilization is a share of all memory, for each worker; an
+        # explicit KV cache size per worker makes the defaults fit.
+        shared["kv_cache_memory_bytes"] = _placement.cpu_kv_cache_bytes_per_worker(
+            worker_num, host.available_memory
+        )
+    configs = []
+    for placement in placements:
+        args = {**shared, "tensor_parallel_size": placement.tensor_parallel_size}
+        args.update(spec.extra_engine_args)
+        configs.append(
+            WorkerConfig(mode="local", model=spec.model, engine_args=args,
+                         environment=placement.environment)
+        )
+        logger.info("batch worker %d: %s", len(configs) - 1, placement.description)
+    return configs
+
+
+class LocalWorkers:
+    """The worker pool of local mode: slot ``k`` runs a worker process with config ``k``."""
+
+    def __init__(self, configs: list[WorkerConfig], startup_timeout: float) -> None:
+        self.configs = configs
+        self.size = len(configs)
+        self.startup_timeout = startup_timeout
+
+    def worker(self, slot: int) -> LocalWorker:
+        handle = WorkerHandle(
+            self.configs[slot], keep_alive=KeepAlive(_IDLE_TTL_SECONDS),
+            startup_timeout=self.startup_timeout,
+        )
+        return LocalWorker(handle)
+
+    def close(self) -> None:
+        """Nothing to give back: each worker process ends with its slot."""
+
+
+class LocalWorker:
+    """One spawned worker process (:class:`WorkerHandle`) as a batch worker."""
+
+    def __init__(self, handle: WorkerHandle) -> None:
+        self.handle = handle
+
+    def wait_ready(self) -> None:
+        self.handle.wait_ready()
+
+    def run(self, requests: list[Request]) -> Iterator[Finished]:
+        try:
+            futures = self.handle.submit(requests)
+        except WorkerUnavailable:
+            raise WorkerGone from None
+        for future in as_completed(futures):
+            yield future.result()
+
+    def stop(self, reason: str) -> None:
+        self.handle.stop(ServiceShutdownError(reason))
+
+    def wait_exited(self, timeout: float) -> None:
+        self.handle.wait_exited(timeout)
