@@ -93,7 +93,6 @@ def worker_configs(
             WorkerConfig(mode="local", model=spec.model, engine_args=args,
                          environment=placement.environment)
         )
-        logger.info("batch worker %d: %s", len(configs) - 1, placement.description)
     return configs
 
 
@@ -104,6 +103,8 @@ class LocalWorkers:
         self.configs = configs
         self.size = len(configs)
         self.startup_timeout = startup_timeout
+        for slot, config in enumerate(configs):
+            logger.info("batch worker %d: %s", slot, describe(config))
 
     def worker(self, slot: int) -> LocalWorker:
         handle = WorkerHandle(
@@ -138,3 +139,13 @@ class LocalWorker:
 
     def wait_exited(self, timeout: float) -> None:
         self.handle.wait_exited(timeout)
+
+
+def describe(config: WorkerConfig) -> str:
+    """Where a worker runs, for the log."""
+    environment = config.environment
+    if "CUDA_VISIBLE_DEVICES" in environment:
+        return f"GPU {environment['CUDA_VISIBLE_DEVICES']}"
+    if "VLLM_CPU_OMP_THREADS_BIND" in environment:
+        return f"CPU {environment['VLLM_CPU_OMP_THREADS_BIND']}"
+    return "CPU (vLLM's own binding)"

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from tqdm import tqdm
 
 from ._protocol import Finished, Request
 from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
@@ -101,6 +104,7 @@ class Scheduler:
 
     pool: WorkerPool
     on_done: Callable[[int, Outcome], None]
+    on_ready: Callable[[], None] = lambda: None  # each time a worker is ready
 
     changed: threading.Condition = field(default_factory=threading.Condition)
     jobs: dict[int, Job] = field(default_factory=dict)
@@ -110,7 +114,6 @@ class Scheduler:
     completed: int = 0  # jobs a worker completed (with results or the engine's errors)
     slots_left: int = 0
     fatal: BaseException | None = None
-    first_ready: float | None = None  # when the first worker was ready (for rates)
     request_ids: itertools.count = field(default_factory=itertools.count)
 
     def run(
@@ -189,7 +192,7 @@ class Scheduler:
                         start_error = exc
                         return
                     with self.changed:
-                        self.first_ready = self.first_ready or time.monotonic()
+                        self.on_ready()
                 chunk = self._take_chunk()
                 if chunk is None:
                     return
@@ -327,3 +330,51 @@ class Scheduler:
             self.changed.notify_all()
         for worker in workers:
             worker.stop(f"the batch run was stopped: {exc!r}")
+
+
+class Progress:
+    """A run's one progress bar: items done (resumed ones included), and output tokens per
+    second since the first worker was ready."""
+
+    def __init__(self, total: int, done: int, unit: str, enabled: bool) -> None:
+        self.bar = tqdm(total=total, initial=done, unit=unit, desc="generate",
+                        disable=not enabled, dynamic_ncols=True)
+        self.tokens = 0
+        self.first_ready: float | None = None
+
+    def worker_ready(self) -> None:
+        self.first_ready = self.first_ready or time.monotonic()
+
+    def advance(self, tokens: int = 0) -> None:
+        """One more item done, which generated ``tokens``."""
+        self.tokens += tokens
+        if self.first_ready is not None:
+            rate = self.tokens / max(time.monotonic() - self.first_ready, 1e-9)
+            self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def run_jobs(
+    jobs: dict[int, Job],
+    make_pool: Callable[[], WorkerPool],
+    chunk_size: int | None,
+    on_done: Callable[[int, Outcome], None],
+    progress: Progress,
+    on_tick: Callable[[], None],
+) -> None:
+    """Run ``jobs`` on a pool made for them (none if there are none), then close the pool.
+
+    Without ``chunk_size`` each worker gets one equal share of the jobs.
+    """
+    if not jobs:
+        return
+    pool = make_pool()
+    try:
+        scheduler = Scheduler(pool, on_done, on_ready=progress.worker_ready)
+        size = chunk_size or max(1, math.ceil(len(jobs) / pool.size))
+        scheduler.run(jobs, size, on_tick=on_tick)
+    finally:
+        pool.close()

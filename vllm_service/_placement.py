@@ -22,7 +22,6 @@ class Placement:
 
     environment: dict[str, str] = field(default_factory=dict)
     tensor_parallel_size: int = 1
-    description: str = ""
 
 
 # ----- GPUs -----
@@ -74,7 +73,6 @@ def gpu_placements(
             Placement(
                 environment={"CUDA_VISIBLE_DEVICES": ids},
                 tensor_parallel_size=len(group) // pp,
-                description=f"GPU {ids}",
             )
         )
     return placements
@@ -153,7 +151,7 @@ def cpu_placements(
             "worker runs on CPU cores of its own)"
         )
     if worker_num == 1:
-        return [Placement(tensor_parallel_size=tp, description="CPU (vLLM's own binding)")]
+        return [Placement(tensor_parallel_size=tp)]
     per_worker = len(cores) // worker_num
     per_rank = per_worker // ranks
     placements = []
@@ -167,7 +165,6 @@ def cpu_placements(
             Placement(
                 environment={"VLLM_CPU_OMP_THREADS_BIND": bind},
                 tensor_parallel_size=tp,
-                description=f"CPU {bind}",
             )
         )
     return placements

@@ -18,20 +18,17 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel
-from tqdm import tqdm
 
 from ._batch_local import EngineSpec, Host, LocalWorkers, worker_configs
 from ._batch_output import RUN_KEY, OutputFile, run_fingerprint
-from ._batch_schedule import Job, Outcome, Scheduler, WorkerPool
+from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 from ._protocol import ChatMessages
 from .settings import looks_like_local_path
 from .types import GenerationParams
@@ -124,7 +121,7 @@ def generate(
     ``VLLMServiceError`` at once. Raises ``ValueError`` for impossible arguments and
     placements before any worker starts.
     """
-    _check_arguments(n, worker_num, tp, pp, chunk_size, max_output_len, temperature)
+    check_arguments(n, worker_num, tp, pp, chunk_size, max_output_len, temperature)
     keys = (message_key, result_key, error_key, index_key, RUN_KEY)
     if len(set(keys)) != len(keys):
         raise ValueError(
@@ -157,7 +154,7 @@ def generate(
     sampling = {key: value for key, value in sampling.items() if value is not None}
     output = None
     if output_path is not None:
-        fingerprint = run_fingerprint(_model_name(model_id), system, n, use_sample, sampling)
+        fingerprint = run_fingerprint(model_name(model_id), system, n, use_sample, sampling)
         output = OutputFile(Path(output_path), index_key, fingerprint)
 
     run = _Run(
@@ -206,22 +203,25 @@ def worker_pool(
     return lambda: RayWorkers(spec, worker_num, ray_address, startup_timeout)
 
 
-def _check_arguments(
+def check_arguments(
     n: int,
     worker_num: int,
     tp: int,
     pp: int,
     chunk_size: int | None,
-    max_output_len: int,
-    temperature: float,
+    max_output_len: int | None,
+    temperature: float | None,
 ) -> None:
+    """``ValueError`` for impossible batch arguments (``None``: the default of the format)."""
     for name, value in (("n", n), ("worker_num", worker_num), ("tp", tp), ("pp", pp),
                         ("max_output_len", max_output_len)):
+        if value is None and name == "max_output_len":
+            continue
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or at least 1, got {chunk_size!r}")
-    if temperature < 0:
+    if temperature is not None and temperature < 0:
         raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature!r}")
     if pp > 1 and worker_num != 1:
         raise ValueError(f"pp={pp} (pipeline parallelism) needs worker_num=1, got {worker_num}")
@@ -238,7 +238,7 @@ def engine_spec(
     extra_engine_args: dict[str, Any],
 ) -> EngineSpec:
     """The engine every worker runs, before its placement adds its GPUs or cores."""
-    model = _model_name(model_id)
+    model = model_name(model_id)
     args: dict[str, Any] = {
         "model": model,
         "dtype": dtype,
@@ -253,7 +253,7 @@ def engine_spec(
                       extra_engine_args=dict(extra_engine_args))
 
 
-def _model_name(model_id: str) -> str:
+def model_name(model_id: str) -> str:
     """A Hugging Face model id as it is, a local model folder as an absolute path."""
     if looks_like_local_path(model_id):
         return str(Path(model_id).expanduser().resolve())
@@ -346,9 +346,7 @@ class _Run:
     on_mismatch: Literal["error", "redo", "keep"]
 
     results: list[dict[str, Any] | None] = field(default_factory=list)
-    tokens: int = 0
-    bar: Any = None
-    scheduler: Scheduler | None = None
+    progress: Progress = field(init=False)
 
     def execute(
         self, make_pool: Callable[[], WorkerPool], chunk_size: int | None, progress: bool
@@ -367,10 +365,7 @@ class _Run:
                 self._is_done,
             )
         try:
-            self.bar = tqdm(
-                total=len(self.data), initial=len(done), unit="item", desc="generate",
-                disable=not progress, dynamic_ncols=True,
-            )
+            self.progress = Progress(len(self.data), len(done), "item", progress)
             try:
                 jobs = self._prepare(done)
                 if done:
@@ -378,16 +373,9 @@ class _Run:
                         "%s already holds %d of the %d items; %d to run",
                         self.output.path, len(done), len(self.data), len(jobs),  # type: ignore[union-attr]
                     )
-                if jobs:
-                    pool = make_pool()
-                    try:
-                        self.scheduler = Scheduler(pool, self._job_done)
-                        size = chunk_size or max(1, math.ceil(len(jobs) / pool.size))
-                        self.scheduler.run(jobs, size, on_tick=self._tick)
-                    finally:
-                        pool.close()
+                run_jobs(jobs, make_pool, chunk_size, self._job_done, self.progress, self._tick)
             finally:
-                self.bar.close()
+                self.progress.close()
         finally:
             if self.output is not None:
                 self.output.close(rewrite=all(r is not None for r in self.results))
@@ -437,7 +425,7 @@ class _Run:
         if isinstance(outcome, str):
             self._finish(index, None, outcome)
             return
-        self.tokens += sum(s.completion_tokens for f in outcome for s in f.samples)
+        self.progress.tokens += sum(s.completion_tokens for f in outcome for s in f.samples)
         error = next((f.error or "the engine returned no output" for f in outcome
                       if f.error is not None or not f.samples), None)
         if error is not None:
@@ -466,11 +454,7 @@ class _Run:
         self.results[index] = result
         if self.output is not None:
             self.output.append(index, result)
-        first_ready = self.scheduler.first_ready if self.scheduler is not None else None
-        if first_ready is not None:
-            rate = self.tokens / max(time.monotonic() - first_ready, 1e-9)
-            self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
-        self.bar.update(1)
+        self.progress.advance()
 
     def _tick(self) -> None:
         # Bounds how long an appended line waits for its fsync when no further line comes.

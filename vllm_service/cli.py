@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -71,16 +72,16 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _add_generate_command(commands: Any) -> None:
-    from .batch import generate
-
-    default = {name: p.default for name, p in inspect.signature(generate).parameters.items()}
+    default = _generate_defaults()
     command = commands.add_parser(
         "generate",
         help="generate a completion for every line of a JSONL file (batch, several workers)",
         description="Run every JSON object of INPUT.jsonl through vLLM and write each one, with "
         "its result added, to OUTPUT.jsonl as it finishes. Rerunning the same command skips "
         "the items OUTPUT.jsonl already holds, so an interrupted run goes on where it stopped. "
-        "Options are named after the parameters of vllm_service.generate().",
+        "Options are named after the parameters of vllm_service.generate(). With --format "
+        "openai, INPUT.jsonl and OUTPUT.jsonl are OpenAI batch files instead, as `vllm "
+        "run-batch` reads and writes them (docs/openai-batch.md).",
         formatter_class=_HelpWithDefaults,
     )
     arg = command.add_argument
@@ -89,9 +90,15 @@ def _add_generate_command(commands: Any) -> None:
         help="results, one JSON object per line; also where a rerun resumes from")
     arg("--model", "--model-id", dest="model_id", required=True,
         help="local model folder or Hugging Face model id")
+    arg("--format", choices=("jsonl", "openai"), default="jsonl",
+        help="jsonl: any JSON objects, the result added under --result-key; openai: OpenAI "
+        "batch files (custom_id, url, body), each body's own sampling fields apply and the "
+        "sampling options below are the defaults for fields a body lacks; the prompts and "
+        "results options other than --system do not apply (docs/openai-batch.md)")
     arg("--on-mismatch", choices=("error", "redo", "keep"), default=default["on_mismatch"],
         help="what to do with results in OUTPUT.jsonl made with other settings (model, system, "
-        "sampling): stop with an error, generate them again, or keep them")
+        "sampling; with --format openai: answers of another model): stop with an error, "
+        "generate them again, or keep them")
     prompts = command.add_argument_group("prompts and results")
     prompts.add_argument("--message-key", default=default["message_key"],
                          help="key holding each item's prompt (a string or a list of chat messages)")
@@ -107,12 +114,16 @@ def _add_generate_command(commands: Any) -> None:
     sampling.add_argument("--n", type=int, default=default["n"], help="samples per prompt")
     sampling.add_argument("--use-sample", action="store_true",
                           help="make the n samples with SamplingParams(n=n) instead of n copies")
-    sampling.add_argument("--temperature", type=float, default=default["temperature"],
-                          help="sampling temperature; 0 is greedy")
+    # Defaults None: jsonl takes generate()'s, openai OpenAI's (docs/openai-batch.md).
+    sampling.add_argument("--temperature", type=float, default=None,
+                          help="sampling temperature; 0 is greedy (default: "
+                          f"{default['temperature']}; with --format openai: 1, as OpenAI's)")
     sampling.add_argument("--top-p", type=float, default=default["top_p"],
                           help="nucleus sampling probability")
-    sampling.add_argument("--max-output-len", type=int, default=default["max_output_len"],
-                          help="most tokens generated per sample")
+    sampling.add_argument("--max-output-len", type=int, default=None,
+                          help="most tokens generated per sample (default: "
+                          f"{default['max_output_len']}; with --format openai, as OpenAI's: 16 "
+                          "for completions, up to the end of the context for chat)")
     sampling.add_argument("--stop", action="append", metavar="TEXT",
                           help="stop at this text (repeat for several)")
     sampling.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
@@ -154,6 +165,10 @@ def _add_generate_command(commands: Any) -> None:
                          help="trust code shipped with the model")
     workers.add_argument("--engine-args", type=_json_object, metavar="JSON", default=None,
                          help='other vllm.LLM arguments, e.g. \'{"enforce_eager": true}\'')
+    workers.add_argument("--ray-address", metavar="ADDRESS", default=None,
+                         help="run the workers as actors on this Ray cluster: 'auto', "
+                         "'host:port' or 'ray://host:port' (needs vllm-service[ray]; "
+                         "docs/batch.md)")
     workers.add_argument("--startup-timeout", type=float, default=default["startup_timeout"],
                          help="seconds a worker may take to load the model")
     command.add_argument("--no-progress", dest="progress", action="store_false",
@@ -171,6 +186,13 @@ class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def _generate_defaults() -> dict[str, Any]:
+    """The defaults of generate()'s parameters, which the command line's options share."""
+    from .batch import generate
+
+    return {name: p.default for name, p in inspect.signature(generate).parameters.items()}
+
+
 def _run_generate(args: argparse.Namespace) -> int:
     from .batch import generate
     from .errors import VLLMServiceError
@@ -181,11 +203,24 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"vllm-service generate: {exc}", file=sys.stderr)
         return 2
     options = vars(args).copy()
-    for name in ("command", "run", "input", "output"):
+    for name in ("command", "run", "input", "output", "format"):
         options.pop(name)
+    if args.format == "openai":
+        from ._openai_batch import run_openai_batch, succeeded
+
+        problem = _openai_options(options)
+        if problem is not None:
+            print(f"vllm-service generate: {problem}", file=sys.stderr)
+            return 2
+        run = partial(run_openai_batch, lines=data, output_path=args.output, **options)
+    else:
+        for name in ("temperature", "max_output_len"):
+            if options[name] is None:
+                del options[name]  # generate()'s default
+        run = partial(generate, data=data, output_path=args.output, **options)
     try:
-        results = generate(data=data, output_path=args.output, **options)
-    except (ValueError, TypeError) as exc:
+        results = run()
+    except (ValueError, TypeError, ImportError) as exc:
         print(f"vllm-service generate: {exc}", file=sys.stderr)
         return 2
     except VLLMServiceError as exc:
@@ -195,11 +230,40 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"\nInterrupted. Finished items are in {args.output}; run the same command again "
               "to go on.", file=sys.stderr)
         return 130
-    failed = sum(1 for result in results if args.error_key in result)
-    print(f"Wrote {len(results)} items to {args.output}"
-          + (f"; {failed} failed (see their {args.error_key!r} key)" if failed else "."),
-          file=sys.stderr)
+    if args.format == "openai":
+        failed = sum(1 for answer in results if not succeeded(answer))
+        print(f"Wrote {len(results)} answers to {args.output}"
+              + (f"; {failed} failed (status_code other than 200, see their 'error')"
+                 if failed else "."),
+              file=sys.stderr)
+    else:
+        failed = sum(1 for result in results if args.error_key in result)
+        print(f"Wrote {len(results)} items to {args.output}"
+              + (f"; {failed} failed (see their {args.error_key!r} key)" if failed else "."),
+              file=sys.stderr)
     return 1 if failed else 0
+
+
+# Options of the jsonl format that have no meaning for OpenAI batch files.
+_JSONL_ONLY = {
+    "message_key": "--message-key", "result_key": "--result-key", "error_key": "--error-key",
+    "index_key": "--index-key",
+}
+
+
+def _openai_options(options: dict[str, Any]) -> str | None:
+    """Drop the options --format openai has no use for; why it refuses them, if it does.
+
+    An option of the jsonl format is refused when it is given other than its default.
+    """
+    default = _generate_defaults()
+    given = [flag for name, flag in _JSONL_ONLY.items() if options.pop(name) != default[name]]
+    # n samples always come from one request with SamplingParams(n=n), as in vLLM's server.
+    options.pop("use_sample")
+    if given:
+        return (f"{', '.join(given)} cannot be used with --format openai: its prompts are each "
+                "line's body and its results OpenAI batch output lines (docs/openai-batch.md)")
+    return None
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
