@@ -1,9 +1,14 @@
-"""The output file of :func:`vllm_service.generate`: a JSONL file a rerun resumes from.
+"""The output files of batch runs: JSONL files a rerun resumes from.
 
-One line per finished item: the item, its result, its position in the data under the
-index key and the fingerprint of the settings that produced it under ``RUN_KEY``. Lines
-are appended as items finish; a finished run rewrites the file in input order. A lock
-file next to it (``out.jsonl.lock``) keeps two runs from writing it at once.
+:class:`ResumableFile` is what both formats share: lines are appended as items finish, a
+rerun reads them back, a finished run rewrites the file in input order, and a lock file next
+to it (``out.jsonl.lock``) keeps two runs from writing it at once. What a line holds and how
+it is matched to its input item is the format's:
+
+- :class:`OutputFile`, for :func:`vllm_service.generate`: the item, its result, its position
+  in the data under the index key and the fingerprint of the settings that produced it under
+  ``RUN_KEY``.
+- OpenAI batch output lines, matched by ``custom_id`` (``_openai_batch.py``).
 """
 
 from __future__ import annotations
@@ -52,36 +57,33 @@ def run_fingerprint(
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
 
 
-class OutputFile:
-    """The JSONL file each finished item is appended to, read back to resume a run.
+class ResumableFile:
+    """A JSONL file each finished item's line is appended to, read back to resume a run.
 
-    ``load`` takes the lock and must come first; ``close`` releases it.
+    ``open`` takes the lock and must come first; ``close`` releases it.
     """
 
-    def __init__(self, path: Path, index_key: str, run: str) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
         self.lock_path = path.with_name(path.name + ".lock")
-        self.index_key = index_key
-        self.run = run
         self.records: dict[int, dict[str, Any]] = {}
         self._file: Any = None
         self._lock_fd: int | None = None
         self._synced_at = 0.0
         self._unsynced = False
 
-    def load(
-        self, data: Sequence[dict[str, Any]], message_key: str
-    ) -> dict[int, dict[str, Any]]:
+    def open(self, index_of: Callable[[Any, int], int]) -> dict[int, dict[str, Any]]:
         """Lock the file, read an earlier run's lines, open it for appending.
 
-        Returns ``{index: line}`` (the last line of each item). Raises ``VLLMServiceError`` if
-        another run holds the lock, ``ValueError`` if a line belongs to other data.
+        ``index_of(line, line_number)`` gives the input item a decoded line belongs to, or
+        raises ``ValueError`` saying why it belongs to none. Returns ``{index: line}`` (the
+        last line of each item). Raises ``VLLMServiceError`` if another run holds the lock.
         """
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
             text = self.path.read_bytes() if self.path.exists() else b""
-            self._read(text, data, message_key)
+            self._read(text, index_of)
             self._file = self.path.open("ab")
             if text and not text.endswith(b"\n"):
                 self._file.write(b"\n")  # after a line cut short, start a fresh one
@@ -92,54 +94,7 @@ class OutputFile:
             raise
         return dict(self.records)
 
-    def resume(
-        self,
-        data: Sequence[dict[str, Any]],
-        message_key: str,
-        result_key: str,
-        error_key: str,
-        on_mismatch: str,
-        is_done: Callable[[dict[str, Any]], bool],
-    ) -> dict[int, dict[str, Any]]:
-        """Lock and read the file; return ``{index: line}`` of the items a rerun reuses.
-
-        Those are the lines with a result and no error for which ``is_done`` holds, made with
-        this run's settings (or any, with ``on_mismatch="keep"``). Results of other settings
-        raise ``ValueError`` with ``on_mismatch="error"``.
-        """
-        for key in (self.index_key, RUN_KEY):
-            if any(key in item for item in data):
-                logger.warning(
-                    "some items of data have a %r key of their own; in %s it holds the output "
-                    "file's value instead (the returned items keep theirs)", key, self.path,
-                )
-        records = self.load(data, message_key)
-        finished = {
-            index: record for index, record in records.items()
-            if record.get(error_key) is None and record.get(result_key) is not None
-        }
-        other = sorted(i for i, record in finished.items() if record.get(RUN_KEY) != self.run)
-        if other and on_mismatch == "error":
-            self.close(rewrite=False)
-            unmarked = sum(1 for i in other if RUN_KEY not in finished[i])
-            raise ValueError(
-                f"output_path {self.path} holds results of {len(other)} items made with other "
-                f"settings than this call's (items {_some(other)}): the fingerprint under "
-                f"{RUN_KEY!r} of what made them (model, system, n, use_sample, temperature, "
-                f"top_p, seed, stop, max_output_len, sampling_args) is not this call's "
-                f"{self.run!r}"
-                + (f"; {unmarked} have none, as an older vllm-service wrote them"
-                   if unmarked else "")
-                + ". Pass on_mismatch='redo' (--on-mismatch redo) to generate them again with "
-                "these settings, on_mismatch='keep' to use them as they are, or use another "
-                "output_path."
-            )
-        if on_mismatch == "redo":
-            for index in other:
-                del finished[index]
-        return {index: record for index, record in finished.items() if is_done(record)}
-
-    def _read(self, text: bytes, data: Sequence[dict[str, Any]], message_key: str) -> None:
+    def _read(self, text: bytes, index_of: Callable[[Any, int], int]) -> None:
         # Split on b"\n" only: str.splitlines() would also split inside a JSON string holding
         # U+2028, U+0085 and the like, which ensure_ascii=False writes as they are.
         for number, raw in enumerate(text.split(b"\n"), 1):
@@ -150,22 +105,10 @@ class OutputFile:
             except (UnicodeDecodeError, json.JSONDecodeError):
                 logger.warning("%s line %d is not JSON (cut short?); ignoring it", self.path, number)
                 continue
-            index = record.get(self.index_key) if isinstance(record, dict) else None
-            if (
-                not isinstance(index, int)
-                or not 0 <= index < len(data)
-                or record.get(message_key) != data[index].get(message_key)
-            ):
-                raise ValueError(
-                    f"output_path {self.path} line {number} does not belong to this data (its "
-                    f"{self.index_key!r} does not name an item with the same {message_key!r}); "
-                    "use another output_path, or delete the file to start over"
-                )
-            self.records[index] = record
+            self.records[index_of(record, number)] = record
 
-    def append(self, index: int, result: dict[str, Any]) -> None:
-        """Write one finished item's line (with its index and the run's fingerprint)."""
-        record = {**result, self.index_key: index, RUN_KEY: self.run}
+    def write(self, index: int, record: dict[str, Any]) -> None:
+        """Append item ``index``'s line as it is; it replaces any earlier line of the item."""
         self._file.write(_encode(record, f"data[{index}]", self.path))
         self._file.flush()
         self.records[index] = record
@@ -239,6 +182,94 @@ class OutputFile:
         self.lock_path.unlink(missing_ok=True)
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+class OutputFile(ResumableFile):
+    """The output file of :func:`vllm_service.generate`: items with results, fingerprinted.
+
+    ``load`` (or ``resume``) takes the lock and must come first; ``close`` releases it.
+    """
+
+    def __init__(self, path: Path, index_key: str, run: str) -> None:
+        super().__init__(path)
+        self.index_key = index_key
+        self.run = run
+
+    def load(
+        self, data: Sequence[dict[str, Any]], message_key: str
+    ) -> dict[int, dict[str, Any]]:
+        """Lock the file, read an earlier run's lines, open it for appending.
+
+        Returns ``{index: line}`` (the last line of each item). Raises ``VLLMServiceError`` if
+        another run holds the lock, ``ValueError`` if a line belongs to other data.
+        """
+
+        def index_of(record: Any, number: int) -> int:
+            index = record.get(self.index_key) if isinstance(record, dict) else None
+            if (
+                not isinstance(index, int)
+                or not 0 <= index < len(data)
+                or record.get(message_key) != data[index].get(message_key)
+            ):
+                raise ValueError(
+                    f"output_path {self.path} line {number} does not belong to this data (its "
+                    f"{self.index_key!r} does not name an item with the same {message_key!r}); "
+                    "use another output_path, or delete the file to start over"
+                )
+            return index
+
+        return self.open(index_of)
+
+    def resume(
+        self,
+        data: Sequence[dict[str, Any]],
+        message_key: str,
+        result_key: str,
+        error_key: str,
+        on_mismatch: str,
+        is_done: Callable[[dict[str, Any]], bool],
+    ) -> dict[int, dict[str, Any]]:
+        """Lock and read the file; return ``{index: line}`` of the items a rerun reuses.
+
+        Those are the lines with a result and no error for which ``is_done`` holds, made with
+        this run's settings (or any, with ``on_mismatch="keep"``). Results of other settings
+        raise ``ValueError`` with ``on_mismatch="error"``.
+        """
+        for key in (self.index_key, RUN_KEY):
+            if any(key in item for item in data):
+                logger.warning(
+                    "some items of data have a %r key of their own; in %s it holds the output "
+                    "file's value instead (the returned items keep theirs)", key, self.path,
+                )
+        records = self.load(data, message_key)
+        finished = {
+            index: record for index, record in records.items()
+            if record.get(error_key) is None and record.get(result_key) is not None
+        }
+        other = sorted(i for i, record in finished.items() if record.get(RUN_KEY) != self.run)
+        if other and on_mismatch == "error":
+            self.close(rewrite=False)
+            unmarked = sum(1 for i in other if RUN_KEY not in finished[i])
+            raise ValueError(
+                f"output_path {self.path} holds results of {len(other)} items made with other "
+                f"settings than this call's (items {_some(other)}): the fingerprint under "
+                f"{RUN_KEY!r} of what made them (model, system, n, use_sample, temperature, "
+                f"top_p, seed, stop, max_output_len, sampling_args) is not this call's "
+                f"{self.run!r}"
+                + (f"; {unmarked} have none, as an older vllm-service wrote them"
+                   if unmarked else "")
+                + ". Pass on_mismatch='redo' (--on-mismatch redo) to generate them again with "
+                "these settings, on_mismatch='keep' to use them as they are, or use another "
+                "output_path."
+            )
+        if on_mismatch == "redo":
+            for index in other:
+                del finished[index]
+        return {index: record for index, record in finished.items() if is_done(record)}
+
+    def append(self, index: int, result: dict[str, Any]) -> None:
+        """Write one finished item's line (with its index and the run's fingerprint)."""
+        self.write(index, {**result, self.index_key: index, RUN_KEY: self.run})
 
 
 def _encode(record: dict[str, Any], name: str, path: Path) -> bytes:

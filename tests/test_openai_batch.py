@@ -1,0 +1,637 @@
+"""OpenAI batch files: ``vllm-service generate --format openai`` and vLLM's own run_batch.
+
+Two engine runs carry the real-engine assertions: ``cli_run`` (our command line on
+``FULL_INPUT``) and ``vllm_run`` (vLLM's ``run_batch`` on ``VLLM_INPUT``, the lines vLLM 0.32
+can read: chat only). Everything else (how a body maps to sampling, bad lines, resume,
+refusals, the output's types) runs in this process with a stand-in worker pool, or with an
+output file prepared so that nothing is left to run: no engine starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai.types
+import openai.types.chat
+import pytest
+
+from vllm_service import _openai_batch, cli
+from vllm_service._batch_output import ResumableFile
+from vllm_service._openai_batch import Defaults, _BadLine, parse_line, run_openai_batch
+from vllm_service._protocol import Finished, Request
+from vllm_service.errors import VLLMServiceError
+from vllm_service.types import Sample, TokenLogprobs, TopLogprob
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+FRANCE = "What is the capital of France?"
+YES_NO = {
+    "type": "object",
+    "properties": {"answer": {"type": "string", "enum": ["yes", "no"]}},
+    "required": ["answer"],
+}
+
+
+def line(custom_id: str, body: dict[str, Any], url: str = CHAT, **extra: Any) -> dict[str, Any]:
+    return {"custom_id": custom_id, "method": "POST", "url": url, "body": body, **extra}
+
+
+def chat(content: str, **fields: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": content}], **fields}
+
+
+def write_lines(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in lines), encoding="utf-8")
+    return path
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(text) for text in path.read_text(encoding="utf-8").split("\n") if text]
+
+
+def by_id(lines: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {item["custom_id"]: item for item in lines}
+
+
+def body_of(item: dict[str, Any]) -> dict[str, Any]:
+    assert item["error"] is None and item["response"]["status_code"] == 200, item
+    return item["response"]["body"]
+
+
+def check_format(item: dict[str, Any], url: str | None) -> None:
+    """One output line against vLLM's and OpenAI's types, with no keys beyond the format's."""
+    from vllm.entrypoints.launchers.run_batch import BatchRequestOutput
+    from vllm.entrypoints.openai.completion.protocol import CompletionResponse
+
+    assert set(item) == {"id", "custom_id", "response", "error"}
+    assert set(item["response"]) == {"status_code", "request_id", "body"}
+    body = item["response"]["body"]
+    if body is None:  # an error line
+        assert item["response"]["status_code"] in (400, 500)
+        assert set(item["error"]) == {"code", "message"} and item["error"]["message"]
+        BatchRequestOutput.model_validate(item)
+        return
+    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
+    if url == CHAT:
+        BatchRequestOutput.model_validate(item)
+        openai.types.chat.ChatCompletion.model_validate(body)
+        for choice in body["choices"]:
+            assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+            assert set(choice["message"]) == {"role", "content"}
+    else:
+        # vLLM 0.32's BatchRequestOutput knows no completion body (its run_batch serves chat
+        # only): the line without its body, and the body alone.
+        BatchRequestOutput.model_validate({**item, "response": {**item["response"], "body": None}})
+        CompletionResponse.model_validate(body)
+        openai.types.Completion.model_validate(body)
+        for choice in body["choices"]:
+            assert set(choice) == {"index", "text", "logprobs", "finish_reason"}
+
+
+# ----- a stand-in worker pool (no engine) -----
+
+
+class StandInPool:
+    """Workers that answer at once: ``n`` samples of "re: <last words of the prompt> #k".
+
+    A sample has ``min(3, max_tokens)`` tokens (16 for max_tokens None), logprobs when asked.
+    A prompt holding "REJECT" fails as vLLM fails a request it refuses; "ABORT" gives an
+    aborted sample. ``sent`` keeps every request.
+    """
+
+    size = 1
+
+    def __init__(self) -> None:
+        self.sent: list[Request] = []
+
+    def worker(self, slot: int) -> StandInPool:
+        return self
+
+    def close(self) -> None:
+        pass
+
+    def wait_ready(self) -> None:
+        pass
+
+    def stop(self, reason: str) -> None:
+        pass
+
+    def wait_exited(self, timeout: float) -> None:
+        pass
+
+    def run(self, requests: list[Request]) -> Iterator[Finished]:
+        for request in requests:
+            self.sent.append(request)
+            prompt = request.prompt
+            text = prompt[-1]["content"] if request.is_chat else str(prompt)
+            if "REJECT" in text:
+                yield Finished(request.request_id, error="ValueError: the prompt is too long")
+                continue
+            sampling = request.sampling
+            max_tokens = sampling["max_tokens"] if sampling["max_tokens"] is not None else 16
+            count = min(3, max_tokens)
+            logprobs = None
+            if sampling.get("logprobs") is not None:
+                logprobs = [
+                    TokenLogprobs(7, "tok", -0.25, 1, [TopLogprob(8, "alt", float("-inf"), 2)])
+                ] * count
+            samples = [
+                Sample(f"re: {text[-20:]} #{k}", [7] * count,
+                       "error" if "ABORT" in text else ("length" if count == max_tokens else "stop"),
+                       count, logprobs=logprobs)
+                for k in range(sampling.get("n", 1))
+            ]
+            yield Finished(request.request_id, 5, samples)
+
+
+@pytest.fixture
+def pool(monkeypatch: pytest.MonkeyPatch) -> StandInPool:
+    """Every run in the test gets this pool instead of real workers."""
+    standin = StandInPool()
+    monkeypatch.setattr(_openai_batch, "worker_pool", lambda *args, **kwargs: lambda: standin)
+    return standin
+
+
+def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on, a run that would start a worker fails the test."""
+
+    def make_pool() -> Any:
+        raise AssertionError("a worker was started")
+
+    monkeypatch.setattr(_openai_batch, "worker_pool", lambda *args, **kwargs: make_pool)
+
+
+@pytest.fixture(name="no_workers")
+def no_workers_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
+    no_workers(monkeypatch)
+
+
+NO_DEFAULTS = Defaults.of(None, 1.0, None, 1, None, None, {}, None)
+
+
+# ----- how a body becomes sampling -----
+
+
+def test_a_body_means_to_the_engine_what_it_means_to_vllms_server() -> None:
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+    from vllm.sampling_params import SamplingParams
+
+    from vllm_service._local_engine import sampling_params
+
+    chat_body = chat(
+        FRANCE, temperature=0.3, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1,
+        presence_penalty=0.5, frequency_penalty=-0.5, seed=7, stop=["\n\n"], n=3,
+        max_completion_tokens=12, logprobs=True, top_logprobs=2, logit_bias={"5": -100},
+        min_tokens=2, ignore_eos=False, stop_token_ids=[2], include_stop_str_in_output=True,
+        bad_words=["Paris"], skip_special_tokens=False,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": YES_NO}},
+    )
+    completion_body = {
+        "prompt": "The capital of France is", "max_tokens": 5, "logprobs": 2, "temperature": 0,
+        "stop": "!", "response_format": {"type": "json_object"}, "allowed_token_ids": [3, 4, 5],
+    }
+    for url, body, request, max_tokens in (
+        (CHAT, chat_body, ChatCompletionRequest, 12),
+        (COMPLETIONS, completion_body, CompletionRequest, 5),
+    ):
+        parsed = parse_line(line("a", body, url), NO_DEFAULTS, None)
+        [(prompt, sampling)] = parsed.requests
+        ours = sampling_params(sampling)
+        theirs = request.model_validate(body).to_sampling_params(max_tokens, {})
+        for name in SamplingParams.__struct_fields__:
+            if name not in ("output_kind", "skip_clone"):
+                assert getattr(ours, name) == getattr(theirs, name), name
+        assert parsed.logprobs
+    assert parse_line(line("a", chat_body), NO_DEFAULTS, None).requests[0][0] == chat_body["messages"]
+
+
+def test_command_line_options_are_the_defaults_for_fields_a_body_lacks() -> None:
+    defaults = Defaults.of(
+        temperature=0.3, top_p=0.8, max_output_len=7, n=2, stop=["END"], seed=11,
+        sampling_args={"top_k": 4, "ignore_eos": True}, constraint={"choice": ["yes", "no"]},
+    )
+    [(_, lacking)] = parse_line(line("a", chat(FRANCE)), defaults, None).requests
+    assert {k: lacking[k] for k in ("temperature", "top_p", "max_tokens", "n", "stop", "seed",
+                                    "top_k", "ignore_eos", "structured_outputs")} == {
+        "temperature": 0.3, "top_p": 0.8, "max_tokens": 7, "n": 2, "stop": ["END"], "seed": 11,
+        "top_k": 4, "ignore_eos": True, "structured_outputs": {"choice": ["yes", "no"]},
+    }
+    own = chat(FRANCE, temperature=0.9, top_p=1.0, max_completion_tokens=30, n=1, stop=[],
+               seed=3, top_k=-1, response_format={"type": "text"})
+    [(_, given)] = parse_line(line("a", own), defaults, None).requests
+    assert (given["temperature"], given["top_p"], given["max_tokens"], given["n"]) == (0.9, 1.0, 30, 1)
+    assert (given["stop"], given["seed"], given["top_k"]) == ([], 3, -1)
+    assert "structured_outputs" not in given  # the body's response_format wins
+    assert given["ignore_eos"] is True  # not in the body: --sampling-args still applies
+
+
+def test_without_options_a_line_gets_openais_defaults() -> None:
+    [(_, for_chat)] = parse_line(line("a", chat(FRANCE)), NO_DEFAULTS, None).requests
+    [(_, for_completion)] = parse_line(
+        line("b", {"prompt": "Once"}, COMPLETIONS), NO_DEFAULTS, None
+    ).requests
+    assert for_chat["temperature"] == for_completion["temperature"] == 1.0
+    assert for_chat["top_p"] == 1.0 and for_chat["n"] == 1
+    assert for_chat["max_tokens"] is None  # up to the end of the context
+    assert for_completion["max_tokens"] == 16
+
+
+def test_completion_prompts_strings_token_ids_and_lists_of_them() -> None:
+    for prompt, sent in (
+        ("Once", ["Once"]),
+        ([5, 6, 7], [[5, 6, 7]]),
+        (["One", "Two"], ["One", "Two"]),
+        ([[5, 6], [7]], [[5, 6], [7]]),
+    ):
+        parsed = parse_line(line("a", {"prompt": prompt}, COMPLETIONS), NO_DEFAULTS, None)
+        assert [p for p, _ in parsed.requests] == sent
+    for prompt in ([], [{"text": "x"}], ["a", 5], None, 5):
+        with pytest.raises(_BadLine, match="body.prompt must be"):
+            parse_line(line("a", {"prompt": prompt}, COMPLETIONS), NO_DEFAULTS, None)
+
+
+BAD_LINES = {
+    "get": ({**line("get", chat(FRANCE)), "method": "GET"}, "method must be 'POST'"),
+    "embeddings": (line("embeddings", {"input": "x"}, "/v1/embeddings"), "is not supported"),
+    "no-messages": (line("no-messages", {"prompt": "x"}), "body.messages must be"),
+    "empty-messages": (line("empty-messages", {"messages": []}), "body.messages must be"),
+    "body-list": (line("body-list", [1]), "body must be a JSON object"),  # type: ignore[arg-type]
+    "stream": (line("stream", chat(FRANCE, stream=True)), "body.stream=True is not supported"),
+    "tools": (line("tools", chat(FRANCE, tools=[{"type": "function", "function": {"name": "f"}}])),
+              "body.tools="),
+    "echo": (line("echo", {"prompt": "x", "echo": True}, COMPLETIONS), "body.echo=True"),
+    "temperature": (line("temperature", chat(FRANCE, temperature=-1)),
+                    "temperature must be non-negative"),
+    "top-logprobs": (line("top-logprobs", chat(FRANCE, top_logprobs=2)),
+                     "`logprobs` must be set to true"),
+    "message-type": (line("message-type", {"messages": [5]}), "messages.0"),
+    "seed": (line("seed", chat(FRANCE, seed=2**64)), "seed: Input should be less than"),
+    "n": (line("n", chat(FRANCE, n=0)), "n"),
+}
+
+
+def test_bad_lines_get_error_lines_of_their_own_and_the_rest_run(
+    tmp_path: Path, pool: StandInPool
+) -> None:
+    lines = [line("first", chat(FRANCE, max_tokens=2))]
+    lines += [bad for bad, _ in BAD_LINES.values()]
+    lines += [line("rejected", chat("REJECT this")), line("aborted", chat("ABORT this")),
+              line("last", {"prompt": "The end"}, COMPLETIONS)]
+    answers = run_openai_batch("org/model", lines, tmp_path / "out.jsonl", progress=False)
+    assert read_lines(tmp_path / "out.jsonl") == answers
+    assert [a["custom_id"] for a in answers] == [item["custom_id"] for item in lines]
+    found = by_id(answers)
+    for custom_id, (_, message) in BAD_LINES.items():
+        assert found[custom_id]["response"]["status_code"] == 400, custom_id
+        assert found[custom_id]["error"]["code"] == "invalid_request"
+        assert message in found[custom_id]["error"]["message"], custom_id
+    assert found["rejected"]["response"]["status_code"] == 400
+    assert "the prompt is too long" in found["rejected"]["error"]["message"]
+    assert found["aborted"]["response"]["status_code"] == 500
+    assert found["aborted"]["error"]["code"] == "server_error"
+    assert body_of(found["first"])["choices"][0]["message"]["content"] == f"re: {FRANCE[-20:]} #0"
+    assert body_of(found["last"])["choices"][0]["text"] == "re: The end #0"
+    for item, answer in zip(lines, answers):
+        check_format(answer, item["url"])
+    # Only the good lines and the two the engine fails reached a worker.
+    assert len(pool.sent) == 4
+
+
+def test_answers_have_openais_shape_with_n_logprobs_and_several_prompts(
+    tmp_path: Path, pool: StandInPool
+) -> None:
+    lines = [
+        line("chat", chat(FRANCE, n=2, max_tokens=2, logprobs=True, top_logprobs=1)),
+        line("completion", {"prompt": ["One", "Two"], "n": 2, "logprobs": 1, "max_tokens": 3},
+             COMPLETIONS),
+    ]
+    answers = run_openai_batch("org/model", lines, tmp_path / "out.jsonl", progress=False)
+    chat_body, completion_body = (body_of(a) for a in answers)
+    for item, answer in zip(lines, answers):
+        check_format(answer, item["url"])
+    assert chat_body["object"] == "chat.completion" and chat_body["model"] == "org/model"
+    assert [c["index"] for c in chat_body["choices"]] == [0, 1]
+    assert [c["finish_reason"] for c in chat_body["choices"]] == ["length", "length"]
+    assert chat_body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    content = chat_body["choices"][0]["logprobs"]["content"]
+    assert content == [{"token": "tok", "logprob": -0.25, "bytes": list(b"tok"),
+                        "top_logprobs": [{"token": "alt", "logprob": -9999.0,
+                                          "bytes": list(b"alt")}]}] * 2
+    # Two prompts with n=2: choices 0-1 for the first, 2-3 for the second, as OpenAI numbers them.
+    assert [c["index"] for c in completion_body["choices"]] == [0, 1, 2, 3]
+    assert [c["text"] for c in completion_body["choices"]] == [
+        "re: One #0", "re: One #1", "re: Two #0", "re: Two #1"]
+    assert completion_body["usage"] == {"prompt_tokens": 10, "completion_tokens": 12,
+                                        "total_tokens": 22}
+    assert completion_body["choices"][0]["logprobs"] == {
+        "tokens": ["tok"] * 3, "token_logprobs": [-0.25] * 3,
+        "top_logprobs": [{"alt": -9999.0, "tok": -0.25}] * 3, "text_offset": [0, 3, 6],
+    }
+    assert chat_body["id"].startswith("chatcmpl-") and completion_body["id"].startswith("cmpl-")
+    assert len({a["id"] for a in answers} | {a["response"]["request_id"] for a in answers}) == 4
+
+
+def test_system_goes_in_front_of_chats_without_one(tmp_path: Path, pool: StandInPool) -> None:
+    own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": FRANCE}]
+    lines = [line("plain", chat(FRANCE)), line("own", {"messages": own}),
+             line("completion", {"prompt": "Once"}, COMPLETIONS)]
+    run_openai_batch("org/model", lines, tmp_path / "out.jsonl", system="Answer in French.",
+                     progress=False)
+    prompts = [request.prompt for request in pool.sent]
+    assert prompts == [
+        [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": FRANCE}],
+        own,
+        "Once",
+    ]
+
+
+# ----- resume, and what is refused before anything runs -----
+
+
+def test_a_rerun_keeps_answered_lines_and_runs_the_rest_in_input_order(
+    tmp_path: Path, pool: StandInPool
+) -> None:
+    lines = [line(f"q{i}", chat(f"question {i}", max_tokens=2)) for i in range(5)]
+    output = tmp_path / "out.jsonl"
+    first = run_openai_batch("org/model", lines, output, progress=False)
+    kept = {item["custom_id"]: json.dumps(item) for item in first}
+    # q3 failed last time, q1 and q4 were never written, and the file ends in a line cut short.
+    failed = _openai_batch.error_line("q3", 500, "the worker died")
+    output.write_text(
+        "".join(kept[c] + "\n" for c in ("q2", "q0")) + json.dumps(failed) + "\n" + kept["q4"][:30],
+        encoding="utf-8",
+    )
+    pool.sent.clear()
+    answers = run_openai_batch("org/model", lines, output, progress=False)
+    assert sorted(r.prompt[-1]["content"] for r in pool.sent) == [
+        "question 1", "question 3", "question 4"]
+    assert [a["custom_id"] for a in answers] == ["q0", "q1", "q2", "q3", "q4"]
+    assert [json.dumps(a) for a in answers[::2][:2]] == [kept["q0"], kept["q2"]]
+    assert read_lines(output) == answers  # rewritten whole, in input order
+    assert all(a["response"]["status_code"] == 200 for a in answers)
+
+
+def test_a_rerun_with_nothing_left_starts_no_worker(
+    tmp_path: Path, pool: StandInPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", [line("a", chat(FRANCE)),
+                                                 line("b", {"prompt": "x"}, COMPLETIONS)])
+    output = tmp_path / "out.jsonl"
+    args = ["generate", str(source), "-o", str(output), "--model", "org/model", "--format",
+            "openai", "--no-progress"]
+    assert cli.main(args) == 0
+    before = output.read_bytes()
+    no_workers(monkeypatch)
+    assert cli.main(args) == 0
+    assert output.read_bytes() == before
+
+
+def test_a_line_whose_url_changed_is_answered_again(tmp_path: Path, pool: StandInPool) -> None:
+    output = tmp_path / "out.jsonl"
+    run_openai_batch("org/model", [line("a", {"prompt": "x"}, COMPLETIONS)], output,
+                     progress=False)
+    answers = run_openai_batch("org/model", [line("a", chat("x"))], output, progress=False)
+    assert body_of(answers[0])["object"] == "chat.completion"
+    assert len(pool.sent) == 2
+
+
+def test_custom_ids_must_be_there_and_unique(tmp_path: Path, no_workers: None) -> None:
+    output = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError, match="request 2 of the input .* repeats the custom_id 'a' of "
+                       "request 1; custom_ids must be unique"):
+        run_openai_batch("org/model", [line("a", chat("x")), line("a", chat("y"))], output)
+    for custom_id in (None, 5):
+        item = line("b", chat("y"))
+        item["custom_id"] = custom_id
+        with pytest.raises(ValueError, match=f"request 2 of the input .* has no custom_id string "
+                           f"\\(got {custom_id}\\)"):
+            run_openai_batch("org/model", [line("a", chat("x")), item], output)
+    assert not output.exists()
+
+
+def test_an_output_line_of_another_input_is_refused(tmp_path: Path, no_workers: None) -> None:
+    output = tmp_path / "out.jsonl"
+    stranger = _openai_batch.answer_line("someone-else", {"object": "chat.completion"})
+    output.write_text(json.dumps(stranger) + "\n", encoding="utf-8")
+    before = output.read_bytes()
+    with pytest.raises(ValueError, match="out.jsonl line 1 \\(custom_id 'someone-else'\\) does "
+                       "not belong to this input"):
+        run_openai_batch("org/model", [line("a", chat("x"))], output)
+    assert output.read_bytes() == before
+    assert not output.with_name("out.jsonl.lock").exists()
+
+
+def test_answers_of_another_model_stop_the_run_unless_told(
+    tmp_path: Path, pool: StandInPool
+) -> None:
+    lines = [line("a", chat("x")), line("b", chat("y"))]
+    output = tmp_path / "out.jsonl"
+    run_openai_batch("org/old-model", lines, output, progress=False)
+    before = output.read_bytes()
+    with pytest.raises(ValueError, match="holds answers to 2 requests made by another model "
+                       "\\(org/old-model\\), not org/model .*--on-mismatch redo"):
+        run_openai_batch("org/model", lines, output, progress=False)
+    assert output.read_bytes() == before
+    kept = run_openai_batch("org/model", lines, output, on_mismatch="keep", progress=False)
+    assert {body_of(a)["model"] for a in kept} == {"org/old-model"} and len(pool.sent) == 2
+    redone = run_openai_batch("org/model", lines, output, on_mismatch="redo", progress=False)
+    assert {body_of(a)["model"] for a in redone} == {"org/model"} and len(pool.sent) == 4
+
+
+def test_a_second_run_on_the_same_output_fails_at_once(tmp_path: Path, no_workers: None) -> None:
+    output = tmp_path / "out.jsonl"
+    holder = ResumableFile(output)
+    holder.open(lambda record, number: 0)
+    try:
+        with pytest.raises(VLLMServiceError, match="is in use by another run"):
+            run_openai_batch("org/model", [line("a", chat("x"))], output)
+    finally:
+        holder.close(rewrite=False)
+
+
+def test_the_command_line_refuses_options_of_the_jsonl_format(
+    tmp_path: Path, no_workers: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = write_lines(tmp_path / "in.jsonl", [line("a", chat(FRANCE))])
+    base = ["generate", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", "org/model",
+            "--format", "openai"]
+    for extra, message in (
+        (["--result-key", "answer", "--index-key", "i"],
+         "--result-key, --index-key cannot be used with --format openai"),
+        (["--message-key", "q"], "--message-key cannot be used with --format openai"),
+        (["--temperature", "-1"], "temperature must be 0 (greedy) or more"),
+        (["--n", "0"], "n must be a whole number of at least 1"),
+        (["--sampling-args", '{"top_k": "many"}'], "sampling_args: top_k: Input should be"),
+        (["--regex", "a", "--choice", "b"], "at most one structured-output constraint"),
+        (["--worker-num", "2", "--pp", "2"], "needs worker_num=1"),
+    ):
+        assert cli.main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    duplicated = write_lines(tmp_path / "twice.jsonl", [line("a", chat("x")), line("a", chat("y"))])
+    assert cli.main([*base[:1], str(duplicated), *base[2:]]) == 2
+    assert "custom_ids must be unique" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+# ----- the real engine: our command line and vLLM's run_batch on the same lines -----
+
+# What vLLM 0.32's run_batch reads: chat lines only (a completion line, or a chat line
+# without messages, stops it with a validation error).
+VLLM_INPUT = [
+    line("greedy", chat(FRANCE, temperature=0, max_tokens=16)),
+    line("short", chat("Write a long story about a dragon.", temperature=0, max_tokens=3)),
+    line("two", chat("Name a color.", n=2, temperature=0.8, seed=1, max_completion_tokens=8)),
+    line("logprobs", chat("Say hello.", temperature=0, max_tokens=4, logprobs=True,
+                          top_logprobs=2)),
+    line("json", chat("Is Paris in France? Answer as JSON.", temperature=0, max_tokens=20,
+                      response_format={"type": "json_schema",
+                                       "json_schema": {"name": "answer", "schema": YES_NO}})),
+    line("bad-temperature", chat("Hi", temperature=-1)),
+    line("bad-url", chat("Hi"), "/v1/embeddingz"),
+]
+FULL_INPUT = [
+    *VLLM_INPUT,
+    line("completion", {"prompt": "The capital of France is", "temperature": 0, "max_tokens": 5,
+                        "logprobs": 2}, COMPLETIONS),
+    line("completion-default", {"prompt": "Once upon a time", "temperature": 0}, COMPLETIONS),
+    line("completion-list", {"prompt": ["One, two,", "Red, green,"], "max_tokens": 2,
+                             "temperature": 0}, COMPLETIONS),
+    line("no-messages", {"prompt": "Hi"}),
+    line("too-long", chat("word " * 1000, max_tokens=2)),
+    line("tools", chat("Hi", tools=[{"type": "function", "function": {"name": "f"}}])),
+]
+FAILING = {"bad-temperature", "bad-url", "no-messages", "too-long", "tools"}
+ENGINE_OPTIONS = ["--max-model-len", "512", "--dtype", "float32"]
+
+
+def engine_environment() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
+
+
+@pytest.fixture(scope="module")
+def cli_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """``vllm-service generate --format openai`` on FULL_INPUT: one engine."""
+    folder = tmp_path_factory.mktemp("openai_cli")
+    source = write_lines(folder / "in.jsonl", FULL_INPUT)
+    output = folder / "out.jsonl"
+    started = time.monotonic()
+    process = subprocess.run(
+        [sys.executable, "-m", "vllm_service.cli", "generate", str(source), "-o", str(output),
+         "--format", "openai", "--model", str(demo_model), "--chunk-size", "5", "--no-progress",
+         *ENGINE_OPTIONS],
+        capture_output=True, text=True, timeout=900, env=engine_environment(),
+    )
+    return {"process": process, "output": output, "seconds": time.monotonic() - started}
+
+
+@pytest.fixture(scope="module")
+def vllm_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """vLLM's own ``run_batch`` on VLLM_INPUT: one engine."""
+    folder = tmp_path_factory.mktemp("openai_vllm")
+    source = write_lines(folder / "in.jsonl", VLLM_INPUT)
+    output = folder / "out.jsonl"
+    process = subprocess.run(
+        [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source), "-o",
+         str(output), "--model", str(demo_model), "--enforce-eager", *ENGINE_OPTIONS],
+        capture_output=True, text=True, timeout=900, env=engine_environment(),
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return {"output": output}
+
+
+def test_cli_answers_every_line_in_input_order(cli_run: dict[str, Any]) -> None:
+    process = cli_run["process"]
+    assert process.returncode == 1, process.stderr[-3000:]  # some lines fail, on purpose
+    assert f"Wrote {len(FULL_INPUT)} answers" in process.stderr
+    assert f"{len(FAILING)} failed" in process.stderr
+    answers = read_lines(cli_run["output"])
+    assert [a["custom_id"] for a in answers] == [item["custom_id"] for item in FULL_INPUT]
+    for item, answer in zip(FULL_INPUT, answers):
+        assert (answer["response"]["status_code"] == 200) == (item["custom_id"] not in FAILING)
+        check_format(answer, item["url"])
+    # The engine refused it; the lines after it in its chunk ran on.
+    assert "maximum context length is 512 tokens" in by_id(answers)["too-long"]["error"]["message"]
+
+
+def test_cli_honours_each_lines_sampling_fields(cli_run: dict[str, Any]) -> None:
+    found = {k: body_of(v) for k, v in by_id(read_lines(cli_run["output"])).items()
+             if k not in FAILING}
+    for custom_id, body in found.items():
+        usage = body["usage"]
+        assert usage["prompt_tokens"] > 0, custom_id
+        assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+        for choice in body["choices"]:
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+            assert text.strip(), custom_id
+            assert choice["finish_reason"] in ("stop", "length"), custom_id
+    short = found["short"]
+    assert short["usage"]["completion_tokens"] <= 3
+    assert short["choices"][0]["finish_reason"] == "length"
+    two = found["two"]
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["usage"]["completion_tokens"] <= 16
+    logprobs = found["logprobs"]["choices"][0]["logprobs"]["content"]
+    assert len(logprobs) == found["logprobs"]["usage"]["completion_tokens"] == 4
+    assert all(len(position["top_logprobs"]) == 2 for position in logprobs)
+    assert "".join(p["token"] for p in logprobs) == found["logprobs"]["choices"][0]["message"][
+        "content"]
+    assert json.loads(found["json"]["choices"][0]["message"]["content"])["answer"] in ("yes", "no")
+    completion = found["completion"]
+    assert completion["usage"]["completion_tokens"] <= 5
+    assert len(completion["choices"][0]["logprobs"]["tokens"]) == completion["usage"][
+        "completion_tokens"]
+    # No max_tokens: OpenAI's default for completions, 16.
+    assert 0 < found["completion-default"]["usage"]["completion_tokens"] <= 16
+    assert [c["index"] for c in found["completion-list"]["choices"]] == [0, 1]
+    assert found["completion-list"]["usage"]["completion_tokens"] <= 4
+
+
+def test_vllm_run_batch_answers_the_same_lines_as_we_do(
+    cli_run: dict[str, Any], vllm_run: dict[str, Any]
+) -> None:
+    theirs = read_lines(vllm_run["output"])
+    ours = by_id(read_lines(cli_run["output"]))
+    assert [a["custom_id"] for a in theirs] == [item["custom_id"] for item in VLLM_INPUT]
+    for answer in theirs:
+        mine = ours[answer["custom_id"]]
+        assert answer["response"]["status_code"] == mine["response"]["status_code"]
+        assert (answer["error"] is None) == (mine["error"] is None)
+    theirs_found = by_id(theirs)
+    for custom_id in ("greedy", "short", "logprobs", "json"):  # greedy: the same text
+        mine, other = body_of(ours[custom_id]), body_of(theirs_found[custom_id])
+        assert mine["choices"][0]["message"]["content"] == other["choices"][0]["message"][
+            "content"], custom_id
+        assert mine["choices"][0]["finish_reason"] == other["choices"][0]["finish_reason"]
+        assert mine["usage"] == {k: other["usage"][k] for k in mine["usage"]}, custom_id
+    mine = body_of(ours["logprobs"])["choices"][0]["logprobs"]["content"]
+    other = body_of(theirs_found["logprobs"])["choices"][0]["logprobs"]["content"]
+    assert [(p["token"], [t["token"] for t in p["top_logprobs"]]) for p in mine] == [
+        (p["token"], [t["token"] for t in p["top_logprobs"]]) for p in other]
+    for p, q in zip(mine, other):
+        assert p["logprob"] == pytest.approx(q["logprob"], abs=0.05)
+    assert len(body_of(theirs_found["two"])["choices"]) == 2
+
+
+def test_a_rerun_of_a_real_output_sends_only_its_failed_lines(
+    cli_run: dict[str, Any], demo_model: Path, tmp_path: Path, pool: StandInPool
+) -> None:
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(cli_run["output"].read_bytes())
+    before = by_id(read_lines(output))
+    answers = run_openai_batch(str(demo_model), copy.deepcopy(FULL_INPUT), output, progress=False)
+    # Of the failed lines only "too-long" reaches a worker: the others fail before one.
+    assert [r.prompt[-1]["content"][:10] for r in pool.sent] == ["word word "]
+    for answer in answers:
+        if answer["custom_id"] not in FAILING:
+            assert answer == before[answer["custom_id"]]
+    assert by_id(answers)["too-long"]["response"]["status_code"] == 200  # the stand-in answers

@@ -1,0 +1,568 @@
+"""OpenAI batch files: ``vllm-service generate --format openai`` (docs/openai-batch.md).
+
+    run_openai_batch(lines, output_path)
+      custom_ids checked: a string on every line, none twice   (else ValueError: nothing runs)
+      lines output_path already answers are kept              (_batch_output: status 200,
+                                                                same model)
+      every other line: body -> vLLM's own request model -> SamplingParams keywords
+                        (a bad line gets its error line now)
+      the rest become jobs: one request per prompt, n samples each
+         |
+         v
+    Scheduler (_batch_schedule): chunk queue, retries, one thread per worker slot
+         |                           workers: local processes or Ray actors (batch.worker_pool)
+         v
+    each finished line: a chat.completion or text_completion body (or an error), appended
+         |
+         v
+    output lines in input order, and output_path rewritten in that order
+
+Each line's body is read with vLLM's ``ChatCompletionRequest`` / ``CompletionRequest`` and
+turned into sampling with their ``to_sampling_params``, so a body means what it means to
+vLLM's server; importing them costs the parent about ten seconds (vLLM and torch).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ValidationError
+
+from ._batch_output import ResumableFile, _some
+from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
+from ._protocol import Finished
+from .batch import check_arguments, engine_spec, model_name, worker_pool
+from .types import GenerationParams, Sample, TokenLogprobs
+
+logger = logging.getLogger("vllm_service")
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+# The response object each endpoint answers with.
+OBJECT_OF = {CHAT_URL: "chat.completion", COMPLETIONS_URL: "text_completion"}
+
+# Body fields the workers cannot honour (they render a chat with the model's own template and
+# return whole texts), each with the one value accepted besides null.
+_UNSUPPORTED = {
+    "stream": False,
+    "echo": False,
+    "suffix": "",
+    "best_of": 1,
+    "use_beam_search": False,
+    "tools": [],
+    "functions": [],
+    "add_generation_prompt": True,
+    "continue_final_message": False,
+    "chat_template": "",
+    "chat_template_kwargs": {},
+    "documents": [],
+    "prompt_embeds": "",
+    "prompt_logprobs": 0,
+    "return_token_ids": False,
+    "return_tokens_as_token_ids": False,
+}
+# What vLLM's server writes for a logprob of minus infinity (JSON has no infinity).
+_LOWEST_LOGPROB = -9999.0
+
+
+class _BadLine(Exception):
+    """A line that cannot be sent; the message becomes its error line."""
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """What one valid line turned into: its requests, and how to write its answer."""
+
+    url: str
+    requests: list[tuple[Any, dict[str, Any]]]
+    logprobs: bool
+
+
+def run_openai_batch(
+    model_id: str,
+    lines: Sequence[dict[str, Any]],
+    output_path: str | os.PathLike[str],
+    *,
+    system: str | None = None,
+    n: int = 1,
+    temperature: float | None = None,
+    top_p: float = 1.0,
+    max_output_len: int | None = None,
+    stop: list[str] | None = None,
+    seed: int | None = None,
+    sampling_args: dict[str, Any] | None = None,
+    json_schema: dict[str, Any] | None = None,
+    regex: str | None = None,
+    choice: list[str] | None = None,
+    grammar: str | None = None,
+    worker_num: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    gpu_assignments: Sequence[Sequence[int]] | None = None,
+    chunk_size: int | None = None,
+    max_model_len: int = 4096,
+    gpu_memory_utilization: float = 0.90,
+    dtype: str = "auto",
+    trust_remote_code: bool = True,
+    engine_args: dict[str, Any] | None = None,
+    ray_address: str | None = None,
+    startup_timeout: float = 900.0,
+    on_mismatch: Literal["error", "redo", "keep"] = "error",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Answer every line of an OpenAI batch input file; returns the output lines in order.
+
+    ``lines`` are the decoded input lines (``custom_id``, ``method``, ``url``, ``body``);
+    each answer is appended to ``output_path`` as it finishes, and a finished run leaves the
+    file in input order. Lines the file already answers with status 200, made by this model,
+    are kept (answers of another model: ``on_mismatch`` as in :func:`generate`). The sampling
+    options are the defaults for lines whose body lacks the field; ``None`` means OpenAI's
+    (temperature 1; max tokens 16 for completions, the rest of the context for chat).
+    Workers and engine options are :func:`generate`'s. Raises ``ValueError`` for bad
+    arguments, a missing or repeated ``custom_id`` or an output file of other input, before
+    any worker starts.
+    """
+    check_arguments(n, worker_num, tp, pp, chunk_size, max_output_len, temperature)
+    if on_mismatch not in ("error", "redo", "keep"):
+        raise ValueError(f"on_mismatch must be 'error', 'redo' or 'keep', got {on_mismatch!r}")
+    index_by_id = _custom_ids(lines)
+    defaults = Defaults.of(
+        temperature=temperature, top_p=top_p, max_output_len=max_output_len, n=n, stop=stop,
+        seed=seed, sampling_args=sampling_args or {},
+        constraint=GenerationParams(
+            json_schema=json_schema, regex=regex, choice=choice, grammar=grammar
+        ).structured_output(),
+    )
+    spec = engine_spec(
+        model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
+        engine_args or {},
+    )
+    make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
+    run = _Run(
+        lines=lines, index_by_id=index_by_id, model=model_name(model_id), system=system,
+        defaults=defaults, output=ResumableFile(Path(output_path)), on_mismatch=on_mismatch,
+    )
+    return run.execute(make_pool, chunk_size, progress)
+
+
+def _custom_ids(lines: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """``{custom_id: position}``; ValueError for a line without one or an id used twice."""
+    index_by_id: dict[str, int] = {}
+    for index, line in enumerate(lines):
+        custom_id = line.get("custom_id")
+        where = f"request {index + 1} of the input (blank lines not counted)"
+        if not isinstance(custom_id, str):
+            raise ValueError(
+                f"{where} has no custom_id string (got {custom_id!r}); every line of an OpenAI "
+                "batch file needs one, to match its answer to it"
+            )
+        if custom_id in index_by_id:
+            raise ValueError(
+                f"{where} repeats the custom_id {custom_id!r} of request "
+                f"{index_by_id[custom_id] + 1}; custom_ids must be unique"
+            )
+        index_by_id[custom_id] = index
+    return index_by_id
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What a line gets for the fields its body lacks (the command line's sampling options)."""
+
+    body: dict[str, Any]
+    """Request fields in the body's own terms (temperature, top_p, max_tokens, n, ...)."""
+    sampling: dict[str, Any]
+    """``SamplingParams`` keywords (``--sampling-args``; ``structured_outputs`` for a
+    constraint), each for the lines whose body has no field of that name."""
+
+    @classmethod
+    def of(
+        cls,
+        temperature: float | None,
+        top_p: float,
+        max_output_len: int | None,
+        n: int,
+        stop: list[str] | None,
+        seed: int | None,
+        sampling_args: dict[str, Any],
+        constraint: dict[str, Any] | None,
+    ) -> Defaults:
+        """Check the options once (``ValueError`` names the bad one) and hold them."""
+        body = {
+            "temperature": temperature, "top_p": top_p, "max_tokens": max_output_len, "n": n,
+            "stop": stop, "seed": seed,
+        }
+        try:
+            sampling = GenerationParams(**sampling_args).sampling()
+        except ValidationError as exc:
+            raise ValueError(f"sampling_args: {_describe(exc)}") from None
+        if constraint is not None:
+            sampling["structured_outputs"] = constraint
+        return cls({k: v for k, v in body.items() if v is not None}, sampling)
+
+
+def parse_line(line: dict[str, Any], defaults: Defaults, system: str | None) -> _Parsed:
+    """The requests of one input line; raises ``_BadLine`` saying why it has none."""
+    chat_request, completion_request, vllm_error = _vllm_classes()
+    if line.get("method") != "POST":
+        raise _BadLine(f"method must be 'POST', got {line.get('method')!r}")
+    url = line.get("url")
+    if url not in OBJECT_OF:
+        raise _BadLine(
+            f"url {url!r} is not supported: use {CHAT_URL!r} or {COMPLETIONS_URL!r}"
+        )
+    body = line.get("body")
+    if not isinstance(body, dict):
+        raise _BadLine(f"body must be a JSON object, got {type(body).__name__}")
+    for name, accepted in _UNSUPPORTED.items():
+        if body.get(name) not in (None, accepted):
+            raise _BadLine(f"body.{name}={body[name]!r} is not supported by vllm-service")
+    if url == CHAT_URL:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _BadLine("body.messages must be a non-empty list of chat messages")
+        prompts: list[Any] = [_with_system(messages, system)]
+    else:
+        prompts = _completion_prompts(body.get("prompt"))
+
+    given = dict(body)
+    for name, value in defaults.body.items():
+        if name == "max_tokens" and "max_completion_tokens" in body:
+            continue
+        given.setdefault(name, value)
+    model = chat_request if url == CHAT_URL else completion_request
+    try:
+        request: Any = model.model_validate(given)
+        # model_dump: reading chat's max_tokens as an attribute warns that it is deprecated.
+        limits = request.model_dump(include={"max_completion_tokens", "max_tokens"})
+        max_tokens = limits.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = limits["max_tokens"]
+        sampling = GenerationParams.from_sampling_params(
+            request.to_sampling_params(max_tokens, {})
+        ).sampling()
+    except ValidationError as exc:
+        raise _BadLine(_describe(exc)) from None
+    except (ValueError, vllm_error) as exc:
+        raise _BadLine(str(exc)) from None
+    # None: up to the end of the context, as vLLM's server does (SamplingParams' own is 16).
+    sampling["max_tokens"] = max_tokens
+    if request.truncate_prompt_tokens is not None:
+        sampling["truncate_prompt_tokens"] = request.truncate_prompt_tokens
+    for name, value in defaults.sampling.items():
+        if name not in body and not (name == "structured_outputs" and "response_format" in body):
+            sampling[name] = value
+    return _Parsed(url, [(prompt, sampling) for prompt in prompts], "logprobs" in sampling)
+
+
+def _vllm_classes() -> tuple[Any, Any, type[Exception]]:
+    """vLLM's ``ChatCompletionRequest``, ``CompletionRequest`` and the base of its errors."""
+    try:
+        from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.exceptions import VLLMError
+    except ImportError as exc:
+        raise ImportError(
+            f"--format openai reads each line with vLLM's own request models, and vLLM cannot "
+            f"be imported here ({exc}); install it where the command runs: pip install "
+            "'vllm-service[cpu]' or 'vllm-service[gpu]'"
+        ) from exc
+    return ChatCompletionRequest, CompletionRequest, VLLMError
+
+
+def _with_system(messages: list[Any], system: str | None) -> list[Any]:
+    """The conversation with ``system`` in front, unless it has a system message already."""
+    if system is None or any(
+        isinstance(m, dict) and m.get("role") in ("system", "developer") for m in messages
+    ):
+        return messages
+    return [{"role": "system", "content": system}, *messages]
+
+
+def _completion_prompts(prompt: Any) -> list[str | list[int]]:
+    """A completion body's prompts: a string, token ids, or a list of either (one each)."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+            return [prompt]
+        if all(isinstance(p, str) for p in prompt) or all(
+            isinstance(p, list) and p and all(isinstance(t, int) for t in p) for p in prompt
+        ):
+            return list(prompt)
+    raise _BadLine(
+        "body.prompt must be a string, a list of token ids, or a non-empty list of strings or "
+        f"of token id lists; got {_shorten(prompt)}"
+    )
+
+
+def _describe(exc: ValidationError) -> str:
+    """A pydantic error in one line: each bad field and why."""
+    problems = [
+        f"{'.'.join(str(part) for part in error['loc']) or 'body'}: {error['msg']}"
+        for error in exc.errors(include_url=False)[:3]
+    ]
+    return "; ".join(problems)
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def answer_line(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """An output line with a status 200 response."""
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": 200, "request_id": f"req_{uuid.uuid4().hex}", "body": body},
+        "error": None,
+    }
+
+
+def error_line(custom_id: str, status: int, message: str) -> dict[str, Any]:
+    """An output line for a request that failed: no body, the reason under ``error``.
+
+    As vLLM's run_batch writes them (status and request id, body null, ``error`` set), with
+    ``error`` shaped as OpenAI's batch error object.
+    """
+    return {
+        "id": f"batch_req_{uuid.uuid4().hex}",
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": f"req_{uuid.uuid4().hex}", "body": None},
+        "error": {
+            "code": "invalid_request" if status < 500 else "server_error",
+            "message": message,
+        },
+    }
+
+
+def response_body(
+    parsed: _Parsed, model: str, finished: list[Finished]
+) -> dict[str, Any]:
+    """The chat.completion or text_completion object for a line's finished requests."""
+    choices: list[dict[str, Any]] = []
+    samples = [sample for f in finished for sample in f.samples]
+    for index, sample in enumerate(samples):
+        if parsed.url == CHAT_URL:
+            choice = {
+                "index": index,
+                "message": {"role": "assistant", "content": sample.text},
+                "logprobs": _chat_logprobs(sample) if parsed.logprobs else None,
+                "finish_reason": sample.finish_reason,
+            }
+        else:
+            choice = {
+                "index": index,
+                "text": sample.text,
+                "logprobs": _completion_logprobs(sample) if parsed.logprobs else None,
+                "finish_reason": sample.finish_reason,
+            }
+        choices.append(choice)
+    prompt_tokens = sum(f.prompt_tokens for f in finished)
+    completion_tokens = sum(sample.completion_tokens for sample in samples)
+    prefix = "chatcmpl" if parsed.url == CHAT_URL else "cmpl"
+    return {
+        "id": f"{prefix}-{uuid.uuid4().hex}",
+        "object": OBJECT_OF[parsed.url],
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
+
+
+def _logprob(value: float) -> float:
+    return value if math.isfinite(value) else _LOWEST_LOGPROB
+
+
+def _token_text(token: str | None) -> str:
+    return token if token is not None else ""
+
+
+def _chat_logprobs(sample: Sample) -> dict[str, Any]:
+    """OpenAI's chat ``logprobs``: per token its text, logprob, UTF-8 bytes and alternatives."""
+    content = []
+    for position in sample.logprobs or []:
+        if position is None:
+            continue
+        token = _token_text(position.token)
+        content.append({
+            "token": token,
+            "logprob": _logprob(position.logprob),
+            "bytes": list(token.encode("utf-8", "replace")),
+            "top_logprobs": [
+                {
+                    "token": _token_text(top.token),
+                    "logprob": _logprob(top.logprob),
+                    "bytes": list(_token_text(top.token).encode("utf-8", "replace")),
+                }
+                for top in position.top
+            ],
+        })
+    return {"content": content, "refusal": None}
+
+
+def _completion_logprobs(sample: Sample) -> dict[str, Any]:
+    """OpenAI's legacy completion ``logprobs``: tokens, their logprobs, offsets, alternatives."""
+    positions: list[TokenLogprobs] = [p for p in sample.logprobs or [] if p is not None]
+    tokens = [_token_text(p.token) for p in positions]
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [_logprob(p.logprob) for p in positions],
+        # As vLLM's server: the chosen token is among a position's alternatives.
+        "top_logprobs": [
+            {
+                **{_token_text(t.token): _logprob(t.logprob) for t in p.top},
+                _token_text(p.token): _logprob(p.logprob),
+            }
+            for p in positions
+        ],
+        "text_offset": offsets,
+    }
+
+
+@dataclass
+class _Run:
+    """One run over an input file: its lines, their answers, the output file, the progress bar.
+
+    Answers arrive from the scheduler's threads, one call of ``_job_done`` at a time.
+    """
+
+    lines: Sequence[dict[str, Any]]
+    index_by_id: dict[str, int]
+    model: str
+    system: str | None
+    defaults: Defaults
+    output: ResumableFile
+    on_mismatch: Literal["error", "redo", "keep"]
+
+    answers: list[dict[str, Any] | None] = field(default_factory=list)
+    parsed: dict[int, _Parsed] = field(default_factory=dict)
+    progress: Progress = field(init=False)
+
+    def execute(
+        self, make_pool: Callable[[], WorkerPool], chunk_size: int | None, progress: bool
+    ) -> list[dict[str, Any]]:
+        """Resume from the output file, answer the other lines; output lines in order."""
+        self.answers = [None] * len(self.lines)
+        done = self._resume()
+        try:
+            self.progress = Progress(len(self.lines), len(done), "request", progress)
+            try:
+                jobs = self._prepare(done)
+                if done:
+                    logger.info(
+                        "%s already answers %d of the %d requests; %d to run",
+                        self.output.path, len(done), len(self.lines), len(jobs),
+                    )
+                run_jobs(jobs, make_pool, chunk_size, self._job_done, self.progress, self.output.sync_if_due)
+            finally:
+                self.progress.close()
+        finally:
+            self.output.close(rewrite=all(a is not None for a in self.answers))
+        return self.answers  # type: ignore[return-value]
+
+    def _resume(self) -> dict[int, dict[str, Any]]:
+        """Lock and read the output file; ``{index: line}`` of the answers this run keeps."""
+
+        def index_of(record: Any, number: int) -> int:
+            custom_id = record.get("custom_id") if isinstance(record, dict) else None
+            if not isinstance(custom_id, str) or custom_id not in self.index_by_id:
+                raise ValueError(
+                    f"{self.output.path} line {number} (custom_id {custom_id!r}) does not belong "
+                    "to this input: no input line has that custom_id. Use another output file, "
+                    "or delete this one to start over."
+                )
+            return self.index_by_id[custom_id]
+
+        records = self.output.open(index_of)
+        done = {}
+        for index, record in records.items():
+            body = record["response"].get("body") if succeeded(record) else None
+            # A line whose url changed since is answered again.
+            if isinstance(body, dict) and body.get("object") == OBJECT_OF.get(
+                self.lines[index].get("url")
+            ):
+                done[index] = record
+        other = sorted(i for i, record in done.items()
+                       if record["response"]["body"].get("model") != self.model)
+        if other and self.on_mismatch == "error":
+            self.output.close(rewrite=False)
+            models = sorted({str(done[i]["response"]["body"].get("model")) for i in other})
+            raise ValueError(
+                f"{self.output.path} holds answers to {len(other)} requests made by another "
+                f"model ({', '.join(models)}), not {self.model} (custom_ids "
+                f"{_some([repr(self.lines[i]['custom_id']) for i in other])}). Pass "
+                "--on-mismatch redo to answer them again with this model, --on-mismatch keep "
+                "to keep them, or use another output file."
+            )
+        if self.on_mismatch == "redo":
+            for index in other:
+                del done[index]
+        for index, record in done.items():
+            self.answers[index] = record
+        return done
+
+    def _prepare(self, done: dict[int, dict[str, Any]]) -> dict[int, Job]:
+        """Answer the bad lines at once; return the jobs of the others to run."""
+        jobs = {}
+        for index, line in enumerate(self.lines):
+            if index in done:
+                continue
+            try:
+                parsed = parse_line(line, self.defaults, self.system)
+            except _BadLine as exc:
+                self._finish(index, error_line(line["custom_id"], 400, str(exc)))
+                continue
+            self.parsed[index] = parsed
+            jobs[index] = Job(parsed.requests)
+        return jobs
+
+    def _job_done(self, index: int, outcome: Outcome) -> None:
+        """A line's requests are all finished (or it failed): write its answer."""
+        custom_id = self.lines[index]["custom_id"]
+        if isinstance(outcome, str):
+            self._finish(index, error_line(custom_id, 500, outcome))
+            return
+        self.progress.tokens += sum(s.completion_tokens for f in outcome for s in f.samples)
+        rejected = next((f.error for f in outcome if f.error is not None), None)
+        if rejected is not None:
+            self._finish(index, error_line(custom_id, 400, rejected))
+        elif any(not f.samples for f in outcome):
+            self._finish(index, error_line(custom_id, 500, "the engine returned no output"))
+        elif any(s.finish_reason == "error" for f in outcome for s in f.samples):
+            self._finish(index, error_line(custom_id, 500, "the engine aborted the request"))
+        else:
+            body = response_body(self.parsed[index], self.model, outcome)
+            self._finish(index, answer_line(custom_id, body))
+
+    def _finish(self, index: int, line: dict[str, Any]) -> None:
+        """Keep a line's answer, append it to the output file, move the progress bar."""
+        self.answers[index] = line
+        self.output.write(index, line)
+        self.progress.advance()
+
+
+def succeeded(line: dict[str, Any]) -> bool:
+    """Whether an output line is an answer (status 200, no error)."""
+    response = line.get("response")
+    return line.get("error") is None and isinstance(response, dict) and (
+        response.get("status_code") == 200
+    )
