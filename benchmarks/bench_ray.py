@@ -19,24 +19,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import statistics
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-MAX_MODEL_LEN = 4096
-TEMPERATURE = 0.7
-
-
-def conversations(count: int) -> list[list[dict[str, str]]]:
-    topics = ["the sea", "a city", "a robot", "the moon", "a garden", "winter", "a train", "music"]
-    return [
-        [{"role": "user", "content": f"Write a short story about {topics[i % len(topics)]}, "
-                                     f"number {i}."}]
-        for i in range(count)
-    ]
+from bench_batch import MAX_MODEL_LEN, TEMPERATURE, conversations  # the same data and settings
 
 
 def run(model: str, count: int, max_tokens: int, ray_address: str | None) -> float:

@@ -214,6 +214,8 @@ def test_gpu_worker_configs_under_a_mask(monkeypatch: pytest.MonkeyPatch) -> Non
         ({"chunk_size": 0}, "chunk_size"),
         ({"gpu_assignments": [[0]]}, "no GPU is visible"),
         ({"result_key": "prompt"}, "four different keys"),
+        ({"ray_address": "auto", "gpu_assignments": [[0]]}, "Ray gives each worker"),
+        ({"ray_address": "auto", "pp": 2}, "not supported with ray_address"),
     ],
 )
 def test_generate_refuses_before_starting_anything(

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from ray.cluster_utils import Cluster
 
 from _waiting import wait_until
 from vllm_service import generate
+from vllm_service.errors import VLLMServiceError
 
 DATA = [{"id": i, "prompt": f"What is {i} + {i}? Answer in one sentence."} for i in range(24)]
 SETTINGS = {"temperature": 0, "max_output_len": 24, "worker_num": 2, "chunk_size": 2,
@@ -194,6 +196,30 @@ def test_a_killed_actor_has_its_chunk_retried_and_its_engine_ends(runs: dict[str
     # The engine under the killed actor ends too (its pipe to the actor closed).
     assert wait_until(lambda: not alive(killed["engine"]), timeout=60), alive(killed["engine"])
     assert wait_until(lambda: not engine_actors(), timeout=60)
+
+
+def test_a_cluster_too_small_is_refused_clearly(cluster: Cluster) -> None:
+    started = time.monotonic()
+    with pytest.raises(VLLMServiceError, match="cannot give worker_num=3 workers 1 CPU each"):
+        generate("org/model", [{"prompt": "hi"}], worker_num=3, ray_address=cluster.address,
+                 startup_timeout=5, progress=False)
+    assert time.monotonic() - started < 60
+
+
+def test_a_wrong_address_is_refused_clearly(tmp_path: Path) -> None:
+    # In a child process: a failed ray.init leaves state behind in the process that tried.
+    code = (
+        "from vllm_service import generate\n"
+        "try:\n"
+        "    generate('org/model', [{'prompt': 'hi'}], ray_address='127.0.0.1:9', "
+        "progress=False)\n"
+        "except Exception as exc:\n"
+        "    print(type(exc).__name__, exc)\n"
+    )
+    process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300)
+    assert "VLLMServiceError Cannot connect to the Ray cluster at '127.0.0.1:9'" in (
+        process.stdout), process.stdout + process.stderr[-2000:]
 
 
 def test_without_ray_the_error_says_what_to_install() -> None:

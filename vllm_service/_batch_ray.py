@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -114,7 +115,16 @@ class RayWorkers:
         self.lock = threading.Lock()
         self.connected_here = not ray.is_initialized()
         if self.connected_here:
-            ray.init(address=address, logging_level=logging.WARNING)
+            _check_reachable(address)
+            try:
+                ray.init(address=address, logging_level=logging.WARNING)
+            except Exception as exc:  # Ray raises ConnectionError, ValueError, ... here
+                raise VLLMServiceError(
+                    f"Cannot connect to the Ray cluster at {address!r}: {_first_line(exc)}. "
+                    "Check that it runs (`ray status` on a node) and the address: 'auto' on a "
+                    "node of the cluster, 'host:port' of its head (6379 by default), or "
+                    "'ray://host:10001' through Ray Client."
+                ) from exc
         self.group = None
         self.actors: list[Any] = []
         try:
@@ -258,6 +268,25 @@ class RayWorker:
             ray.get(self.actor.wait_exited.remote(timeout), timeout=timeout + 5)
         except Exception:  # the actor itself died: its engine ends with it
             pass
+
+
+def _check_reachable(address: str) -> None:
+    """``VLLMServiceError`` at once when nothing listens at a ``host:port`` address.
+
+    ``ray.init`` retries such an address for minutes before it gives up.
+    """
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return  # "auto", or a form Ray's own error explains
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as exc:
+        raise VLLMServiceError(
+            f"Cannot connect to the Ray cluster at {address!r}: nothing answers at {host}:{port} "
+            f"({exc}). Check that it runs (`ray status` on a node) and the address: 'auto' on a "
+            "node of the cluster, 'host:port' of its head (6379 by default), or "
+            "'ray://host:10001' through Ray Client."
+        ) from None
 
 
 def _call(method: Any, deadline: float, *args: Any) -> Any:
