@@ -2,7 +2,7 @@
 
 Engine starts are the cost here (30-60 s each), so three runs carry most assertions:
 ``two_workers`` (worker_num=2, strings, bad items, chunking, resume from a partial file),
-``killed_worker`` (chat + system, n=3 with use_sample=True, a worker killed part way) and
+``killed_worker`` (chat + system, n=3 with use_sample=True, an item that kills its worker) and
 ``cli_run`` (the command line, n=3 with duplicated prompts). The scheduling rules (retries,
 their bound, an item that kills workers, a failed start) and the output file (one run at a
 time, fsync, settings fingerprint, text that splitlines() or UTF-8 would trip on, input keys
@@ -207,11 +207,17 @@ def test_a_rerun_skips_what_the_output_file_holds_and_leaves_it_in_order(
             for line in lines] == results
 
 
-# ----- chat with a system prompt, n=3 with use_sample=True, a worker killed part way -----
+# ----- chat with a system prompt, n=3 with use_sample=True, an item that kills its worker -----
 
+GOODBYE = "Say goodbye."
 CHAT_DATA: list[dict[str, Any]] = [
     {"messages": [{"role": "user", "content": f"Give me a name for a pet number {i}."}]}
-    for i in range(7)
+    for i in range(3)
+] + [
+    {"messages": [{"role": "user", "content": GOODBYE}]},
+] + [
+    {"messages": [{"role": "user", "content": f"Give me a name for a pet number {i}."}]}
+    for i in range(3, 6)
 ] + [
     {"messages": [
         {"role": "system", "content": "You are a pirate."},
@@ -225,51 +231,51 @@ SYSTEM = "You are a helpful assistant."
 def killed_worker(
     demo_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[dict[str, Any]]:
-    """One worker, chunks of 2 items; the worker is killed once the first item is written."""
+    """One worker, chunks of 2 items; any worker sent GOODBYE is killed (kill -9) at once."""
     output = tmp_path_factory.mktemp("killed_worker") / "out.jsonl"
-    handles = recording_handle_class()
-    outcome: dict[str, Any] = {}
 
-    def run() -> None:
-        try:
-            outcome["results"] = generate(
-                str(demo_model), CHAT_DATA, message_key="messages", system=SYSTEM, n=3,
-                use_sample=True, temperature=0.8, seed=7, max_output_len=48, chunk_size=2,
-                output_path=output, progress=False,
-            )
-        except BaseException as exc:
-            outcome["error"] = exc
+    class KillingHandle(recording_handle_class()):  # type: ignore[misc]
+        def submit(self, requests: list[Request]) -> list[Future[Finished]]:
+            futures = super().submit(requests)
+            if any(r.prompt[-1]["content"] == GOODBYE for r in requests):
+                os.killpg(self.pid, signal.SIGKILL)
+            return futures
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_batch_local, "WorkerHandle", handles)
-        thread = threading.Thread(target=run)
-        thread.start()
-        deadline = time.monotonic() + 600
-        while thread.is_alive() and time.monotonic() < deadline:
-            if output.exists() and output.read_text().strip():
-                os.killpg(handles.started[0].pid, signal.SIGKILL)
-                outcome["lines_when_killed"] = len(output.read_text().splitlines())
-                break
-            time.sleep(0.05)
-        thread.join(900)
-    assert not thread.is_alive(), "generate() hung after its worker was killed"
-    outcome["handles"] = handles.started
-    yield outcome
+        patch.setattr(_batch_local, "WorkerHandle", KillingHandle)
+        # An engine start costs half a minute here: one death alone is enough to show the rule.
+        patch.setattr(_batch_schedule, "MAX_ATTEMPTS", 1)
+        results = generate(
+            str(demo_model), CHAT_DATA, message_key="messages", system=SYSTEM, n=3,
+            use_sample=True, temperature=0.8, seed=7, max_output_len=48, chunk_size=2,
+            output_path=output, progress=False,
+        )
+    yield {"results": results, "handles": KillingHandle.started, "output": output}
 
 
-def test_a_killed_worker_is_replaced_and_every_item_finishes(
+def test_an_item_that_kills_real_workers_fails_alone_and_the_rest_finish(
     killed_worker: dict[str, Any],
 ) -> None:
-    assert "error" not in killed_worker, killed_worker.get("error")
-    assert killed_worker["lines_when_killed"] < len(CHAT_DATA)
-    assert len(killed_worker["handles"]) == 2
+    # Killed under [2, 3]; the halves [2] and [3] go to the end of the queue, so the second
+    # worker runs the other chunks, then [2], then [3] alone, which kills it: [3] fails.
     results = killed_worker["results"]
-    assert all("error" not in r for r in results)
+    assert results[3]["results"] is None
+    assert "the worker died 1 times" in results[3]["error"]
+    assert all("error" not in r for i, r in enumerate(results) if i != 3)
+    pet_2 = CHAT_DATA[2]["messages"][-1]["content"]
+    sent = [[r.prompt[-1]["content"] for r in h.sent] for h in killed_worker["handles"]]
+    assert len(sent) == 2
+    assert sent[0][-2:] == [pet_2, GOODBYE]
+    assert sent[1][-2:] == [pet_2, GOODBYE] and len(sent[1]) == len(CHAT_DATA) - 2
+    assert [line["_index"] for line in read_lines(killed_worker["output"])] == list(
+        range(len(CHAT_DATA)))
 
 
 def test_use_sample_gives_n_samples_from_one_request_each(killed_worker: dict[str, Any]) -> None:
-    for result, item in zip(killed_worker["results"], CHAT_DATA):
+    for index, (result, item) in enumerate(zip(killed_worker["results"], CHAT_DATA)):
         assert result["messages"] == item["messages"]
+        if index == 3:
+            continue
         samples = result["results"]
         assert isinstance(samples, list) and len(samples) == 3
         assert all(isinstance(s, str) and s for s in samples)
@@ -290,47 +296,6 @@ def test_system_prompt_is_prepended_unless_the_conversation_has_one(
             assert request.prompt[0]["content"] == "You are a pirate."
         else:
             assert request.prompt[0]["content"] == SYSTEM
-
-
-# ----- an item that kills its worker, on real workers -----
-
-
-def test_an_item_that_kills_real_workers_fails_alone(
-    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Any worker sent the marked prompt is killed at once; the rest of its chunk finishes."""
-    marked = "Say goodbye."
-
-    class KillingHandle(WorkerHandle):
-        started: list[KillingHandle] = []
-
-        def __init__(self, config: Any, **kwargs: Any) -> None:
-            super().__init__(config, **kwargs)
-            KillingHandle.started.append(self)
-
-        def submit(self, requests: list[Request]) -> list[Future[Finished]]:
-            futures = super().submit(requests)
-            if any(r.prompt[-1]["content"] == marked for r in requests):
-                os.killpg(self.pid, signal.SIGKILL)
-            return futures
-
-    monkeypatch.setattr(_batch_local, "WorkerHandle", KillingHandle)
-    # An engine start costs half a minute here: one death alone is enough to show the rule.
-    monkeypatch.setattr(_batch_schedule, "MAX_ATTEMPTS", 1)
-    data = [{"prompt": FRANCE}, {"prompt": marked}, {"prompt": GERMANY}, {"prompt": "Say hi."}]
-    output = tmp_path / "out.jsonl"
-    results = generate(
-        str(demo_model), data, temperature=0, max_output_len=16, max_model_len=1024,
-        chunk_size=4, output_path=output, progress=False,
-    )
-    # Killed under [0, 1, 2, 3], then under [0, 1]; [2, 3] and [0] finish; [1] alone is killed.
-    assert results[1]["results"] is None and "the worker died 1 times" in results[1]["error"]
-    assert results[0]["results"] == "The capital of France is Paris."
-    for index in (2, 3):
-        assert isinstance(results[index]["results"], str) and results[index]["results"]
-        assert "error" not in results[index]
-    assert len(KillingHandle.started) == 3
-    assert [line["_index"] for line in read_lines(output)] == [0, 1, 2, 3]
 
 
 # ----- the command line, n=3 with duplicated prompts -----
