@@ -426,6 +426,30 @@ def test_logs_of_failed_workers_are_kept_but_not_for_ever(
     assert "worker-old29.log" in logs and "worker-old00.log" not in logs  # the newest stay
 
 
+def test_workers_starting_at_once_never_trip_over_each_others_log_pruning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Found by bench_ray: two batch workers starting together, one pruned a log the other was
+    # sorting by age, and the run failed with FileNotFoundError.
+    monkeypatch.setattr(_worker_handle, "LOG_DIR", tmp_path)
+    failures: list[BaseException] = []
+
+    def start_many() -> None:
+        try:
+            for _ in range(200):
+                _worker_handle._new_log_path()
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=start_many) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert failures == []
+    assert len(list(tmp_path.glob("worker-*.log"))) <= _worker_handle._KEPT_LOGS + 4
+
+
 def test_an_unsupported_vllm_fails_at_start_naming_the_versions(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

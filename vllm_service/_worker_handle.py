@@ -660,11 +660,19 @@ def remaining(deadline: float | None) -> float | None:
 def _new_log_path() -> Path:
     """A fresh log file for a worker in LOG_DIR; the oldest beyond _KEPT_LOGS are removed."""
     LOG_DIR.mkdir(parents=True, exist_ok=True)
-    logs = sorted(LOG_DIR.glob("worker-*.log"), key=lambda p: p.stat().st_mtime, reverse=True)
+    logs = sorted(LOG_DIR.glob("worker-*.log"), key=_modified_at, reverse=True)
     remove_files(str(p) for p in logs[_KEPT_LOGS - 1 :])
     fd, path = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=LOG_DIR)
     os.close(fd)
     return Path(path)
+
+
+def _modified_at(path: Path) -> float:
+    """A log's modification time; 0 if it is gone (another worker starting may prune it)."""
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
 
 
 def _end_process_group(pgid: int) -> None:
