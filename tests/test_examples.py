@@ -83,12 +83,25 @@ def test_a_client_that_hangs_up_stops_its_generation(server: str) -> None:
     # Greedy: sampled, the model can wander into special tokens, which have no text, so no
     # event came until the end (seen once in CI: the two events after 123 s, all 1500 tokens).
     body = {"message": "Tell me a very long story.", "max_tokens": 1500, "temperature": 0}
-    with httpx.stream("POST", f"{server}/chat", json=body, timeout=120) as answer:
-        stream = events(answer)
-        next(stream), next(stream)
-        assert httpx.get(f"{server}/status").json()["in_flight"] == 1
-    # the connection is closed: the server aborts the request in the engine
-    assert wait_until(lambda: httpx.get(f"{server}/status").json()["in_flight"] == 0, 10)
+
+    def status() -> dict[str, Any]:
+        return httpx.get(f"{server}/status", timeout=300).json()
+
+    # An aborted request is not counted as served. On these 2-core machines the kernel at
+    # times gives every process outside the engine's no CPU for a minute or two while it
+    # generates (seen with py-spy: the test process frozen, the server streaming on), so the
+    # client hangs up only after the whole answer was generated; such a run proves nothing
+    # and is repeated.
+    for _ in range(3):
+        served = status()["requests_served"]
+        with httpx.stream("POST", f"{server}/chat", json=body, timeout=300) as answer:
+            stream = events(answer)
+            next(stream), next(stream)
+        # the connection is closed: the server aborts the request in the engine
+        assert wait_until(lambda: status()["in_flight"] == 0, 300)
+        if status()["requests_served"] == served:
+            return
+    pytest.fail("three times, the whole answer was generated after the client hung up")
 
 
 def test_concurrent_clients_and_bad_values(server: str) -> None:
