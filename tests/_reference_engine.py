@@ -82,6 +82,11 @@ def _serve(conn: Any, args: dict[str, Any]) -> None:
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
+    # A session of its own, as the service's workers have: with the kernel's autogroups, the CPU
+    # this engine burns while loading would otherwise be charged to the test process's session,
+    # which the scheduler then held back for up to minutes while another engine generated
+    # (docs/reliability.md, "What looked wrong", item 10).
+    os.setsid()
     llm = LLM(**args)
     conn.send("ready")
     try:
