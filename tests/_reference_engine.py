@@ -40,8 +40,9 @@ class ReferenceEngine:
         self._process = context.Process(target=_serve, args=(child, args), name="reference-llm")
         self._process.start()
         child.close()
-        if self._conn.recv() != "ready":
-            raise RuntimeError("the reference engine failed to start")
+        # Ready is awaited at the first question, so the engine loads while the caller goes on
+        # (starting another engine, say): each start is mostly one core importing vLLM.
+        self._ready = False
         self._cache: dict[str, str] = {}
 
     def generate(self, prompt: str, **sampling: Any) -> str:
@@ -67,9 +68,16 @@ class ReferenceEngine:
         sampling = {**SERVICE_DEFAULTS, **sampling}
         key = repr((kind, prompt, sorted(sampling.items()), full))
         if key not in self._cache:
+            self._wait_ready()
             self._conn.send((kind, prompt, sampling, full))
             self._cache[key] = self._conn.recv()
         return self._cache[key]
+
+    def _wait_ready(self) -> None:
+        if not self._ready:
+            if self._conn.recv() != "ready":
+                raise RuntimeError("the reference engine failed to start")
+            self._ready = True
 
     def close(self) -> None:
         self._conn.send(None)

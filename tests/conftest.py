@@ -22,8 +22,11 @@ def demo_model() -> Path:
 
 
 @pytest.fixture(scope="session")
-def service(demo_model: Path) -> Iterator[VLLMInferenceService]:
-    """One local-mode service with the demo model, shared by the tests that only generate."""
+def service(demo_model: Path, reference: ReferenceEngine) -> Iterator[VLLMInferenceService]:
+    """One local-mode service with the demo model, shared by the tests that only generate.
+
+    It takes ``reference`` so that the two engines load side by side (half a minute saved).
+    """
     settings = VLLMSettings(model_path=demo_model, max_model_len=2048, idle_ttl_seconds=3600)
     with VLLMInferenceService(settings) as svc:
         svc.warmup()

@@ -1,8 +1,8 @@
 """Faults on the real engine: nothing a caller, a signal or vLLM does may wedge the service.
 
 One test per defect of the "never wedges" issue: values vLLM cannot take, a request vLLM fails
-after registering it, vLLM's engine process or the worker killed mid-request, a stopped
-(SIGSTOP) worker with calls in flight, at idle retirement and at shutdown, fork, Ctrl-C,
+after registering it, vLLM's engine process or the worker killed mid-request, request
+timeouts (a slow start, a long call, a stream), a stopped (SIGSTOP) worker with calls in flight, at idle retirement and at shutdown, fork, Ctrl-C,
 input that cannot cross the pipe, shared memory and logs left behind, settings that did not
 reach the worker. Every wait here is bounded: a hang fails the test instead of blocking it.
 """
@@ -252,9 +252,9 @@ def test_an_engine_that_dies_while_loading_leaves_no_shared_memory(demo_model: P
 # ----- 3. a worker that is alive but not answering (SIGSTOP) -----
 
 
-def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
-    demo_model: Path, reference: ReferenceEngine
-) -> None:
+@pytest.fixture(scope="module")
+def timed(demo_model: Path) -> Iterator[VLLMInferenceService]:
+    """Short bounds for the timeout tests: requests 6 s, idle 4 s, stopping 3 s."""
     settings = VLLMSettings(
         model_path=demo_model,
         max_model_len=2048,
@@ -263,53 +263,84 @@ def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
         request_timeout_seconds=6,
     )
     service = VLLMInferenceService(settings)
-    try:
-        # The request timeout covers the worker's start too; the start goes on.
+    yield service
+    service.shutdown()
+
+
+def test_a_request_timeout_bounds_the_start_and_aborts_the_call_not_the_worker(
+    timed: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    # The request timeout covers the worker's start too; the start goes on.
+    started = time.monotonic()
+    with pytest.raises(RequestTimeoutError, match="still loading"):
+        timed.generate(PROMPT)
+    assert time.monotonic() - started < 8
+    assert timed.status().state == "starting"
+    timed.warmup()
+    with timed.hold():  # the 4 s idle TTL must not end the worker between the steps
+        pid = timed.status().pid
+        assert pid is not None
         started = time.monotonic()
-        with pytest.raises(RequestTimeoutError, match="still loading"):
-            service.generate(PROMPT)
-        assert time.monotonic() - started < 8
-        assert service.status().state == "starting"
-        service.warmup()
-        assert answers_like_vllm(service, reference)
-
-        # Calls in flight on a stopped worker, one of them a 1 MB prompt the worker never
-        # reads: each fails at its timeout.
-        worker = service.status().pid
-        os.kill(worker, signal.SIGSTOP)
-        stopped_at = time.monotonic()
-        threads, outcomes = in_threads(lambda: service.generate(STORY, max_tokens=50), 2)
-        big_threads, big = in_threads(lambda: service.generate("x " * 500_000), 1)
-        join(threads + big_threads, 30)
-        assert all(isinstance(e, RequestTimeoutError) for e, _ in outcomes + big), outcomes + big
-        assert max(at for _, at in outcomes + big) - stopped_at < 10
-
-        # Idle retirement of the stopped worker: Stop is never read; it is terminated.
-        assert wait_until(lambda: service.status().state == "stopped", 4 + 3 + 5 + 10)
-        assert wait_until(lambda: not group_members(worker), 10), group_members(worker)
-
-        # shutdown() with a stopped worker and a caller sending 1 MB returns in bounded time.
-        service.warmup()
-        worker = service.status().pid
-        os.kill(worker, signal.SIGSTOP)
-        big_threads, big = in_threads(lambda: service.generate("x " * 500_000), 1)
-        time.sleep(0.5)
+        with pytest.raises(RequestTimeoutError, match="VLLM_REQUEST_TIMEOUT_SECONDS"):
+            timed.generate(STORY, max_tokens=5000, ignore_eos=True)
+        assert time.monotonic() - started < 6 + 4
+        # a stream's timeout counts over the whole stream, and raises from the loop
         started = time.monotonic()
-        service.shutdown()
-        assert time.monotonic() - started < 3 + 4 * 5 + 2
-        join(big_threads, 10)
-        assert isinstance(big[0][0], (ServiceShutdownError, RequestTimeoutError)), big
-        assert wait_until(lambda: not group_members(worker), 10), group_members(worker)
-    finally:
-        service.shutdown()
+        chunks = []
+        with pytest.raises(RequestTimeoutError, match="VLLM_REQUEST_TIMEOUT_SECONDS"):
+            for chunk in timed.stream(STORY, max_tokens=5000, ignore_eos=True):
+                chunks.append(chunk)
+        assert chunks and time.monotonic() - started < 6 + 4
+        # the aborted requests no longer run: the engine goes idle
+        time.sleep(1.0)
+        assert engine_cpu_percent(pid) < 30
+        # and the same worker answers the next call
+        assert answers_like_vllm(timed, reference)
+        assert timed.status().pid == pid
+
+
+def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
+    timed: VLLMInferenceService,
+) -> None:
+    timed.warmup()  # the worker of the test before, if it is still there
+
+    # Calls in flight on a stopped worker, one of them a 1 MB prompt the worker never
+    # reads: each fails at its timeout.
+    worker = timed.status().pid
+    os.kill(worker, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    threads, outcomes = in_threads(lambda: timed.generate(STORY, max_tokens=50), 2)
+    big_threads, big = in_threads(lambda: timed.generate("x " * 500_000), 1)
+    join(threads + big_threads, 30)
+    assert all(isinstance(e, RequestTimeoutError) for e, _ in outcomes + big), outcomes + big
+    assert max(at for _, at in outcomes + big) - stopped_at < 10
+
+    # Idle retirement of the stopped worker: Stop is never read; it is terminated.
+    assert wait_until(lambda: timed.status().state == "stopped", 4 + 3 + 5 + 10)
+    assert wait_until(lambda: not group_members(worker), 10), group_members(worker)
+
+    # shutdown() with a stopped worker and a caller sending 1 MB returns in bounded time.
+    timed.warmup()
+    worker = timed.status().pid
+    os.kill(worker, signal.SIGSTOP)
+    big_threads, big = in_threads(lambda: timed.generate("x " * 500_000), 1)
+    time.sleep(0.5)
+    started = time.monotonic()
+    timed.shutdown()
+    assert time.monotonic() - started < 3 + 4 * 5 + 2
+    join(big_threads, 10)
+    assert isinstance(big[0][0], (ServiceShutdownError, RequestTimeoutError)), big
+    assert wait_until(lambda: not group_members(worker), 10), group_members(worker)
 
 
 # ----- 4. fork -----
 
 
-def test_a_forked_child_gets_a_worker_of_its_own_and_never_touches_the_parents(
-    demo_model: Path, tmp_path: Path
-) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def fork_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """The fork test's program, started with the module: its two engine starts (a minute and
+    a half) run beside the tests before it, which it does not touch (a session of its own)."""
+    folder = tmp_path_factory.mktemp("fork")
     script = textwrap.dedent(
         f"""
         import json, os, sys
@@ -336,12 +367,23 @@ def test_a_forked_child_gets_a_worker_of_its_own_and_never_touches_the_parents(
             service.shutdown()
         """
     )
-    (tmp_path / "fork.py").write_text(script)
-    process = subprocess.run(
-        [sys.executable, str(tmp_path / "fork.py")], capture_output=True, text=True, timeout=400
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
-    child, parent = (json.loads(line) for line in process.stdout.splitlines()[-2:])
+    (folder / "fork.py").write_text(script)
+    out, err = (folder / "stdout").open("w"), (folder / "stderr").open("w")
+    process = subprocess.Popen([sys.executable, str(folder / "fork.py")], stdout=out,
+                               stderr=err, text=True, start_new_session=True)
+    out.close()
+    err.close()
+    yield {"process": process, "folder": folder}
+    process.kill()
+
+
+def test_a_forked_child_gets_a_worker_of_its_own_and_never_touches_the_parents(
+    fork_run: dict[str, Any],
+) -> None:
+    returncode = fork_run["process"].wait(timeout=400)
+    stdout, stderr = ((fork_run["folder"] / name).read_text() for name in ("stdout", "stderr"))
+    assert returncode == 0, stderr[-3000:]
+    child, parent = (json.loads(line) for line in stdout.splitlines()[-2:])
     assert child["state"] == "stopped" and child["pid"] is None  # no worker inherited
     assert child["own_worker"] not in (None, parent["parent_worker"])
     assert parent["child_exit"] == 0

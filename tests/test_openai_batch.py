@@ -14,7 +14,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -519,41 +518,57 @@ def engine_environment() -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def cli_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """``vllm-service generate --format openai`` on FULL_INPUT: one engine."""
-    folder = tmp_path_factory.mktemp("openai_cli")
-    source = write_lines(folder / "in.jsonl", FULL_INPUT)
-    output = folder / "out.jsonl"
-    started = time.monotonic()
-    process = subprocess.run(
-        [sys.executable, "-m", "vllm_service.cli", "generate", str(source), "-o", str(output),
-         "--format", "openai", "--model", str(demo_model), "--chunk-size", "5", "--no-progress",
-         *ENGINE_OPTIONS],
-        capture_output=True, text=True, timeout=900, env=engine_environment(),
-    )
-    return {"process": process, "output": output, "seconds": time.monotonic() - started}
+def runs(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Our command line on FULL_INPUT and vLLM's own ``run_batch`` on VLLM_INPUT, one engine
+    each, run side by side (each start is mostly one core importing vLLM)."""
+    folder = tmp_path_factory.mktemp("openai")
+    ours, theirs = folder / "ours.jsonl", folder / "theirs.jsonl"
+    commands = {
+        "cli": [sys.executable, "-m", "vllm_service.cli", "generate",
+                str(write_lines(folder / "full.jsonl", FULL_INPUT)), "-o", str(ours),
+                "--format", "openai", "--model", str(demo_model), "--chunk-size", "5",
+                "--no-progress", *ENGINE_OPTIONS],
+        "vllm": [sys.executable, "-m", "vllm.entrypoints.openai.run_batch",
+                 "-i", str(write_lines(folder / "vllm.jsonl", VLLM_INPUT)), "-o", str(theirs),
+                 "--model", str(demo_model), "--enforce-eager", *ENGINE_OPTIONS],
+    }
+    # Their logs go to files: a pipe left unread while waiting for the other would stall it.
+    logs = {name: folder / f"{name}.log" for name in commands}
+    processes = {}
+    for name, command in commands.items():
+        with logs[name].open("w") as log:
+            processes[name] = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                               text=True, env=engine_environment())
+    for process in processes.values():
+        try:
+            process.wait(timeout=900)
+        finally:
+            process.kill()
+    return {
+        name: {"process": processes[name], "log": logs[name].read_text(errors="replace"),
+               "output": output}
+        for name, output in (("cli", ours), ("vllm", theirs))
+    }
 
 
 @pytest.fixture(scope="module")
-def vllm_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """vLLM's own ``run_batch`` on VLLM_INPUT: one engine."""
-    folder = tmp_path_factory.mktemp("openai_vllm")
-    source = write_lines(folder / "in.jsonl", VLLM_INPUT)
-    output = folder / "out.jsonl"
-    process = subprocess.run(
-        [sys.executable, "-m", "vllm.entrypoints.openai.run_batch", "-i", str(source), "-o",
-         str(output), "--model", str(demo_model), "--enforce-eager", *ENGINE_OPTIONS],
-        capture_output=True, text=True, timeout=900, env=engine_environment(),
-    )
-    assert process.returncode == 0, process.stderr[-3000:]
-    return {"output": output}
+def cli_run(runs: dict[str, Any]) -> dict[str, Any]:
+    """``vllm-service generate --format openai`` on FULL_INPUT."""
+    return runs["cli"]
+
+
+@pytest.fixture(scope="module")
+def vllm_run(runs: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's own ``run_batch`` on VLLM_INPUT."""
+    assert runs["vllm"]["process"].returncode == 0, runs["vllm"]["log"][-3000:]
+    return runs["vllm"]
 
 
 def test_cli_answers_every_line_in_input_order(cli_run: dict[str, Any]) -> None:
-    process = cli_run["process"]
-    assert process.returncode == 1, process.stderr[-3000:]  # some lines fail, on purpose
-    assert f"Wrote {len(FULL_INPUT)} answers" in process.stderr
-    assert f"{len(FAILING)} failed" in process.stderr
+    process, log = cli_run["process"], cli_run["log"]
+    assert process.returncode == 1, log[-3000:]  # some lines fail, on purpose
+    assert f"Wrote {len(FULL_INPUT)} answers" in log
+    assert f"{len(FAILING)} failed" in log
     answers = read_lines(cli_run["output"])
     assert [a["custom_id"] for a in answers] == [item["custom_id"] for item in FULL_INPUT]
     for item, answer in zip(FULL_INPUT, answers):

@@ -65,10 +65,8 @@ def engines(
     service = VLLMInferenceService(settings)
     reference: ReferenceEngine | None = None
     try:
-        with ThreadPoolExecutor(1) as pool:
-            ready = pool.submit(service.warmup)
-            reference = ReferenceEngine(str(w8a8_model), max_model_len=1024)
-            ready.result()
+        reference = ReferenceEngine(str(w8a8_model), max_model_len=1024)  # loads meanwhile
+        service.warmup()
         yield service, reference
     finally:
         with ThreadPoolExecutor(1) as pool:  # each takes seconds to stop: side by side

@@ -739,11 +739,11 @@ def test_generation_longer_than_the_timeout_runs_once(server: VLLMServer) -> Non
             service.warmup()
             started = time.monotonic()
             result = service.generate(
-                "Once upon a time", temperature=0, max_tokens=500, ignore_eos=True
+                "Once upon a time", temperature=0, max_tokens=250, ignore_eos=True
             )
             elapsed = time.monotonic() - started
     assert result.error is None
-    assert result.finish_reason == "length" and result.completion_tokens == 500
+    assert result.finish_reason == "length" and result.completion_tokens == 250
     assert elapsed > 2 * timeout, elapsed  # one unstreamed attempt would have timed out
     assert [path for method, path, _ in stand_in.requests if method == "POST"] == [
         "/v1/completions"
