@@ -2,9 +2,9 @@
 
 One test per defect of the "never wedges" issue: values vLLM cannot take, a request vLLM fails
 after registering it, vLLM's engine process or the worker killed mid-request, request
-timeouts (a slow start, a long call, a stream), a stopped (SIGSTOP) worker with calls in flight, at idle retirement and at shutdown, fork, Ctrl-C,
-input that cannot cross the pipe, shared memory and logs left behind, settings that did not
-reach the worker. Every wait here is bounded: a hang fails the test instead of blocking it.
+timeouts (a slow start, a long call, a stream), a stopped (SIGSTOP) worker with calls in
+flight, at idle retirement and at shutdown, fork, Ctrl-C, input that cannot cross the pipe,
+shared memory and logs left behind, settings that did not reach the worker. Every wait here is bounded: a hang fails the test instead of blocking it.
 """
 
 from __future__ import annotations
@@ -337,7 +337,9 @@ def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
 
 
 @pytest.fixture(scope="module", autouse=True)
-def fork_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+def fork_run(
+    demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
     """The fork test's program, started with the module: its two engine starts (a minute and
     a half) run beside the tests before it, which it does not touch (a session of its own)."""
     folder = tmp_path_factory.mktemp("fork")
