@@ -13,6 +13,16 @@ from typing import Any
 
 from vllm_service._local_engine import cpu_dtype
 
+
+def engine_dtype() -> str:
+    """The dtype the service's engines run in here: ``VLLM_DTYPE`` if set, else the CPU rule.
+
+    Tests that compare with a reference run it in the same dtype, so that on a CPU with
+    native bf16 (where the rule keeps the model's bf16) both sides share the numerics.
+    ``VLLM_DTYPE=bfloat16`` reproduces such a run on an AVX2-only CPU (slowly: emulated).
+    """
+    return os.environ.get("VLLM_DTYPE") or cpu_dtype()
+
 # The service's documented sampling defaults (VLLM_DEFAULT_*), for calls that leave them out.
 SERVICE_DEFAULTS = {
     "temperature": 0.7,
@@ -26,16 +36,17 @@ SERVICE_DEFAULTS = {
 class ReferenceEngine:
     """A plain ``vllm.LLM`` answering one prompt at a time through ``LLM.generate`` / ``LLM.chat``."""
 
-    def __init__(self, model: str, max_model_len: int = 2048) -> None:
+    def __init__(self, model: str, max_model_len: int = 2048, dtype: str | None = None) -> None:
         context = multiprocessing.get_context("spawn")
         self._conn, child = context.Pipe()
-        # The same dtype rule as the service on this processor, in eager mode like the service.
+        # The same dtype as the service on this processor, in eager mode like the service.
+        self.dtype = dtype or engine_dtype()
         args = {
             "model": model,
             "max_model_len": max_model_len,
             "enforce_eager": True,
-            "dtype": cpu_dtype(),
-            "trust_remote_code": True,
+            "dtype": self.dtype,
+            "trust_remote_code": False,
         }
         self._process = context.Process(target=_serve, args=(child, args), name="reference-llm")
         self._process.start()
@@ -52,6 +63,14 @@ class ReferenceEngine:
     def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
         """What ``LLM.chat`` answers to one conversation, with the service's defaults."""
         return self._ask("chat", messages, sampling)
+
+    def outputs(self, prompts: list[str], **sampling: Any) -> list[dict[str, Any]]:
+        """:meth:`output` for several prompts in one ``LLM.generate`` call: one batch.
+
+        In bf16 a request's answer can depend on the batch it shares; a caller that sends
+        the same prompts to the service in one call compares like with like.
+        """
+        return self._ask("generate_many", prompts, sampling, full=True)
 
     def output(self, kind: str, prompt: Any, **sampling: Any) -> dict[str, Any]:
         """Everything vLLM returns for one prompt (``kind`` "generate" or "chat"), as plain data.
@@ -110,6 +129,10 @@ def _serve(conn: Any, args: dict[str, Any]) -> None:
             params = SamplingParams(**sampling)
             if kind == "chat":
                 outputs = llm.chat([prompt], params, use_tqdm=False, tokenization_kwargs=tokenization)
+            elif kind == "generate_many":
+                outputs = llm.generate(prompt, params, use_tqdm=False)
+                conn.send([_plain(output) for output in outputs])
+                continue
             else:
                 if isinstance(prompt, list):
                     prompt = {"prompt_token_ids": prompt}

@@ -12,8 +12,34 @@ import pytest
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-from _reference_engine import ReferenceEngine  # noqa: E402
+from _reference_engine import ReferenceEngine, engine_dtype  # noqa: E402
 from vllm_service import VLLMInferenceService, VLLMSettings, demo_model_path  # noqa: E402
+from vllm_service._local_engine import cpu_dtype, cpu_flags  # noqa: E402
+
+# The flags the dtype rule reads (docs/reliability.md, "Which processor").
+_DTYPE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "bf16")
+
+
+def pytest_report_header() -> list[str]:
+    """Which processor this is and the dtype it gives the engines: figures differ by it."""
+    flags = cpu_flags()
+    model = next(
+        (line.partition(":")[2].strip() for line in _cpuinfo_lines() if line.startswith("model name")),
+        "unknown processor",
+    )
+    shown = ", ".join(f"{name} {'yes' if name in flags else 'no'}" for name in _DTYPE_FLAGS)
+    source = "VLLM_DTYPE" if os.environ.get("VLLM_DTYPE") else "the CPU rule"
+    return [
+        f"cpu: {model}, {os.cpu_count()} cores; {shown}",
+        f"engine dtype: {engine_dtype()} (from {source}; the rule gives {cpu_dtype()!r} here)",
+    ]
+
+
+def _cpuinfo_lines() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 @pytest.fixture(scope="session")
@@ -37,5 +63,17 @@ def service(demo_model: Path, reference: ReferenceEngine) -> Iterator[VLLMInfere
 def reference(demo_model: Path) -> Iterator[ReferenceEngine]:
     """vLLM used directly: tests compare the service's answers with its answers."""
     engine = ReferenceEngine(str(demo_model))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def reference_fp32(demo_model: Path, reference: ReferenceEngine) -> Iterator[ReferenceEngine]:
+    """vLLM used directly in float32: for answers compared across thread counts or batches,
+    which bf16 greedy decoding does not keep (the session's reference where that is float32)."""
+    if reference.dtype == "float32":
+        yield reference
+        return
+    engine = ReferenceEngine(str(demo_model), dtype="float32")
     yield engine
     engine.close()

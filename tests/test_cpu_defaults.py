@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from _reference_engine import engine_dtype
 from vllm_service import VLLMInferenceService
 from vllm_service import _local_engine
 from vllm_service._local_engine import adapt_engine_args, cpu_dtype
@@ -55,6 +56,6 @@ def test_an_explicit_dtype_always_wins_and_auto_is_logged(
 
 
 def test_the_engine_runs_in_the_dtype_the_rule_picks_here(service: VLLMInferenceService) -> None:
-    # The demo model is bf16: vLLM's "auto" keeps that where it is native.
-    expected = "float32" if cpu_dtype() == "float32" else "bfloat16"
+    # The demo model is bf16: vLLM's "auto" keeps that where it is native. VLLM_DTYPE wins.
+    expected = "float32" if engine_dtype() == "float32" else "bfloat16"
     assert service.status().dtype == expected

@@ -30,12 +30,11 @@ from pathlib import Path
 
 import openai
 import pytest
-from _lora_adapter import make_adapter, peft_greedy
-from _reference_engine import ReferenceEngine
+from _lora_adapter import PeftScorer, make_adapter
+from _reference_engine import ReferenceEngine, engine_dtype
 from _waiting import wait_until
 from pydantic import BaseModel, Field
 
-from vllm_service._local_engine import cpu_dtype
 from vllm_service import (
     AsyncVLLMInferenceService,
     GenerationParams,
@@ -83,9 +82,10 @@ class VLLMServer:
             "--max-model-len",
             "2048",
             "--enforce-eager",
-            # The service's own rule for the dtype on this processor (float32 without native bf16).
+            # The dtype the service's own engines get on this processor (float32 without
+            # native bf16), or VLLM_DTYPE.
             "--dtype",
-            cpu_dtype(),
+            engine_dtype(),
         ]
         command += self.extra_args
         if api_key:
@@ -1052,12 +1052,14 @@ def test_a_lora_adapter_the_server_serves(
     reference: ReferenceEngine,
 ) -> None:
     prompt = "The capital of France is"
-    result = remote.generate(prompt, temperature=0, max_tokens=16, lora=LORA_NAME)
-    assert result.token_ids == peft_greedy(demo_model, remote_adapter, prompt, 16)
+    result = remote.generate(prompt, temperature=0, max_tokens=16, logprobs=0, lora=LORA_NAME)
+    peft = PeftScorer(demo_model)
+    peft.check(remote_adapter, result, reference.dtype)  # the server runs in the same dtype
     base = remote.generate(prompt, temperature=0, max_tokens=16)
     assert base.text == reference.generate(prompt, temperature=0, max_tokens=16)
     assert base.token_ids != result.token_ids
-    unknown, good = remote.generate_batch([prompt], lora="nope"), remote.generate(prompt, lora=LORA_NAME, temperature=0, max_tokens=16)
+    unknown = remote.generate_batch([prompt], lora="nope")
+    good = remote.generate(prompt, lora=LORA_NAME, temperature=0, max_tokens=16, logprobs=0)
     assert unknown[0].finish_reason == "error"
     assert "serves no LoRA adapter 'nope'" in (unknown[0].error or "")
     assert "--lora-modules nope=FOLDER" in (unknown[0].error or "")
@@ -1081,11 +1083,12 @@ def test_lora_adapters_loaded_at_run_time(
     prompt = "The capital of France is"
     remote.load_lora("second", second)
     assert remote.lora_adapters() == sorted([LORA_NAME, "second"])
-    result = remote.generate(prompt, temperature=0, max_tokens=16, lora="second")
-    assert result.token_ids == peft_greedy(demo_model, second, prompt, 16)
+    peft, dtype = PeftScorer(demo_model), engine_dtype()
+    result = remote.generate(prompt, temperature=0, max_tokens=16, logprobs=0, lora="second")
+    peft.check(second, result, dtype)
     remote.load_lora("second", remote_adapter)  # replaced, as in local mode
-    replaced = remote.generate(prompt, temperature=0, max_tokens=16, lora="second")
-    assert replaced.token_ids == peft_greedy(demo_model, remote_adapter, prompt, 16)
+    replaced = remote.generate(prompt, temperature=0, max_tokens=16, logprobs=0, lora="second")
+    peft.check(remote_adapter, replaced, dtype)
     with pytest.raises(ValueError, match="refused to load LoRA adapter 'missing'"):
         remote.load_lora("missing", "/no/such/adapter")
     remote.unload_lora("second")

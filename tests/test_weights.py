@@ -1,8 +1,10 @@
 """``update_weights``: new weights in the running engine, checked against fresh vLLM engines.
 
 The second set of weights is the demo model after two optimizer steps on its (tied)
-embedding and decoder layers 3 and 7 (``_trained_weights``). "Fresh engine" answers come from vLLM used directly
-(``ReferenceEngine``), loaded from the model's own folder or the trained one.
+embedding and decoder layers 3 and 7 (``_trained_weights``). "Fresh engine" answers come from
+vLLM used directly (``ReferenceEngine``), loaded from the model's own folder or the trained one,
+in the same batch as the service's call. Everything runs in float32: on a CPU with native bf16
+a bf16 engine's updates are refused (``cpu_weight_update_problem``), tested at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import vllm_service._worker_handle
 from _reference_engine import ReferenceEngine
 from _trained_weights import tensors_of, train_copy
 from _waiting import wait_until
+from vllm_service._local_engine import cpu_dtype, cpu_weight_update_problem
 from vllm_service import (
     AsyncVLLMInferenceService,
     VLLMInferenceService,
@@ -54,14 +57,16 @@ def expected(
 
 
 @pytest.fixture(scope="module")
-def fresh_answers(trained: Path, reference: ReferenceEngine) -> dict[str, list[tuple[list[int], list[float]]]]:
-    """Per prompt, the greedy token ids and their logprobs from fresh engines."""
-    fresh = ReferenceEngine(str(trained))
+def fresh_answers(
+    trained: Path, reference_fp32: ReferenceEngine
+) -> dict[str, list[tuple[list[int], list[float]]]]:
+    """Per prompt, the greedy token ids and their logprobs from fresh float32 engines."""
+    fresh = ReferenceEngine(str(trained), dtype="float32")
     try:
-        trained_answers = [_answer(fresh, p) for p in PROMPTS]
+        trained_answers = _answers(fresh)
     finally:
         fresh.close()
-    own = [_answer(reference, p) for p in PROMPTS]
+    own = _answers(reference_fp32)
     assert [ids for ids, _ in own] != [ids for ids, _ in trained_answers], (
         "the training steps changed nothing the prompts show"
     )
@@ -69,16 +74,32 @@ def fresh_answers(trained: Path, reference: ReferenceEngine) -> dict[str, list[t
 
 
 @pytest.fixture(scope="module")
-def updating(service: VLLMInferenceService) -> Iterator[VLLMInferenceService]:
-    """The session's service; its worker is unloaded afterwards, taking the new weights along."""
-    yield service
-    service.unload()
+def updating(service: VLLMInferenceService, demo_model: Path) -> Iterator[VLLMInferenceService]:
+    """A float32 service, the session's where that is float32 (AVX2-only CPUs); its worker is
+    unloaded afterwards, taking the new weights along. Where the CPU has native bf16 the
+    session's engine is bf16, whose updates are refused there (see the test of that)."""
+    if service.status().dtype == "float32":
+        yield service
+        service.unload()
+        return
+    settings = VLLMSettings(
+        model_path=demo_model, max_model_len=2048, idle_ttl_seconds=3600, dtype="float32"
+    )
+    with VLLMInferenceService(settings) as own:
+        own.warmup()
+        yield own
 
 
-def _answer(engine: ReferenceEngine, prompt: str) -> tuple[list[int], list[float]]:
-    sample = engine.output("generate", prompt, **GREEDY)["samples"][0]
-    ids = sample["token_ids"]
-    return ids, [entry[token][0] for entry, token in zip(sample["logprobs"], ids, strict=True)]
+def _answers(engine: ReferenceEngine) -> list[tuple[list[int], list[float]]]:
+    """The greedy ids and logprobs per prompt, the prompts in one batch as the service sends
+    them: in bf16 an answer can depend on the batch it shares, the weights aside."""
+    answers = []
+    for output in engine.outputs(PROMPTS, **GREEDY):
+        sample = output["samples"][0]
+        ids = sample["token_ids"]
+        logprobs = [entry[token][0] for entry, token in zip(sample["logprobs"], ids, strict=True)]
+        answers.append((ids, logprobs))
+    return answers
 
 
 def assert_same_answers(
@@ -311,6 +332,42 @@ def test_sixteen_threads_generate_through_five_updates_and_each_result_names_liv
         assert end >= called[version]
         if version + 1 in returned:
             assert start <= returned[version + 1]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "flags", "refused"),
+    [
+        ("bfloat16", {"avx2", "avx512f", "avx512_bf16"}, True),  # an Intel Xeon (Cooper Lake+)
+        ("float16", {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, True),  # Sapphire Rapids
+        ("bfloat16", {"fp", "asimd", "bf16"}, True),  # Arm with BF16
+        ("float32", {"avx2", "avx512f", "avx512_bf16"}, False),
+        ("bfloat16", {"avx2", "fma"}, False),  # an AVX2 EPYC: bf16 runs unpacked, reloads right
+    ],
+)
+def test_updates_are_refused_where_packed_half_precision_weights_reload_wrong(
+    dtype: str, flags: set[str], refused: bool
+) -> None:
+    problem = cpu_weight_update_problem(dtype, flags)
+    assert (problem is not None) == refused
+    if refused:
+        assert "VLLM_DTYPE=float32" in problem and dtype in problem
+
+
+@pytest.mark.skipif(
+    cpu_dtype() == "float32", reason="the CPU has no native bf16: the session's engine is float32"
+)
+def test_a_bf16_engine_on_a_native_bf16_cpu_refuses_updates_and_keeps_its_weights(
+    service: VLLMInferenceService, demo_model: Path, trained: Path, reference: ReferenceEngine,
+) -> None:
+    if service.status().dtype == "float32":
+        pytest.skip("VLLM_DTYPE=float32 set: the session's engine is float32")
+    with pytest.raises(WeightUpdateError, match="VLLM_DTYPE=float32"):
+        service.update_weights(trained, version="refused")
+    assert service.status().weight_version is None
+    prompt = PROMPTS[0]
+    result = service.generate(prompt, temperature=0, max_tokens=24)
+    assert result.weight_version is None
+    assert result.text == reference.generate(prompt, temperature=0, max_tokens=24)
 
 
 def test_remote_mode_says_what_the_server_would_need() -> None:

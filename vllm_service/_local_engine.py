@@ -237,8 +237,14 @@ class LocalEngine:
                 kind, message = problem
                 raise (WeightsBroken if kind == "broken" else WeightsRejected)(message)
         self._llm.reset_prefix_cache()
+        from vllm.platforms import current_platform
+
 
     def close(self) -> None:
+        if current_platform.is_cpu():
+            problem = cpu_weight_update_problem(self.info["dtype"])
+            if problem is not None:
+                raise WeightsRejected(problem)
         """Stop vLLM's engine processes; the ``LLM`` object alone never lets them go."""
         self._engine.engine_core.shutdown()
         if self._base_lora_folder is not None:
@@ -397,6 +403,30 @@ def cpu_flags() -> set[str]:
         if name.strip() in ("flags", "Features"):
             return set(value.split())
     return set()
+
+
+def cpu_weight_update_problem(dtype: str, flags: set[str] | None = None) -> str | None:
+    """Why ``update_weights`` is refused for an engine of ``dtype`` on this CPU, or None.
+
+    Where the processor has native bf16, vLLM 0.32's CPU backend packs bf16/fp16 weights for
+    its oneDNN (or AMX) kernels and drops the originals; after an in-place reload such an
+    engine served other weights than those loaded (measured on an Intel Xeon with
+    avx512_bf16: the logprob gap to the trainer grew from 0.03 to 0.48 and 1.24 over two
+    updates). float32 reloads correctly there, and without native bf16 bf16 runs unpacked
+    and reloads correctly too (measured: the same logprobs as a fresh engine).
+    """
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    native = sorted(flags & _NATIVE_BF16_FLAGS)
+    if not native:
+        return None
+    return (
+        f"update_weights is refused for a {dtype} engine on this CPU ({', '.join(native)}): "
+        f"vLLM 0.32 packs {dtype} weights for its native kernels here, and an in-place reload "
+        "then serves other weights than those loaded; run the engine in float32 "
+        "(VLLM_DTYPE=float32, or dtype='float32'), which reloads correctly"
+    )
 
 
 def cpu_kv_cache_bytes(available_bytes: int | None = None) -> int:
