@@ -23,6 +23,7 @@ from vllm_service.types import Sample
 class StandInEngine:
     def __init__(self, config: WorkerConfig) -> None:
         self.info: dict[str, Any] = {"mode": "local", "model": config.model, "choices": []}
+        self.steps = 0
         self._unfinished: list[int] = []
         self._record("init", engine_args=config.engine_args)
 

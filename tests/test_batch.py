@@ -276,6 +276,39 @@ def test_an_item_that_kills_real_workers_fails_alone_and_the_rest_finish(
         range(len(CHAT_DATA)))
 
 
+def test_a_batch_run_on_a_stuck_engine_retries_its_chunk_on_a_new_worker(
+    demo_model: Path,
+) -> None:
+    """vLLM's engine process of the first worker is stopped (SIGSTOP) once it has work: the
+    stall watch (6 s here, 300 s by default) ends that worker and its chunk runs again."""
+    import psutil
+
+    class StallingHandle(recording_handle_class()):  # type: ignore[misc]
+        def __init__(self, config: Any, **kwargs: Any) -> None:
+            super().__init__(config, **kwargs)
+            self.stall_timeout = 6.0
+
+        def submit(self, requests: list[Request]) -> list[Future[Finished]]:
+            futures = super().submit(requests)
+            if len(StallingHandle.started) == 1:
+                for child in psutil.Process(self.pid).children(recursive=True):
+                    if child.name().startswith("VLLM::EngineCor"):
+                        child.send_signal(signal.SIGSTOP)
+            return futures
+
+    data = [{"prompt": q} for q in (FRANCE, GERMANY)]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_batch_local, "WorkerHandle", StallingHandle)
+        started = time.monotonic()
+        results = generate(str(demo_model), data, temperature=0, max_output_len=8,
+                           max_model_len=1024, progress=False)
+    assert all("error" not in r and r["results"] for r in results), results
+    first, second = StallingHandle.started
+    assert first.sent and second.sent and first.exited
+    assert "VLLM_ENGINE_STALL_SECONDS" in (first.failure or "")
+    assert time.monotonic() - started < 300
+
+
 def test_use_sample_gives_n_samples_from_one_request_each(killed_worker: dict[str, Any]) -> None:
     for index, (result, item) in enumerate(zip(killed_worker["results"], CHAT_DATA)):
         assert result["messages"] == item["messages"]
@@ -286,6 +319,9 @@ def test_use_sample_gives_n_samples_from_one_request_each(killed_worker: dict[st
         assert all(isinstance(s, str) and s for s in samples)
     requests = [r for h in killed_worker["handles"] for r in h.sent]
     assert all(r.sampling["n"] == 3 and r.sampling["seed"] == 7 for r in requests)
+    # The batch workers apply the same dtype rule as the service (the demo model is bf16).
+    expected = "float32" if cpu_dtype() == "float32" else "bfloat16"
+    assert {h.info["dtype"] for h in killed_worker["handles"]} == {expected}
     # The chunk in flight when the worker died was sent again, to the new worker.
     assert len(requests) > len(CHAT_DATA)
 
@@ -319,9 +355,6 @@ def cli_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     folder = tmp_path_factory.mktemp("cli")
     source = folder / "in.jsonl"
     questions = [FRANCE, "Name a color.", "Name a fruit."]
-    # The batch workers apply the same dtype rule as the service (the demo model is bf16).
-    expected = "float32" if cpu_dtype() == "float32" else "bfloat16"
-    assert {h.info["dtype"] for h in killed_worker["handles"]} == {expected}
     source.write_text(
         "\n".join(json.dumps({"q": [{"role": "user", "content": q}]}) for q in questions)
         + "\n\n"  # a blank line at the end is fine
@@ -987,3 +1020,86 @@ def test_cli_refuses_results_of_other_settings_unless_told(
     assert len(fake_workers.started) == 1
     assert main([*command, "--system", "Be brief.", "--on-mismatch", "redo"]) == 0
     assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p0", "p1", "p1"]
+
+
+# ----- the output file never loses what the user had (issue 23, item 2) -----
+
+
+def test_a_file_that_is_not_this_tools_output_is_refused_and_left_as_it_was(
+    tmp_path: Path,
+) -> None:
+    # The real command line: it refuses before any worker starts.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nline two\nline three\n")
+    source = tmp_path / "in.jsonl"
+    source.write_text(json.dumps({"prompt": FRANCE}) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "vllm_service.cli", "generate", str(source), "-o", str(notes),
+         "--model", "/no/model/needed"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode != 0
+    assert "line 1 is not JSON" in done.stderr and "another output_path" in done.stderr
+    assert notes.read_text() == "my notes\nline two\nline three\n"
+
+
+def test_a_failed_final_rewrite_leaves_no_partial_file_and_the_rerun_resumes(
+    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    output = tmp_path / "out.jsonl"
+    real_fsync = os.fsync
+
+    def disk_full(fd: int) -> None:
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".partial"):
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(_batch_output.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        generate("org/model", prompts(3), output_path=output, progress=False)
+    assert not output.with_name("out.jsonl.partial").exists()
+    assert sorted(line["_index"] for line in read_lines(output)) == [0, 1, 2]
+    monkeypatch.setattr(_batch_output.os, "fsync", real_fsync)
+    fake_workers.started = []
+    results = generate("org/model", prompts(3), output_path=output, progress=False)
+    assert sent_prompts(fake_workers.started) == []
+    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+
+
+def test_an_item_json_cannot_hold_fails_alone_and_the_run_goes_on(
+    fake_workers: type[FakeHandle], tmp_path: Path,
+) -> None:
+    import datetime
+
+    data = [{"prompt": "p0"}, {"prompt": "p1", "when": datetime.date(2026, 12, 1)}, {"prompt": "p2"}]
+    output = tmp_path / "out.jsonl"
+    results = generate("org/model", data, output_path=output, progress=False)
+    assert results[0]["results"] == "re: p0 #0" and results[2]["results"] == "re: p2 #0"
+    assert results[1]["results"] is None
+    assert "data[1] cannot be written" in results[1]["error"] and "date" in results[1]["error"]
+    assert results[1]["when"] == datetime.date(2026, 12, 1)  # the caller's item, as it was
+    lines = {line["_index"]: line for line in read_lines(output)}
+    assert "error" in lines[1] and "when" not in lines[1]
+    fake_workers.started = []
+    again = generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(fake_workers.started) == ["p1"]  # only the failed one, again
+    assert "cannot be written" in again[1]["error"]
+
+
+def test_a_checkpoint_overwritten_in_place_does_not_reuse_old_answers(
+    fake_workers: type[FakeHandle], tmp_path: Path,
+) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights, step 1")
+    output = tmp_path / "out.jsonl"
+    generate(str(model), prompts(2), output_path=output, progress=False)
+    fake_workers.started = []
+    generate(str(model), prompts(2), output_path=output, progress=False)
+    assert sent_prompts(fake_workers.started) == []  # the same weights: reused
+    (model / "model.safetensors").write_bytes(b"weights, step 2, longer")  # trained further
+    with pytest.raises(ValueError, match="made with other settings.*weights"):
+        generate(str(model), prompts(2), output_path=output, progress=False)
+    generate(str(model), prompts(2), output_path=output, progress=False, on_mismatch="redo")
+    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p1"]

@@ -27,6 +27,7 @@ import pytest
 from _reference_engine import ReferenceEngine
 from _waiting import engine_cpu_percent, wait_until
 from vllm_service import (
+    EngineStalledError,
     RequestTimeoutError,
     ServiceShutdownError,
     VLLMInferenceService,
@@ -333,6 +334,175 @@ def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
     assert wait_until(lambda: not group_members(worker), 10), group_members(worker)
 
 
+# ----- 3b. a stuck engine: vLLM's engine process stopped (SIGSTOP), no timeout set -----
+
+
+@pytest.fixture(scope="module")
+def stall_watched(demo_model: Path) -> Iterator[VLLMInferenceService]:
+    """Default settings but a 6 s stall bound (the default is 300 s): no request timeout.
+    Media from 127.0.0.1 are allowed (for the media test at the end of this part)."""
+    settings = VLLMSettings(
+        model_path=demo_model, max_model_len=2048, idle_ttl_seconds=3600, dtype="float32",
+        engine_stall_seconds=6, allowed_media_domains=["127.0.0.1"],
+    )
+    with VLLMInferenceService(settings) as service:
+        yield service
+
+
+def stop_engine_core(service: VLLMInferenceService) -> tuple[int, int]:
+    """SIGSTOP vLLM's EngineCore (what a hung GPU looks like); (worker pid, engine pid)."""
+    worker = service.status().pid
+    assert worker is not None
+    [engine] = engine_processes(worker, "VLLM::EngineCor")
+    os.kill(engine, signal.SIGSTOP)
+    return worker, engine
+
+
+def test_a_stuck_engine_fails_calls_and_streams_names_the_setting_and_is_replaced(
+    stall_watched: VLLMInferenceService, reference_fp32: ReferenceEngine,
+) -> None:
+    stall_watched.warmup()
+    assert stall_watched.settings.request_timeout_seconds is None
+    long_call = lambda: stall_watched.generate(STORY, max_tokens=3000, ignore_eos=True)  # noqa: E731
+    threads, outcomes = in_threads(long_call, 2)
+    streamed: list[Any] = []
+
+    def stream() -> None:
+        try:
+            for chunk in stall_watched.stream(STORY, max_tokens=3000, ignore_eos=True):
+                streamed.append(chunk)
+        except BaseException as exc:
+            streamed.append(exc)
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    assert wait_until(lambda: len(streamed) >= 3, 60)  # generating
+    worker, engine = stop_engine_core(stall_watched)
+    stopped_at = time.monotonic()
+    join(threads + [reader], 6 + 30)
+    errors = [e for e, _ in outcomes] + [streamed[-1]]
+    assert all(isinstance(e, EngineStalledError) for e in errors), errors
+    assert all("VLLM_ENGINE_STALL_SECONDS" in str(e) for e in errors)
+    assert max(at for _, at in outcomes) - stopped_at < 6 + 5
+    # the whole group, the stopped process too, is gone; the next call starts a new worker
+    assert wait_until(lambda: not group_members(worker), 15), group_members(worker)
+    assert "VLLM_ENGINE_STALL_SECONDS" in (stall_watched.status().last_error or "")
+    assert answers_like_vllm(stall_watched, reference_fp32)
+    assert stall_watched.status().pid != worker
+
+
+def test_a_stuck_engine_ends_update_weights_and_unload_wait(
+    stall_watched: VLLMInferenceService, demo_model: Path,
+) -> None:
+    stall_watched.warmup()
+    threads, calls = in_threads(
+        lambda: stall_watched.generate(STORY, max_tokens=3000, ignore_eos=True), 1
+    )
+    assert wait_until(lambda: stall_watched.status().in_flight == 1, 30)
+    time.sleep(1)
+    worker, _ = stop_engine_core(stall_watched)
+    # update_weights waits for the call in flight, under its lock; unload(wait=True) waits too
+    updates, updated = in_threads(lambda: stall_watched.update_weights(demo_model), 1)
+    time.sleep(0.5)
+    started = time.monotonic()
+    stall_watched.unload(wait=True)
+    assert time.monotonic() - started < 6 + 15
+    join(threads + updates, 15)
+    assert isinstance(calls[0][0], EngineStalledError), calls
+    assert isinstance(updated[0][0], EngineStalledError), updated
+    assert wait_until(lambda: not group_members(worker), 15), group_members(worker)
+
+
+def image_part(url: str) -> dict[str, Any]:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_media_parts_are_refused_by_default_at_the_call(demo_model: Path) -> None:
+    question = [{"role": "user", "content": [
+        {"type": "text", "text": "What is in the picture?"},
+        image_part("http://169.254.169.254/latest/meta-data/"),
+    ]}]
+    with VLLMInferenceService(VLLMSettings(model_path=demo_model)) as service:
+        for call in (lambda: service.chat(question), lambda: service.chat_batch([question]),
+                     lambda: service.chat_stream(question)):
+            with pytest.raises(ValueError, match="VLLM_ALLOWED_MEDIA_DOMAINS"):
+                call()
+        assert service.status().state == "stopped"  # refused before any worker was asked
+    from vllm_service import generate
+
+    results = generate(str(demo_model), [{"prompt": question}], progress=False)
+    assert "refused" in results[0]["error"] and results[0]["results"] is None
+
+
+def test_allowed_media_are_fetched_without_stalling_other_requests(
+    stall_watched: VLLMInferenceService,
+) -> None:
+    import http.server
+
+    class SlowImage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            time.sleep(8)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(b"\x89PNG\r\n\x1a\n not really a picture")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+    try:
+        stall_watched.warmup()
+        slow = [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
+                                              image_part(url)]}]
+        threads, outcomes = in_threads(lambda: stall_watched.chat(slow, max_tokens=4), 1)
+        time.sleep(1)  # the fetch is under way
+        started = time.monotonic()
+        answer = stall_watched.chat(FRANCE, temperature=0, max_tokens=4)
+        assert answer.error is None and answer.text
+        assert time.monotonic() - started < 5, "a text request waited for another's media"
+        join(threads, 60)
+        # The demo model takes text only: the fetched picture is vLLM's to refuse, alone.
+        result = outcomes[0][0]
+        assert not isinstance(result, BaseException) and result.error, result
+        # A host that is not allowed is refused at the call.
+        with pytest.raises(ValueError, match="not in VLLM_ALLOWED_MEDIA_DOMAINS"):
+            stall_watched.chat([{"role": "user", "content": [image_part("http://localhost/x.png")]}])
+    finally:
+        server.shutdown()
+
+
+def test_a_stream_collected_while_the_worker_lock_is_held_does_not_deadlock(
+    service: VLLMInferenceService,
+) -> None:
+    """The garbage collector may run a finalizer inside any code, code that holds the worker
+    handle's (not reentrant) lock too; a dropped stream's finalizer only queues its abort.
+
+    Fault injection: the test takes that lock itself (a private attribute) and collects the
+    stream while holding it, as the collector would inside the reader thread."""
+    import gc
+
+    service.warmup()
+    handle = service._slot.handle
+    assert handle is not None
+    streams = [service.stream(STORY, max_tokens=3000, ignore_eos=True)]
+    next(streams[0])
+    assert service.status().in_flight == 1
+
+    def collect_under_the_lock() -> None:
+        with handle._lock:
+            streams.clear()
+            gc.collect()
+
+    collector = threading.Thread(target=collect_under_the_lock, daemon=True)
+    collector.start()
+    collector.join(10)
+    assert not collector.is_alive(), "the stream's finalizer deadlocked on the worker's lock"
+    assert wait_until(lambda: service.status().in_flight == 0, 10)  # and it was aborted
+
+
 # ----- 4. fork -----
 
 
@@ -392,6 +562,82 @@ def test_a_forked_child_gets_a_worker_of_its_own_and_never_touches_the_parents(
     # The child's exit left the parent's worker alone: same pid, still answering.
     assert parent["state"] == "ready" and parent["pid"] == parent["parent_worker"]
     assert parent["answer"] == child["answer"] and parent["answer"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fork_kill_run(
+    demo_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Any]]:
+    """A program that forks inside hold() while a thread waits in update_weights (its lock
+    held), then waits to be killed; the child lives on. Started with the module, as fork_run."""
+    folder = tmp_path_factory.mktemp("fork-kill")
+    script = textwrap.dedent(
+        f"""
+        import json, os, sys, threading, time
+        from vllm_service import VLLMInferenceService, VLLMSettings
+        if __name__ == "__main__":
+            service = VLLMInferenceService(VLLMSettings(
+                model_path={str(demo_model)!r}, max_model_len=1024, dtype="float32"))
+            service.warmup()
+            worker = service.status().pid
+            long_call = threading.Thread(target=lambda: service.generate(
+                {STORY!r}, max_tokens=3000, ignore_eos=True))
+            long_call.start()
+            time.sleep(1)
+            update = threading.Thread(target=lambda: service.update_weights({str(demo_model)!r}))
+            update.start()  # waits for the long call, holding the update lock
+            time.sleep(1)
+            with service.hold():
+                child = os.fork()
+                if child == 0:
+                    held = service.status().held
+                    started = time.monotonic()
+                    service.update_weights({str(demo_model)!r}, version="child")
+                    print(json.dumps({{"held": held, "updated_in": time.monotonic() - started,
+                                      "child_worker": service.status().pid}}), flush=True)
+                    time.sleep(600)
+                    os._exit(0)
+                print(json.dumps({{"worker": worker, "child": child}}), flush=True)
+            time.sleep(600)
+        """
+    )
+    (folder / "fork_kill.py").write_text(script)
+    out, err = (folder / "stdout").open("w"), (folder / "stderr").open("w")
+    process = subprocess.Popen([sys.executable, str(folder / "fork_kill.py")], stdout=out,
+                               stderr=err, text=True, start_new_session=True)
+    out.close()
+    err.close()
+    yield {"process": process, "folder": folder}
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def test_a_child_forked_inside_hold_and_update_weights_is_free_and_the_parents_death_ends_its_worker(
+    fork_kill_run: dict[str, Any],
+) -> None:
+    stdout = fork_kill_run["folder"] / "stdout"
+
+    def lines() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in stdout.read_text().splitlines() if line.startswith("{")]
+
+    assert wait_until(lambda: len(lines()) >= 2, 400), (
+        stdout.read_text() + (fork_kill_run["folder"] / "stderr").read_text()[-3000:]
+    )
+    parent = next(line for line in lines() if "worker" in line)
+    child = next(line for line in lines() if "held" in line)
+    # The child inherited neither the hold nor the update lock (its update did not wait for
+    # the parent's long call), and got a worker of its own.
+    assert child["held"] is False
+    assert child["child_worker"] not in (None, parent["worker"])
+    # The parent is killed; the child lives on. The parent's worker must see the parent gone.
+    os.kill(fork_kill_run["process"].pid, signal.SIGKILL)
+    assert psutil.pid_exists(parent["child"])
+    assert wait_until(lambda: not group_members(parent["worker"]), 30), (
+        "the parent's worker outlived the parent while a forked child lived"
+    )
+    os.kill(parent["child"], signal.SIGKILL)
 
 
 # ----- 5. Ctrl-C -----
@@ -457,17 +703,25 @@ def test_vllms_own_variables_in_dot_env_reach_the_worker(
     assert config.engine_args["max_model_len"] == 512  # a setting of ours, read as one
 
 
-def test_logs_of_failed_workers_are_kept_but_not_for_ever(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_logs_of_failed_workers_are_kept_but_not_for_ever_and_live_ones_always(
+    tmp_path: Path,
 ) -> None:
-    monkeypatch.setattr(_worker_handle, "LOG_DIR", tmp_path)
+    import fcntl
+
     for i in range(30):
         (tmp_path / f"worker-old{i:02d}.log").write_text("x")
         os.utime(tmp_path / f"worker-old{i:02d}.log", (1000 + i, 1000 + i))
-    new = _worker_handle._new_log_path()
+    # The oldest is a live worker's: it holds a shared lock on its log, as workers do.
+    live = os.open(tmp_path / "worker-old00.log", os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(live, fcntl.LOCK_SH)
+    try:
+        new = _worker_handle._new_log_path(tmp_path)
+    finally:
+        os.close(live)
     logs = sorted(p.name for p in tmp_path.glob("worker-*.log"))
-    assert len(logs) == _worker_handle._KEPT_LOGS and new.name in logs
-    assert "worker-old29.log" in logs and "worker-old00.log" not in logs  # the newest stay
+    assert len(logs) == _worker_handle._KEPT_LOGS + 1 and new.name in logs
+    assert "worker-old29.log" in logs and "worker-old01.log" not in logs  # the newest stay
+    assert "worker-old00.log" in logs  # and the live one
 
 
 def test_workers_starting_at_once_never_trip_over_each_others_log_pruning(
@@ -475,13 +729,12 @@ def test_workers_starting_at_once_never_trip_over_each_others_log_pruning(
 ) -> None:
     # Found by bench_ray: two batch workers starting together, one pruned a log the other was
     # sorting by age, and the run failed with FileNotFoundError.
-    monkeypatch.setattr(_worker_handle, "LOG_DIR", tmp_path)
     failures: list[BaseException] = []
 
     def start_many() -> None:
         try:
             for _ in range(200):
-                _worker_handle._new_log_path()
+                _worker_handle._new_log_path(tmp_path)
         except BaseException as exc:
             failures.append(exc)
 

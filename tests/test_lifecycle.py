@@ -198,6 +198,101 @@ def test_unload_waits_for_calls_in_flight_and_new_calls_go_to_a_new_worker(
     assert short_lived.status().restarts >= 1
 
 
+def engine_groups() -> set[int]:
+    """The process groups holding a vLLM EngineCore now (one per engine running)."""
+    import psutil
+
+    groups = set()
+    for process in psutil.process_iter(["name"]):
+        try:
+            if (process.info["name"] or "").startswith("VLLM::EngineCor"):
+                groups.add(os.getpgid(process.pid))
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return groups
+
+
+def test_a_call_during_unload_waits_outside_the_lock_and_never_beside_the_old_engine(
+    short_lived: VLLMInferenceService,
+) -> None:
+    short_lived.warmup()
+    pid = current_pid(short_lived)
+    others = engine_groups() - {pid}  # other tests' engines (the reference, the session's)
+    stream = short_lived.stream("Tell me a story.", max_tokens=400, ignore_eos=True)
+    next(stream)
+    unloading = threading.Thread(target=short_lived.unload)
+    unloading.start()
+    assert wait_until(lambda: short_lived.status().state == "retiring", 10)
+    threads, outcomes = start_callers(
+        lambda: short_lived.generate("The capital of France is", temperature=0, max_tokens=4), 1
+    )
+    time.sleep(1)
+    # status() answers at once while that call waits for the old worker (it used to wait
+    # under the service's lock), and no second engine runs beside the draining one.
+    started = time.monotonic()
+    assert short_lived.status().pid == pid
+    assert time.monotonic() - started < 1
+    assert engine_groups() - others == {pid}
+    rest = list(stream)
+    assert rest[-1].result is not None and rest[-1].result.completion_tokens == 400
+    unloading.join(60)
+    join_all(threads, 300)
+    assert outcomes and outcomes[0].error is None
+
+
+def test_unload_with_a_timeout_aborts_what_is_left_and_a_start_unloaded_serves_its_callers(
+    short_lived: VLLMInferenceService,
+) -> None:
+    short_lived.warmup()
+    pid = current_pid(short_lived)
+    stream = short_lived.stream("Tell me a story.", max_tokens=3000, ignore_eos=True)
+    next(stream)
+    started = time.monotonic()
+    short_lived.unload(timeout=2)
+    assert time.monotonic() - started < 2 + 15
+    with pytest.raises(RequestAbortedError, match="unload"):
+        list(stream)
+    assert not group_members(pid)
+    # A worker unloaded while it loads: the call waiting for it goes to the next worker.
+    threads, outcomes = start_callers(
+        lambda: short_lived.generate("The capital of France is", temperature=0, max_tokens=4), 1
+    )
+    assert wait_until(lambda: short_lived.status().state == "starting", 30)
+    short_lived.unload()
+    join_all(threads, 300)
+    assert len(outcomes) == 1 and not isinstance(outcomes[0], BaseException), outcomes
+    assert outcomes[0].text
+
+
+def test_an_idle_ttl_of_zero_starts_one_engine_per_call_and_a_failing_clean_up_still_ends(
+    demo_model: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import logging
+
+    from vllm_service import _worker_handle
+
+    caplog.set_level(logging.INFO, logger="vllm_service")
+    settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=0)
+    with VLLMInferenceService(settings) as service:
+        result = service.generate("The capital of France is", temperature=0, max_tokens=4)
+        assert result.error is None and result.text
+        assert caplog.text.count("Started vLLM worker pid") == 1  # one engine for one call
+        assert wait_until(lambda: service.status().state == "stopped", 30)
+
+        # The clean-up after the next worker's exit raises (a PermissionError unlinking):
+        # the worker must still count as gone, and unload() return.
+        def refuse(paths: Any) -> None:
+            raise PermissionError("not allowed to remove that")
+
+        monkeypatch.setattr(_worker_handle, "remove_files", refuse)
+        service.generate("The capital of France is", temperature=0, max_tokens=4)
+        assert wait_until(lambda: service.status().state == "stopped", 30), service.status()
+        unloading = threading.Thread(target=service.unload)
+        unloading.start()
+        unloading.join(10)
+        assert not unloading.is_alive()
+
+
 def test_unload_without_waiting_aborts_calls_in_flight(short_lived: VLLMInferenceService) -> None:
     short_lived.warmup()
     pid = current_pid(short_lived)

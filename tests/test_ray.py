@@ -244,3 +244,18 @@ def test_ray_is_imported_only_for_a_cluster_run() -> None:
     process = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              timeout=120, env={**os.environ})
     assert process.stdout.strip() == "False", process.stderr
+
+
+def test_secrets_never_go_into_the_actors_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray's dashboard and state API show an actor's runtime_env: tokens travel in the start
+    call instead, and this service's own remote-mode key not at all."""
+    from vllm_service._batch_ray import forwarded_environment
+
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret_too")
+    monkeypatch.setenv("VLLM_API_KEY", "our-key")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    public, secret = forwarded_environment()
+    assert public["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    assert not {"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "VLLM_API_KEY"} & set(public)
+    assert secret == {"HF_TOKEN": "hf_secret", "HUGGING_FACE_HUB_TOKEN": "hf_secret_too"}

@@ -22,7 +22,7 @@ def test_seed_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VLLM_MODEL_PATH", "org/model")
     s = VLLMSettings()
     assert (s.gpu_memory_utilization, s.max_model_len, s.tensor_parallel_size) == (0.9, 32768, 1)
-    assert (s.dtype, s.idle_ttl_seconds, s.trust_remote_code) == ("auto", 1800, True)
+    assert (s.dtype, s.idle_ttl_seconds, s.trust_remote_code) == ("auto", 1800, False)
     assert (s.default_temperature, s.default_top_p, s.default_top_k) == (0.7, 0.95, -1)
     assert (s.default_max_tokens, s.default_repetition_penalty, s.mode) == (2048, 1.0, "local")
     assert s.api_url is None

@@ -453,3 +453,23 @@ def test_the_rl_loop_example_keeps_the_engine_in_step_with_the_trainer(
     assert gaps[0] < GAP and gaps[1] < GAP, figures
     # ... and without a push the engine falls behind the trainer, which the gap shows
     assert gaps[2] > GAP, figures
+
+
+@pytest.mark.parametrize(
+    ("answers", "outcome"),
+    [
+        ([None], "loaded"),
+        ([None, None], "loaded"),
+        ([("rejected", "bad shape")], "rejected"),
+        ([("rejected", "bad shape"), ("rejected", "bad shape")], "rejected"),
+        ([None, ("rejected", "bad shape")], "broken"),  # one rank loaded, one did not: a mix
+        ([("broken", "failed part-way"), None], "broken"),
+    ],
+)
+def test_tensor_parallel_ranks_that_disagree_count_as_broken(answers: list[Any], outcome: str) -> None:
+    from vllm_service._local_engine import weights_outcome
+
+    kind, message = weights_outcome(answers)
+    assert kind == outcome
+    if answers == [None, ("rejected", "bad shape")]:
+        assert "1 of 2 tensor-parallel ranks" in message and "mix" in message

@@ -10,6 +10,7 @@ from .async_service import AsyncVLLMInferenceService
 from .batch import generate
 from .demo_model import demo_model_path
 from .errors import (
+    EngineStalledError,
     RemoteServerError,
     RequestAbortedError,
     RequestTimeoutError,
@@ -26,6 +27,7 @@ from .types import GenerationParams, GenerationResult, ServiceStatus, StreamChun
 __all__ = [
     "AsyncGenerationStream",
     "AsyncVLLMInferenceService",
+    "EngineStalledError",
     "GenerationParams",
     "GenerationResult",
     "GenerationStream",

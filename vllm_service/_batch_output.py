@@ -44,17 +44,44 @@ def run_fingerprint(
 
     Engine settings (memory, placement, ``max_model_len``, ``dtype``, ``engine_args``) are left
     out: a rerun may change them, after running out of memory for instance, and keep what is
-    done. A change of ``dtype`` can change answers slightly; that is accepted.
+    done. A change of ``dtype`` can change answers slightly; that is accepted. The weights are
+    in (``weights_identity``): a checkpoint overwritten in place makes other answers.
     """
     sampling = dict(sampling)
     for key in ("temperature", "top_p"):
         if key in sampling:
             sampling[key] = float(sampling[key])  # 0 (Python) and 0.0 (command line) match
     settings = {
-        "model": model, "system": system, "n": n, "use_sample": use_sample, "sampling": sampling,
+        "model": model, "weights": weights_identity(model), "system": system, "n": n,
+        "use_sample": use_sample, "sampling": sampling,
     }
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
+
+
+# The files of a model folder whose change changes the answers: config, tokenizer, weights.
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".bin", ".gguf", ".pt", ".model", ".jinja")
+
+
+def weights_identity(model: str) -> list[Any]:
+    """What identifies the weights ``model`` names: for a local folder the name, size and
+    modification time of each config, tokenizer and weight file; for a Hugging Face id the
+    cached revision (empty when none is cached)."""
+    folder = Path(model)
+    if folder.is_dir():
+        found = []
+        for path in sorted(folder.iterdir()):
+            if path.suffix in _MODEL_FILE_SUFFIXES and path.is_file():
+                info = path.stat()
+                found.append([path.name, info.st_size, info.st_mtime_ns])
+        return found
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        ref = Path(HF_HUB_CACHE) / f"models--{model.replace('/', '--')}" / "refs" / "main"
+        return [ref.read_text().strip()]
+    except (ImportError, OSError):
+        return []
 
 
 class ResumableFile:
@@ -97,14 +124,23 @@ class ResumableFile:
     def _read(self, text: bytes, index_of: Callable[[Any, int], int]) -> None:
         # Split on b"\n" only: str.splitlines() would also split inside a JSON string holding
         # U+2028, U+0085 and the like, which ensure_ascii=False writes as they are.
-        for number, raw in enumerate(text.split(b"\n"), 1):
-            if not raw.strip():
-                continue
+        lines = [(n, raw) for n, raw in enumerate(text.split(b"\n"), 1) if raw.strip()]
+        for position, (number, raw) in enumerate(lines):
             try:
                 record = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError):
-                logger.warning("%s line %d is not JSON (cut short?); ignoring it", self.path, number)
-                continue
+                if position == len(lines) - 1:  # a run cut short while writing its last line
+                    logger.warning(
+                        "%s line %d is not JSON (cut short?); ignoring it", self.path, number
+                    )
+                    continue
+                # Not a file of this tool's: the finished run's rewrite would wipe it.
+                raise ValueError(
+                    f"output_path {self.path} line {number} is not JSON, so the file is not "
+                    "one this tool wrote (a run rewrites its output file at the end, which would "
+                    "lose what it holds); give another output_path, or delete the file to start "
+                    "over"
+                ) from None
             self.records[index_of(record, number)] = record
 
     def write(self, index: int, record: dict[str, Any]) -> None:
@@ -142,12 +178,17 @@ class ResumableFile:
     def _rewrite(self) -> None:
         """Replace the file by one line per item in input order, never leaving it half written."""
         partial = self.path.with_name(self.path.name + ".partial")
-        with partial.open("wb") as file:
-            for index in sorted(self.records):
-                file.write(_encode(self.records[index], f"data[{index}]", self.path))
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(partial, self.path)
+        try:
+            with partial.open("wb") as file:
+                for index in sorted(self.records):
+                    file.write(_encode(self.records[index], f"data[{index}]", self.path))
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(partial, self.path)
+        except BaseException:
+            # A full disk, say: the appended file stays as it was, complete, for a rerun.
+            partial.unlink(missing_ok=True)
+            raise
         _fsync_directory(self.path.parent)
 
     def _lock(self) -> None:
@@ -209,7 +250,9 @@ class OutputFile(ResumableFile):
             if (
                 not isinstance(index, int)
                 or not 0 <= index < len(data)
-                or record.get(message_key) != data[index].get(message_key)
+                # an item whose prompt JSON cannot hold has an error line without it
+                or record.get(message_key, data[index].get(message_key))
+                != data[index].get(message_key)
             ):
                 raise ValueError(
                     f"output_path {self.path} line {number} does not belong to this data (its "
@@ -253,8 +296,9 @@ class OutputFile(ResumableFile):
             raise ValueError(
                 f"output_path {self.path} holds results of {len(other)} items made with other "
                 f"settings than this call's (items {_some(other)}): the fingerprint under "
-                f"{RUN_KEY!r} of what made them (model, system, n, use_sample, temperature, "
-                f"top_p, seed, stop, max_output_len, sampling_args) is not this call's "
+                f"{RUN_KEY!r} of what made them (model and its weights files, system, n, "
+                "use_sample, temperature, top_p, seed, stop, max_output_len, sampling_args) is "
+                "not this call's "
                 f"{self.run!r}"
                 + (f"; {unmarked} have none, as an older vllm-service wrote them"
                    if unmarked else "")
@@ -268,8 +312,24 @@ class OutputFile(ResumableFile):
         return {index: record for index, record in finished.items() if is_done(record)}
 
     def append(self, index: int, result: dict[str, Any]) -> None:
-        """Write one finished item's line (with its index and the run's fingerprint)."""
+        """Write one finished item's line (with its index and the run's fingerprint).
+
+        Raises ``TypeError`` naming the item if a value of it cannot be written as JSON.
+        """
         self.write(index, {**result, self.index_key: index, RUN_KEY: self.run})
+
+
+def writable_fields(record: dict[str, Any]) -> dict[str, Any]:
+    """The fields of ``record`` that JSON can hold (for the error line of an item that has
+    others)."""
+    kept = {}
+    for key, value in record.items():
+        try:
+            json.dumps({key: value}, ensure_ascii=False)
+        except (TypeError, ValueError):
+            continue
+        kept[key] = value
+    return kept
 
 
 def _encode(record: dict[str, Any], name: str, path: Path) -> bytes:

@@ -20,6 +20,7 @@ install. The cluster's nodes need this package (and vLLM) installed, as the driv
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -53,6 +54,22 @@ _IDLE_TTL_SECONDS = 24 * 3600.0
 # The driver's environment variables that reach the workers on the cluster's nodes (model
 # downloads, vLLM's own settings), as a local worker would inherit them.
 _FORWARDED_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_")
+# Of those, the secrets: never in the actors' runtime_env, which Ray's dashboard and state API
+# show. A token the engine needs (a gated model's download) reaches each worker through its
+# start call instead; this service's own remote-mode key, which no engine needs, not at all.
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+_NOT_FOR_ENGINES = frozenset({"VLLM_API_KEY"})
+
+
+def forwarded_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """The driver's variables for the engines: (for the runtime_env, secret ones)."""
+    public: dict[str, str] = {}
+    secret: dict[str, str] = {}
+    for name, value in os.environ.items():
+        if not name.startswith(_FORWARDED_PREFIXES) or name in _NOT_FOR_ENGINES:
+            continue
+        (secret if any(word in name for word in _SECRET_WORDS) else public)[name] = value
+    return public, secret
 # The actor runs one chunk at a time, plus stop() and wait_exited() beside it.
 _ACTOR_THREADS = 3
 
@@ -156,10 +173,7 @@ class RayWorkers:
                 f"{_describe(resources)} in all, some of which may be in use. Lower "
                 "worker_num, or add nodes."
             ) from None
-        environment = {
-            name: value for name, value in os.environ.items()
-            if name.startswith(_FORWARDED_PREFIXES)
-        }
+        environment, self.secrets = forwarded_environment()
         actor_class = ray.remote(EngineActor)
         self.actors = [
             actor_class.options(
@@ -197,6 +211,8 @@ class RayWorkers:
             "batch worker %d: Ray actor on node %s (%s), %s", slot, node[:12], address,
             describe(config),
         )
+        if self.secrets:
+            config = dataclasses.replace(config, environment={**config.environment, **self.secrets})
         return config
 
     def close(self) -> None:

@@ -44,11 +44,15 @@ class Engine(Protocol):
       and :class:`WeightsBroken` when loading failed part-way (the worker must exit).
     - ``close()`` releases everything the engine started (processes, connections); it is
       called once, also after a failed ``step``.
+    - ``steps`` counts the engine's steps that produced output so far (a token for any
+      request, a chunk from a server): the worker tells the parent when it grows, and the
+      parent declares an engine stuck that does not advance with requests in flight.
     - ``info`` says what was loaded, for the parent (model, max_model_len, dtype, ...) and the
       choices made on the way (``info["choices"]``, one sentence each, logged by the parent).
     """
 
     info: dict[str, Any]
+    steps: int
 
     def add(self, request: Request) -> None: ...
     def abort(self, request_ids: list[int]) -> None: ...

@@ -9,16 +9,19 @@ Only the worker process imports this module (it imports vLLM and torch).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import queue
 import re
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ._lora import ZERO_ADAPTER_NAME, write_zero_adapter
+from ._media import fetched, needs_fetching
 from ._protocol import Delta, Finished, Request, WorkerConfig
 from .types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
 
@@ -48,7 +51,18 @@ class LocalEngine:
         engine_args, choices = adapt_engine_args(config.engine_args)
         for choice in choices:
             logger.warning("vllm-service: %s", choice)
-        self._llm = LLM(**engine_args)
+        try:
+            self._llm = LLM(**engine_args)
+        except Exception as exc:
+            if "trust_remote_code" in str(exc) and not engine_args.get("trust_remote_code"):
+                raise RuntimeError(
+                    f"{engine_args['model']} ships code of its own, which vllm-service does not "
+                    "run unless told to: set VLLM_TRUST_REMOTE_CODE=true (trust_remote_code=True "
+                    "in VLLMSettings or batch generate(), --trust-remote-code on the command "
+                    "line) if you trust that repository; its code then runs with this "
+                    f"process's rights. vLLM said: {exc}"
+                ) from exc
+            raise
         self._engine = self._llm.llm_engine
         self.info: dict[str, Any] = {
             "mode": "local",
@@ -57,11 +71,16 @@ class LocalEngine:
             "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
             "choices": choices,
         }
+        self.steps = 0  # engine steps whose output arrived (the Engine protocol's progress)
         # Per request in flight: how many top alternatives it asked for (generated, prompt).
         self._alternatives: dict[int, tuple[int | None, int | None]] = {}
         # Per streamed request: its output so far, the deltas merged (None before the first).
         self._streamed: dict[int, Any] = {}
         self._base_lora, self._base_lora_folder = self._base_model_adapter(engine_args, choices)
+        # Chat requests whose media are being fetched (off the worker loop), by request id.
+        self._media_domains = config.allowed_media_domains
+        self._fetching: dict[int, tuple[Request, Future[Any]]] = {}
+        self._fetcher: ThreadPoolExecutor | None = None
 
     def _base_model_adapter(self, engine_args: dict[str, Any], choices: list[str]) -> tuple[Any, str | None]:
         """The all-zero adapter requests without one get on CPU while LoRA is on (see _lora)."""
@@ -91,7 +110,36 @@ class LocalEngine:
         return request, folder
 
     def add(self, request: Request) -> None:
-        """Queue one request; raises (for that request alone) when vLLM rejects it."""
+        """Queue one request; raises (for that request alone) when vLLM rejects it.
+
+        A chat whose media parts name http(s) URLs is fetched in a thread first (a slow host
+        would stall every other request inside vLLM's add), then added in ``step``.
+        """
+        if (
+            request.is_chat and self._media_domains is not None
+            and needs_fetching(request.prompt)
+        ):
+            if self._fetcher is None:
+                self._fetcher = ThreadPoolExecutor(4, thread_name_prefix="vllm-service-media")
+            future = self._fetcher.submit(fetched, request.prompt, self._media_domains)
+            self._fetching[request.request_id] = (request, future)
+            return
+        self._add_now(request)
+
+    def _add_fetched(self) -> list[Finished]:
+        """Hand vLLM the chats whose media have arrived; those that failed finish here."""
+        failed: list[Finished] = []
+        for request_id, (request, future) in list(self._fetching.items()):
+            if not future.done():
+                continue
+            del self._fetching[request_id]
+            try:
+                self._add_now(dataclasses.replace(request, prompt=future.result()))
+            except Exception as exc:
+                failed.append(Finished(request_id, error=f"{type(exc).__name__}: {exc}"))
+        return failed
+
+    def _add_now(self, request: Request) -> None:
         from vllm.sampling_params import RequestOutputKind
 
         params = sampling_params(request.sampling)
@@ -149,20 +197,22 @@ class LocalEngine:
     def abort(self, request_ids: list[int]) -> None:
         self._engine.abort_request([str(i) for i in request_ids])
         for request_id in request_ids:
+            self._fetching.pop(request_id, None)
             self._alternatives.pop(request_id, None)
             self._streamed.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
-        return self._engine.has_unfinished_requests()
+        return bool(self._fetching) or self._engine.has_unfinished_requests()
 
     def step(self) -> list[Delta | Finished]:
         """Take one engine step's output; return the streamed requests' new output and what
         finished. Returns nothing after a short wait when the engine has not finished a step,
         so that the worker loop hands a new request to the engine at once.
         """
+        messages: list[Delta | Finished] = list(self._add_fetched()) if self._fetching else []
         if not self._output_ready(_STEP_POLL_SECONDS):
-            return []
-        messages: list[Delta | Finished] = []
+            return messages
+        self.steps += 1
         for output in self._engine.step():
             request_id = int(output.request_id)
             top, prompt_top = self._alternatives.get(request_id, (None, None))
@@ -224,31 +274,54 @@ class LocalEngine:
 
     def update_weights(self, files: list[str], folder: str | None) -> None:
         """Load new weights in place through vLLM's worker extension (``_weight_loader``)."""
+        from vllm.platforms import current_platform
+
         from ._engine import WeightsBroken, WeightsRejected
 
+        if current_platform.is_cpu():
+            problem = cpu_weight_update_problem(self.info["dtype"])
+            if problem is not None:
+                raise WeightsRejected(problem)
         extension = self._llm.llm_engine.vllm_config.parallel_config.worker_extension_cls
         if extension != WEIGHT_LOADER:
             raise WeightsRejected(
                 f"VLLM_ENGINE_ARGS sets worker_extension_cls={extension!r}, which replaces "
                 f"{WEIGHT_LOADER}, the class that loads the weights; remove it to update weights"
             )
-        for problem in self._llm.collective_rpc("vllm_service_load_weights", args=(files, folder)):
-            if problem:
-                kind, message = problem
-                raise (WeightsBroken if kind == "broken" else WeightsRejected)(message)
+        answers = self._llm.collective_rpc("vllm_service_load_weights", args=(files, folder))
+        kind, message = weights_outcome(answers)
+        if kind == "broken":
+            raise WeightsBroken(message)
+        if kind == "rejected":
+            raise WeightsRejected(message)
         self._llm.reset_prefix_cache()
-        from vllm.platforms import current_platform
-
 
     def close(self) -> None:
-        if current_platform.is_cpu():
-            problem = cpu_weight_update_problem(self.info["dtype"])
-            if problem is not None:
-                raise WeightsRejected(problem)
         """Stop vLLM's engine processes; the ``LLM`` object alone never lets them go."""
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
         self._engine.engine_core.shutdown()
         if self._base_lora_folder is not None:
             shutil.rmtree(self._base_lora_folder, ignore_errors=True)
+
+
+def weights_outcome(answers: list[Any]) -> tuple[str, str]:
+    """What the ranks' answers to a weight update add up to: ("loaded" | "rejected" |
+    "broken", message). With tensor parallelism each rank loads its shard: the update is
+    rejected (old weights everywhere) only if every rank rejected it; ranks that disagree
+    leave a mix of old and new weights, which counts as broken."""
+    problems = [answer for answer in answers if answer]
+    if not problems:
+        return "loaded", ""
+    if len(problems) == len(answers) and all(kind == "rejected" for kind, _ in problems):
+        return "rejected", problems[0][1]
+    broken = next((message for kind, message in problems if kind == "broken"), None)
+    if broken is not None:
+        return "broken", broken
+    return "broken", (
+        f"{len(problems)} of {len(answers)} tensor-parallel ranks rejected the update "
+        f"({problems[0][1]}) while the others loaded it: the engine holds a mix"
+    )
 
 
 def sampling_params(sampling: dict[str, Any]) -> Any:
@@ -392,19 +465,6 @@ def cpu_dtype(flags: set[str] | None = None) -> str:
     return "float32"
 
 
-def cpu_flags() -> set[str]:
-    """The processor's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features")."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
 def cpu_weight_update_problem(dtype: str, flags: set[str] | None = None) -> str | None:
     """Why ``update_weights`` is refused for an engine of ``dtype`` on this CPU, or None.
 
@@ -427,6 +487,19 @@ def cpu_weight_update_problem(dtype: str, flags: set[str] | None = None) -> str 
         "then serves other weights than those loaded; run the engine in float32 "
         "(VLLM_DTYPE=float32, or dtype='float32'), which reloads correctly"
     )
+
+
+def cpu_flags() -> set[str]:
+    """The processor's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features")."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() in ("flags", "Features"):
+            return set(value.split())
+    return set()
 
 
 def cpu_kv_cache_bytes(available_bytes: int | None = None) -> int:

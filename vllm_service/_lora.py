@@ -127,6 +127,10 @@ class LoraRegistry:
         self._adapters: dict[str, LoraAdapter] = {}
         self._ids = itertools.count(1)  # vLLM's ids start at 1; never reused
 
+    def after_fork(self) -> None:
+        """In a forked child: a lock another thread held at the fork would stay held."""
+        self._lock = threading.Lock()
+
     def add(self, name: str, path: str | Path | None) -> LoraAdapter:
         """Register ``name`` (replacing an adapter of that name); raises ``ValueError``."""
         if not isinstance(name, str) or not name:

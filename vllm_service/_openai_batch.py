@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from ._media import media_problem
 from ._batch_output import ResumableFile, _some
 from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 from ._protocol import Finished
@@ -111,7 +112,7 @@ def run_openai_batch(
     max_model_len: int = 4096,
     gpu_memory_utilization: float = 0.90,
     dtype: str = "auto",
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
     engine_args: dict[str, Any] | None = None,
     ray_address: str | None = None,
     startup_timeout: float = 900.0,
@@ -229,6 +230,10 @@ def parse_line(line: dict[str, Any], defaults: Defaults, system: str | None) -> 
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _BadLine("body.messages must be a non-empty list of chat messages")
+        problem = media_problem(messages, None)
+        if problem is not None:
+            refused = problem.split(". Set ")[0]
+            raise _BadLine(f"body.messages: {refused} (batch runs take text only)")
         prompts: list[Any] = [_with_system(messages, system)]
     else:
         prompts = _completion_prompts(body.get("prompt"))

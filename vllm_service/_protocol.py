@@ -38,6 +38,10 @@ EXIT_ENGINE_DIED = 3  # one of vLLM's engine processes died under it (the log sa
 EXIT_WEIGHTS_BROKEN = 4  # a weight update failed part-way, leaving a mix of old and new
 
 
+# VLLM_ENGINE_STALL_SECONDS' default: far above one engine step here (docs/reliability.md).
+ENGINE_STALL_SECONDS = 300.0
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything the worker needs, resolved in the parent: plain data, no settings class."""
@@ -51,6 +55,10 @@ class WorkerConfig:
     max_concurrent_requests: int = 64
     api_timeout: float = 600.0
     api_max_retries: int = 2
+    log_dir: str | None = None  # None: the user's own folder under the temp dir
+    allowed_media_domains: list[str] | None = None  # None: chat media parts are refused
+    # The parent's stall watch (None: off, as in remote mode, where api_timeout bounds waits).
+    engine_stall_seconds: float | None = ENGINE_STALL_SECONDS
     log_path: str | None = None
 
 
@@ -148,6 +156,11 @@ class StartFailed:
 
 
 @dataclass(frozen=True)
+class Progress:
+    """The engine advanced since the worker last said anything: for the parent's stall watch."""
+
+
+@dataclass(frozen=True)
 class Delta:
     """New output of a streamed request: sample ``index``'s next text and token ids.
 
@@ -192,4 +205,4 @@ class WeightsUpdated:
 
 
 ToWorker = Submit | Abort | Sleep | WakeUp | UpdateWeights | Stop
-FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated
+FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated | Progress

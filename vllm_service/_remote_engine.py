@@ -94,6 +94,7 @@ class RemoteEngine:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
         self._messages: queue.Queue[Delta | Finished] = queue.Queue()
+        self.steps = 0  # chunks received (the Engine protocol's progress), from the loop thread
         self._in_flight: dict[int, concurrent.futures.Future[None]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -249,6 +250,7 @@ class RemoteEngine:
         try:
             async with stream:
                 async for chunk in stream:
+                    self.steps += 1
                     for index, text, token_ids in answer.add(chunk):
                         if request.stream:
                             self._messages.put(Delta(request.request_id, index, text, token_ids))

@@ -53,8 +53,12 @@ class _Stream:
             )
 
     def __del__(self) -> None:
+        # The garbage collector may run this inside code that holds the worker handle's lock:
+        # only queue the abort (the handle's reader thread carries it out).
         try:
-            self.close()
+            if not self._done and self._handle is not None:
+                self._done = True
+                self._handle.abort_soon([self._call.requests[0].request_id])
         except Exception:  # at interpreter exit, half of the world may be gone
             pass
 

@@ -3,7 +3,8 @@
 A folder (or one ``.safetensors`` file) is read where it is. Tensors are written to one
 safetensors file in a memory-backed folder (``/dev/shm``), so they reach vLLM's worker process
 without crossing the pipe: vLLM maps the file and copies from it into its parameters. The file
-is removed once the worker has answered.
+is removed once the worker has answered; the folder's name carries the caller's pid, so that
+one left by a caller that died is removed by the next update or worker start of this user.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ logger = logging.getLogger("vllm_service")
 
 WeightSource = str | os.PathLike[str] | Mapping[str, Any]
 _SHARED_MEMORY = Path("/dev/shm")
+_STAGING_PREFIX = "vllm-service-weights-"
 
 
 @dataclass(frozen=True)
@@ -90,7 +92,10 @@ def _write_tensors(tensors: Mapping[str, Any]) -> tuple[Path, StagedWeights]:
         seen.add(storage)
         prepared[name] = tensor
     nbytes = sum(t.numel() * t.element_size() for t in prepared.values())
-    folder = Path(tempfile.mkdtemp(prefix="vllm-service-weights-", dir=_staging_dir(nbytes)))
+    remove_orphaned_staging()
+    folder = Path(
+        tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=_staging_dir(nbytes))
+    )
     path = folder / "weights.safetensors"
     try:
         save_file(prepared, str(path))
@@ -110,3 +115,26 @@ def _staging_dir(nbytes: int) -> str:
             nbytes / 1e6, tempfile.gettempdir(),
         )
     return tempfile.gettempdir()
+
+
+def remove_orphaned_staging() -> None:
+    """Remove staged tensors whose caller died before it could (its pid is in the name)."""
+    import psutil
+
+    uid = os.getuid()
+    for place in {_SHARED_MEMORY, Path(tempfile.gettempdir())}:
+        try:
+            entries = list(os.scandir(place))
+        except OSError:
+            continue
+        for entry in entries:
+            pid_text = entry.name.removeprefix(_STAGING_PREFIX).partition("-")[0]
+            if not entry.name.startswith(_STAGING_PREFIX) or not pid_text.isdigit():
+                continue
+            try:
+                mine = entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == uid
+            except OSError:
+                continue
+            if mine and not psutil.pid_exists(int(pid_text)):
+                logger.info("vllm-service: removing %s, left by a caller that died", entry.path)
+                shutil.rmtree(entry.path, ignore_errors=True)

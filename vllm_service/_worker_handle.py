@@ -68,8 +68,16 @@ from ._protocol import (
     WeightsUpdated,
     WorkerConfig,
 )
+from ._weight_source import remove_orphaned_staging
 from ._worker_process import run_worker
-from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
+from .errors import (
+    EngineStalledError,
+    RequestAbortedError,
+    ServiceShutdownError,
+    VLLMServiceError,
+    WorkerDiedError,
+    WorkerStartError,
+)
 
 logger = logging.getLogger("vllm_service")
 
@@ -77,8 +85,14 @@ _POLL_SECONDS = 0.5
 _LOG_TAIL_LINES = 40
 # Logs of workers that ended badly are kept for reading; the oldest beyond this go.
 _KEPT_LOGS = 20
-LOG_DIR = Path(tempfile.gettempdir()) / "vllm-service"
 _TERMINATE_SECONDS = 5.0
+# A claim (a caller waiting for this worker to be ready) not followed by a request this long
+# is forgotten: the caller gave up in between.
+_CLAIM_SECONDS = 30.0
+SHM_DIR = Path("/dev/shm")
+# What vLLM's engine processes create in /dev/shm: Python's multiprocessing.shared_memory
+# segments and multiprocessing's semaphores. Only such files are ever removed at an exit.
+_ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-")
 
 
 class WorkerState(enum.Enum):
@@ -135,6 +149,11 @@ class KeepAlive:
             self._holds -= 1
             self.released_at = time.monotonic()
 
+    def forget_holds(self) -> None:
+        """In a forked child: the parent's holds (and its lock's state) are not the child's."""
+        self._lock = threading.Lock()
+        self._holds = 0
+
     def expired(self, idle_for: float) -> bool:
         return not self.held and self.ttl >= 0 and idle_for >= self.ttl
 
@@ -158,7 +177,9 @@ class WorkerHandle:
         self._on_change = on_change
         self._startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
-        self.log_path = _new_log_path()
+        # With requests in flight, a worker silent this long has a stuck engine (None: never).
+        self.stall_timeout = config.engine_stall_seconds
+        self.log_path = _new_log_path(log_folder(config.log_dir))
         config = dataclasses.replace(config, log_path=str(self.log_path))
         self.owner_pid = os.getpid()  # a forked child must never touch this worker
 
@@ -171,6 +192,13 @@ class WorkerHandle:
         self._signals_sent = 0
         self._stop_sent = False
         self._last_activity = self._started
+        self._heard_at = self._started  # the worker's last message, or the first request since
+        # Callers that will send requests once it is ready: an idle TTL of 0 must not retire
+        # the worker between its Ready and their first request.
+        self._claims = 0
+        self._claimed_at = 0.0
+        # Aborts asked for from finalizers, which must not take the lock (see abort_soon).
+        self._abort_queue: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self.asleep = False  # the engine is in vLLM's sleep mode
         # Of the engine's weights, set by update_weights; an updated worker never retires
         # for idleness, as its weights exist nowhere else.
@@ -185,6 +213,9 @@ class WorkerHandle:
         self._exited = threading.Event()  # the process and its clean-up are done
         self._reported = threading.Event()  # ... and on_change has heard of it
         self._shm_paths: set[str] = set()
+        # /dev/shm before the worker existed: nothing in it is the worker's to remove.
+        remove_orphaned_staging()
+        self._shm_before = shm_snapshot()
         self.started_at = time.time()
         self.info: dict[str, Any] = {}
         self.exit_code: int | None = None
@@ -311,6 +342,10 @@ class WorkerHandle:
         with self._lock:
             if self._state is not WorkerState.READY:
                 raise WorkerUnavailable
+            if not self._pending:  # the stall clock starts with the first request in flight
+                self._heard_at = time.monotonic()
+            if self._claims:
+                self._claims -= 1  # a claimer's request
             # Registered under the lock, so idle retirement (which needs an empty table) can no
             # longer pass these requests by; queued under it, so no interrupt separates the two.
             for request_id, future in zip(ids, futures, strict=True):
@@ -321,6 +356,28 @@ class WorkerHandle:
             self.asleep = False  # the worker wakes its engine for these
             self._outbox.put(data)
         return futures
+
+    def claim(self) -> None:
+        """Say a request will come once the worker is ready: it does not retire idle before."""
+        with self._lock:
+            self._claims += 1
+            self._claimed_at = time.monotonic()
+
+    def abort_soon(self, request_ids: list[int]) -> None:
+        """:meth:`abort` from a finalizer (``__del__``): queued for the reader thread.
+
+        The garbage collector can run a finalizer inside any code, also code that holds this
+        handle's lock, which is not reentrant; so a finalizer only queues.
+        """
+        self._abort_queue.put(request_ids)
+
+    def _abort_queued(self) -> None:
+        while True:
+            try:
+                request_ids = self._abort_queue.get_nowait()
+            except queue.Empty:
+                return
+            self.abort(request_ids, RequestAbortedError("the stream was dropped before it ended"))
 
     def abort(self, request_ids: list[int], error: VLLMServiceError) -> None:
         """Give up on requests: their futures fail with ``error``, the worker drops them."""
@@ -425,11 +482,36 @@ class WorkerHandle:
         now = time.monotonic()
         start_timed_out = False
         signals: list[signal.Signals] = []
+        stalled: list[Future[Any]] = []
         keep_alive = self._keep_alive
         with self._lock:
             idle_for = self._idle_for(now)
+            claimed = self._claims and now - self._claimed_at < _CLAIM_SECONDS
             if (
-                self._state is WorkerState.READY and not self._pending
+                self.stall_timeout is not None
+                and self._pending
+                and self._state in (WorkerState.READY, WorkerState.RETIRING)
+                and now - self._heard_at >= self.stall_timeout
+            ):
+                # Stuck, not dead: nothing to wait for and nothing to save. Fail the callers
+                # first, then SIGKILL the whole group (a stopped process takes SIGKILL too).
+                stalled = list(self._pending.values())
+                self._pending.clear()
+                self._listeners.clear()
+                self.failure = (
+                    f"The vLLM engine made no progress for {now - self._heard_at:.0f} s with "
+                    f"{len(stalled)} request(s) in flight (VLLM_ENGINE_STALL_SECONDS="
+                    f"{self.stall_timeout:g}): it is stuck (a hung GPU or NCCL call, a stopped "
+                    f"process). Its worker (pid {self.pid}) and engine processes were killed; the "
+                    "next call starts a new worker. If one engine step can take longer here (a "
+                    "very long prompt on CPU, a large weight load), raise "
+                    f"VLLM_ENGINE_STALL_SECONDS. Its output: {self.log_path}"
+                )
+                self._move(WorkerState.STOPPING, now + _TERMINATE_SECONDS)
+                signals = [signal.SIGKILL]
+                self._signals_sent = 1
+            elif (
+                self._state is WorkerState.READY and not self._pending and not claimed
                 and not self.weights_updated and keep_alive.expired(idle_for)
             ):
                 logger.info(
@@ -461,6 +543,14 @@ class WorkerHandle:
                 self._signals_sent += 1
                 self._deadline = now + _TERMINATE_SECONDS
         self._announce()
+        if stalled:
+            logger.error("vllm-service: %s", self.failure)
+            _fail(
+                stalled,
+                EngineStalledError(
+                    self.failure or "", pid=self.pid, log_path=str(self.log_path)
+                ),
+            )
         if start_timed_out:
             _settle(
                 self._ready,
@@ -491,6 +581,7 @@ class WorkerHandle:
                         break
                 elif sentinel in ready:
                     break  # the pipe is drained: the worker has nothing more to say
+                self._abort_queued()
                 if time.monotonic() - last_tick >= _POLL_SECONDS:
                     self._tick()
                     last_tick = time.monotonic()
@@ -512,6 +603,7 @@ class WorkerHandle:
             message = self._conn.recv()
         except (EOFError, OSError):
             return False
+        self._heard_at = time.monotonic()
         if isinstance(message, Delta):
             listener = self._listeners.get(message.request_id)
             if listener is not None:
@@ -554,6 +646,35 @@ class WorkerHandle:
         return True
 
     def _on_process_exit(self) -> None:
+        # Whatever fails in the clean-up (an unlink refused, say), the worker must end up
+        # EXITED with every caller told, or unload() and the next call wait for it for ever.
+        try:
+            self._reap_and_clean_up()
+        except Exception:
+            logger.exception("vllm-service: cleaning up after worker pid %d failed", self.pid)
+        finally:
+            with self._lock:
+                self._move(WorkerState.EXITED)
+                futures = list(self._pending.values())
+                self._pending.clear()
+                self._listeners.clear()
+            _fail(futures, WorkerDiedError(
+                self.failure or f"The vLLM worker (pid {self.pid}) exited", pid=self.pid,
+                exit_code=self.exit_code, log_path=str(self.log_path),
+            ))
+            _settle(self._ready, error=WorkerStartError(
+                f"The vLLM worker (pid {self.pid}) exited before it was ready", self._log_tail()
+            ))
+            self._outbox.put(None)
+            self._conn.close()
+            _live_handles.discard(self)
+            self._exited.set()
+            self._announcements.append(WorkerState.EXITED)
+            self._announce()
+            self._reported.set()
+
+    def _reap_and_clean_up(self) -> None:
+        """Reap the worker, fail what was in flight, end its group, remove its shared memory."""
         self._process.join(_TERMINATE_SECONDS)
         if self._process.exitcode is None:  # the pipe broke but the process lives on
             self._signal_group(signal.SIGKILL)
@@ -599,17 +720,10 @@ class WorkerHandle:
         # worker): note their shared memory, end them, then remove what they left.
         self._shm_paths |= shared_memory_files(self.pid)
         _end_process_group(self.pid)
-        remove_files(self._shm_paths)
+        remove_files(engine_created(self._shm_paths, self._shm_before))
         if clean:
             self.log_path.unlink(missing_ok=True)
         logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
-        self._outbox.put(None)
-        self._conn.close()
-        _live_handles.discard(self)
-        self._exited.set()
-        self._announcements.append(WorkerState.EXITED)
-        self._announce()
-        self._reported.set()
 
     # ----- helpers -----
 
@@ -657,14 +771,74 @@ def remaining(deadline: float | None) -> float | None:
     return None if deadline is None else max(0.0, deadline - time.monotonic())
 
 
-def _new_log_path() -> Path:
-    """A fresh log file for a worker in LOG_DIR; the oldest beyond _KEPT_LOGS are removed."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    logs = sorted(LOG_DIR.glob("worker-*.log"), key=_modified_at, reverse=True)
-    remove_files(str(p) for p in logs[_KEPT_LOGS - 1 :])
-    fd, path = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=LOG_DIR)
+def default_log_dir() -> Path:
+    """Where workers' logs go unless ``VLLM_LOG_DIR`` says: a folder of this user's own."""
+    chosen = os.environ.get("VLLM_LOG_DIR")
+    if chosen:
+        return Path(chosen).expanduser()
+    return Path(tempfile.gettempdir()) / f"vllm-service-{os.getuid()}"
+
+
+def log_folder(log_dir: str | None) -> Path:
+    """The log folder, made with mode 0700 if missing; refused unless it is this user's own.
+
+    Logs hold prompts and answers: another user must neither read them nor, by making the
+    folder first or planting a link in it, decide where they go.
+    """
+    folder = Path(log_dir).expanduser() if log_dir else default_log_dir()
+    try:
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = os.lstat(folder)
+    except OSError as exc:
+        raise PermissionError(
+            f"vllm-service cannot make its log folder {folder} ({exc}); set VLLM_LOG_DIR "
+            "to a folder of your own"
+        ) from None
+    import stat
+
+    if not stat.S_ISDIR(info.st_mode):
+        problem = "is not a folder (a link or a file)"
+    elif info.st_uid != os.getuid():
+        problem = f"belongs to another user (uid {info.st_uid})"
+    elif info.st_mode & 0o077:
+        problem = f"is open to other users (mode {stat.S_IMODE(info.st_mode):04o})"
+    else:
+        return folder
+    raise PermissionError(
+        f"vllm-service's log folder {folder} {problem}; its logs hold prompts and answers. "
+        "Remove it, make it yours with mode 0700, or set VLLM_LOG_DIR to a folder of your own"
+    )
+
+
+def _new_log_path(folder: Path) -> Path:
+    """A fresh log file for a worker in ``folder``; the oldest beyond _KEPT_LOGS are removed,
+    but never one a live worker writes (it holds a lock on its log)."""
+    logs = sorted(folder.glob("worker-*.log"), key=_modified_at, reverse=True)
+    for old in logs[_KEPT_LOGS - 1 :]:
+        _remove_unless_locked(old)
+    # mkstemp creates the file exclusively (O_EXCL): a planted link is never followed.
+    fd, path = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=folder)
     os.close(fd)
     return Path(path)
+
+
+def _remove_unless_locked(path: Path) -> None:
+    """Remove a log no live worker holds (workers keep a shared flock on theirs)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return  # gone, or a link: not ours to follow
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return  # a live worker's
+    try:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def _modified_at(path: Path) -> float:
@@ -733,6 +907,37 @@ def shared_memory_files(pgid: int) -> set[str]:
     return paths
 
 
+def shm_snapshot() -> dict[str, int]:
+    """The names in /dev/shm now, with their inode numbers."""
+    try:
+        return {entry.name: entry.inode() for entry in os.scandir(SHM_DIR)}
+    except OSError:
+        return {}
+
+
+def engine_created(paths: set[str], before: dict[str, int]) -> list[str]:
+    """Of the /dev/shm files a worker's processes had open, those its engine made: named as
+    vLLM's segments are, ours, and not there (the same file) before the worker started.
+
+    A model folder kept in /dev/shm, or any other file of the user's that an engine process
+    happens to hold at the exit, is never among them.
+    """
+    uid = os.getuid()
+    made = []
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if os.path.dirname(path) != str(SHM_DIR) or not name.startswith(_ENGINE_SHM_PREFIXES):
+            continue
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue  # already gone
+        if info.st_uid != uid or before.get(name) == info.st_ino:
+            continue
+        made.append(path)
+    return made
+
+
 def remove_files(paths: Any) -> None:
     for path in paths:
         try:
@@ -764,8 +969,14 @@ _live_handles: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()
 def _forget_parents_workers() -> None:
     # A forked child inherits the parent's handles and multiprocessing's list of children:
     # it must never stop, signal or (at exit) join the parent's workers.
+    # Its copy of the parent's end of each worker's pipe is closed too: the worker learns of
+    # the parent's death from end of file, which never comes while a child holds that end.
     for handle in list(_live_handles):
         multiprocessing.process._children.discard(handle._process)  # type: ignore[attr-defined]
+        try:
+            handle._conn.close()
+        except OSError:
+            pass
     _live_handles.clear()
 
 

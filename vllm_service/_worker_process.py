@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
@@ -30,6 +31,7 @@ from ._protocol import (
     Abort,
     Delta,
     Finished,
+    Progress,
     Ready,
     RemoteError,
     Request,
@@ -48,6 +50,8 @@ from ._protocol import (
 _IDLE_POLL_SECONDS = 1.0
 # How often the watchdog looks at the engine's processes.
 _WATCHDOG_SECONDS = 0.5
+# How often, at most, the worker tells the parent that the engine advanced (Progress).
+_PROGRESS_SECONDS = 1.0
 _ABORTED_FOR_UPDATE = (
     "aborted: update_weights(in_flight='abort') replaced the weights while this request ran"
 )
@@ -109,6 +113,8 @@ class _Server:
         self.update: UpdateWeights | None = None  # waits until nothing runs
         self.held: list[Request] = []  # requests that came after the waiting update
         self.version: str | int | None = None  # of the weights the engine has
+        self.told_steps = 0  # the engine's step count the parent last heard of
+        self.told_at = time.monotonic()
 
     def serve(self) -> int:
         while True:
@@ -127,6 +133,15 @@ class _Server:
             if self.engine.has_unfinished():
                 for output in self.engine.step():
                     self.send(output)
+                self.tell_progress()
+
+    def tell_progress(self) -> None:
+        """Tell the parent, at most every second, that the engine advanced: a request that
+        runs long without output (not streamed) is then not taken for a stuck engine."""
+        now = time.monotonic()
+        if self.engine.steps != self.told_steps and now - self.told_at >= _PROGRESS_SECONDS:
+            self.conn.send(Progress())
+            self.told_steps, self.told_at = self.engine.steps, now
 
     def take(self, message: ToWorker) -> None:
         if isinstance(message, Abort):
@@ -205,6 +220,7 @@ class _Server:
         self.add(held)
 
     def send(self, output: Delta | Finished) -> None:
+        self.told_steps, self.told_at = self.engine.steps, time.monotonic()
         if isinstance(output, Finished):
             self.running.discard(output.request_id)
             if self.version is not None:  # None is the field's default: no copy needed
@@ -287,7 +303,12 @@ def _redirect_output(log_path: str | None) -> None:
     """Send this process's (and its children's) stdout and stderr to the log file."""
     if not log_path:
         return
-    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    import fcntl
+
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    # Held by this process and the engine processes it starts (they inherit the file): a
+    # worker starting elsewhere does not prune a log that is still being written.
+    fcntl.flock(fd, fcntl.LOCK_SH)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)

@@ -24,7 +24,6 @@ from .service import (
     Hold,
     Params,
     VLLMInferenceService,
-    _check_messages,
     _check_prompt,
     _checked_prompts,
 )
@@ -73,7 +72,9 @@ class AsyncVLLMInferenceService:
         **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (see :meth:`VLLMInferenceService.chat`)."""
-        call = self.service._prepare([_check_messages(messages)], params, overrides, keep_alive)
+        call = self.service._prepare(
+            [self.service._checked_chat(messages)], params, overrides, keep_alive
+        )
         return (await self._run(call))[0]
 
     async def chat_batch(
@@ -81,7 +82,7 @@ class AsyncVLLMInferenceService:
         keep_alive: float | None = None, **overrides: Any,
     ) -> list[GenerationResult]:
         """Answer many conversations at once (see :meth:`VLLMInferenceService.chat_batch`)."""
-        prompts = [_check_messages(c) for c in conversations]
+        prompts = [self.service._checked_chat(c) for c in conversations]
         return await self._run(self.service._prepare(prompts, params, overrides, keep_alive))
 
     def stream(
@@ -103,7 +104,7 @@ class AsyncVLLMInferenceService:
     ) -> AsyncGenerationStream:
         """Answer one conversation as an async iterator of :class:`StreamChunk`."""
         call = self.service._prepare(
-            [_check_messages(messages)], params, overrides, keep_alive, stream=True
+            [self.service._checked_chat(messages)], params, overrides, keep_alive, stream=True
         )
         return AsyncGenerationStream(self.service, call, self._ready_worker)
 
@@ -162,9 +163,9 @@ class AsyncVLLMInferenceService:
         """Keep the worker alive for an ``async with`` block (see :meth:`VLLMInferenceService.hold`)."""
         return self.service.hold()
 
-    async def unload(self, wait: bool = True) -> None:
+    async def unload(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop the worker now; the next call starts one (see :meth:`VLLMInferenceService.unload`)."""
-        await asyncio.to_thread(self.service.unload, wait)
+        await asyncio.to_thread(self.service.unload, wait, timeout)
 
     async def shutdown(self) -> None:
         """Stop the worker and close the service (see :meth:`VLLMInferenceService.shutdown`)."""
@@ -207,7 +208,7 @@ class AsyncVLLMInferenceService:
         handle = self.service._slot.handle
         if handle is None or not handle.accepting or self.service._closed:
             # Starting may wait for an old worker to exit: the one wait that gets a thread.
-            handle = await asyncio.to_thread(self.service._worker)
+            handle = await asyncio.to_thread(self.service._worker, deadline)
         _, not_done = await _wait([handle.ready], remaining(deadline))
         if not_done:
             raise self.service._start_timed_out()
@@ -216,6 +217,8 @@ class AsyncVLLMInferenceService:
         except WorkerStartError as exc:
             self.service._note_start_failure(exc)
             raise
+        except RequestAbortedError:  # unloaded while it loaded: the next worker serves us
+            return await self._ready_worker(deadline)
         return handle
 
 

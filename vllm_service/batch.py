@@ -27,7 +27,8 @@ from typing import Any, Literal
 from pydantic import BaseModel
 
 from ._batch_local import EngineSpec, Host, LocalWorkers, worker_configs
-from ._batch_output import RUN_KEY, OutputFile, run_fingerprint
+from ._media import media_problem
+from ._batch_output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
 from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 from ._protocol import ChatMessages
 from .settings import looks_like_local_path
@@ -54,7 +55,7 @@ def generate(
     max_model_len: int = 4096,
     gpu_memory_utilization: float = 0.90,
     dtype: str = "auto",
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
     *,
     top_p: float = 1.0,
     stop: list[str] | None = None,
@@ -291,6 +292,9 @@ def build_conversation(item: dict[str, Any], message_key: str, system: str | Non
     problem = _lone_surrogate(messages)
     if problem is not None:
         raise _BadItem(f"the prompt under {message_key!r} holds {problem}")
+    media = media_problem(messages, None)
+    if media is not None:
+        raise _BadItem(f"{media.split('. Set ')[0]} (batch runs take text only)")
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     return messages
@@ -451,9 +455,13 @@ class _Run:
             result = self._result(index, texts[0] if self.n == 1 else list(texts), None)
         else:
             result = self._result(index, None, error)
-        self.results[index] = result
         if self.output is not None:
-            self.output.append(index, result)
+            try:
+                self.output.append(index, result)
+            except TypeError as exc:  # a value of the item's that JSON cannot hold
+                result = self._result(index, None, str(exc))
+                self.output.append(index, writable_fields(result))
+        self.results[index] = result
         self.progress.advance()
 
     def _tick(self) -> None:

@@ -22,6 +22,13 @@ DEMO_QUESTIONS = [
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return int(args.run(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser: ``demo``, ``demo-model`` and ``generate``."""
     parser = argparse.ArgumentParser(prog="vllm-service", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -37,10 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     model.set_defaults(run=lambda args: print(_demo_model()) or 0)
 
     _add_generate_command(commands)
-
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    return int(args.run(args) or 0)
+    return parser
 
 
 def _demo_model() -> str:

@@ -40,6 +40,14 @@ class WorkerDiedError(VLLMServiceError):
         super().__init__(message)
 
 
+class EngineStalledError(WorkerDiedError):
+    """The engine made no progress for ``VLLM_ENGINE_STALL_SECONDS`` with requests in flight.
+
+    Stuck, not dead (a hung GPU or NCCL call, a stopped process): its worker and engine
+    processes were killed, and the next call starts a new worker.
+    """
+
+
 class ServiceShutdownError(VLLMServiceError):
     """The service was shut down; create a new one to go on."""
 

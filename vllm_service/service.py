@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import queue
 import threading
 import time
 import weakref
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ._media import media_problem
 from ._lora import VLLM_DEFAULT_MAX_LORA_RANK, LoraRegistry, lora_engine_args
 from ._placement import visible_gpus
 from ._protocol import (
@@ -91,8 +93,9 @@ class VLLMInferenceService:
         self._restarts = 0
         self._last_error: str | None = None
         # Frees the worker if the service is dropped without shutdown(); holds no reference
-        # to the service itself.
-        self._finalizer = weakref.finalize(self, self._slot.stop)
+        # to the service itself, and only queues the stop (see _stop_soon).
+        _start_reaper()
+        self._finalizer = weakref.finalize(self, _stop_soon, self._slot)
 
     # ----- generation -----
 
@@ -126,14 +129,15 @@ class VLLMInferenceService:
         **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (OpenAI-style messages), using the model's chat template."""
-        return self._run(self._prepare([_check_messages(messages)], params, overrides, keep_alive))[0]
+        call = self._prepare([self._checked_chat(messages)], params, overrides, keep_alive)
+        return self._run(call)[0]
 
     def chat_batch(
         self, conversations: Sequence[ChatMessages], params: Params = None, *,
         keep_alive: float | None = None, **overrides: Any,
     ) -> list[GenerationResult]:
         """Answer many conversations at once; results come back in the same order."""
-        prompts = [_check_messages(c) for c in conversations]
+        prompts = [self._checked_chat(c) for c in conversations]
         return self._run(self._prepare(prompts, params, overrides, keep_alive))
 
     def stream(
@@ -156,7 +160,9 @@ class VLLMInferenceService:
         **overrides: Any,
     ) -> GenerationStream:
         """Answer one conversation, handing out the text as it is generated (see :meth:`stream`)."""
-        call = self._prepare([_check_messages(messages)], params, overrides, keep_alive, stream=True)
+        call = self._prepare(
+            [self._checked_chat(messages)], params, overrides, keep_alive, stream=True
+        )
         return GenerationStream(self, call)
 
     # ----- LoRA adapters -----
@@ -309,7 +315,7 @@ class VLLMInferenceService:
 
     def warmup(self) -> None:
         """Start the worker and load the model now, instead of on the first request."""
-        self._ready_worker()
+        self._ready_worker(claim=False)
 
     def is_ready(self) -> bool:
         """True when a worker is running with its model loaded. Does not start or keep one."""
@@ -329,21 +335,24 @@ class VLLMInferenceService:
         """
         return Hold(self._keep_alive)
 
-    def unload(self, wait: bool = True) -> None:
+    def unload(self, wait: bool = True, timeout: float | None = None) -> None:
         """Stop the worker now and give its memory back; the service stays open.
 
-        ``wait=True`` lets the calls in flight finish first (new calls wait for the next
-        worker); ``wait=False`` aborts them with :class:`RequestAbortedError`. Returns once
-        the worker has exited. The next call starts a new worker.
+        ``wait=True`` lets the calls in flight finish first, for up to ``timeout`` seconds
+        (None: as long as they take), then aborts what is left; ``wait=False`` aborts them at
+        once. Aborted calls raise :class:`RequestAbortedError`. New calls wait for the next
+        worker, which starts once this one has exited (a worker still loading is stopped, and
+        its waiting calls go to the next one). Returns once the worker has exited.
         """
         handle = self._slot.handle
         if handle is None:
             return
         if wait and handle.state in (WorkerState.READY, WorkerState.RETIRING):
             handle.retire()
-            handle.wait_exited()
-        else:
-            handle.stop(RequestAbortedError("the worker was unloaded (unload(wait=False))"))
+            if handle.wait_exited(timeout):
+                return
+        reason = "unload(wait=False)" if not wait else f"unload(timeout={timeout})"
+        handle.stop(RequestAbortedError(f"the worker was unloaded ({reason})"))
 
     def shutdown(self) -> None:
         """Stop the worker; calls in flight fail with :class:`ServiceShutdownError`.
@@ -394,6 +403,9 @@ class VLLMInferenceService:
             keep_alive=self.settings.idle_ttl_seconds if keep_alive is None else float(keep_alive),
             deadline=None if timeout is None else time.monotonic() + timeout,
         )
+
+    def _checked_chat(self, messages: Any) -> ChatMessages:
+        return _check_messages(messages, self.settings.allowed_media_domains)
 
     def _run(self, call: Call) -> list[GenerationResult]:
         if not call.requests:
@@ -450,40 +462,63 @@ class VLLMInferenceService:
             raise
         return [_to_result(f, call.parse_as) for f in finished]
 
-    def _worker(self) -> WorkerHandle:
-        """The current worker, started if there is none taking requests."""
-        with self._lock:
-            if self._closed:
-                raise ServiceShutdownError(
-                    "This VLLMInferenceService was shut down; create a new one"
-                )
-            handle = self._slot.handle
-            if handle is None or not handle.accepting:
-                if handle is not None:
-                    # Let the old worker give its memory back before a new one loads.
-                    handle.wait_exited(timeout=60)
-                    self._restarts += 1
-                    self._last_error = handle.failure or self._last_error
-                handle = WorkerHandle(
-                    self._config,
-                    keep_alive=self._keep_alive,
-                    startup_timeout=self.settings.startup_timeout_seconds,
-                    stop_timeout=self.settings.stop_timeout_seconds,
-                    on_change=_weakly(self._log_change),
-                )
-                self._slot.handle = handle
-        return handle
+    def _worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
+        """The current worker, started if there is none taking requests.
 
-    def _ready_worker(self, deadline: float | None = None) -> WorkerHandle:
-        handle = self._worker()
-        try:
-            handle.wait_ready(remaining(deadline))  # a failed start reaches every waiter
-        except FuturesTimeoutError:
-            raise self._start_timed_out() from None
-        except WorkerStartError as exc:
-            self._note_start_failure(exc)
-            raise
-        return handle
+        A new worker starts only once the old one has exited (its calls finished or given
+        up): one service never runs two engines at once, which on a GPU would not fit. The
+        wait is outside the service's lock, so status(), shutdown() and results go on.
+        Raises :class:`RequestTimeoutError` if ``deadline`` passes while the old one drains.
+        With ``claim``, the caller's request is counted before the worker is ready, so that an
+        idle TTL of 0 does not retire the worker before the request reaches it.
+        """
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ServiceShutdownError(
+                        "This VLLMInferenceService was shut down; create a new one"
+                    )
+                old = self._slot.handle
+                if old is not None and old.accepting:
+                    if claim:
+                        old.claim()
+                    return old
+                if old is None or old.exited:
+                    if old is not None:
+                        self._restarts += 1
+                        self._last_error = old.failure or self._last_error
+                    handle = WorkerHandle(
+                        self._config,
+                        keep_alive=self._keep_alive,
+                        startup_timeout=self.settings.startup_timeout_seconds,
+                        stop_timeout=self.settings.stop_timeout_seconds,
+                        on_change=_weakly(self._log_change),
+                    )
+                    self._slot.handle = handle
+                    if claim:
+                        handle.claim()
+                    return handle
+            # Let the old worker finish its calls and give its memory back first.
+            if not old.wait_exited(remaining(deadline)):
+                raise RequestTimeoutError(
+                    f"the previous worker (pid {old.pid}) was still finishing its calls after "
+                    f"{self.settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); "
+                    "a new one starts once it has exited"
+                )
+
+    def _ready_worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
+        while True:
+            handle = self._worker(deadline, claim)
+            try:
+                handle.wait_ready(remaining(deadline))  # a failed start reaches every waiter
+            except FuturesTimeoutError:
+                raise self._start_timed_out() from None
+            except WorkerStartError as exc:
+                self._note_start_failure(exc)
+                raise
+            except RequestAbortedError:
+                continue  # unloaded while it loaded: the next worker serves this call
+            return handle
 
     def _note_start_failure(self, error: WorkerStartError) -> None:
         """Keep a failed start's first line (its message, not the log tail) for status()."""
@@ -594,13 +629,16 @@ class Hold:
 
     def __init__(self, keep_alive: KeepAlive) -> None:
         self._keep_alive = keep_alive
+        self._pid: int | None = None
 
     def __enter__(self) -> Hold:
         self._keep_alive.hold()
+        self._pid = os.getpid()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self._keep_alive.release()
+        if self._pid == os.getpid():  # a child forked inside the block never held it
+            self._keep_alive.release()
 
     async def __aenter__(self) -> Hold:
         return self.__enter__()
@@ -697,6 +735,8 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     }
     if settings.mode == "local":
         engine_args = lora_engine_args(engine_args, settings.lora_modules)
+        if settings.allowed_media_domains:  # vLLM's own check too ([] there means any host)
+            engine_args.setdefault("allowed_media_domains", list(settings.allowed_media_domains))
     if settings.idle_sleep_seconds is not None:
         if not visible_gpus():
             raise ValueError(
@@ -715,6 +755,9 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
         api_timeout=settings.api_timeout_seconds,
         api_max_retries=settings.api_max_retries,
         environment=vllm_variables_from_env_file(settings.model_config.get("env_file")),
+        log_dir=settings.log_dir,
+        allowed_media_domains=settings.allowed_media_domains,
+        engine_stall_seconds=settings.engine_stall_seconds if settings.mode == "local" else None,
     )
 
 
@@ -750,9 +793,45 @@ _live_services: weakref.WeakSet[VLLMInferenceService] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:
-    # A lock another thread held at the fork stays locked in the child for ever.
+    # A lock another thread held at the fork stays locked in the child for ever, and a hold
+    # taken in the parent is the parent's: the child starts with neither.
     for service in list(_live_services):
         service._lock = threading.Lock()
+        service._update_lock = threading.Lock()
+        service._keep_alive.forget_holds()
+        service._loras.after_fork()
+    global _reaper_pid
+    _reaper_pid = None  # the reaper thread is the parent's
+
+
+# Services dropped without shutdown(): their finalizers queue the slot here, and one thread
+# stops the worker. A finalizer may run inside any code (the garbage collector's), also code
+# holding a lock that stopping takes, so it must not stop the worker itself.
+_to_stop: queue.SimpleQueue[_WorkerSlot] = queue.SimpleQueue()
+_reaper_pid: int | None = None
+_reaper_lock = threading.Lock()
+
+
+def _stop_soon(slot: _WorkerSlot) -> None:
+    _to_stop.put(slot)
+
+
+def _start_reaper() -> None:
+    global _reaper_pid
+    with _reaper_lock:
+        if _reaper_pid == os.getpid():
+            return
+        _reaper_pid = os.getpid()
+        threading.Thread(target=_reap, name="vllm-service-reaper", daemon=True).start()
+
+
+def _reap() -> None:
+    while True:
+        slot = _to_stop.get()
+        try:
+            slot.stop()
+        except Exception:
+            logger.exception("vllm-service: stopping a dropped service's worker failed")
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -785,8 +864,9 @@ def _check_text(text: str, what: str) -> None:
         ) from None
 
 
-def _check_messages(messages: Any) -> ChatMessages:
-    """Refuse, naming the message, what the chat template cannot take."""
+def _check_messages(messages: Any, media_domains: list[str] | None = None) -> ChatMessages:
+    """Refuse, naming the message, what the chat template cannot take, and media parts that
+    ``media_domains`` (``VLLM_ALLOWED_MEDIA_DOMAINS``) does not allow."""
     if not isinstance(messages, list) or not messages:
         raise TypeError(
             "a conversation must be a non-empty list of {'role': ..., 'content': ...} dicts, "
@@ -815,4 +895,7 @@ def _check_messages(messages: Any) -> ChatMessages:
                 f"message {index}: 'content' must be a str or a list of content parts, got "
                 f"{type(content).__name__}"
             )
+    problem = media_problem(messages, media_domains)
+    if problem is not None:
+        raise ValueError(problem)
     return messages

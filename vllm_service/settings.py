@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from ._protocol import ENGINE_STALL_SECONDS
 from .types import MAX_INT32
 
 ENV_PREFIX = "VLLM_"
@@ -61,7 +62,22 @@ class VLLMSettings(BaseSettings):
         description="GPU only: after this long idle the engine goes into vLLM's sleep mode "
         "(weights off the GPU) and the next request wakes it; unset never sleeps.",
     )
-    trust_remote_code: bool = Field(True, description="Trust remote code in the model repository.")
+    allowed_media_domains: list[str] | None = Field(
+        None,
+        description="Hosts chat media parts (image_url, audio_url, video_url) may come from, "
+        "as vLLM's allowed_media_domains; [] allows data: URLs only. Unset: parts other than "
+        "text are refused at the call, as the worker would fetch any URL they name.",
+    )
+    log_dir: str | None = Field(
+        None,
+        description="Folder for the workers' logs (they hold prompts and answers); it must be "
+        "the user's own with mode 0700. Unset: vllm-service-<uid> in the temp folder.",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Run code shipped with the model repository (custom architectures). Off by "
+        "default, as in vLLM and transformers: that code runs with the app's rights.",
+    )
     default_temperature: float = Field(
         0.7, ge=0, le=2, description="Default sampling temperature."
     )
@@ -94,6 +110,13 @@ class VLLMSettings(BaseSettings):
         gt=0,
         description="Per-call timeout, the worker's start included; unset waits as long as "
         "generation takes.",
+    )
+    engine_stall_seconds: float = Field(
+        ENGINE_STALL_SECONDS,
+        gt=0,
+        description="Local mode: with requests in flight, an engine that makes no progress this "
+        "long is stuck (a hung GPU or NCCL call, a stopped process): every caller gets "
+        "EngineStalledError, its processes are killed and the next call starts a new worker.",
     )
     stop_timeout_seconds: float = Field(
         30,
@@ -130,7 +153,7 @@ class VLLMSettings(BaseSettings):
             name = f"{ENV_PREFIX}{field.group(1).upper()}: " if field else ""
             raise ValueError(f"Invalid vllm-service settings:\n  {name}{exc} (expected JSON)") from exc
 
-    @field_validator("model_path", mode="before")
+    @field_validator("model_path", "log_dir", mode="before")
     @classmethod
     def _path_to_str(cls, value: Any) -> Any:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
