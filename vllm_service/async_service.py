@@ -149,7 +149,7 @@ class AsyncVLLMInferenceService:
 
     async def warmup(self) -> None:
         """Start the worker and load the model now."""
-        await self._ready_worker(None)
+        await self._ready_worker(None, claim=False)
 
     def is_ready(self) -> bool:
         """True when a worker is running with its model loaded. Does not start or keep one."""
@@ -203,12 +203,14 @@ class AsyncVLLMInferenceService:
             self.service._time_out(handle, call, len(not_done))
         return self.service._results(call, futures)
 
-    async def _ready_worker(self, deadline: float | None) -> WorkerHandle:
+    async def _ready_worker(self, deadline: float | None, claim: bool = True) -> WorkerHandle:
         """The ready worker, started if needed, without blocking the event loop."""
         handle = self.service._slot.handle
         if handle is None or not handle.accepting or self.service._closed:
             # Starting may wait for an old worker to exit: the one wait that gets a thread.
-            handle = await asyncio.to_thread(self.service._worker, deadline)
+            handle = await asyncio.to_thread(self.service._worker, deadline, claim)
+        elif claim:
+            handle.claim()  # a request follows once it is ready (see VLLMInferenceService._worker)
         _, not_done = await _wait([handle.ready], remaining(deadline))
         if not_done:
             raise self.service._start_timed_out()
@@ -218,7 +220,7 @@ class AsyncVLLMInferenceService:
             self.service._note_start_failure(exc)
             raise
         except RequestAbortedError:  # unloaded while it loaded: the next worker serves us
-            return await self._ready_worker(deadline)
+            return await self._ready_worker(deadline, claim)
         return handle
 
 
