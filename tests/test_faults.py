@@ -420,7 +420,7 @@ def image_part(url: str) -> dict[str, Any]:
 def test_media_parts_are_refused_by_default_at_the_call(demo_model: Path) -> None:
     question = [{"role": "user", "content": [
         {"type": "text", "text": "What is in the picture?"},
-        image_part("http://169.254.169.254/latest/meta-data/"),
+        image_part("http://127.0.0.1:9/internal/admin"),  # an internal port: never fetched
     ]}]
     with VLLMInferenceService(VLLMSettings(model_path=demo_model)) as service:
         for call in (lambda: service.chat(question), lambda: service.chat_batch([question]),
