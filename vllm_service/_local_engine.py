@@ -209,7 +209,12 @@ class LocalEngine:
         finished. Returns nothing after a short wait when the engine has not finished a step,
         so that the worker loop hands a new request to the engine at once.
         """
-        messages: list[Delta | Finished] = list(self._add_fetched()) if self._fetching else []
+        messages: list[Delta | Finished] = []
+        if self._fetching:
+            # A fetch under way is progress for the stall watch: it ends within its own
+            # timeout (FETCH_TIMEOUT_SECONDS), whatever the engine does.
+            self.steps += 1
+            messages.extend(self._add_fetched())
         if not self._output_ready(_STEP_POLL_SECONDS):
             return messages
         self.steps += 1
