@@ -280,7 +280,7 @@ def test_a_batch_run_on_a_stuck_engine_retries_its_chunk_on_a_new_worker(
     demo_model: Path,
 ) -> None:
     """vLLM's engine process of the first worker is stopped (SIGSTOP) once it has work: the
-    stall watch (6 s here, 300 s by default) ends that worker and its chunk runs again."""
+    stall watch (6 s here, 600 s by default) ends that worker and its chunk runs again."""
     import psutil
 
     class StallingHandle(recording_handle_class()):  # type: ignore[misc]

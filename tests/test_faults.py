@@ -339,7 +339,7 @@ def test_a_stopped_worker_never_blocks_callers_retirement_or_shutdown(
 
 @pytest.fixture(scope="module")
 def stall_watched(demo_model: Path) -> Iterator[VLLMInferenceService]:
-    """Default settings but a 6 s stall bound (the default is 300 s): no request timeout.
+    """Default settings but a 6 s stall bound (the default is 600 s): no request timeout.
     Media from 127.0.0.1 are allowed (for the media test at the end of this part)."""
     settings = VLLMSettings(
         model_path=demo_model, max_model_len=2048, idle_ttl_seconds=3600, dtype="float32",
@@ -580,8 +580,10 @@ def fork_kill_run(
                 model_path={str(demo_model)!r}, max_model_len=1024, dtype="float32"))
             service.warmup()
             worker = service.status().pid
+            # Long enough to be running at the fork (2 s on), short enough not to load the
+            # machine for the tests beside this program.
             long_call = threading.Thread(target=lambda: service.generate(
-                {STORY!r}, max_tokens=3000, ignore_eos=True))
+                {STORY!r}, max_tokens=400, ignore_eos=True))
             long_call.start()
             time.sleep(1)
             update = threading.Thread(target=lambda: service.update_weights({str(demo_model)!r}))

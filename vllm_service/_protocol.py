@@ -39,7 +39,7 @@ EXIT_WEIGHTS_BROKEN = 4  # a weight update failed part-way, leaving a mix of old
 
 
 # VLLM_ENGINE_STALL_SECONDS' default: far above one engine step here (docs/reliability.md).
-ENGINE_STALL_SECONDS = 300.0
+ENGINE_STALL_SECONDS = 600.0
 
 
 @dataclass(frozen=True)

@@ -861,7 +861,9 @@ def _end_process_group(pgid: int) -> None:
         os.killpg(pgid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         return
-    deadline = time.monotonic() + _TERMINATE_SECONDS
+    # SIGKILL is not instant on a loaded machine (a process tearing down large mappings):
+    # wait longer than for a polite exit, so that "stopped" means the processes are gone.
+    deadline = time.monotonic() + 3 * _TERMINATE_SECONDS
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
 
