@@ -32,6 +32,7 @@ A RETIRING worker takes no new requests; it is told to stop once those in flight
 from __future__ import annotations
 
 import atexit
+import collections
 import dataclasses
 import enum
 import logging
@@ -195,8 +196,7 @@ class WorkerHandle:
         self._heard_at = self._started  # the worker's last message, or the first request since
         # Callers that will send requests once it is ready: an idle TTL of 0 must not retire
         # the worker between its Ready and their first request.
-        self._claims = 0
-        self._claimed_at = 0.0
+        self._claims: collections.deque[float] = collections.deque()  # when each was made
         # Aborts asked for from finalizers, which must not take the lock (see abort_soon).
         self._abort_queue: queue.SimpleQueue[list[int]] = queue.SimpleQueue()
         self.asleep = False  # the engine is in vLLM's sleep mode
@@ -345,7 +345,7 @@ class WorkerHandle:
             if not self._pending:  # the stall clock starts with the first request in flight
                 self._heard_at = time.monotonic()
             if self._claims:
-                self._claims -= 1  # a claimer's request
+                self._claims.popleft()  # a claimer's request
             # Registered under the lock, so idle retirement (which needs an empty table) can no
             # longer pass these requests by; queued under it, so no interrupt separates the two.
             for request_id, future in zip(ids, futures, strict=True):
@@ -360,8 +360,19 @@ class WorkerHandle:
     def claim(self) -> None:
         """Say a request will come once the worker is ready: it does not retire idle before."""
         with self._lock:
-            self._claims += 1
-            self._claimed_at = time.monotonic()
+            self._claims.append(time.monotonic())
+
+    def unclaim(self) -> None:
+        """Take back a claim whose request will not come (its call gave up first)."""
+        with self._lock:
+            if self._claims:
+                self._claims.pop()
+
+    def _claimed(self, now: float) -> bool:
+        """Whether a claim is outstanding; each is forgotten after _CLAIM_SECONDS. Under the lock."""
+        while self._claims and now - self._claims[0] >= _CLAIM_SECONDS:
+            self._claims.popleft()
+        return bool(self._claims)
 
     def abort_soon(self, request_ids: list[int]) -> None:
         """:meth:`abort` from a finalizer (``__del__``): queued for the reader thread.
@@ -486,7 +497,7 @@ class WorkerHandle:
         keep_alive = self._keep_alive
         with self._lock:
             idle_for = self._idle_for(now)
-            claimed = self._claims and now - self._claimed_at < _CLAIM_SECONDS
+            claimed = self._claimed(now)
             if (
                 self.stall_timeout is not None
                 and self._pending

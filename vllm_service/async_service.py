@@ -213,6 +213,8 @@ class AsyncVLLMInferenceService:
             handle.claim()  # a request follows once it is ready (see VLLMInferenceService._worker)
         _, not_done = await _wait([handle.ready], remaining(deadline))
         if not_done:
+            if claim:
+                handle.unclaim()
             raise self.service._start_timed_out()
         try:
             handle.ready.result()

@@ -512,6 +512,8 @@ class VLLMInferenceService:
             try:
                 handle.wait_ready(remaining(deadline))  # a failed start reaches every waiter
             except FuturesTimeoutError:
+                if claim:
+                    handle.unclaim()
                 raise self._start_timed_out() from None
             except WorkerStartError as exc:
                 self._note_start_failure(exc)
