@@ -383,11 +383,9 @@ class WorkerHandle:
         self._abort_queue.put(request_ids)
 
     def _abort_queued(self) -> None:
-        while True:
-            try:
-                request_ids = self._abort_queue.get_nowait()
-            except queue.Empty:
-                return
+        # Called on every pass of the reader loop: nothing to do is the common case.
+        while not self._abort_queue.empty():
+            request_ids = self._abort_queue.get_nowait()  # only this thread takes from it
             self.abort(request_ids, RequestAbortedError("the stream was dropped before it ended"))
 
     def abort(self, request_ids: list[int], error: VLLMServiceError) -> None:
