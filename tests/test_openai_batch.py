@@ -78,7 +78,9 @@ def check_format(item: dict[str, Any], url: str | None) -> None:
         assert set(item["error"]) == {"code", "message"} and item["error"]["message"]
         BatchRequestOutput.model_validate(item)
         return
-    assert set(body) == {"id", "object", "created", "model", "choices", "usage"}
+    assert set(body) == {"id", "object", "created", "model", "system_fingerprint", "choices",
+                         "usage"}
+    assert body["system_fingerprint"].startswith("fp_")
     assert set(body["usage"]) == {"prompt_tokens", "completion_tokens", "total_tokens"}
     if url == CHAT:
         BatchRequestOutput.model_validate(item)
@@ -447,6 +449,33 @@ def test_answers_of_another_model_stop_the_run_unless_told(
     assert {body_of(a)["model"] for a in redone} == {"org/model"} and len(pool.sent) == 4
 
 
+def test_answers_to_other_requests_stop_the_run_unless_told(
+    tmp_path: Path, pool: StandInPool
+) -> None:
+    lines = [line("a", chat("x")), line("b", chat("y", max_tokens=2))]
+    output = tmp_path / "out.jsonl"
+    run_openai_batch("org/model", lines, output, progress=False)
+    before = output.read_bytes()
+    # A default only changes the lines whose body lacks the field.
+    with pytest.raises(ValueError, match="holds answers to 1 requests that differ from this "
+                       "run's \\(custom_ids 'a'\\): their system_fingerprint.*--on-mismatch redo"):
+        run_openai_batch("org/model", lines, output, max_output_len=5, progress=False)
+    with pytest.raises(ValueError, match="2 requests that differ .*'a', 'b'"):
+        run_openai_batch("org/model", lines, output, system="Be brief.", progress=False)
+    assert output.read_bytes() == before and len(pool.sent) == 2
+    kept = run_openai_batch("org/model", lines, output, system="Be brief.", on_mismatch="keep",
+                            progress=False)
+    assert [json.dumps(a) for a in kept] == before.decode().splitlines() and len(pool.sent) == 2
+    redone = run_openai_batch("org/model", lines, output, max_output_len=5, on_mismatch="redo",
+                              progress=False)
+    assert [r.prompt[-1]["content"] for r in pool.sent[2:]] == ["x"]
+    assert pool.sent[2].sampling["max_tokens"] == 5
+    assert redone[1] == kept[1] and redone[0] != kept[0]
+    # And the new answer is kept by a run with the same settings.
+    assert run_openai_batch("org/model", lines, output, max_output_len=5, progress=False) == redone
+    assert len(pool.sent) == 3
+
+
 def test_a_second_run_on_the_same_output_fails_at_once(tmp_path: Path, no_workers: None) -> None:
     output = tmp_path / "out.jsonl"
     holder = ResumableFile(output)
@@ -650,3 +679,29 @@ def test_a_rerun_of_a_real_output_sends_only_its_failed_lines(
         if answer["custom_id"] not in FAILING:
             assert answer == before[answer["custom_id"]]
     assert by_id(answers)["too-long"]["response"]["status_code"] == 200  # the stand-in answers
+
+
+def test_a_real_output_rerun_with_other_options_names_the_lines_they_change(
+    cli_run: dict[str, Any], demo_model: Path, tmp_path: Path, pool: StandInPool
+) -> None:
+    output = tmp_path / "out.jsonl"
+    output.write_bytes(cli_run["output"].read_bytes())
+    before = output.read_bytes()
+    for options, changed in (
+        ({"max_output_len": 7}, "1 requests that differ from this run's \\(custom_ids "
+                                "'completion-default'\\)"),
+        ({"system": "Be brief."}, "5 requests that differ from this run's \\(custom_ids "
+                                  "'greedy', 'short', 'two', 'logprobs', 'json'\\)"),
+    ):
+        with pytest.raises(ValueError, match=changed):
+            run_openai_batch(str(demo_model), copy.deepcopy(FULL_INPUT), output, progress=False,
+                             **options)
+        assert output.read_bytes() == before and not pool.sent
+    answers = run_openai_batch(str(demo_model), copy.deepcopy(FULL_INPUT), output,
+                               max_output_len=7, on_mismatch="redo", progress=False)
+    assert sorted(str(r.prompt)[:16] for r in pool.sent) == ["Once upon a time", "[{'role': 'user'"]
+    assert pool.sent[0].sampling["max_tokens"] == 7 or pool.sent[1].sampling["max_tokens"] == 7
+    old = by_id(read_lines(cli_run["output"]))
+    for custom_id, answer in by_id(answers).items():
+        if custom_id not in FAILING | {"completion-default"}:
+            assert answer == old[custom_id]

@@ -51,10 +51,14 @@ def run_fingerprint(
     for key in ("temperature", "top_p"):
         if key in sampling:
             sampling[key] = float(sampling[key])  # 0 (Python) and 0.0 (command line) match
-    settings = {
+    return fingerprint({
         "model": model, "weights": weights_identity(model), "system": system, "n": n,
         "use_sample": use_sample, "sampling": sampling,
-    }
+    })
+
+
+def fingerprint(settings: dict[str, Any]) -> str:
+    """A short hash of ``settings`` (JSON-like; other values count by their ``str``)."""
     canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode("ascii")).hexdigest()[:16]
 

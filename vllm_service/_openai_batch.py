@@ -2,10 +2,10 @@
 
     run_openai_batch(lines, output_path)
       custom_ids checked: a string on every line, none twice   (else ValueError: nothing runs)
+      every line: body -> vLLM's own request model -> SamplingParams keywords
+                  (a bad line gets its error line now)
       lines output_path already answers are kept              (_batch_output: status 200,
-                                                                same model)
-      every other line: body -> vLLM's own request model -> SamplingParams keywords
-                        (a bad line gets its error line now)
+                                                                same system_fingerprint)
       the rest become jobs: one request per prompt, n samples each
          |
          v
@@ -37,9 +37,9 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from ._media import media_problem
-from ._batch_output import ResumableFile, _some
+from ._batch_output import ResumableFile, _some, fingerprint, weights_identity
 from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
-from ._protocol import Finished
+from ._protocol import ENGINE_STALL_SECONDS, Finished
 from .batch import check_arguments, engine_spec, model_name, worker_pool
 from .types import GenerationParams, Sample, TokenLogprobs
 
@@ -116,6 +116,7 @@ def run_openai_batch(
     engine_args: dict[str, Any] | None = None,
     ray_address: str | None = None,
     startup_timeout: float = 900.0,
+    engine_stall_seconds: float = ENGINE_STALL_SECONDS,
     on_mismatch: Literal["error", "redo", "keep"] = "error",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
@@ -123,8 +124,10 @@ def run_openai_batch(
 
     ``lines`` are the decoded input lines (``custom_id``, ``method``, ``url``, ``body``);
     each answer is appended to ``output_path`` as it finishes, and a finished run leaves the
-    file in input order. Lines the file already answers with status 200, made by this model,
-    are kept (answers of another model: ``on_mismatch`` as in :func:`generate`). The sampling
+    file in input order. Lines the file already answers with status 200, for the same request
+    to the same model, are kept: each answer's ``system_fingerprint`` is a hash of the request
+    as sent (body, ``system`` and the defaults applied) and of the model's files; answers of
+    another model or another request follow ``on_mismatch`` as in :func:`generate`. The sampling
     options are the defaults for lines whose body lacks the field; ``None`` means OpenAI's
     (temperature 1; max tokens 16 for completions, the rest of the context for chat).
     Workers and engine options are :func:`generate`'s. Raises ``ValueError`` for bad
@@ -144,12 +147,13 @@ def run_openai_batch(
     )
     spec = engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
-        engine_args or {},
+        engine_args or {}, engine_stall_seconds,
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     run = _Run(
-        lines=lines, index_by_id=index_by_id, model=model_name(model_id), system=system,
-        defaults=defaults, output=ResumableFile(Path(output_path)), on_mismatch=on_mismatch,
+        lines=lines, index_by_id=index_by_id, model=model_name(model_id),
+        weights=weights_identity(model_id), system=system, defaults=defaults,
+        output=ResumableFile(Path(output_path)), on_mismatch=on_mismatch,
     )
     return run.execute(make_pool, chunk_size, progress)
 
@@ -351,7 +355,7 @@ def error_line(custom_id: str, status: int, message: str) -> dict[str, Any]:
 
 
 def response_body(
-    parsed: _Parsed, model: str, finished: list[Finished]
+    parsed: _Parsed, model: str, finished: list[Finished], system_fingerprint: str
 ) -> dict[str, Any]:
     """The chat.completion or text_completion object for a line's finished requests."""
     choices: list[dict[str, Any]] = []
@@ -380,6 +384,7 @@ def response_body(
         "object": OBJECT_OF[parsed.url],
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": system_fingerprint,
         "choices": choices,
         "usage": {
             "prompt_tokens": prompt_tokens,
@@ -453,6 +458,8 @@ class _Run:
     lines: Sequence[dict[str, Any]]
     index_by_id: dict[str, int]
     model: str
+    weights: list[Any]
+    """What identifies the model's files (``weights_identity``), part of each fingerprint."""
     system: str | None
     defaults: Defaults
     output: ResumableFile
@@ -460,6 +467,8 @@ class _Run:
 
     answers: list[dict[str, Any] | None] = field(default_factory=list)
     parsed: dict[int, _Parsed] = field(default_factory=dict)
+    bad: dict[int, str] = field(default_factory=dict)
+    """Why each line that cannot be sent cannot."""
     progress: Progress = field(init=False)
 
     def execute(
@@ -467,6 +476,7 @@ class _Run:
     ) -> list[dict[str, Any]]:
         """Resume from the output file, answer the other lines; output lines in order."""
         self.answers = [None] * len(self.lines)
+        self._parse()
         done = self._resume()
         try:
             self.progress = Progress(len(self.lines), len(done), "request", progress)
@@ -483,6 +493,24 @@ class _Run:
         finally:
             self.output.close(rewrite=all(a is not None for a in self.answers))
         return self.answers  # type: ignore[return-value]
+
+    def _parse(self) -> None:
+        """Read every line into its requests (or why it has none), before any resume check:
+        an answer is kept only for the request the line makes now."""
+        for index, line in enumerate(self.lines):
+            try:
+                self.parsed[index] = parse_line(line, self.defaults, self.system)
+            except _BadLine as exc:
+                self.bad[index] = str(exc)
+
+    def fingerprint(self, index: int) -> str:
+        """The ``system_fingerprint`` of line ``index``'s answer: its requests as sent
+        (prompts with the system message, sampling with the defaults) and the model's files."""
+        parsed = self.parsed[index]
+        return "fp_" + fingerprint({
+            "model": self.model, "weights": self.weights, "url": parsed.url,
+            "requests": parsed.requests,
+        })
 
     def _resume(self) -> dict[int, dict[str, Any]]:
         """Lock and read the output file; ``{index: line}`` of the answers this run keeps."""
@@ -501,23 +529,21 @@ class _Run:
         done = {}
         for index, record in records.items():
             body = record["response"].get("body") if succeeded(record) else None
-            # A line whose url changed since is answered again.
-            if isinstance(body, dict) and body.get("object") == OBJECT_OF.get(
-                self.lines[index].get("url")
+            # A line whose url changed since, or that cannot be sent now, is answered again.
+            if isinstance(body, dict) and index in self.parsed and body.get("object") == (
+                OBJECT_OF[self.parsed[index].url]
             ):
                 done[index] = record
-        other = sorted(i for i, record in done.items()
-                       if record["response"]["body"].get("model") != self.model)
+        bodies = {i: record["response"]["body"] for i, record in done.items()}
+        other_model = sorted(i for i, body in bodies.items() if body.get("model") != self.model)
+        other_request = sorted(
+            i for i, body in bodies.items()
+            if i not in other_model and body.get("system_fingerprint") != self.fingerprint(i)
+        )
+        other = sorted(other_model + other_request)
         if other and self.on_mismatch == "error":
             self.output.close(rewrite=False)
-            models = sorted({str(done[i]["response"]["body"].get("model")) for i in other})
-            raise ValueError(
-                f"{self.output.path} holds answers to {len(other)} requests made by another "
-                f"model ({', '.join(models)}), not {self.model} (custom_ids "
-                f"{_some([repr(self.lines[i]['custom_id']) for i in other])}). Pass "
-                "--on-mismatch redo to answer them again with this model, --on-mismatch keep "
-                "to keep them, or use another output file."
-            )
+            raise ValueError(self._mismatch_message(other_model, other_request, bodies))
         if self.on_mismatch == "redo":
             for index in other:
                 del done[index]
@@ -525,19 +551,43 @@ class _Run:
             self.answers[index] = record
         return done
 
+    def _mismatch_message(
+        self, other_model: list[int], other_request: list[int], bodies: dict[int, Any]
+    ) -> str:
+        """Why the kept answers do not fit this run, and the options that settle it."""
+        def ids(indices: list[int]) -> str:
+            return _some([repr(self.lines[i]["custom_id"]) for i in indices])
+
+        what = []
+        if other_model:
+            models = sorted({str(bodies[i].get("model")) for i in other_model})
+            what.append(
+                f"{len(other_model)} requests made by another model ({', '.join(models)}), not "
+                f"{self.model} (custom_ids {ids(other_model)})"
+            )
+        if other_request:
+            what.append(
+                f"{len(other_request)} requests that differ from this run's (custom_ids "
+                f"{ids(other_request)}): their system_fingerprint, a hash of the request as "
+                "sent (body, --system and the sampling defaults applied) and of the model's "
+                "files, is not this run's"
+            )
+        return (
+            f"{self.output.path} holds answers to {' and '.join(what)}. Pass --on-mismatch "
+            "redo to answer them again as this run asks, --on-mismatch keep to keep them, or "
+            "use another output file."
+        )
+
     def _prepare(self, done: dict[int, dict[str, Any]]) -> dict[int, Job]:
         """Answer the bad lines at once; return the jobs of the others to run."""
         jobs = {}
         for index, line in enumerate(self.lines):
             if index in done:
                 continue
-            try:
-                parsed = parse_line(line, self.defaults, self.system)
-            except _BadLine as exc:
-                self._finish(index, error_line(line["custom_id"], 400, str(exc)))
+            if index in self.bad:
+                self._finish(index, error_line(line["custom_id"], 400, self.bad[index]))
                 continue
-            self.parsed[index] = parsed
-            jobs[index] = Job(parsed.requests)
+            jobs[index] = Job(self.parsed[index].requests)
         return jobs
 
     def _job_done(self, index: int, outcome: Outcome) -> None:
@@ -555,7 +605,7 @@ class _Run:
         elif any(s.finish_reason == "error" for f in outcome for s in f.samples):
             self._finish(index, error_line(custom_id, 500, "the engine aborted the request"))
         else:
-            body = response_body(self.parsed[index], self.model, outcome)
+            body = response_body(self.parsed[index], self.model, outcome, self.fingerprint(index))
             self._finish(index, answer_line(custom_id, body))
 
     def _finish(self, index: int, line: dict[str, Any]) -> None:
