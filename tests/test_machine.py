@@ -4,7 +4,7 @@ files, on the real engine.
 The model and a trainer's ``update_weights`` folder live in /dev/shm, as users keep them for
 fast loading; the engine maps and opens them. Every file must be there, unchanged, after each
 kind of worker exit (``unload()``, an idle exit, kill -9), while the engine's own shared memory
-is removed. Staged tensors of a caller killed mid-update are removed by the next worker start.
+and the unix sockets its processes talk over are removed. Staged tensors of a caller killed mid-update are removed by the next worker start.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import pytest
 
 from _waiting import wait_until
 from vllm_service import VLLMInferenceService, VLLMSettings, WorkerStartError
-from vllm_service._worker_handle import shared_memory_files
+from vllm_service._worker_handle import group_members, shared_memory_files
 
 SHM = Path("/dev/shm")
 PROMPT = "The capital of France is"
@@ -59,11 +59,27 @@ def user_folders(demo_model: Path) -> Iterator[tuple[Path, Path]]:
     shutil.rmtree(update, ignore_errors=True)
 
 
+def unix_sockets_of(pids: list[int]) -> set[str]:
+    """The paths of the unix sockets ``pids`` have bound (abstract and unnamed ones left out)."""
+    import psutil
+
+    found = set()
+    for pid in pids:
+        try:
+            connections = psutil.Process(pid).net_connections(kind="unix")
+        except psutil.Error:
+            continue
+        found |= {c.laddr for c in connections if c.laddr and c.laddr.startswith("/")}
+    return found
+
+
 def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
     user_folders: tuple[Path, Path],
 ) -> None:
     model, update = user_folders
     before = files_of(model, update)
+    temp = Path(tempfile.gettempdir())
+    folders_before = set(temp.glob("vllm-service-sockets-*"))
     assert len(before) >= 8
     # float32: a bf16 engine's updates are refused on CPUs with native bf16 (test_weights).
     settings = VLLMSettings(
@@ -71,6 +87,7 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
     )
     with VLLMInferenceService(settings) as service:
         engine_files: set[str] = set()
+        socket_folders: set[Path] = set()
 
         def generate_and_note_the_engines_files() -> int:
             result = service.generate(PROMPT, temperature=0, max_tokens=8, keep_alive=3600)
@@ -78,6 +95,11 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
             pid = service.status().pid
             assert pid is not None
             engine_files.update(shared_memory_files(pid))
+            [folder] = set(temp.glob("vllm-service-sockets-*")) - folders_before - socket_folders
+            socket_folders.add(folder)
+            # Every unix socket vLLM's processes bound is in the worker's folder, none in /tmp.
+            bound = unix_sockets_of(group_members(pid))
+            assert bound and all(Path(path).parent == folder for path in bound), bound
             return pid
 
         # unload(), right after an update from the folder in /dev/shm
@@ -102,6 +124,8 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
     # The engine's own segments (psm_*, sem.mp-*) were there, and are gone.
     assert any(Path(p).name.startswith("psm_") for p in engine_files), engine_files
     assert not [p for p in engine_files if Path(p).exists()], "the engine's shared memory was left"
+    # vLLM's unix sockets went with each worker's folder.
+    assert len(socket_folders) == 3 and not [f for f in socket_folders if f.exists()]
 
 
 def test_tensors_staged_by_a_caller_that_was_killed_are_removed_by_the_next_start(

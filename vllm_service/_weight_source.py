@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ._private_folders import make_private_folder, remove_orphaned
+
 logger = logging.getLogger("vllm_service")
 
 WeightSource = str | os.PathLike[str] | Mapping[str, Any]
@@ -93,9 +95,7 @@ def _write_tensors(tensors: Mapping[str, Any]) -> tuple[Path, StagedWeights]:
         prepared[name] = tensor
     nbytes = sum(t.numel() * t.element_size() for t in prepared.values())
     remove_orphaned_staging()
-    folder = Path(
-        tempfile.mkdtemp(prefix=f"{_STAGING_PREFIX}{os.getpid()}-", dir=_staging_dir(nbytes))
-    )
+    folder = make_private_folder(_STAGING_PREFIX, _staging_dir(nbytes))
     path = folder / "weights.safetensors"
     try:
         save_file(prepared, str(path))
@@ -119,22 +119,4 @@ def _staging_dir(nbytes: int) -> str:
 
 def remove_orphaned_staging() -> None:
     """Remove staged tensors whose caller died before it could (its pid is in the name)."""
-    import psutil
-
-    uid = os.getuid()
-    for place in {_SHARED_MEMORY, Path(tempfile.gettempdir())}:
-        try:
-            entries = list(os.scandir(place))
-        except OSError:
-            continue
-        for entry in entries:
-            pid_text = entry.name.removeprefix(_STAGING_PREFIX).partition("-")[0]
-            if not entry.name.startswith(_STAGING_PREFIX) or not pid_text.isdigit():
-                continue
-            try:
-                mine = entry.is_dir(follow_symlinks=False) and entry.stat().st_uid == uid
-            except OSError:
-                continue
-            if mine and not psutil.pid_exists(int(pid_text)):
-                logger.info("vllm-service: removing %s, left by a caller that died", entry.path)
-                shutil.rmtree(entry.path, ignore_errors=True)
+    remove_orphaned(_STAGING_PREFIX, (_SHARED_MEMORY, tempfile.gettempdir()))

@@ -39,6 +39,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import tempfile
 import threading
@@ -69,6 +70,7 @@ from ._protocol import (
     WeightsUpdated,
     WorkerConfig,
 )
+from ._private_folders import make_private_folder, remove_orphaned
 from ._weight_source import remove_orphaned_staging
 from ._worker_process import run_worker
 from .errors import (
@@ -94,6 +96,8 @@ SHM_DIR = Path("/dev/shm")
 # What vLLM's engine processes create in /dev/shm: Python's multiprocessing.shared_memory
 # segments and multiprocessing's semaphores. Only such files are ever removed at an exit.
 _ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-")
+# The folders of the engine's unix sockets (``_engine_socket_dir``), named for the parent's pid.
+_SOCKET_PREFIX = "vllm-service-sockets-"
 
 
 class WorkerState(enum.Enum):
@@ -182,6 +186,10 @@ class WorkerHandle:
         self.stall_timeout = config.engine_stall_seconds
         self.log_path = _new_log_path(log_folder(config.log_dir))
         config = dataclasses.replace(config, log_path=str(self.log_path))
+        self._socket_dir = _engine_socket_dir(config)
+        if self._socket_dir is not None:
+            config = dataclasses.replace(config, environment={
+                **config.environment, "VLLM_RPC_BASE_PATH": str(self._socket_dir)})
         self.owner_pid = os.getpid()  # a forked child must never touch this worker
 
         self._lock = threading.Lock()
@@ -514,7 +522,8 @@ class WorkerHandle:
                     f"process). Its worker (pid {self.pid}) and engine processes were killed; the "
                     "next call starts a new worker. If one engine step can take longer here (a "
                     "very long prompt on CPU, a large weight load), raise "
-                    f"VLLM_ENGINE_STALL_SECONDS. Its output: {self.log_path}"
+                    "VLLM_ENGINE_STALL_SECONDS (batch runs: engine_stall_seconds, "
+                    f"--engine-stall-seconds). Its output: {self.log_path}"
                 )
                 self._move(WorkerState.STOPPING, now + _TERMINATE_SECONDS)
                 signals = [signal.SIGKILL]
@@ -730,6 +739,8 @@ class WorkerHandle:
         self._shm_paths |= shared_memory_files(self.pid)
         _end_process_group(self.pid)
         remove_files(engine_created(self._shm_paths, self._shm_before))
+        if self._socket_dir is not None:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
         if clean:
             self.log_path.unlink(missing_ok=True)
         logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
@@ -778,6 +789,20 @@ class WorkerHandle:
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (a ``time.monotonic()`` value); None without one."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
+def _engine_socket_dir(config: WorkerConfig) -> Path | None:
+    """A folder of this worker's for the unix sockets vLLM's engine processes talk over.
+
+    vLLM makes them in ``VLLM_RPC_BASE_PATH`` (by default the temp folder) and leaves them
+    there when its processes are killed, as every worker's end does: one folder per worker,
+    removed with it, keeps them from piling up in /tmp. None when the user chose the place, or
+    in remote mode (no engine here).
+    """
+    if config.mode != "local" or "VLLM_RPC_BASE_PATH" in {**os.environ, **config.environment}:
+        return None
+    remove_orphaned(_SOCKET_PREFIX, [tempfile.gettempdir()])
+    return make_private_folder(_SOCKET_PREFIX)
 
 
 def default_log_dir() -> Path:
