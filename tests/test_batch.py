@@ -284,10 +284,6 @@ def test_a_batch_run_on_a_stuck_engine_retries_its_chunk_on_a_new_worker(
     import psutil
 
     class StallingHandle(recording_handle_class()):  # type: ignore[misc]
-        def __init__(self, config: Any, **kwargs: Any) -> None:
-            super().__init__(config, **kwargs)
-            self.stall_timeout = 6.0
-
         def submit(self, requests: list[Request]) -> list[Future[Finished]]:
             futures = super().submit(requests)
             if len(StallingHandle.started) == 1:
@@ -301,9 +297,10 @@ def test_a_batch_run_on_a_stuck_engine_retries_its_chunk_on_a_new_worker(
         patch.setattr(_batch_local, "WorkerHandle", StallingHandle)
         started = time.monotonic()
         results = generate(str(demo_model), data, temperature=0, max_output_len=8,
-                           max_model_len=1024, progress=False)
+                           max_model_len=1024, engine_stall_seconds=6, progress=False)
     assert all("error" not in r and r["results"] for r in results), results
     first, second = StallingHandle.started
+    assert first.stall_timeout == second.stall_timeout == 6
     assert first.sent and second.sent and first.exited
     assert "VLLM_ENGINE_STALL_SECONDS" in (first.failure or "")
     assert time.monotonic() - started < 300
@@ -901,6 +898,16 @@ def test_lines_without_a_fingerprint_count_as_other_settings(
 def test_on_mismatch_is_checked(fake_workers: type[FakeHandle]) -> None:
     with pytest.raises(ValueError, match="on_mismatch must be 'error', 'redo' or 'keep'"):
         generate("org/model", prompts(1), on_mismatch="ignore")  # type: ignore[arg-type]
+
+
+def test_the_stall_bound_is_checked_and_reaches_every_worker(
+    fake_workers: type[FakeHandle],
+) -> None:
+    for bad in (0, -5):
+        with pytest.raises(ValueError, match=f"engine_stall_seconds must be more than 0, got {bad}"):
+            generate("org/model", prompts(1), engine_stall_seconds=bad)
+    generate("org/model", prompts(2), engine_stall_seconds=42, progress=False)
+    assert [w.config.engine_stall_seconds for w in fake_workers.started] == [42]
 
 
 # ----- input text the file format must carry -----

@@ -17,7 +17,7 @@ import psutil
 
 from . import _placement
 from ._batch_schedule import WorkerGone
-from ._protocol import Finished, Request, WorkerConfig
+from ._protocol import ENGINE_STALL_SECONDS, Finished, Request, WorkerConfig
 from ._worker_handle import KeepAlive, WorkerHandle, WorkerUnavailable
 from .errors import ServiceShutdownError
 
@@ -36,6 +36,7 @@ class EngineSpec:
     pp: int = 1
     engine_args: dict[str, Any] = field(default_factory=dict)  # without the placement's own
     extra_engine_args: dict[str, Any] = field(default_factory=dict)  # the caller's, win last
+    engine_stall_seconds: float = ENGINE_STALL_SECONDS  # the stall watch of each worker
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def worker_configs(
         args.update(spec.extra_engine_args)
         configs.append(
             WorkerConfig(mode="local", model=spec.model, engine_args=args,
-                         environment=placement.environment)
+                         environment=placement.environment,
+                         engine_stall_seconds=spec.engine_stall_seconds)
         )
     return configs
 

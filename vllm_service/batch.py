@@ -30,7 +30,7 @@ from ._batch_local import EngineSpec, Host, LocalWorkers, worker_configs
 from ._media import media_problem
 from ._batch_output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
 from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
-from ._protocol import ChatMessages
+from ._protocol import ENGINE_STALL_SECONDS, ChatMessages
 from .settings import looks_like_local_path
 from .types import GenerationParams
 
@@ -71,6 +71,7 @@ def generate(
     index_key: str = "_index",
     progress: bool = True,
     startup_timeout: float = 900.0,
+    engine_stall_seconds: float = ENGINE_STALL_SECONDS,
     on_mismatch: Literal["error", "redo", "keep"] = "error",
     ray_address: str | None = None,
 ) -> list[dict[str, Any]]:
@@ -95,7 +96,9 @@ def generate(
     it, workers take chunks of that many items from one queue as they become free. A worker
     that dies has its unfinished items retried in ever smaller chunks, down to one item, and an
     item that kills its worker ``MAX_ATTEMPTS`` times alone gets an error. A worker that
-    cannot start ends its slot; the others go on.
+    cannot start ends its slot; the others go on. A worker whose engine makes no progress for
+    ``engine_stall_seconds`` while it has work (a hung GPU or NCCL call, a stopped process) is
+    killed and counts as dead (``VLLM_ENGINE_STALL_SECONDS`` of the service; docs/reliability.md).
 
     ``ray_address`` (``"auto"``, ``"host:port"`` or ``"ray://host:port"``): the workers are
     actors on that Ray cluster instead, one engine each, spread over its nodes; each reserves
@@ -136,7 +139,7 @@ def generate(
         raise ValueError(f"system holds {problem}")
     spec = engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
-        engine_args or {},
+        engine_args or {}, engine_stall_seconds,
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     sampling = {
@@ -237,6 +240,7 @@ def engine_spec(
     dtype: str,
     trust_remote_code: bool,
     extra_engine_args: dict[str, Any],
+    engine_stall_seconds: float = ENGINE_STALL_SECONDS,
 ) -> EngineSpec:
     """The engine every worker runs, before its placement adds its GPUs or cores."""
     model = model_name(model_id)
@@ -250,8 +254,11 @@ def engine_spec(
     }
     if pp > 1:
         args["distributed_executor_backend"] = "ray"
+    if not engine_stall_seconds > 0:
+        raise ValueError(f"engine_stall_seconds must be more than 0, got {engine_stall_seconds!r}")
     return EngineSpec(model=model, tp=tp, pp=pp, engine_args=args,
-                      extra_engine_args=dict(extra_engine_args))
+                      extra_engine_args=dict(extra_engine_args),
+                      engine_stall_seconds=engine_stall_seconds)
 
 
 def model_name(model_id: str) -> str:

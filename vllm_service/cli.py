@@ -175,6 +175,10 @@ def _add_generate_command(commands: Any) -> None:
                          "docs/batch.md)")
     workers.add_argument("--startup-timeout", type=float, default=default["startup_timeout"],
                          help="seconds a worker may take to load the model")
+    workers.add_argument("--engine-stall-seconds", type=float,
+                         default=default["engine_stall_seconds"],
+                         help="with work in flight, seconds without engine progress after "
+                         "which a worker counts as stuck and is killed (its chunk runs again)")
     command.add_argument("--no-progress", dest="progress", action="store_false",
                          help="no progress bar")
     command.set_defaults(run=_run_generate)
