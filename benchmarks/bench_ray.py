@@ -6,7 +6,7 @@ Same data in every run: PROMPTS chat prompts, each answered with exactly MAX_TOK
   local    generate(worker_num=2): two worker processes, each pinned to one core
   ray      generate(worker_num=2, ray_address=...): two actors on a Ray cluster of two nodes
            on this machine (Ray's own ray.cluster_utils.Cluster, one CPU each, started once
-           before the runs, as a cluster would already be running)
+           before the runs, as a cluster would already be running), on loopback only
 
 The ratio, ray / local in tokens per second end to end, is the cost of going through Ray on
 one machine (connecting, the placement group, actors, results through Ray's object store).
@@ -19,8 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
 import time
+
+# Before ray is imported: the cluster's nodes take 127.0.0.1 as their address, not the
+# machine's network address (docs/batch.md, "A cluster on one machine, on loopback only").
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from bench_batch import MAX_MODEL_LEN, TEMPERATURE, conversations  # the same data and settings
 

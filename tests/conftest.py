@@ -11,6 +11,10 @@ import pytest
 # Set before any worker is spawned: workers inherit the environment.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# Ray's clusters on this machine (tests/test_ray.py) use loopback only: with this switch off,
+# Ray takes 127.0.0.1 as every node's address instead of the machine's network address (read
+# when ray is imported; docs/batch.md, "A cluster on one machine").
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 from _reference_engine import ReferenceEngine, engine_dtype  # noqa: E402
 from vllm_service import VLLMInferenceService, VLLMSettings, demo_model_path  # noqa: E402

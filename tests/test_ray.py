@@ -1,4 +1,5 @@
-"""Batch generate() on a real Ray cluster: two nodes on this machine, one CPU core each.
+"""Batch generate() on a real Ray cluster: two nodes on this machine, one CPU core each, on
+loopback only (conftest.py turns Ray's multi-machine switch off).
 
 The cluster (Ray's own ``ray.cluster_utils.Cluster``) starts once for the module, and two
 runs of the demo model share one output file:
@@ -22,6 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ipaddress
+
 import psutil
 import pytest
 from ray.cluster_utils import Cluster
@@ -43,6 +46,27 @@ def cluster() -> Iterator[Cluster]:
     cluster.wait_for_nodes()
     yield cluster
     cluster.shutdown()
+
+
+def ray_addresses() -> set[str]:
+    """The IP addresses Ray's processes listen on or talk to now (``ss -tn`` of theirs)."""
+    found = set()
+    for connection in psutil.net_connections(kind="inet"):
+        try:
+            name = psutil.Process(connection.pid).name() if connection.pid else ""
+        except psutil.Error:
+            continue
+        if name.startswith(("ray", "gcs_server", "raylet")):
+            for end in (connection.laddr, connection.raddr):
+                if end:
+                    found.add(end.ip)
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)  # Ray listens on ::ffff:127.0.0.1
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:
@@ -126,7 +150,15 @@ def runs(
         killed["engine"] = [child.pid for child in actor.children(recursive=True)]
         actor.kill()
 
+    addresses: set[str] = set()
+    generating = threading.Event()
+
+    def note_addresses() -> None:  # while the run goes, about once a second
+        while not generating.wait(1.0):
+            addresses.update(ray_addresses())
+
     killer = threading.Thread(target=kill_an_actor, daemon=True)
+    watcher = threading.Thread(target=note_addresses, daemon=True)
     records = Records()
     logger = logging.getLogger("vllm_service")
     logger.addHandler(records)
@@ -134,18 +166,21 @@ def runs(
     logger.setLevel(logging.INFO)
     try:
         killer.start()
+        watcher.start()
         results = generate(
             str(demo_model), [dict(item) for item in DATA], output_path=output,
             ray_address=cluster.address, progress=False, **SETTINGS,
         )
     finally:
+        generating.set()
         logger.removeHandler(records)
         logger.setLevel(previous_level)
     killer.join(10)
+    watcher.join(10)
     yield {
         "written": written, "cli": cli, "cli_log": cli_log, "after_interrupt": after_interrupt,
         "actors_gone": actors_gone, "killed": killed, "log": records.messages,
-        "results": results, "output": output,
+        "results": results, "output": output, "addresses": addresses,
     }
 
 
@@ -156,6 +191,17 @@ def test_every_item_comes_back_in_order(runs: dict[str, Any]) -> None:
         assert "error" not in result, result
         assert isinstance(result["results"], str) and result["results"].strip()
     assert [line["_index"] for line in read_lines(runs["output"])] == list(range(len(DATA)))
+
+
+def test_the_cluster_and_its_actors_use_loopback_only(
+    runs: dict[str, Any], cluster: Cluster
+) -> None:
+    nodes = [cluster.head_node, *cluster.worker_nodes]
+    assert {node.node_ip_address for node in nodes} == {"127.0.0.1"}
+    assert cluster.address.startswith("127.0.0.1:")
+    seen = runs["addresses"] | ray_addresses()
+    assert seen, "no connection of Ray's was seen"
+    assert all(is_loopback(address) for address in seen), seen
 
 
 def test_each_node_gets_one_actor(runs: dict[str, Any], cluster: Cluster) -> None:
