@@ -1,7 +1,8 @@
 """The fault suite, with figures: what each fault costs a caller, on the real engine.
 
-    python benchmarks/faults.py [--parts kill,input,sigstop,parent,retiring,soak]
+    python benchmarks/faults.py [--parts kill,input,sigstop,parent,retiring,soak,stall,machine]
                                 [--soak-expiries 20] [--soak-kills 3] [--soak-threads 32]
+                                [--stall-seconds S]
 
 Parts (each prints a markdown table on stdout; progress goes to stderr):
 
@@ -24,6 +25,16 @@ soak      N threads calling short generations in bursts through idle-TTL expirie
           all threads pausing together between bursts), with a few random kill -9 of the worker
           or engine during bursts: requests sent / completed / failed (by class) / hung, and
           the parent's RSS, open fds and threads at the start and the end.
+stall     SIGSTOP of vLLM's EngineCore with default settings (no request timeout): a call and
+          a stream in flight, then update_weights() and unload(wait=True) on that worker; an
+          idle worker, then a call; a worker loading; a batch run. When each caller had its
+          error (the stall bound, 600 s by default, or the startup timeout while loading),
+          what was left of the group and /dev/shm, and whether the next call succeeds.
+machine   the model and a trainer's update folder in /dev/shm, then each kind of worker exit
+          (files of the user's lost, engine shm and sockets left); staged tensors of a killed
+          caller; a model with code of its own; a parent SIGKILLed with a forked child alive;
+          a second OS user (useradd, as root only); media parts refused and allowed; batch
+          reruns with other settings.
 
 Every wait is bounded: a call that does not return in time shows as HUNG and the run goes on.
 Uses only the public API plus ``group_members`` and ``shared_memory_files``.
@@ -36,6 +47,7 @@ import datetime
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -100,6 +112,7 @@ class Call:
 
     def __init__(self, fn: Callable[[], Any], name: str = "call") -> None:
         self.fn = fn
+        self.name = name
         self.value: Any = None
         self.error: BaseException | None = None
         self.started = time.monotonic()
@@ -623,6 +636,507 @@ def part_soak(model: str, expiries: int, kills: int, threads: int, burst: float,
     return table(["soak", "value"], rows)
 
 
+# ----- 6. a stuck engine, with default settings -----
+
+
+def stop_engine(service: VLLMInferenceService) -> tuple[int, int, set[str]]:
+    """SIGSTOP of vLLM's EngineCore (what a hung GPU or NCCL call looks like): (worker pid,
+    engine pid, the group's /dev/shm files)."""
+    pid = service.status().pid
+    engine = engine_pid(pid)
+    if pid is None or engine is None:
+        raise RuntimeError(f"no engine process to stop (worker {pid})")
+    shm = shared_memory_files(pid)
+    os.kill(engine, signal.SIGSTOP)
+    return pid, engine, shm
+
+
+def batch_engines(known: set[int]) -> list[int]:
+    """This process's descendants that are vLLM engine processes and not in ``known``."""
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in known and child.name().startswith("VLLM::EngineCor"):
+                found.append(child.pid)
+        except psutil.Error:
+            continue
+    return found
+
+
+def part_stall(model: str, stall_seconds: float | None) -> str:
+    """Each phase on a service (or batch run) of its own, all at once: a stopped engine takes
+    no CPU, so the waits overlap. Default settings (no request timeout, a stall bound of
+    VLLM_ENGINE_STALL_SECONDS' default, a startup timeout of 900 s) unless ``stall_seconds``."""
+    from vllm_service._protocol import ENGINE_STALL_SECONDS
+
+    bound = stall_seconds or ENGINE_STALL_SECONDS
+    extra = {} if stall_seconds is None else {"engine_stall_seconds": stall_seconds}
+
+    def service_of() -> VLLMInferenceService:
+        return VLLMInferenceService(VLLMSettings(model_path=model, max_model_len=MAX_MODEL_LEN,
+                                                 **extra))
+
+    busy, idle, loading = service_of(), service_of(), service_of()
+    startup_timeout = loading.settings.startup_timeout_seconds
+    rows: list[list[Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="faults-stall-"))
+    try:
+        for service in (busy, idle):
+            warm = bounded(service.warmup, START_BOUND, "warmup")
+            if warm.outcome != "ok":
+                return f"stall: warmup {warm.outcome} {warm.error}"
+        known = {engine_pid(s.status().pid) for s in (busy, idle)}
+
+        log("stall: a batch run (worker_num=1) whose engine is stopped once it answers")
+        output = tmp / "batch.jsonl"
+        data = [{"prompt": f"Count from {i} to {i + 20}."} for i in range(12)]
+        batch = Call(lambda: generate(model, data, worker_num=1, chunk_size=3, temperature=0,
+                                      max_output_len=48, max_model_len=MAX_MODEL_LEN,
+                                      output_path=output, progress=False, **extra), "batch")
+        lines = lambda: len(output.read_text().splitlines()) if output.exists() else 0  # noqa: E731
+        batch_stopped = None
+        if wait_until(lambda: lines() >= 1 and bool(batch_engines(known)), START_BOUND) is not None:
+            [engine] = batch_engines(known)[:1]
+            os.kill(engine, signal.SIGSTOP)
+            batch_stopped = time.monotonic()
+
+        log("stall: a call and a stream in flight; then update_weights() and "
+            "unload(wait=True) on the same stuck worker")
+        calls = [Call(lambda: busy.generate(STORY, **LONG), "call"),
+                 Call(lambda: list(busy.stream(STORY, **LONG)), "stream")]
+        wait_until(lambda: busy.status().in_flight == 2, 30)
+        time.sleep(1.0)
+        busy_pid, _, busy_shm = stop_engine(busy)
+        busy_stopped = time.monotonic()
+        time.sleep(1.0)
+        calls.append(Call(lambda: busy.update_weights(model), "update_weights"))
+        time.sleep(1.0)
+        calls.append(Call(lambda: busy.unload(wait=True), "unload(wait=True)"))
+
+        log("stall: an idle worker's engine stopped, then a call")
+        idle_pid, _, idle_shm = stop_engine(idle)
+        idle_call = Call(lambda: idle.generate(PROMPT, **GREEDY), "idle-call")
+        idle_stopped = time.monotonic()
+
+        log("stall: an engine stopped while it loads the model")
+        warming = Call(loading.warmup, "warmup")
+        wait_until(lambda: loading.status().pid is not None, 30)
+        load_pid = loading.status().pid
+        load_stopped = None
+        if wait_until(lambda: engine_pid(load_pid) is not None, 180) is not None:
+            time.sleep(2.0)
+            os.kill(engine_pid(load_pid), signal.SIGSTOP)
+            load_stopped = time.monotonic()
+
+        wait_for = max(bound, startup_timeout) + 120
+        log(f"stall: waiting (up to {wait_for:.0f} s) for every caller")
+        join_all([*calls, idle_call, warming, batch], wait_for)
+
+        def after(call: Call, since: float | None) -> str:
+            return "HUNG" if call.hung or since is None else f"{call.ended - since:.1f}"
+
+        for case, service, group, shm, entries, since, limit in (
+            ("mid-generation: a call and a stream", busy, busy_pid, busy_shm, calls[:2],
+             busy_stopped, bound),
+            ("update_weights() on the stuck worker", busy, busy_pid, busy_shm, calls[2:3],
+             busy_stopped, bound),
+            ("unload(wait=True) of the stuck worker", busy, busy_pid, busy_shm, calls[3:],
+             busy_stopped, bound),
+            ("idle, then a call", idle, idle_pid, idle_shm, [idle_call], idle_stopped, bound),
+            ("loading (warmup)", loading, load_pid, set(), [warming], load_stopped,
+             startup_timeout),
+        ):
+            outcomes = ", ".join(f"{c.name}: {c.outcome}" for c in entries)
+            message = next((c.error for c in entries if c.error is not None), "")
+            gone = wait_until(lambda group=group: not group_members(group), 30)
+            rows.append([case, outcomes, ", ".join(after(c, since) for c in entries),
+                         f"{limit:.0f}", f"{len(group_members(group))}"
+                         + ("" if gone is not None else " (after 30 s)"),
+                         f"{existing(shm)} of {len(shm)}", first_line(str(message), 140)])
+        results = batch.value or []
+        answered = sum(1 for r in results if "error" not in r and r.get("results"))
+        rows.append(["a batch run (worker_num=1, 12 items)", f"batch: {batch.outcome}, "
+                     f"{answered} of {len(data)} answered", after(batch, batch_stopped),
+                     f"{bound:.0f} + the rest of the run", "-", "-",
+                     first_line(str(batch.error or ""), 140)])
+        for service, name in ((busy, "busy"), (idle, "idle"), (loading, "loading")):
+            following = greedy_call(service)
+            rows.append([f"next call on the {name} service", following.outcome,
+                         fmt(None if following.ended is None
+                             else following.ended - following.started),
+                         "-", "-", "-", first_line(str(following.error or ""), 140)])
+    finally:
+        for service in (busy, idle, loading):
+            shut(service)
+        for pid in batch_engines(set()):  # a stopped engine of ours that is still there
+            os.kill(pid, signal.SIGKILL)
+    return table(["phase", "outcome", "seconds after SIGSTOP", "bound (s)", "group left",
+                  "shm left", "message"], rows)
+
+
+# ----- 7. the machine: the user's files, what is left behind, other users, untrusted input -----
+
+SOCKETS = "vllm-service-sockets-"
+
+
+def files_of(*folders: Path) -> dict[Path, tuple[int, int]]:
+    """Every file under ``folders`` with its size and modification time (ns)."""
+    return {path: (path.stat().st_size, path.stat().st_mtime_ns)
+            for folder in folders for path in folder.rglob("*") if path.is_file()}
+
+
+def temp_leftovers(before: set[str]) -> list[str]:
+    """Sockets and engine socket folders in the temp folder that were not there ``before``."""
+    temp = Path(tempfile.gettempdir())
+    now = {p.name for p in temp.iterdir() if p.is_socket() or p.name.startswith(SOCKETS)}
+    return sorted(now - before)
+
+
+def temp_names() -> set[str]:
+    temp = Path(tempfile.gettempdir())
+    return {p.name for p in temp.iterdir() if p.is_socket() or p.name.startswith(SOCKETS)}
+
+
+def exit_rows(model: str) -> list[list[Any]]:
+    """The model and a trainer's update folder in /dev/shm, then each kind of worker exit."""
+    shm_root = Path("/dev/shm")
+    if not shm_root.is_dir():
+        return [["/dev/shm", "skipped: no /dev/shm here", "-", "-", "-", "-"]]
+    user_model = Path(tempfile.mkdtemp(prefix="faults-user-model-", dir=shm_root))
+    update = Path(tempfile.mkdtemp(prefix="faults-user-update-", dir=shm_root))
+    rows = []
+    try:
+        shutil.copytree(model, user_model, dirs_exist_ok=True)
+        for name in ("model.safetensors", "config.json"):
+            shutil.copy(Path(model) / name, update / name)
+        before = files_of(user_model, update)
+        temp_before = temp_names()
+        # float32: bf16 updates are refused on CPUs with native bf16; a stall bound of 10 s.
+        service = make_service(str(user_model), idle_ttl_seconds=3600, dtype="float32",
+                               engine_stall_seconds=10)
+        try:
+            for kind in ("unload() after update_weights", "idle exit", "kill -9 of the worker",
+                         "kill -9 of the engine", "stuck engine (SIGSTOP, 10 s bound)"):
+                log(f"machine: files in /dev/shm, {kind}")
+                first = greedy_call(service)
+                pid = service.status().pid
+                if first.outcome != "ok" or pid is None:
+                    rows.append([kind, f"first call {first.outcome}", "-", "-", "-", ""])
+                    continue
+                shm = shared_memory_files(pid)
+                started = time.monotonic()
+                if kind.startswith("unload"):
+                    service.update_weights(update, version="from-shm")
+                    bounded(service.unload, 120, "unload")
+                elif kind == "idle exit":
+                    service.generate(PROMPT, temperature=0, max_tokens=2, keep_alive=1)
+                elif kind == "kill -9 of the worker":
+                    os.kill(pid, signal.SIGKILL)
+                elif kind == "kill -9 of the engine":
+                    os.kill(engine_pid(pid), signal.SIGKILL)
+                else:
+                    stop_engine(service)
+                    bounded(lambda: service.generate(PROMPT, **GREEDY), 60, "stuck-call")
+                stopped = wait_until(lambda pid=pid: service.status().pid != pid
+                                     or service.status().state == "stopped", 120)
+                wait_until(lambda pid=pid: not group_members(pid), 30)
+                after = files_of(user_model, update)
+                lost = [p.name for p in before if after.get(p) != before[p]]
+                left = temp_leftovers(temp_before)
+                rows.append([
+                    f"model and update folder in /dev/shm; {kind}",
+                    "stopped" if stopped is not None else "NOT STOPPED",
+                    fmt(None if stopped is None else time.monotonic() - started),
+                    f"{len(lost)} of {len(before)}" + (f" ({', '.join(lost[:4])})" if lost else ""),
+                    f"engine shm {existing(shm)} of {len(shm)}; sockets/folders in the temp "
+                    f"folder {len(left)}; processes {len(group_members(pid))}",
+                    ", ".join(left[:3]),
+                ])
+        finally:
+            shut(service)
+    finally:
+        shutil.rmtree(user_model, ignore_errors=True)
+        shutil.rmtree(update, ignore_errors=True)
+    return rows
+
+
+STAGING_CHILD = textwrap.dedent("""
+    import sys, torch
+    from vllm_service import VLLMInferenceService, VLLMSettings
+    if __name__ == "__main__":
+        service = VLLMInferenceService(VLLMSettings(model_path=sys.argv[1]))
+        service.update_weights({"model.norm.weight": torch.ones(576)})
+""")
+
+
+def staging_row(model: str) -> list[Any]:
+    log("machine: a caller killed while its update_weights tensors are staged")
+    child = subprocess.Popen([sys.executable, "-c", STAGING_CHILD, model],
+                             start_new_session=True, stderr=subprocess.DEVNULL)
+    prefix = f"vllm-service-weights-{child.pid}-"
+    places = (Path("/dev/shm"), Path(tempfile.gettempdir()))
+    staged = lambda: [p for place in places for p in place.glob(prefix + "*")]  # noqa: E731
+    seen = wait_until(lambda: bool(staged()) or child.poll() is not None, 120)
+    left = staged()
+    os.killpg(child.pid, signal.SIGKILL)
+    child.wait(30)
+    if not left:
+        return ["staged tensors of a killed caller", f"not caught ({seen})", "-", "-", "-", ""]
+    with tempfile.TemporaryDirectory() as empty:  # the next start of this user, failing at once
+        other = make_service(empty)
+        bounded(other.warmup, 120, "failing-start")
+        shut(other)
+    remaining = [p for p in left if p.exists()]
+    return ["staged tensors of a caller killed mid-update, then the next worker start",
+            "removed" if not remaining else "LEFT", "-", "0 (nothing of the user's staged)",
+            f"staging folders {len(remaining)} of {len(left)}", ""]
+
+
+SECOND_USER = textwrap.dedent("""
+    import json, sys
+    from vllm_service import VLLMInferenceService, VLLMSettings
+    if __name__ == "__main__":
+        try:
+            with VLLMInferenceService(VLLMSettings(model_path=sys.argv[1], max_model_len=1024,
+                                                   dtype="float32")) as service:
+                result = service.generate("The capital of France is", temperature=0,
+                                          max_tokens=4)
+                print(json.dumps({"text": result.text, "error": result.error}))
+        except Exception as exc:
+            print(json.dumps({"refused": f"{type(exc).__name__}: {exc}"}))
+""")
+
+
+def second_user_rows(model: str) -> list[list[Any]]:
+    if os.geteuid() != 0 or not shutil.which("useradd") or not shutil.which("setpriv"):
+        return [["a second OS user", "skipped: needs root, useradd and setpriv", "-", "-", "-",
+                 ""]]
+    name = f"faults{os.getpid() % 100000}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                   check=True, capture_output=True)
+    place = Path(tempfile.mkdtemp(prefix="faults-second-user-"))
+    rows = []
+    try:
+        uid = int(subprocess.run(["id", "-u", name], check=True, capture_output=True,
+                                 text=True).stdout)
+        os.chmod(place, 0o755)
+        shutil.copytree(model, place / "model")
+        home = place / "home"
+        home.mkdir()
+        os.chown(home, uid, uid)
+        theirs = Path(tempfile.gettempdir()) / f"vllm-service-{uid}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_LOG")}
+        env.update(HOME=str(home))
+        command = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                   "--inh-caps=+dac_read_search", "--ambient-caps=+dac_read_search",
+                   sys.executable, "-c", SECOND_USER, str(place / "model")]
+
+        def run_as_them() -> tuple[dict[str, Any], float]:
+            started = time.monotonic()
+            done = subprocess.run(command, env=env, capture_output=True, text=True,
+                                  timeout=START_BOUND, cwd=str(home))
+            found = [line for line in done.stdout.splitlines() if line.startswith("{")]
+            answer = json.loads(found[-1]) if found else {"refused": done.stderr[-300:]}
+            return answer, time.monotonic() - started
+
+        for case, planted in (("a second OS user, its log folder made first by root (0755)",
+                               True), ("a second OS user, nothing planted", False)):
+            log(f"machine: {case}")
+            shutil.rmtree(theirs, ignore_errors=True)
+            if planted:
+                theirs.mkdir(mode=0o755)
+            answer, took = run_as_them()
+            if planted:
+                outcome = ("refused, names VLLM_LOG_DIR" if "VLLM_LOG_DIR" in
+                           answer.get("refused", "") else f"NOT REFUSED: {answer}")
+            else:
+                mode = oct(theirs.stat().st_mode & 0o777) if theirs.exists() else "-"
+                owner = theirs.stat().st_uid == uid if theirs.exists() else False
+                outcome = (f"answered {answer.get('text')!r}; its folder mode {mode}, "
+                           f"{'its own' if owner else 'NOT ITS OWN'}"
+                           if answer.get("text") else f"FAILED: {answer}")
+            rows.append([case, outcome, f"{took:.1f}", "0", "-",
+                         first_line(answer.get("refused", ""), 140)])
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+        subprocess.run(["userdel", name], capture_output=True)
+        try:
+            shutil.rmtree(Path(tempfile.gettempdir()) / f"vllm-service-{uid}", ignore_errors=True)
+        except NameError:
+            pass
+    return rows
+
+
+REMOTE_CODE = textwrap.dedent("""
+    from pathlib import Path
+    from transformers import LlamaConfig
+    Path({marker!r}).write_text("the repository's own code ran")
+    class MarkedConfig(LlamaConfig):
+        model_type = "marked_llama"
+""")
+
+
+def remote_code_row(model: str) -> list[Any]:
+    log("machine: a model that ships code of its own, default settings")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "custom-code-model"
+        folder.mkdir()
+        for path in Path(model).iterdir():
+            (folder / path.name).symlink_to(path)
+        (folder / "config.json").unlink()
+        config = json.loads((Path(model) / "config.json").read_text())
+        config.update(model_type="marked_llama",
+                      auto_map={"AutoConfig": "configuration_marked.MarkedConfig"})
+        (folder / "config.json").write_text(json.dumps(config))
+        ran = Path(tmp) / "code-ran"
+        (folder / "configuration_marked.py").write_text(REMOTE_CODE.format(marker=str(ran)))
+        service = make_service(str(folder))
+        start = bounded(service.warmup, START_BOUND, "warmup")
+        shut(service)
+        return ["a model with code of its own (auto_map), default settings", start.outcome,
+                fmt(None if start.ended is None else start.ended - start.started),
+                "0", "code ran" if ran.exists() else "its code never ran",
+                first_line(str(start.error or ""), 140)]
+
+
+def media_rows(model: str) -> list[list[Any]]:
+    import http.server
+
+    class SlowImage(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            time.sleep(8)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(b"\x89PNG\r\n\x1a\n not really a picture")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowImage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/slow.png"
+    picture = [{"role": "user", "content": [{"type": "text", "text": "Describe it."},
+                                            {"type": "image_url", "image_url": {"url": url}}]}]
+    france = [{"role": "user", "content": "What is the capital of France?"}]
+    rows = []
+    try:
+        log("machine: media refused by default, then allowed from one host")
+        default = make_service(model)
+        refused = bounded(lambda: default.chat(picture), 30, "media-default")
+        rows.append(["a chat with an image_url part (127.0.0.1), default settings",
+                     refused.outcome, fmt(refused.ended - refused.started), "0",
+                     f"worker started: {default.status().pid is not None}",
+                     first_line(str(refused.error or refused.value), 140)])
+        shut(default)
+        allowed = make_service(model, allowed_media_domains=["127.0.0.1"])
+        bounded(allowed.warmup, START_BOUND, "warmup")
+        slow = Call(lambda: allowed.chat(picture, max_tokens=4), "slow-media")
+        time.sleep(1.0)
+        text = bounded(lambda: allowed.chat(france, temperature=0, max_tokens=4), 60, "text")
+        slow.join(60)
+        rows.append(["media allowed from 127.0.0.1: an image taking 8 s, a text chat meanwhile",
+                     f"text: {text.outcome} in {fmt(text.ended - text.started)} s; image "
+                     f"request: {slow.outcome}", fmt(text.ended - text.started), "0", "-",
+                     first_line(str(getattr(slow.value, "error", None) or slow.error or ""),
+                                140)])
+        shut(allowed)
+    finally:
+        server.shutdown()
+    return rows
+
+
+FORKING_PARENT = textwrap.dedent("""
+    import json, os, signal, sys, time
+    from vllm_service import VLLMInferenceService, VLLMSettings
+    if __name__ == "__main__":
+        service = VLLMInferenceService(VLLMSettings(model_path=sys.argv[1], max_model_len=1024,
+                                                    idle_ttl_seconds=3600))
+        service.warmup()
+        print(json.dumps({"pid": service.status().pid}), flush=True)
+        if os.fork() == 0:  # a child of the app (gunicorn, multiprocessing with fork) lives on
+            time.sleep(120)
+            os._exit(0)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+def fork_row(model: str) -> list[Any]:
+    log("machine: the parent forks a child that lives on, then is SIGKILLed")
+    child = subprocess.Popen([sys.executable, "-c", FORKING_PARENT, model],
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                             start_new_session=True)
+    line = bounded(child.stdout.readline, START_BOUND, "read-child")
+    if line.hung or not line.value:
+        os.killpg(child.pid, signal.SIGKILL)
+        return ["parent SIGKILLed with a forked child alive", "no worker pid printed", "-", "-",
+                "-", ""]
+    pid = json.loads(line.value)["pid"]
+    child.wait(60)
+    died = time.monotonic()
+    gone = wait_until(lambda: not group_members(pid), 120)
+    left = len(group_members(pid))
+    if left:
+        os.killpg(pid, signal.SIGKILL)
+    try:
+        os.killpg(child.pid, signal.SIGKILL)  # the forked child, still asleep
+    except ProcessLookupError:
+        pass
+    return ["parent SIGKILLed while a child it forked lives on", "worker and engine ended"
+            if gone is not None else "WORKER LIVES ON", fmt(None if gone is None
+                                                             else time.monotonic() - died),
+            "0", f"processes of the worker's group {left}", ""]
+
+
+def resume_rows(model: str) -> list[list[Any]]:
+    from vllm_service._openai_batch import run_openai_batch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        log("machine: reruns of batch runs with other settings")
+        data = [{"prompt": f"What is {i} + {i}?"} for i in range(4)]
+        output = Path(tmp) / "out.jsonl"
+        generate(model, data, output_path=output, temperature=0, max_output_len=8,
+                 max_model_len=1024, progress=False)
+        lines = [{"custom_id": f"q{i}", "method": "POST", "url": "/v1/chat/completions",
+                  "body": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]}}
+                 for i in range(4)]
+        answers = Path(tmp) / "answers.jsonl"
+        run_openai_batch(model, lines, answers, max_output_len=8, temperature=0,
+                         progress=False)
+        before = output.read_bytes(), answers.read_bytes()
+        for case, rerun in (
+            ("JSONL rerun with another temperature",
+             lambda: generate(model, data, output_path=output, temperature=0.5,
+                              max_output_len=8, max_model_len=1024, progress=False)),
+            ("JSONL rerun with another system prompt",
+             lambda: generate(model, data, output_path=output, temperature=0, system="Be brief.",
+                              max_output_len=8, max_model_len=1024, progress=False)),
+            ("OpenAI batch rerun with another --max-output-len",
+             lambda: run_openai_batch(model, lines, answers, max_output_len=16, temperature=0,
+                                      progress=False)),
+            ("OpenAI batch rerun with another --system",
+             lambda: run_openai_batch(model, lines, answers, max_output_len=8, temperature=0,
+                                      system="Be brief.", progress=False)),
+        ):
+            call = bounded(rerun, START_BOUND, "rerun")
+            same = (output.read_bytes(), answers.read_bytes()) == before
+            rows.append([case, call.outcome, fmt(call.ended - call.started),
+                         "0" if same else "OUTPUT CHANGED", "-",
+                         first_line(str(call.error or "old answers kept silently"), 140)])
+    return rows
+
+
+def part_machine(model: str) -> str:
+    rows = exit_rows(model)
+    for part in (staging_row, remote_code_row, fork_row):
+        rows.append(part(model))
+    rows += second_user_rows(model) + media_rows(model) + resume_rows(model)
+    return table(["case", "outcome", "seconds", "user files lost", "left behind", "notes"],
+                 rows)
+
+
 # ----- 5. bad input -----
 
 
@@ -849,7 +1363,7 @@ def part_input(model: str) -> str:
 # ----- main -----
 
 SHARED: dict[str, VLLMInferenceService] = {}
-PARTS = ["kill", "input", "sigstop", "parent", "retiring", "soak"]
+PARTS = ["kill", "input", "sigstop", "parent", "retiring", "soak", "stall", "machine"]
 
 
 def main() -> int:
@@ -863,6 +1377,8 @@ def main() -> int:
     parser.add_argument("--soak-threads", type=int, default=32)
     parser.add_argument("--soak-burst-seconds", type=float, default=3.0)
     parser.add_argument("--soak-max-minutes", type=float, default=22.0)
+    parser.add_argument("--stall-seconds", type=float, default=None,
+                        help="the stall part's engine_stall_seconds (default: the library's)")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = set(parts) - set(PARTS)
@@ -883,7 +1399,9 @@ def main() -> int:
     for part in sorted(parts, key=PARTS.index):
         began = time.monotonic()
         try:
-            if part == "soak":
+            if part == "stall":
+                text = part_stall(model, args.stall_seconds)
+            elif part == "soak":
                 text = part_soak(model, args.soak_expiries, args.soak_kills, args.soak_threads,
                                  args.soak_burst_seconds, args.soak_max_minutes)
             else:
