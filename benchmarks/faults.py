@@ -785,16 +785,16 @@ def files_of(*folders: Path) -> dict[Path, tuple[int, int]]:
             for folder in folders for path in folder.rglob("*") if path.is_file()}
 
 
-def temp_leftovers(before: set[str]) -> list[str]:
-    """Sockets and engine socket folders in the temp folder that were not there ``before``."""
-    temp = Path(tempfile.gettempdir())
-    now = {p.name for p in temp.iterdir() if p.is_socket() or p.name.startswith(SOCKETS)}
-    return sorted(now - before)
-
-
-def temp_names() -> set[str]:
-    temp = Path(tempfile.gettempdir())
-    return {p.name for p in temp.iterdir() if p.is_socket() or p.name.startswith(SOCKETS)}
+def bound_sockets(pid: int) -> set[Path]:
+    """The unix socket paths the processes of worker ``pid``'s group have bound."""
+    found = set()
+    for member in group_members(pid):
+        try:
+            connections = psutil.Process(member).net_connections(kind="unix")
+        except psutil.Error:
+            continue
+        found |= {Path(c.laddr) for c in connections if c.laddr and c.laddr.startswith("/")}
+    return found
 
 
 def exit_rows(model: str) -> list[list[Any]]:
@@ -810,7 +810,6 @@ def exit_rows(model: str) -> list[list[Any]]:
         for name in ("model.safetensors", "config.json"):
             shutil.copy(Path(model) / name, update / name)
         before = files_of(user_model, update)
-        temp_before = temp_names()
         # float32: bf16 updates are refused on CPUs with native bf16; a stall bound of 10 s.
         service = make_service(str(user_model), idle_ttl_seconds=3600, dtype="float32",
                                engine_stall_seconds=10)
@@ -824,6 +823,11 @@ def exit_rows(model: str) -> list[list[Any]]:
                     rows.append([kind, f"first call {first.outcome}", "-", "-", "-", ""])
                     continue
                 shm = shared_memory_files(pid)
+                # Other engines on the machine may use the temp folder too: only this worker's
+                # sockets count, which must all be in its own folder, gone after the exit.
+                sockets = bound_sockets(pid)
+                folders = {path.parent for path in sockets}
+                outside = [p for p in sockets if not p.parent.name.startswith(SOCKETS)]
                 started = time.monotonic()
                 if kind.startswith("unload"):
                     service.update_weights(update, version="from-shm")
@@ -842,15 +846,16 @@ def exit_rows(model: str) -> list[list[Any]]:
                 wait_until(lambda pid=pid: not group_members(pid), 30)
                 after = files_of(user_model, update)
                 lost = [p.name for p in before if after.get(p) != before[p]]
-                left = temp_leftovers(temp_before)
+                left = [p for p in sockets | folders if p.exists()]
                 rows.append([
                     f"model and update folder in /dev/shm; {kind}",
                     "stopped" if stopped is not None else "NOT STOPPED",
                     fmt(None if stopped is None else time.monotonic() - started),
                     f"{len(lost)} of {len(before)}" + (f" ({', '.join(lost[:4])})" if lost else ""),
-                    f"engine shm {existing(shm)} of {len(shm)}; sockets/folders in the temp "
-                    f"folder {len(left)}; processes {len(group_members(pid))}",
-                    ", ".join(left[:3]),
+                    f"engine shm {existing(shm)} of {len(shm)}; sockets {len(left)} of "
+                    f"{len(sockets)} ({len(outside)} outside the worker's folder); processes "
+                    f"{len(group_members(pid))}",
+                    ", ".join(p.name for p in left[:3]),
                 ])
         finally:
             shut(service)
