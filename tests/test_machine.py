@@ -298,3 +298,37 @@ def test_a_second_user_gets_a_log_folder_of_its_own_and_refuses_one_made_by_anot
     finally:
         shutil.rmtree(place, ignore_errors=True)
         shutil.rmtree(Path(tempfile.gettempdir()) / f"vllm-service-{uid}", ignore_errors=True)
+
+
+@pytest.fixture
+def short_temp() -> Iterator[Path]:
+    """A folder with a short path (pytest's own tmp_path is already too long for this)."""
+    folder = Path(tempfile.mkdtemp(prefix="s-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_engine_sockets_get_a_folder_unless_its_path_would_be_too_long(
+    short_temp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vllm_service._protocol import WorkerConfig
+    from vllm_service._worker_handle import _engine_socket_dir
+
+    local = WorkerConfig(mode="local", model="m")
+    monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
+    short = short_temp
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    folder = _engine_socket_dir(local)
+    assert folder is not None and folder.parent == short
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    # vLLM's own place (the temp folder) is kept where a folder would make paths too long.
+    deep = short / ("d" * (100 - len(str(short))))
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    assert _engine_socket_dir(local) is None
+    assert [p.name for p in deep.iterdir()] == []
+    # The user's own choice, and remote mode, are left alone.
+    monkeypatch.setattr(tempfile, "tempdir", str(short))
+    assert _engine_socket_dir(WorkerConfig(mode="local", model="m", environment={
+        "VLLM_RPC_BASE_PATH": str(short)})) is None
+    assert _engine_socket_dir(WorkerConfig(mode="remote", model="m")) is None

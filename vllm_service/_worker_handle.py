@@ -98,6 +98,10 @@ SHM_DIR = Path("/dev/shm")
 _ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-")
 # The folders of the engine's unix sockets (``_engine_socket_dir``), named for the parent's pid.
 _SOCKET_PREFIX = "vllm-service-sockets-"
+# A unix socket's path holds at most 107 bytes (sun_path, less its NUL); vLLM names each socket
+# with a uuid4 (36 characters).
+_UNIX_PATH_LIMIT = 107
+_SOCKET_NAME_LENGTH = 36
 
 
 class WorkerState(enum.Enum):
@@ -796,13 +800,18 @@ def _engine_socket_dir(config: WorkerConfig) -> Path | None:
 
     vLLM makes them in ``VLLM_RPC_BASE_PATH`` (by default the temp folder) and leaves them
     there when its processes are killed, as every worker's end does: one folder per worker,
-    removed with it, keeps them from piling up in /tmp. None when the user chose the place, or
-    in remote mode (no engine here).
+    removed with it, keeps them from piling up in /tmp. None when the user chose the place, in
+    remote mode (no engine here), or when the temp folder's path is so long that a socket in a
+    folder of its own would pass the length a unix socket's path may have.
     """
     if config.mode != "local" or "VLLM_RPC_BASE_PATH" in {**os.environ, **config.environment}:
         return None
     remove_orphaned(_SOCKET_PREFIX, [tempfile.gettempdir()])
-    return make_private_folder(_SOCKET_PREFIX)
+    folder = make_private_folder(_SOCKET_PREFIX)
+    if len(os.fsencode(folder)) + 1 + _SOCKET_NAME_LENGTH > _UNIX_PATH_LIMIT:
+        folder.rmdir()
+        return None
+    return folder
 
 
 def default_log_dir() -> Path:
