@@ -597,10 +597,12 @@ def fork_kill_run(
                     service.update_weights({str(demo_model)!r}, version="child")
                     print(json.dumps({{"held": held, "updated_in": time.monotonic() - started,
                                       "child_worker": service.status().pid}}), flush=True)
-                    time.sleep(600)
+                    # Both live until the test kills them (the fixture ends what is left): the
+                    # module's other tests may run for long before this one.
+                    time.sleep(7200)
                     os._exit(0)
                 print(json.dumps({{"worker": worker, "child": child}}), flush=True)
-            time.sleep(600)
+            time.sleep(7200)
         """
     )
     (folder / "fork_kill.py").write_text(script)

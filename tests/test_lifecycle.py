@@ -85,7 +85,8 @@ def test_lazy_start_then_kill_9_mid_request(
     short_lived: VLLMInferenceService, reference: ReferenceEngine
 ) -> None:
     assert not short_lived.is_ready()  # nothing starts before it is needed
-    bystander = subprocess.Popen(["sleep", "120"], start_new_session=True)
+    # Outlives the test however slow the engine starts (it is killed at the end).
+    bystander = subprocess.Popen(["sleep", "900"], start_new_session=True)
     short_lived.warmup()
     pid = current_pid(short_lived)
     engine_processes = group_members(pid)
