@@ -770,6 +770,7 @@ def part_stall(model: str, stall_seconds: float | None) -> str:
             shut(service)
         for pid in batch_engines(set()):  # a stopped engine of ours that is still there
             os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(tmp, ignore_errors=True)
     return table(["phase", "outcome", "seconds after SIGSTOP", "bound (s)", "group left",
                   "shm left", "message"], rows)
 
