@@ -39,6 +39,23 @@ def pytest_report_header() -> list[str]:
     ]
 
 
+# /dev/shm as the session found it: what the suite's engines leave there is shown at the end.
+_SHM_AT_START = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Name the /dev/shm files the session made and left (engines killed mid-shutdown)."""
+    if not os.path.isdir("/dev/shm"):
+        return
+    left = sorted(set(os.listdir("/dev/shm")) - _SHM_AT_START)
+    paths = [Path("/dev/shm") / name for name in left]
+    sizes = sum(path.stat().st_size for path in paths if path.exists())
+    terminalreporter.write_line(
+        f"/dev/shm: {len(left)} files the session made are left ({sizes / 2**20:.0f} MiB)"
+        + (f": {', '.join(left)}" if left else "")
+    )
+
+
 def _cpuinfo_lines() -> list[str]:
     try:
         return Path("/proc/cpuinfo").read_text().splitlines()
