@@ -39,6 +39,16 @@ def pytest_report_header() -> list[str]:
     ]
 
 
+# Modules that start no engine run first: a mistake there shows in seconds, not after the
+# engines' 40 minutes.
+_NO_ENGINE_MODULES = ("test_settings.py", "test_placement.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Engine-free modules first; the rest in their usual order (the sort is stable)."""
+    items.sort(key=lambda item: item.path.name not in _NO_ENGINE_MODULES)
+
+
 # /dev/shm as the session found it: what the suite's engines leave there is shown at the end.
 _SHM_AT_START = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
 
