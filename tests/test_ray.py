@@ -31,6 +31,7 @@ from ray.cluster_utils import Cluster
 
 from _waiting import wait_until
 from vllm_service import generate
+from vllm_service._worker_handle import shared_memory_files
 from vllm_service.errors import VLLMServiceError
 
 DATA = [{"id": i, "prompt": f"What is {i} + {i}? Answer in one sentence."} for i in range(24)]
@@ -148,6 +149,8 @@ def runs(
         killed["lines"] = len(read_lines(output))
         killed["pid"] = actor.pid
         killed["engine"] = [child.pid for child in actor.children(recursive=True)]
+        # vLLM's segments in /dev/shm that the engine under the actor holds
+        killed["shm"] = engine_segments(killed["engine"])
         actor.kill()
 
     addresses: set[str] = set()
@@ -232,6 +235,20 @@ def test_an_interrupted_run_resumes_from_its_output_file(runs: dict[str, Any]) -
     assert runs["actors_gone"]
 
 
+def engine_segments(pids: list[int]) -> list[str]:
+    """vLLM's segments in /dev/shm that the process groups of ``pids`` hold."""
+    groups = set()
+    for pid in pids:
+        try:
+            groups.add(os.getpgid(pid))
+        except ProcessLookupError:
+            continue  # a short-lived helper, gone already
+    return sorted({
+        path for group in groups for path in shared_memory_files(group)
+        if os.path.basename(path).startswith(("psm_", "sem.mp-"))
+    })
+
+
 def test_a_killed_actor_has_its_chunk_retried_and_its_engine_ends(runs: dict[str, Any]) -> None:
     killed = runs["killed"]
     assert "pid" in killed, "no actor was found to kill"
@@ -242,6 +259,10 @@ def test_a_killed_actor_has_its_chunk_retried_and_its_engine_ends(runs: dict[str
     # The engine under the killed actor ends too (its pipe to the actor closed).
     assert wait_until(lambda: not alive(killed["engine"]), timeout=60), alive(killed["engine"])
     assert wait_until(lambda: not engine_actors(), timeout=60)
+    # ... and its segments do not stay in /dev/shm: with no actor left to remove them, the
+    # worker does once vLLM's shutdown ended (which SIGKILLs an engine slow to exit)
+    assert killed["shm"], "the engine held no segments"
+    assert not [path for path in killed["shm"] if os.path.exists(path)]
 
 
 def test_a_cluster_too_small_is_refused_clearly(cluster: Cluster) -> None:

@@ -71,6 +71,13 @@ from ._protocol import (
     WorkerConfig,
 )
 from ._private_folders import make_private_folder, remove_orphaned
+from ._shared_memory import (
+    engine_created,
+    group_members,
+    remove_files,
+    shared_memory_files,
+    shm_snapshot,
+)
 from ._weight_source import remove_orphaned_staging
 from ._worker_process import run_worker
 from .errors import (
@@ -92,10 +99,6 @@ _TERMINATE_SECONDS = 5.0
 # A claim (a caller waiting for this worker to be ready) not followed by a request this long
 # is forgotten: the caller gave up in between.
 _CLAIM_SECONDS = 30.0
-SHM_DIR = Path("/dev/shm")
-# What vLLM's engine processes create in /dev/shm: Python's multiprocessing.shared_memory
-# segments and multiprocessing's semaphores. Only such files are ever removed at an exit.
-_ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-")
 # The folders of the engine's unix sockets (``_engine_socket_dir``), named for the parent's pid.
 _SOCKET_PREFIX = "vllm-service-sockets-"
 # A unix socket's path holds at most 107 bytes (sun_path, less its NUL); vLLM names each socket
@@ -909,86 +912,6 @@ def _end_process_group(pgid: int) -> None:
     deadline = time.monotonic() + 3 * _TERMINATE_SECONDS
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
-
-
-def group_members(pgid: int) -> list[int]:
-    """Pids of the live (not zombie) processes in process group ``pgid``."""
-    import psutil
-
-    members = []
-    for process in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
-                members.append(process.pid)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return members
-
-
-def shared_memory_files(pgid: int) -> set[str]:
-    """The /dev/shm files the processes of group ``pgid`` have mapped or open."""
-    paths: set[str] = set()
-    for pid in group_members(pgid):
-        candidates = []
-        try:
-            with open(f"/proc/{pid}/maps") as maps:
-                for line in maps:
-                    # address, permissions, offset, device, inode, then the path (if any)
-                    fields = line.split(None, 5)
-                    if len(fields) == 6:
-                        candidates.append(fields[5].strip())
-            fds = list(Path(f"/proc/{pid}/fd").iterdir())
-        except OSError:
-            continue  # the process is gone
-        for fd in fds:
-            try:
-                candidates.append(os.readlink(fd))
-            except OSError:
-                continue  # closed in between
-        paths.update(
-            path for path in candidates
-            if path.startswith("/dev/shm/") and not path.endswith("(deleted)")
-        )
-    return paths
-
-
-def shm_snapshot() -> dict[str, int]:
-    """The names in /dev/shm now, with their inode numbers."""
-    try:
-        return {entry.name: entry.inode() for entry in os.scandir(SHM_DIR)}
-    except OSError:
-        return {}
-
-
-def engine_created(paths: set[str], before: dict[str, int]) -> list[str]:
-    """Of the /dev/shm files a worker's processes had open, those its engine made: named as
-    vLLM's segments are, ours, and not there (the same file) before the worker started.
-
-    A model folder kept in /dev/shm, or any other file of the user's that an engine process
-    happens to hold at the exit, is never among them.
-    """
-    uid = os.getuid()
-    made = []
-    for path in sorted(paths):
-        name = os.path.basename(path)
-        if os.path.dirname(path) != str(SHM_DIR) or not name.startswith(_ENGINE_SHM_PREFIXES):
-            continue
-        try:
-            info = os.lstat(path)
-        except OSError:
-            continue  # already gone
-        if info.st_uid != uid or before.get(name) == info.st_ino:
-            continue
-        made.append(path)
-    return made
-
-
-def remove_files(paths: Any) -> None:
-    for path in paths:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
 
 
 def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:

@@ -45,6 +45,7 @@ from ._protocol import (
     WeightsUpdated,
     WorkerConfig,
 )
+from ._shared_memory import engine_created, remove_files, shared_memory_files, shm_snapshot
 
 # How long the idle worker blocks on the pipe between checks; the parent decides idle exit.
 _IDLE_POLL_SECONDS = 1.0
@@ -66,6 +67,7 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     closing = threading.Event()
     engine: Engine | None = None
     exit_code = EXIT_ERROR
+    shm_before = shm_snapshot()
     try:
         try:
             engine = make_engine(config)
@@ -81,10 +83,15 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     finally:
         closing.set()
         if engine is not None:
+            engine_shm = shared_memory_files(os.getpid())  # this process leads the group
             try:
                 engine.close()
             except BaseException:
                 traceback.print_exc()
+            # vLLM's shutdown SIGKILLs an engine process that is slow to exit, which leaves its
+            # segments behind. The parent removes them too, but a parent that is gone (a Ray
+            # actor killed) cannot, so the worker does it first.
+            remove_files(engine_created(engine_shm, shm_before))
         sys.stdout.flush()
         sys.stderr.flush()
         # vLLM leaves non-daemon threads behind that keep a finished process alive.

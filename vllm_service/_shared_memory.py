@@ -1,0 +1,96 @@
+"""The worker's process group and the /dev/shm files its engine made.
+
+Used on both sides of the pipe: the parent removes an ended worker's segments, and the worker
+removes them itself after its engine shut down, for a parent that is gone (a killed Ray actor).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SHM_DIR = Path("/dev/shm")
+# What vLLM's engine processes create in /dev/shm: Python's multiprocessing.shared_memory
+# segments and multiprocessing's semaphores. Only such files are ever removed at an exit.
+_ENGINE_SHM_PREFIXES = ("psm_", "sem.mp-")
+
+
+def group_members(pgid: int) -> list[int]:
+    """Pids of the live (not zombie) processes in process group ``pgid``."""
+    import psutil
+
+    members = []
+    for process in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(process.pid) == pgid and process.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(process.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return members
+
+
+def shared_memory_files(pgid: int) -> set[str]:
+    """The /dev/shm files the processes of group ``pgid`` have mapped or open."""
+    paths: set[str] = set()
+    for pid in group_members(pgid):
+        candidates = []
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                for line in maps:
+                    # address, permissions, offset, device, inode, then the path (if any)
+                    fields = line.split(None, 5)
+                    if len(fields) == 6:
+                        candidates.append(fields[5].strip())
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue  # the process is gone
+        for fd in fds:
+            try:
+                candidates.append(os.readlink(fd))
+            except OSError:
+                continue  # closed in between
+        paths.update(
+            path for path in candidates
+            if path.startswith("/dev/shm/") and not path.endswith("(deleted)")
+        )
+    return paths
+
+
+def shm_snapshot() -> dict[str, int]:
+    """The names in /dev/shm now, with their inode numbers."""
+    try:
+        return {entry.name: entry.inode() for entry in os.scandir(SHM_DIR)}
+    except OSError:
+        return {}
+
+
+def engine_created(paths: set[str], before: dict[str, int]) -> list[str]:
+    """Of the /dev/shm files a worker's processes had open, those its engine made: named as
+    vLLM's segments are, ours, and not there (the same file) before the worker started.
+
+    A model folder kept in /dev/shm, or any other file of the user's that an engine process
+    happens to hold at the exit, is never among them.
+    """
+    uid = os.getuid()
+    made = []
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        if os.path.dirname(path) != str(SHM_DIR) or not name.startswith(_ENGINE_SHM_PREFIXES):
+            continue
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue  # already gone
+        if info.st_uid != uid or before.get(name) == info.st_ino:
+            continue
+        made.append(path)
+    return made
+
+
+def remove_files(paths: Any) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
