@@ -57,7 +57,12 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Name the /dev/shm files the session made and left (engines killed mid-shutdown)."""
     if not os.path.isdir("/dev/shm"):
         return
-    left = sorted(set(os.listdir("/dev/shm")) - _SHM_AT_START)
+    from vllm_service._worker_handle import shared_memory_files
+
+    # what this process and its children still hold (multiprocessing's semaphores of the live
+    # session) goes at their exit: not left behind
+    held = {os.path.basename(path) for path in shared_memory_files(os.getpgrp())}
+    left = sorted(set(os.listdir("/dev/shm")) - _SHM_AT_START - held)
     paths = [Path("/dev/shm") / name for name in left]
     sizes = sum(path.stat().st_size for path in paths if path.exists())
     terminalreporter.write_line(
