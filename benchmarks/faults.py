@@ -82,7 +82,7 @@ from vllm_service import (
     demo_model_path,
     generate,
 )
-from vllm_service._worker_handle import group_members, shared_memory_files
+from vllm_service._worker.handle import group_members, shared_memory_files
 
 PROMPT = "The capital of France is"
 STORY = "Tell me a long story about a lighthouse keeper."
@@ -434,7 +434,7 @@ CHILD = textwrap.dedent(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm_service import VLLMInferenceService, VLLMSettings
-    from vllm_service._worker_handle import group_members, shared_memory_files
+    from vllm_service._worker.handle import group_members, shared_memory_files
 
     if __name__ == "__main__":
         service = VLLMInferenceService(VLLMSettings(
@@ -667,7 +667,7 @@ def part_stall(model: str, stall_seconds: float | None) -> str:
     """Each phase on a service (or batch run) of its own, all at once: a stopped engine takes
     no CPU, so the waits overlap. Default settings (no request timeout, a stall bound of
     VLLM_ENGINE_STALL_SECONDS' default, a startup timeout of 900 s) unless ``stall_seconds``."""
-    from vllm_service._protocol import ENGINE_STALL_SECONDS
+    from vllm_service.settings import ENGINE_STALL_SECONDS
 
     bound = stall_seconds or ENGINE_STALL_SECONDS
     extra = {} if stall_seconds is None else {"engine_stall_seconds": stall_seconds}
@@ -1096,7 +1096,7 @@ def fork_row(model: str) -> list[Any]:
 
 
 def resume_rows(model: str) -> list[list[Any]]:
-    from vllm_service._openai_batch import run_openai_batch
+    from vllm_service._batch.openai_format import run_openai_batch
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -2,7 +2,7 @@
 
 vLLM's sleep mode exists only on GPUs, and a weight update that fails part-way cannot be
 caused on purpose. Tests put :func:`run_worker` in place of the worker's
-entry point (``vllm_service._worker_handle.run_worker``); the spawned worker then runs the
+entry point (``vllm_service._worker.handle.run_worker``); the spawned worker then runs the
 real loop with :class:`StandInEngine`, which answers every request with "ok" and writes each
 call it gets, one JSON line each, to the file named by ``STANDIN_CALLS``.
 """
@@ -14,9 +14,9 @@ import os
 from multiprocessing.connection import Connection
 from typing import Any
 
-from vllm_service import _worker_process
-from vllm_service._engine import WeightsBroken, WeightsRejected
-from vllm_service._protocol import Finished, Request, WorkerConfig
+from vllm_service._engines.contract import WeightsBroken, WeightsRejected
+from vllm_service._worker import main as _worker_process
+from vllm_service._worker.protocol import Finished, Request, WorkerConfig
 from vllm_service.types import Sample
 
 

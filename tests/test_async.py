@@ -8,9 +8,9 @@ import time
 from typing import Any
 
 import pytest
-
 from _reference_engine import ReferenceEngine
 from _waiting import engine_cpu_percent
+
 from vllm_service import AsyncVLLMInferenceService, VLLMInferenceService, VLLMSettings
 
 PROMPT = "The capital of France is"

@@ -37,9 +37,9 @@ from vllm_service import (
     _placement,
     generate,
 )
-from vllm_service._local_engine import cpu_dtype
-from vllm_service._protocol import Finished, Request
-from vllm_service._worker_handle import WorkerHandle
+from vllm_service._common.machine import cpu_dtype
+from vllm_service._worker.handle import WorkerHandle
+from vllm_service._worker.protocol import Finished, Request
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
 from vllm_service.types import Sample
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from _reference_engine import engine_dtype
+
 from vllm_service import VLLMInferenceService
-from vllm_service import _local_engine
-from vllm_service._local_engine import adapt_engine_args, cpu_dtype
+from vllm_service._engines import local as _local_engine
+from vllm_service._engines.local import adapt_engine_args, cpu_dtype
 
 AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # an AMD EPYC without AVX-512
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}

@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from _reference_engine import ReferenceEngine
 from _waiting import wait_until
 

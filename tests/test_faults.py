@@ -23,9 +23,9 @@ from typing import Any
 
 import psutil
 import pytest
-
 from _reference_engine import ReferenceEngine
 from _waiting import engine_cpu_percent, wait_until
+
 from vllm_service import (
     EngineStalledError,
     RequestTimeoutError,
@@ -35,10 +35,11 @@ from vllm_service import (
     WorkerDiedError,
     WorkerStartError,
 )
-from vllm_service import _local_engine, _worker_handle
-from vllm_service._protocol import Request
-from vllm_service._worker_handle import group_members, shared_memory_files
-from vllm_service.service import worker_config
+from vllm_service._engines import local as _local_engine
+from vllm_service._worker import handle as _worker_handle
+from vllm_service._worker.config import worker_config
+from vllm_service._worker.handle import group_members, shared_memory_files
+from vllm_service._worker.protocol import Request
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
@@ -144,7 +145,7 @@ def test_a_request_vllm_fails_after_registering_it_leaves_nothing_behind(
     # The check at the call keeps such a value out; this sends one past it, as a value vLLM
     # rejects late would arrive, to show the engine forgets the request.
     svc.warmup()
-    handle = svc._slot.handle
+    handle = svc.dispatcher.worker
     [future] = handle.submit([Request(10**9, "Hello", {"seed": 2**64, "max_tokens": 4})])
     finished = future.result(timeout=60)
     assert finished.error and "OverflowError" in finished.error
@@ -485,7 +486,7 @@ def test_a_stream_collected_while_the_worker_lock_is_held_does_not_deadlock(
     import gc
 
     service.warmup()
-    handle = service._slot.handle
+    handle = service.dispatcher.worker
     assert handle is not None
     streams = [service.stream(STORY, max_tokens=3000, ignore_eos=True)]
     next(streams[0])
@@ -719,7 +720,7 @@ def test_logs_of_failed_workers_are_kept_but_not_for_ever_and_live_ones_always(
     live = os.open(tmp_path / "worker-old00.log", os.O_WRONLY | os.O_APPEND)
     fcntl.flock(live, fcntl.LOCK_SH)
     try:
-        new = _worker_handle._new_log_path(tmp_path)
+        new = _worker_handle.new_log_path(tmp_path)
     finally:
         os.close(live)
     logs = sorted(p.name for p in tmp_path.glob("worker-*.log"))
@@ -738,7 +739,7 @@ def test_workers_starting_at_once_never_trip_over_each_others_log_pruning(
     def start_many() -> None:
         try:
             for _ in range(200):
-                _worker_handle._new_log_path(tmp_path)
+                _worker_handle.new_log_path(tmp_path)
         except BaseException as exc:
             failures.append(exc)
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _reference_engine import ReferenceEngine
 from _waiting import wait_until
+
 from vllm_service import (
     RequestAbortedError,
     ServiceShutdownError,
@@ -29,7 +29,7 @@ from vllm_service import (
     WorkerDiedError,
     WorkerStartError,
 )
-from vllm_service._worker_handle import group_members
+from vllm_service._worker.handle import group_members
 
 IDLE_TTL = 8.0
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -15,9 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from _lora_adapter import PeftScorer, make_adapter
 from _reference_engine import ReferenceEngine
+
 from vllm_service import GenerationResult, VLLMInferenceService, VLLMSettings
 
 PROMPTS = ["The capital of France is", "Once upon a time", "The best way to learn is"]

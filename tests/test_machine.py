@@ -23,10 +23,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from _waiting import wait_until
+
 from vllm_service import VLLMInferenceService, VLLMSettings, WorkerStartError
-from vllm_service._worker_handle import group_members, shared_memory_files
+from vllm_service._worker.handle import group_members, shared_memory_files
 
 SHM = Path("/dev/shm")
 PROMPT = "The capital of France is"
@@ -311,24 +311,24 @@ def short_temp() -> Iterator[Path]:
 def test_engine_sockets_get_a_folder_unless_its_path_would_be_too_long(
     short_temp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from vllm_service._protocol import WorkerConfig
-    from vllm_service._worker_handle import _engine_socket_dir
+    from vllm_service._worker.handle import engine_socket_dir
+    from vllm_service._worker.protocol import WorkerConfig
 
     local = WorkerConfig(mode="local", model="m")
     monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)
     short = short_temp
     monkeypatch.setattr(tempfile, "tempdir", str(short))
-    folder = _engine_socket_dir(local)
+    folder = engine_socket_dir(local)
     assert folder is not None and folder.parent == short
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     # vLLM's own place (the temp folder) is kept where a folder would make paths too long.
     deep = short / ("d" * (100 - len(str(short))))
     deep.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(deep))
-    assert _engine_socket_dir(local) is None
+    assert engine_socket_dir(local) is None
     assert [p.name for p in deep.iterdir()] == []
     # The user's own choice, and remote mode, are left alone.
     monkeypatch.setattr(tempfile, "tempdir", str(short))
-    assert _engine_socket_dir(WorkerConfig(mode="local", model="m", environment={
+    assert engine_socket_dir(WorkerConfig(mode="local", model="m", environment={
         "VLLM_RPC_BASE_PATH": str(short)})) is None
-    assert _engine_socket_dir(WorkerConfig(mode="remote", model="m")) is None
+    assert engine_socket_dir(WorkerConfig(mode="remote", model="m")) is None

@@ -22,10 +22,11 @@ import openai.types
 import openai.types.chat
 import pytest
 
-from vllm_service import _openai_batch, cli
-from vllm_service._batch_output import ResumableFile
-from vllm_service._openai_batch import Defaults, _BadLine, parse_line, run_openai_batch
-from vllm_service._protocol import Finished, Request
+from vllm_service import cli
+from vllm_service._batch import openai_format as _openai_batch
+from vllm_service._batch.openai_format import Defaults, _BadLine, parse_line, run_openai_batch
+from vllm_service._batch.output import ResumableFile
+from vllm_service._worker.protocol import Finished, Request
 from vllm_service.errors import VLLMServiceError
 from vllm_service.types import Sample, TokenLogprobs, TopLogprob
 
@@ -187,7 +188,7 @@ def test_a_body_means_to_the_engine_what_it_means_to_vllms_server() -> None:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.sampling_params import SamplingParams
 
-    from vllm_service._local_engine import sampling_params
+    from vllm_service._engines.local import sampling_params
 
     chat_body = chat(
         FRANCE, temperature=0.3, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1,

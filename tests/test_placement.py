@@ -10,15 +10,16 @@ from typing import Any
 
 import pytest
 
-from vllm_service import _batch_local, _placement, batch, generate
-from vllm_service._placement import (
+from vllm_service import batch, generate
+from vllm_service._batch import local_pool as _batch_local
+from vllm_service._batch import placement as _placement
+from vllm_service._batch.placement import (
     cpu_kv_cache_bytes_per_worker,
     cpu_placements,
     gpu_placements,
-    group_physical_cores,
-    parse_cuda_mask,
 )
-from vllm_service._protocol import WorkerConfig
+from vllm_service._common.machine import group_physical_cores, parse_cuda_mask
+from vllm_service._worker.protocol import WorkerConfig
 
 GiB = 1 << 30
 

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from safetensors import safe_open
-
 from _quantized_model import WEIGHTS_FILE, make_w8a8
 from _reference_engine import ReferenceEngine
 from _waiting import wait_until
+from safetensors import safe_open
+
 from vllm_service import GenerationParams, VLLMInferenceService, VLLMSettings, WorkerStartError
 
 GREEDY = GenerationParams(temperature=0)

@@ -11,6 +11,7 @@ runs of the demo model share one output file:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -23,15 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ipaddress
-
 import psutil
 import pytest
+from _waiting import wait_until
 from ray.cluster_utils import Cluster
 
-from _waiting import wait_until
 from vllm_service import generate
-from vllm_service._worker_handle import shared_memory_files
+from vllm_service._worker.handle import shared_memory_files
 from vllm_service.errors import VLLMServiceError
 
 DATA = [{"id": i, "prompt": f"What is {i} + {i}? Answer in one sentence."} for i in range(24)]
@@ -316,7 +315,7 @@ def test_ray_is_imported_only_for_a_cluster_run() -> None:
 def test_secrets_never_go_into_the_actors_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray's dashboard and state API show an actor's runtime_env: tokens travel in the start
     call instead, and this service's own remote-mode key not at all."""
-    from vllm_service._batch_ray import forwarded_environment
+    from vllm_service._batch.ray_pool import forwarded_environment
 
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret_too")

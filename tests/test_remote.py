@@ -395,7 +395,7 @@ def test_streamed_answers_equal_the_servers_plain_answers(
 
 
 def test_sampling_split_between_openai_params_and_extra_body() -> None:
-    from vllm_service._remote_engine import split_sampling
+    from vllm_service._engines.remote import split_sampling
 
     params, extra = split_sampling(
         {
@@ -599,7 +599,7 @@ def test_server_restarted_with_another_model_is_an_error(
 
 
 def test_pick_served_model() -> None:
-    from vllm_service._remote_engine import pick_served_model
+    from vllm_service._engines.remote import pick_served_model
 
     served = {"/models/a": "/models/a", "b-chat": "/models/b", "b-alias": "/models/b"}
     assert pick_served_model("/models/a", served) == "/models/a"
@@ -692,8 +692,8 @@ def test_keep_alive_hold_and_unload_in_remote_mode(
 
 def test_engine_samples_n_and_aborts(server: VLLMServer) -> None:
     """The worker's engine itself: n samples with their own token counts, and abort."""
-    from vllm_service._protocol import Request, WorkerConfig
-    from vllm_service._remote_engine import RemoteEngine
+    from vllm_service._engines.remote import RemoteEngine
+    from vllm_service._worker.protocol import Request, WorkerConfig
 
     config = WorkerConfig(mode="remote", model=server.model, api_url=server.url, api_key=API_KEY)
     engine = RemoteEngine(config)
@@ -1130,7 +1130,7 @@ def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixtur
         assert API_KEY not in repr(service)
         assert API_KEY not in repr(service._config)
         service.generate("Hello", max_tokens=2)
-        log_path = service._slot.handle.log_path
+        log_path = service.dispatcher.worker.log_path
         worker_log = log_path.read_text()
     assert API_KEY not in caplog.text
     assert API_KEY not in worker_log

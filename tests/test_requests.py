@@ -15,9 +15,9 @@ import threading
 from typing import Any
 
 import pytest
+from _reference_engine import ReferenceEngine
 from pydantic import BaseModel, Field
 
-from _reference_engine import ReferenceEngine
 from vllm_service import GenerationParams, GenerationResult, VLLMInferenceService
 
 PROMPT = "The capital of France is"

@@ -10,8 +10,8 @@ import threading
 import time
 
 import pytest
-
 from _reference_engine import ReferenceEngine
+
 from vllm_service import GenerationParams, GenerationResult, VLLMInferenceService
 
 GREEDY = GenerationParams(temperature=0)

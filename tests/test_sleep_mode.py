@@ -13,15 +13,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 import _standin_worker
-import vllm_service._worker_handle
-import vllm_service.service
+import pytest
 from _waiting import wait_until
+
+import vllm_service._worker.handle
+import vllm_service.service
 from vllm_service import ServiceStatus, VLLMInferenceService, VLLMSettings
-from vllm_service._local_engine import LocalEngine
-from vllm_service._placement import visible_gpus
+from vllm_service._common.machine import visible_gpus
+from vllm_service._engines.local import LocalEngine
 
 
 def test_this_cpu_machine_refuses_the_setting_saying_why(demo_model: Path) -> None:
@@ -45,7 +45,7 @@ def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
     calls_file = tmp_path / "calls.jsonl"
     monkeypatch.setenv("STANDIN_CALLS", str(calls_file))
     monkeypatch.setattr(vllm_service.service, "visible_gpus", lambda: ["0"])  # a GPU machine
-    monkeypatch.setattr(vllm_service._worker_handle, "run_worker", _standin_worker.run_worker)
+    monkeypatch.setattr(vllm_service._worker.handle, "run_worker", _standin_worker.run_worker)
 
     settings = VLLMSettings(model_path=demo_model, idle_sleep_seconds=1, idle_ttl_seconds=60)
     with VLLMInferenceService(settings) as service:
@@ -116,7 +116,7 @@ def test_sleep_and_wake_up_on_a_gpu_machine_call_the_engines_sleep_mode(
     calls_file = tmp_path / "calls.jsonl"
     monkeypatch.setenv("STANDIN_CALLS", str(calls_file))
     monkeypatch.setattr(vllm_service.service, "visible_gpus", lambda: ["0"])  # a GPU machine
-    monkeypatch.setattr(vllm_service._worker_handle, "run_worker", _standin_worker.run_worker)
+    monkeypatch.setattr(vllm_service._worker.handle, "run_worker", _standin_worker.run_worker)
 
     plain = VLLMSettings(model_path=demo_model)
     with VLLMInferenceService(plain) as service, pytest.raises(RuntimeError, match="enable_sleep_mode"):

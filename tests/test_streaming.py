@@ -11,9 +11,9 @@ import time
 from typing import Any
 
 import pytest
-
 from _reference_engine import ReferenceEngine
 from _waiting import engine_cpu_percent, wait_until
+
 from vllm_service import StreamChunk, VLLMInferenceService
 
 PROMPT = "The capital of France is"

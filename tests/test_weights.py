@@ -18,22 +18,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import _standin_worker
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-import _standin_worker
-import vllm_service._worker_handle
 from _reference_engine import ReferenceEngine
 from _trained_weights import tensors_of, train_copy
 from _waiting import wait_until
-from vllm_service._local_engine import cpu_dtype, cpu_weight_update_problem
+from safetensors.torch import load_file, save_file
+
+import vllm_service._worker.handle
 from vllm_service import (
     AsyncVLLMInferenceService,
     VLLMInferenceService,
     VLLMSettings,
     WeightUpdateError,
 )
+from vllm_service._common.machine import cpu_dtype, cpu_weight_update_problem
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROMPTS = ["The capital of France is", "Bananas are", "Once upon a time", "def fib(n):"]
@@ -385,7 +385,7 @@ def test_remote_mode_says_what_the_server_would_need() -> None:
 def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     calls = tmp_path / "calls.jsonl"
     monkeypatch.setenv("STANDIN_CALLS", str(calls))
-    monkeypatch.setattr(vllm_service._worker_handle, "run_worker", _standin_worker.run_worker)
+    monkeypatch.setattr(vllm_service._worker.handle, "run_worker", _standin_worker.run_worker)
     return calls
 
 
@@ -467,7 +467,7 @@ def test_the_rl_loop_example_keeps_the_engine_in_step_with_the_trainer(
     ],
 )
 def test_tensor_parallel_ranks_that_disagree_count_as_broken(answers: list[Any], outcome: str) -> None:
-    from vllm_service._local_engine import weights_outcome
+    from vllm_service._engines.local import weights_outcome
 
     kind, message = weights_outcome(answers)
     assert kind == outcome

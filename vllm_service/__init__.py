@@ -5,19 +5,22 @@
 ...     print(service.generate("What is the capital of France?").text)
 """
 
-from ._stream import AsyncGenerationStream, GenerationStream
+from ._client.streams import AsyncGenerationStream, GenerationStream
 from .async_service import AsyncVLLMInferenceService
 from .batch import generate
 from .demo_model import demo_model_path
 from .errors import (
     EngineStalledError,
+    NotSupportedError,
     RemoteServerError,
     RequestAbortedError,
+    RequestError,
     RequestTimeoutError,
     ServiceShutdownError,
     VLLMServiceError,
     WeightUpdateError,
     WorkerDiedError,
+    WorkerError,
     WorkerStartError,
 )
 from .service import Hold, VLLMInferenceService
@@ -32,8 +35,10 @@ __all__ = [
     "GenerationResult",
     "GenerationStream",
     "Hold",
+    "NotSupportedError",
     "RemoteServerError",
     "RequestAbortedError",
+    "RequestError",
     "RequestTimeoutError",
     "ServiceShutdownError",
     "ServiceStatus",
@@ -43,6 +48,7 @@ __all__ = [
     "VLLMSettings",
     "WeightUpdateError",
     "WorkerDiedError",
+    "WorkerError",
     "WorkerStartError",
     "demo_model_path",
     "generate",

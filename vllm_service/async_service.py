@@ -1,7 +1,7 @@
 """The asyncio face of the service: :class:`AsyncVLLMInferenceService`.
 
-It drives the same worker through the same :class:`VLLMInferenceService` internals. A call
-submits its requests and awaits their futures on the event loop (``asyncio.wrap_future``):
+It drives the same worker through the same dispatcher as :class:`VLLMInferenceService`. A
+call submits its requests and awaits their futures on the event loop (``asyncio.wrap_future``):
 no thread waits for a request, so a thousand concurrent tasks make no thread. Only what
 blocks by nature runs in a thread: starting the worker (waiting for an old one to exit),
 unloading and shutting down, and remote-mode adapter calls.
@@ -11,24 +11,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from concurrent.futures import Future
 from typing import Any, Literal
 
-from ._protocol import ChatMessages, TokenIds
-from ._stream import AsyncGenerationStream
-from ._weight_source import WeightSource
-from ._worker_handle import WorkerHandle, WorkerUnavailable, remaining
-from .errors import RequestAbortedError, WorkerStartError
-from .service import (
-    Call,
-    Hold,
-    Params,
-    VLLMInferenceService,
-    _check_prompt,
-    _checked_prompts,
-)
+from ._client.calls import Params
+from ._client.streams import AsyncGenerationStream
+from ._common.inputs import check_messages, check_prompt, check_prompts
+from ._worker.weight_staging import WeightSource
+from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
-from .types import GenerationResult, ServiceStatus
+from .types import ChatMessages, GenerationResult, ServiceStatus, TokenIds
 
 
 class AsyncVLLMInferenceService:
@@ -48,6 +39,7 @@ class AsyncVLLMInferenceService:
         self.service = service if service is not None else VLLMInferenceService(settings)
         """The synchronous service behind this one (the same worker)."""
         self.settings = self.service.settings
+        self._dispatcher = self.service.dispatcher
 
     # ----- generation -----
 
@@ -56,34 +48,34 @@ class AsyncVLLMInferenceService:
         **overrides: Any,
     ) -> GenerationResult:
         """Complete one prompt (see :meth:`VLLMInferenceService.generate`)."""
-        call = self.service._prepare([_check_prompt(prompt)], params, overrides, keep_alive)
-        return (await self._run(call))[0]
+        call = self._dispatcher.prepare([check_prompt(prompt)], params, overrides, keep_alive)
+        return (await self._dispatcher.run_async(call))[0]
 
     async def generate_batch(
         self, prompts: Sequence[str | TokenIds], params: Params = None, *,
         keep_alive: float | None = None, **overrides: Any,
     ) -> list[GenerationResult]:
         """Complete many prompts at once (see :meth:`VLLMInferenceService.generate_batch`)."""
-        call = self.service._prepare(_checked_prompts(prompts), params, overrides, keep_alive)
-        return await self._run(call)
+        call = self._dispatcher.prepare(check_prompts(prompts), params, overrides, keep_alive)
+        return await self._dispatcher.run_async(call)
 
     async def chat(
         self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
         **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (see :meth:`VLLMInferenceService.chat`)."""
-        call = self.service._prepare(
-            [self.service._checked_chat(messages)], params, overrides, keep_alive
+        call = self._dispatcher.prepare(
+            [self._checked_chat(messages)], params, overrides, keep_alive
         )
-        return (await self._run(call))[0]
+        return (await self._dispatcher.run_async(call))[0]
 
     async def chat_batch(
         self, conversations: Sequence[ChatMessages], params: Params = None, *,
         keep_alive: float | None = None, **overrides: Any,
     ) -> list[GenerationResult]:
         """Answer many conversations at once (see :meth:`VLLMInferenceService.chat_batch`)."""
-        prompts = [self.service._checked_chat(c) for c in conversations]
-        return await self._run(self.service._prepare(prompts, params, overrides, keep_alive))
+        prompts = [self._checked_chat(c) for c in conversations]
+        return await self._dispatcher.run_async(self._dispatcher.prepare(prompts, params, overrides, keep_alive))
 
     def stream(
         self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
@@ -93,20 +85,20 @@ class AsyncVLLMInferenceService:
 
         The arguments are checked now; the request starts at the first step of the loop.
         """
-        call = self.service._prepare(
-            [_check_prompt(prompt)], params, overrides, keep_alive, stream=True
+        call = self._dispatcher.prepare(
+            [check_prompt(prompt)], params, overrides, keep_alive, stream=True
         )
-        return AsyncGenerationStream(self.service, call, self._ready_worker)
+        return AsyncGenerationStream(self._dispatcher, call)
 
     def chat_stream(
         self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
         **overrides: Any,
     ) -> AsyncGenerationStream:
         """Answer one conversation as an async iterator of :class:`StreamChunk`."""
-        call = self.service._prepare(
-            [self.service._checked_chat(messages)], params, overrides, keep_alive, stream=True
+        call = self._dispatcher.prepare(
+            [self._checked_chat(messages)], params, overrides, keep_alive, stream=True
         )
-        return AsyncGenerationStream(self.service, call, self._ready_worker)
+        return AsyncGenerationStream(self._dispatcher, call)
 
     # ----- LoRA adapters -----
 
@@ -149,7 +141,7 @@ class AsyncVLLMInferenceService:
 
     async def warmup(self) -> None:
         """Start the worker and load the model now."""
-        await self._ready_worker(None, claim=False)
+        await self._dispatcher.ready_worker_async(claim=False)
 
     def is_ready(self) -> bool:
         """True when a worker is running with its model loaded. Does not start or keep one."""
@@ -180,67 +172,5 @@ class AsyncVLLMInferenceService:
     def __repr__(self) -> str:
         return "Async" + repr(self.service)
 
-    # ----- internals -----
-
-    async def _run(self, call: Call) -> list[GenerationResult]:
-        if not call.requests:
-            return []
-        handle: WorkerHandle | None = None
-        try:
-            while True:
-                handle = await self._ready_worker(call.deadline)
-                try:
-                    futures = self.service._submit(handle, call)
-                    break
-                except WorkerUnavailable:
-                    continue
-            _, not_done = await _wait(futures, remaining(call.deadline))
-        except BaseException:  # the task was cancelled
-            if handle is not None:
-                handle.abort(call.request_ids, RequestAbortedError("the call was cancelled"))
-            raise
-        if not_done:
-            self.service._time_out(handle, call, len(not_done))
-        return self.service._results(call, futures)
-
-    async def _ready_worker(self, deadline: float | None, claim: bool = True) -> WorkerHandle:
-        """The ready worker, started if needed, without blocking the event loop."""
-        handle = self.service._slot.handle
-        if handle is None or not handle.accepting or self.service._closed:
-            # Starting may wait for an old worker to exit: the one wait that gets a thread.
-            handle = await asyncio.to_thread(self.service._worker, deadline, claim)
-        elif claim:
-            handle.claim()  # a request follows once it is ready (see VLLMInferenceService._worker)
-        _, not_done = await _wait([handle.ready], remaining(deadline))
-        if not_done:
-            if claim:
-                handle.unclaim()
-            raise self.service._start_timed_out()
-        try:
-            handle.ready.result()
-        except WorkerStartError as exc:
-            self.service._note_start_failure(exc)
-            raise
-        except RequestAbortedError:  # unloaded while it loaded: the next worker serves us
-            return await self._ready_worker(deadline, claim)
-        return handle
-
-
-async def _wait(futures: list[Future[Any]], timeout: float | None) -> tuple[set[Any], set[Any]]:
-    """Wait on the loop for concurrent futures, never cancelling them (others may share them).
-
-    The caller reads the outcomes from ``futures`` themselves.
-    """
-    if all(f.done() for f in futures):
-        return set(futures), set()
-    waiting = [asyncio.wrap_future(f) for f in futures]
-    for future in waiting:
-        future.add_done_callback(_seen)
-    return await asyncio.wait(waiting, timeout=timeout)
-
-
-def _seen(future: asyncio.Future[Any]) -> None:
-    # The outcome is read from the concurrent future; this keeps asyncio from logging an
-    # error it thinks nobody saw.
-    if not future.cancelled():
-        future.exception()
+    def _checked_chat(self, messages: Any) -> ChatMessages:
+        return check_messages(messages, self.settings.allowed_media_domains)

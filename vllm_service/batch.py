@@ -26,13 +26,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ._batch_local import EngineSpec, Host, LocalWorkers, worker_configs
-from ._media import media_problem
-from ._batch_output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
-from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
-from ._protocol import ENGINE_STALL_SECONDS, ChatMessages
-from .settings import looks_like_local_path
-from .types import GenerationParams
+from ._batch.local_pool import EngineSpec, Host, LocalWorkers, worker_configs
+from ._batch.output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
+from ._batch.schedule import Job, Outcome, Progress, WorkerPool, run_jobs
+from ._common.media import media_problem
+from .settings import ENGINE_STALL_SECONDS, looks_like_local_path
+from .types import ChatMessages, GenerationParams
 
 logger = logging.getLogger("vllm_service")
 
@@ -202,7 +201,7 @@ def worker_pool(
             f"pp={spec.pp} (pipeline parallelism) is not supported with ray_address yet; use "
             "tp, or run without ray_address"
         )
-    from ._batch_ray import RayWorkers  # says what to install when Ray is missing
+    from ._batch.ray_pool import RayWorkers  # says what to install when Ray is missing
 
     return lambda: RayWorkers(spec, worker_num, ray_address, startup_timeout)
 

@@ -214,7 +214,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     for name in ("command", "run", "input", "output", "format"):
         options.pop(name)
     if args.format == "openai":
-        from ._openai_batch import run_openai_batch, succeeded
+        from ._batch.openai_format import run_openai_batch, succeeded
 
         problem = _openai_options(options)
         if problem is not None:

@@ -1,4 +1,22 @@
-"""The service's errors. All subclass :class:`VLLMServiceError`, itself a ``RuntimeError``."""
+"""The service's errors, in tiers (as httpx and openai-python arrange theirs)::
+
+    VLLMServiceError (a RuntimeError)
+    +-- WorkerError                 the worker process, not one request
+    |   +-- WorkerStartError        it could not start (the model failed to load, ...)
+    |   +-- WorkerDiedError         it ended with requests in flight
+    |       +-- EngineStalledError  its engine made no progress: stuck, and killed
+    +-- RequestError                one call's requests; the worker goes on
+    |   +-- RequestTimeoutError     past VLLM_REQUEST_TIMEOUT_SECONDS
+    |   +-- RequestAbortedError     cancelled, closed, or unloaded under it
+    |   +-- RemoteServerError       remote mode: the vLLM server failed or is unreachable
+    +-- NotSupportedError           not in this mode, on this machine, or by this server
+    +-- WeightUpdateError           update_weights could not load the weights
+    +-- ServiceShutdownError        the service was shut down
+
+Catch a tier to handle its kind (``except RequestError``: retry the call), or
+``VLLMServiceError`` for anything of the service's. Bad arguments raise ``TypeError`` or
+``ValueError`` before anything runs.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +25,21 @@ class VLLMServiceError(RuntimeError):
     """Base class of every error the service raises about itself or its worker."""
 
 
-class WorkerStartError(VLLMServiceError):
+class WorkerError(VLLMServiceError):
+    """The worker process failed: it did not start, died, or got stuck. The next call
+    starts a new one."""
+
+
+class RequestError(VLLMServiceError):
+    """One call's requests failed; the worker and the other calls go on."""
+
+
+class NotSupportedError(VLLMServiceError):
+    """What was asked is not offered here: in this mode (local or remote), on this machine
+    (a GPU-only feature on CPU), or by this server. The message names what would allow it."""
+
+
+class WorkerStartError(WorkerError):
     """The worker could not start (for example the model failed to load).
 
     ``log_tail`` holds the last lines of the worker's own output.
@@ -19,7 +51,7 @@ class WorkerStartError(VLLMServiceError):
         super().__init__(full)
 
 
-class WorkerDiedError(VLLMServiceError):
+class WorkerDiedError(WorkerError):
     """The worker process ended while requests were in flight; the next call starts a new one.
 
     ``pid`` and ``exit_code`` are the worker's (a negative code is the signal that ended it);
@@ -52,15 +84,15 @@ class ServiceShutdownError(VLLMServiceError):
     """The service was shut down; create a new one to go on."""
 
 
-class RemoteServerError(VLLMServiceError):
+class RemoteServerError(RequestError):
     """Remote mode: the vLLM server could not be reached or failed, after the retries."""
 
 
-class RequestTimeoutError(VLLMServiceError):
+class RequestTimeoutError(RequestError):
     """A call took longer than ``VLLM_REQUEST_TIMEOUT_SECONDS``; its requests were aborted."""
 
 
-class RequestAbortedError(VLLMServiceError):
+class RequestAbortedError(RequestError):
     """The request was given up before it finished: its call was cancelled, its stream
     closed, or the worker unloaded with ``unload(wait=False)``. The service goes on."""
 

@@ -10,8 +10,10 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
-from ._protocol import ENGINE_STALL_SECONDS
 from .types import MAX_INT32
+
+# VLLM_ENGINE_STALL_SECONDS' default: far above one engine step here (docs/reliability.md).
+ENGINE_STALL_SECONDS = 600.0
 
 ENV_PREFIX = "VLLM_"
 
@@ -180,7 +182,7 @@ class VLLMSettings(BaseSettings):
             if not path.exists():
                 raise ValueError(f"VLLM_MODEL_PATH: local model folder {path} does not exist")
         if self.mode == "local":
-            from ._lora import adapter_rank
+            from ._common.lora import adapter_rank
 
             for name, folder in self.lora_modules.items():
                 try:

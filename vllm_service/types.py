@@ -14,6 +14,11 @@ FinishReason = Literal["stop", "length", "error"]
 # vLLM keeps counts in 32-bit tensors and sends seeds as 64-bit integers; a larger value
 # fails deep inside the engine, so it is refused here.
 MAX_INT32 = 2**31 - 1
+
+TokenIds = list[int]
+"""A prompt given as token ids."""
+ChatMessages = list[dict[str, Any]]
+"""A conversation: OpenAI-style ``{"role": ..., "content": ...}`` messages."""
 MAX_SEED = 2**63 - 1
 # vLLM's VLLM_MAX_N_SEQUENCES default: the most samples one request may ask for.
 MAX_N = 16384

@@ -20,25 +20,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ._lora import ZERO_ADAPTER_NAME, write_zero_adapter
-from ._media import fetched, needs_fetching
-from ._protocol import Delta, Finished, Request, WorkerConfig
-from .types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
+from .._common.lora import ZERO_ADAPTER_NAME, write_zero_adapter
+from .._common.machine import GiB, cpu_dtype, cpu_kv_cache_bytes, cpu_weight_update_problem
+from .._common.media import fetched, needs_fetching
+from .._worker.protocol import Delta, Finished, Request, WorkerConfig
+from ..types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
 
 logger = logging.getLogger(__name__)
 
-GiB = 1 << 30
 # How long step() waits for the engine's next output before the worker loop reads its pipe.
 _STEP_POLL_SECONDS = 0.005
 # Mixed into vLLM's worker class: it loads new weights next to the model (update_weights).
-WEIGHT_LOADER = "vllm_service._weight_loader.WeightLoader"
-# On a CPU-only machine the KV cache is sized from memory that is free at start:
-# this share of it, within these bounds.
-_CPU_KV_CACHE_SHARE = 0.15
-_CPU_KV_CACHE_MIN = 1 * GiB
-_CPU_KV_CACHE_MAX = 4 * GiB
-# CPU feature flags of a native bf16 unit: x86 AVX-512 BF16 and AMX, Arm's BF16 extension.
-_NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+WEIGHT_LOADER = "vllm_service._engines.weight_loader.WeightLoader"
 
 
 class LocalEngine:
@@ -281,7 +274,7 @@ class LocalEngine:
         """Load new weights in place through vLLM's worker extension (``_weight_loader``)."""
         from vllm.platforms import current_platform
 
-        from ._engine import WeightsBroken, WeightsRejected
+        from .contract import WeightsBroken, WeightsRejected
 
         if current_platform.is_cpu():
             problem = cpu_weight_update_problem(self.info["dtype"])
@@ -453,68 +446,6 @@ def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[s
                 "to choose)"
             )
     return args, choices
-
-
-def cpu_dtype(flags: set[str] | None = None) -> str:
-    """The dtype for ``dtype="auto"`` on vLLM's CPU backend: "auto" or "float32".
-
-    vLLM's "auto" takes the model's dtype (bf16 for most models, and bf16 for float32 models
-    too). A CPU with native bf16 (AVX-512 BF16 or AMX on x86, the BF16 extension on Arm) runs
-    that fastest, so "auto" stays. Without it bf16 is emulated and float32 is about five times
-    faster (docs/benchmarks.md), so float32 is chosen. ``flags`` are the CPU's feature flags;
-    when they cannot be read, vLLM's choice stands.
-    """
-    flags = cpu_flags() if flags is None else flags
-    if not flags or flags & _NATIVE_BF16_FLAGS:
-        return "auto"
-    return "float32"
-
-
-def cpu_weight_update_problem(dtype: str, flags: set[str] | None = None) -> str | None:
-    """Why ``update_weights`` is refused for an engine of ``dtype`` on this CPU, or None.
-
-    Where the processor has native bf16, vLLM 0.32's CPU backend packs bf16/fp16 weights for
-    its oneDNN (or AMX) kernels and drops the originals; after an in-place reload such an
-    engine served other weights than those loaded (measured on an Intel Xeon with
-    avx512_bf16: the logprob gap to the trainer grew from 0.03 to 0.48 and 1.24 over two
-    updates). float32 reloads correctly there, and without native bf16 bf16 runs unpacked
-    and reloads correctly too (measured: the same logprobs as a fresh engine).
-    """
-    if dtype not in ("bfloat16", "float16"):
-        return None
-    flags = cpu_flags() if flags is None else flags
-    native = sorted(flags & _NATIVE_BF16_FLAGS)
-    if not native:
-        return None
-    return (
-        f"update_weights is refused for a {dtype} engine on this CPU ({', '.join(native)}): "
-        f"vLLM 0.32 packs {dtype} weights for its native kernels here, and an in-place reload "
-        "then serves other weights than those loaded; run the engine in float32 "
-        "(VLLM_DTYPE=float32, or dtype='float32'), which reloads correctly"
-    )
-
-
-def cpu_flags() -> set[str]:
-    """The processor's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features")."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        name, _, value = line.partition(":")
-        if name.strip() in ("flags", "Features"):
-            return set(value.split())
-    return set()
-
-
-def cpu_kv_cache_bytes(available_bytes: int | None = None) -> int:
-    """The KV cache one engine takes on a CPU-only machine: a share of free memory, bounded."""
-    if available_bytes is None:
-        import psutil
-
-        available_bytes = psutil.virtual_memory().available
-    share = int(available_bytes * _CPU_KV_CACHE_SHARE)
-    return min(_CPU_KV_CACHE_MAX, max(_CPU_KV_CACHE_MIN, share))
 
 
 def _model_max_len(model: str, trust_remote_code: bool) -> int | None:

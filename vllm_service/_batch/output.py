@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import VLLMServiceError
+from ..errors import VLLMServiceError
 
 logger = logging.getLogger("vllm_service")
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ._private_folders import make_private_folder, remove_orphaned
+from .folders import make_private_folder, remove_orphaned
 
 logger = logging.getLogger("vllm_service")
 

@@ -36,12 +36,13 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from ._media import media_problem
-from ._batch_output import ResumableFile, _some, fingerprint, weights_identity
-from ._batch_schedule import Job, Outcome, Progress, WorkerPool, run_jobs
-from ._protocol import ENGINE_STALL_SECONDS, Finished
-from .batch import check_arguments, engine_spec, model_name, worker_pool
-from .types import GenerationParams, Sample, TokenLogprobs
+from .._common.media import media_problem
+from .._worker.protocol import Finished
+from ..batch import check_arguments, engine_spec, model_name, worker_pool
+from ..settings import ENGINE_STALL_SECONDS
+from ..types import GenerationParams, Sample, TokenLogprobs
+from .output import ResumableFile, _some, fingerprint, weights_identity
+from .schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 
 logger = logging.getLogger("vllm_service")
 

@@ -27,19 +27,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .types import Sample, TokenLogprobs
-
-ChatMessages = list[dict[str, Any]]
-TokenIds = list[int]
+from ..settings import ENGINE_STALL_SECONDS
+from ..types import ChatMessages, Sample, TokenIds, TokenLogprobs
 
 EXIT_OK = 0  # stopped when asked, or its parent went away
 EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
 EXIT_ENGINE_DIED = 3  # one of vLLM's engine processes died under it (the log says which)
 EXIT_WEIGHTS_BROKEN = 4  # a weight update failed part-way, leaving a mix of old and new
 
-
-# VLLM_ENGINE_STALL_SECONDS' default: far above one engine step here (docs/reliability.md).
-ENGINE_STALL_SECONDS = 600.0
 
 
 @dataclass(frozen=True)

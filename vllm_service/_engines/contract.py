@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from ._protocol import Delta, Finished, Request
+from .._worker.protocol import Delta, Finished, Request
 
 
 class Engine(Protocol):
@@ -72,14 +72,3 @@ class WeightsBroken(Exception):
     """Loading failed part-way: the engine holds a mix of old and new weights."""
 
 
-def make_engine(config: Any) -> Engine:
-    """The engine for ``config.mode``; imports vLLM or openai only in the worker process."""
-    if config.mode == "local":
-        from ._local_engine import LocalEngine
-
-        return LocalEngine(config)
-    if config.mode == "remote":
-        from ._remote_engine import RemoteEngine
-
-        return RemoteEngine(config)
-    raise ValueError(f"unknown worker mode {config.mode!r}")

@@ -30,11 +30,11 @@ from collections.abc import Iterator
 from concurrent.futures import as_completed
 from typing import Any
 
-from ._batch_local import EngineSpec, Host, describe, worker_configs
-from ._batch_schedule import WorkerGone
-from ._protocol import Finished, Request, WorkerConfig
-from ._worker_handle import KeepAlive, WorkerHandle, WorkerUnavailable, remaining
-from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
+from .._worker.handle import KeepAlive, WorkerHandle, WorkerUnavailable, remaining
+from .._worker.protocol import Finished, Request, WorkerConfig
+from ..errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
+from .local_pool import EngineSpec, Host, describe, worker_configs
+from .schedule import WorkerGone
 
 try:
     import ray

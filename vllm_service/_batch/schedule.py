@@ -31,8 +31,8 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from ._protocol import Finished, Request
-from .errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
+from .._worker.protocol import Finished, Request
+from ..errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
 
 logger = logging.getLogger("vllm_service")
 

@@ -8,12 +8,10 @@ Every impossible request raises ``ValueError`` before any worker starts.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from ._local_engine import cpu_kv_cache_bytes
+from .._common.machine import cpu_kv_cache_bytes, physical_cores, visible_gpus  # noqa: F401 (the pool asks here)
 
 
 @dataclass(frozen=True)
@@ -25,20 +23,6 @@ class Placement:
 
 
 # ----- GPUs -----
-
-
-def parse_cuda_mask(mask: str | None, device_count: int) -> list[str]:
-    """The GPU ids this process may hand out, as CUDA_VISIBLE_DEVICES entries of the parent.
-
-    ``mask`` is the parent's CUDA_VISIBLE_DEVICES (None when unset); ``device_count`` is how
-    many GPUs CUDA reports through that mask. Workers get entries of this list, so a worker's
-    GPU "0" is the parent's first visible GPU, whatever its physical number.
-    """
-    if mask is None:
-        return [str(i) for i in range(device_count)]
-    # CUDA stops at the first entry it cannot use; device_count already reflects that.
-    entries = [entry.strip() for entry in mask.split(",") if entry.strip()]
-    return entries[:device_count]
 
 
 def gpu_placements(
@@ -117,17 +101,6 @@ def _checked_assignments(
     return groups
 
 
-def visible_gpus(environ: Mapping[str, str] = os.environ) -> list[str]:
-    """The GPUs this process can see, as ids to put in a worker's CUDA_VISIBLE_DEVICES."""
-    if not Path("/proc/driver/nvidia/gpus").is_dir():
-        return []  # no NVIDIA driver: skip importing torch (seconds) to learn nothing
-    try:
-        import torch
-    except ImportError:
-        return []
-    return parse_cuda_mask(environ.get("CUDA_VISIBLE_DEVICES"), torch.cuda.device_count())
-
-
 # ----- CPU cores -----
 
 
@@ -168,31 +141,6 @@ def cpu_placements(
             )
         )
     return placements
-
-
-def group_physical_cores(core_of: dict[int, tuple[int, int]]) -> list[list[int]]:
-    """Logical CPUs grouped by physical core, ordered by their lowest CPU id.
-
-    ``core_of`` maps each usable logical CPU id to its (package, core) pair.
-    """
-    groups: dict[tuple[int, int], list[int]] = {}
-    for cpu in sorted(core_of):
-        groups.setdefault(core_of[cpu], []).append(cpu)
-    return sorted(groups.values(), key=lambda cpus: cpus[0])
-
-
-def physical_cores() -> list[list[int]]:
-    """The physical cores this process may run on (its affinity mask), from sysfs."""
-    core_of = {}
-    for cpu in os.sched_getaffinity(0):
-        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-        try:
-            package = int((topology / "physical_package_id").read_text())
-            core = int((topology / "core_id").read_text())
-        except (OSError, ValueError):  # no topology: count each logical CPU as a core
-            package, core = -1, cpu
-        core_of[cpu] = (package, core)
-    return group_physical_cores(core_of)
 
 
 def cpu_kv_cache_bytes_per_worker(worker_num: int, available_bytes: int | None = None) -> int:

@@ -41,7 +41,6 @@ import os
 import queue
 import shutil
 import signal
-import tempfile
 import threading
 import time
 import weakref
@@ -49,10 +48,29 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from multiprocessing.connection import wait
 from multiprocessing.reduction import ForkingPickler
-from pathlib import Path
 from typing import Any
 
-from ._protocol import (
+from ..errors import (
+    EngineStalledError,
+    RequestAbortedError,
+    ServiceShutdownError,
+    VLLMServiceError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from .folders import engine_socket_dir, log_folder, new_log_path
+from .keep_alive import KeepAlive
+from .main import run_worker
+from .processes import (
+    TERMINATE_SECONDS,
+    end_process_group,
+    engine_created,
+    group_members,
+    remove_files,
+    shared_memory_files,
+    shm_snapshot,
+)
+from .protocol import (
     EXIT_ENGINE_DIED,
     EXIT_ERROR,
     EXIT_WEIGHTS_BROKEN,
@@ -70,41 +88,15 @@ from ._protocol import (
     WeightsUpdated,
     WorkerConfig,
 )
-from ._private_folders import make_private_folder, remove_orphaned
-from ._shared_memory import (
-    engine_created,
-    group_members,
-    remove_files,
-    shared_memory_files,
-    shm_snapshot,
-)
-from ._weight_source import remove_orphaned_staging
-from ._worker_process import run_worker
-from .errors import (
-    EngineStalledError,
-    RequestAbortedError,
-    ServiceShutdownError,
-    VLLMServiceError,
-    WorkerDiedError,
-    WorkerStartError,
-)
+from .weight_staging import remove_orphaned_staging
 
 logger = logging.getLogger("vllm_service")
 
 _POLL_SECONDS = 0.5
 _LOG_TAIL_LINES = 40
-# Logs of workers that ended badly are kept for reading; the oldest beyond this go.
-_KEPT_LOGS = 20
-_TERMINATE_SECONDS = 5.0
 # A claim (a caller waiting for this worker to be ready) not followed by a request this long
 # is forgotten: the caller gave up in between.
 _CLAIM_SECONDS = 30.0
-# The folders of the engine's unix sockets (``_engine_socket_dir``), named for the parent's pid.
-_SOCKET_PREFIX = "vllm-service-sockets-"
-# A unix socket's path holds at most 107 bytes (sun_path, less its NUL); vLLM names each socket
-# with a uuid4 (36 characters).
-_UNIX_PATH_LIMIT = 107
-_SOCKET_NAME_LENGTH = 36
 
 
 class WorkerState(enum.Enum):
@@ -132,47 +124,6 @@ class WorkerUnavailable(Exception):
     """This worker takes no more requests (retiring or gone): use a new one."""
 
 
-class KeepAlive:
-    """How long an idle worker stays, shared by a service and each worker it starts.
-
-    The idle clock runs from the end of the last request (or of the last hold) and never
-    while a request runs or a hold lasts.
-    """
-
-    def __init__(self, ttl: float, sleep_after: float | None = None) -> None:
-        self.ttl = ttl
-        """Seconds an idle worker stays: 0 retires it at once, a negative value never."""
-        self.sleep_after = sleep_after
-        """Seconds idle before the engine sleeps (GPU only); None never."""
-        self._holds = 0
-        self.released_at = 0.0  # time.monotonic() when the last hold ended
-        self._lock = threading.Lock()
-
-    @property
-    def held(self) -> bool:
-        return self._holds > 0
-
-    def hold(self) -> None:
-        with self._lock:
-            self._holds += 1
-
-    def release(self) -> None:
-        with self._lock:
-            self._holds -= 1
-            self.released_at = time.monotonic()
-
-    def forget_holds(self) -> None:
-        """In a forked child: the parent's holds (and its lock's state) are not the child's."""
-        self._lock = threading.Lock()
-        self._holds = 0
-
-    def expired(self, idle_for: float) -> bool:
-        return not self.held and self.ttl >= 0 and idle_for >= self.ttl
-
-    def sleep_due(self, idle_for: float) -> bool:
-        return not self.held and self.sleep_after is not None and idle_for >= self.sleep_after
-
-
 class WorkerHandle:
     """One spawned worker process and the requests in flight on it."""
 
@@ -191,9 +142,9 @@ class WorkerHandle:
         self.stop_timeout = stop_timeout
         # With requests in flight, a worker silent this long has a stuck engine (None: never).
         self.stall_timeout = config.engine_stall_seconds
-        self.log_path = _new_log_path(log_folder(config.log_dir))
+        self.log_path = new_log_path(log_folder(config.log_dir))
         config = dataclasses.replace(config, log_path=str(self.log_path))
-        self._socket_dir = _engine_socket_dir(config)
+        self._socket_dir = engine_socket_dir(config)
         if self._socket_dir is not None:
             config = dataclasses.replace(config, environment={
                 **config.environment, "VLLM_RPC_BASE_PATH": str(self._socket_dir)})
@@ -460,7 +411,7 @@ class WorkerHandle:
         self._announce()
         _fail(futures, error)
         _settle(self._ready, error=error)
-        self.wait_exited(timeout + 3 * _TERMINATE_SECONDS + 2 * _POLL_SECONDS)
+        self.wait_exited(timeout + 3 * TERMINATE_SECONDS + 2 * _POLL_SECONDS)
 
     # ----- the state machine -----
 
@@ -532,7 +483,7 @@ class WorkerHandle:
                     "VLLM_ENGINE_STALL_SECONDS (batch runs: engine_stall_seconds, "
                     f"--engine-stall-seconds). Its output: {self.log_path}"
                 )
-                self._move(WorkerState.STOPPING, now + _TERMINATE_SECONDS)
+                self._move(WorkerState.STOPPING, now + TERMINATE_SECONDS)
                 signals = [signal.SIGKILL]
                 self._signals_sent = 1
             elif (
@@ -566,7 +517,7 @@ class WorkerHandle:
                     signal.SIGKILL
                 ]
                 self._signals_sent += 1
-                self._deadline = now + _TERMINATE_SECONDS
+                self._deadline = now + TERMINATE_SECONDS
         self._announce()
         if stalled:
             logger.error("vllm-service: %s", self.failure)
@@ -700,10 +651,10 @@ class WorkerHandle:
 
     def _reap_and_clean_up(self) -> None:
         """Reap the worker, fail what was in flight, end its group, remove its shared memory."""
-        self._process.join(_TERMINATE_SECONDS)
+        self._process.join(TERMINATE_SECONDS)
         if self._process.exitcode is None:  # the pipe broke but the process lives on
             self._signal_group(signal.SIGKILL)
-            self._process.join(_TERMINATE_SECONDS)
+            self._process.join(TERMINATE_SECONDS)
         exit_code = self.exit_code = self._process.exitcode
         with self._lock:
             was = self._state
@@ -744,7 +695,7 @@ class WorkerHandle:
         # vLLM's engine processes share the worker's group and may still run (kill -9 of the
         # worker): note their shared memory, end them, then remove what they left.
         self._shm_paths |= shared_memory_files(self.pid)
-        _end_process_group(self.pid)
+        end_process_group(self.pid)
         remove_files(engine_created(self._shm_paths, self._shm_before))
         if self._socket_dir is not None:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
@@ -796,122 +747,6 @@ class WorkerHandle:
 def remaining(deadline: float | None) -> float | None:
     """Seconds left until ``deadline`` (a ``time.monotonic()`` value); None without one."""
     return None if deadline is None else max(0.0, deadline - time.monotonic())
-
-
-def _engine_socket_dir(config: WorkerConfig) -> Path | None:
-    """A folder of this worker's for the unix sockets vLLM's engine processes talk over.
-
-    vLLM makes them in ``VLLM_RPC_BASE_PATH`` (by default the temp folder) and leaves them
-    there when its processes are killed, as every worker's end does: one folder per worker,
-    removed with it, keeps them from piling up in /tmp. None when the user chose the place, in
-    remote mode (no engine here), or when the temp folder's path is so long that a socket in a
-    folder of its own would pass the length a unix socket's path may have.
-    """
-    if config.mode != "local" or "VLLM_RPC_BASE_PATH" in {**os.environ, **config.environment}:
-        return None
-    remove_orphaned(_SOCKET_PREFIX, [tempfile.gettempdir()])
-    folder = make_private_folder(_SOCKET_PREFIX)
-    if len(os.fsencode(folder)) + 1 + _SOCKET_NAME_LENGTH > _UNIX_PATH_LIMIT:
-        folder.rmdir()
-        return None
-    return folder
-
-
-def default_log_dir() -> Path:
-    """Where workers' logs go unless ``VLLM_LOG_DIR`` says: a folder of this user's own."""
-    chosen = os.environ.get("VLLM_LOG_DIR")
-    if chosen:
-        return Path(chosen).expanduser()
-    return Path(tempfile.gettempdir()) / f"vllm-service-{os.getuid()}"
-
-
-def log_folder(log_dir: str | None) -> Path:
-    """The log folder, made with mode 0700 if missing; refused unless it is this user's own.
-
-    Logs hold prompts and answers: another user must neither read them nor, by making the
-    folder first or planting a link in it, decide where they go.
-    """
-    folder = Path(log_dir).expanduser() if log_dir else default_log_dir()
-    try:
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = os.lstat(folder)
-    except OSError as exc:
-        raise PermissionError(
-            f"vllm-service cannot make its log folder {folder} ({exc}); set VLLM_LOG_DIR "
-            "to a folder of your own"
-        ) from None
-    import stat
-
-    if not stat.S_ISDIR(info.st_mode):
-        problem = "is not a folder (a link or a file)"
-    elif info.st_uid != os.getuid():
-        problem = f"belongs to another user (uid {info.st_uid})"
-    elif info.st_mode & 0o077:
-        problem = f"is open to other users (mode {stat.S_IMODE(info.st_mode):04o})"
-    else:
-        return folder
-    raise PermissionError(
-        f"vllm-service's log folder {folder} {problem}; its logs hold prompts and answers. "
-        "Remove it, make it yours with mode 0700, or set VLLM_LOG_DIR to a folder of your own"
-    )
-
-
-def _new_log_path(folder: Path) -> Path:
-    """A fresh log file for a worker in ``folder``; the oldest beyond _KEPT_LOGS are removed,
-    but never one a live worker writes (it holds a lock on its log)."""
-    logs = sorted(folder.glob("worker-*.log"), key=_modified_at, reverse=True)
-    for old in logs[_KEPT_LOGS - 1 :]:
-        _remove_unless_locked(old)
-    # mkstemp creates the file exclusively (O_EXCL): a planted link is never followed.
-    fd, path = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=folder)
-    os.close(fd)
-    return Path(path)
-
-
-def _remove_unless_locked(path: Path) -> None:
-    """Remove a log no live worker holds (workers keep a shared flock on theirs)."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return  # gone, or a link: not ours to follow
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        return  # a live worker's
-    try:
-        path.unlink(missing_ok=True)
-    finally:
-        os.close(fd)
-
-
-def _modified_at(path: Path) -> float:
-    """A log's modification time; 0 if it is gone (another worker starting may prune it)."""
-    try:
-        return path.stat().st_mtime
-    except FileNotFoundError:
-        return 0.0
-
-
-def _end_process_group(pgid: int) -> None:
-    """SIGKILL whatever is left of the group the worker led, and wait until it is gone.
-
-    Called once the worker has exited: what is left are vLLM's engine processes, which
-    serve no one any more (their shared memory is removed afterwards).
-    """
-    if not group_members(pgid):
-        return
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return
-    # SIGKILL is not instant on a loaded machine (a process tearing down large mappings):
-    # wait longer than for a polite exit, so that "stopped" means the processes are gone.
-    deadline = time.monotonic() + 3 * _TERMINATE_SECONDS
-    while group_members(pgid) and time.monotonic() < deadline:
-        time.sleep(0.05)
 
 
 def _settle(future: Future, *, result: Any = None, error: BaseException | None = None) -> None:

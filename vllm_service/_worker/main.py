@@ -22,8 +22,9 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ._engine import Engine, WeightsRejected, make_engine
-from ._protocol import (
+from .._engines.contract import Engine, WeightsRejected
+from .processes import engine_created, remove_files, shared_memory_files, shm_snapshot
+from .protocol import (
     EXIT_ENGINE_DIED,
     EXIT_ERROR,
     EXIT_OK,
@@ -45,7 +46,6 @@ from ._protocol import (
     WeightsUpdated,
     WorkerConfig,
 )
-from ._shared_memory import engine_created, remove_files, shared_memory_files, shm_snapshot
 
 # How long the idle worker blocks on the pipe between checks; the parent decides idle exit.
 _IDLE_POLL_SECONDS = 1.0
@@ -319,3 +319,16 @@ def _redirect_output(log_path: str | None) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+
+
+def make_engine(config: Any) -> Engine:
+    """The engine for ``config.mode``; imports vLLM or openai only in the worker process."""
+    if config.mode == "local":
+        from .._engines.local import LocalEngine
+
+        return LocalEngine(config)
+    if config.mode == "remote":
+        from .._engines.remote import RemoteEngine
+
+        return RemoteEngine(config)
+    raise ValueError(f"unknown worker mode {config.mode!r}")

@@ -15,11 +15,12 @@ from typing import Any
 
 import psutil
 
-from . import _placement
-from ._batch_schedule import WorkerGone
-from ._protocol import ENGINE_STALL_SECONDS, Finished, Request, WorkerConfig
-from ._worker_handle import KeepAlive, WorkerHandle, WorkerUnavailable
-from .errors import ServiceShutdownError
+from .._worker.handle import KeepAlive, WorkerHandle, WorkerUnavailable
+from .._worker.protocol import Finished, Request, WorkerConfig
+from ..errors import ServiceShutdownError
+from ..settings import ENGINE_STALL_SECONDS
+from . import placement as _placement
+from .schedule import WorkerGone
 
 logger = logging.getLogger("vllm_service")
 

@@ -7,6 +7,8 @@ removes them itself after its engine shut down, for a parent that is gone (a kil
 from __future__ import annotations
 
 import os
+import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +96,25 @@ def remove_files(paths: Any) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+TERMINATE_SECONDS = 5.0
+
+
+def end_process_group(pgid: int) -> None:
+    """SIGKILL whatever is left of the group the worker led, and wait until it is gone.
+
+    Called once the worker has exited: what is left are vLLM's engine processes, which
+    serve no one any more (their shared memory is removed afterwards).
+    """
+    if not group_members(pgid):
+        return
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return
+    # SIGKILL is not instant on a loaded machine (a process tearing down large mappings):
+    # wait longer than for a polite exit, so that "stopped" means the processes are gone.
+    deadline = time.monotonic() + 3 * TERMINATE_SECONDS
+    while group_members(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)

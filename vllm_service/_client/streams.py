@@ -13,26 +13,25 @@ from __future__ import annotations
 import asyncio
 import queue
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ._protocol import Delta, Finished
-from ._worker_handle import WorkerHandle, WorkerUnavailable, remaining
-from .errors import RequestAbortedError
-from .types import GenerationResult, StreamChunk
-
-if TYPE_CHECKING:
-    from .service import Call, VLLMInferenceService
+from .._worker.handle import remaining
+from .._worker.protocol import Delta, Finished
+from ..errors import RequestAbortedError
+from ..types import GenerationResult, StreamChunk
+from .calls import Call
+from .dispatcher import Dispatcher, Sent, aborted_on_error
 
 
 class _Stream:
     """What the synchronous and the asyncio stream share: the chunks and the ending."""
 
-    def __init__(self, service: VLLMInferenceService, call: Call) -> None:
-        self._service = service
+    def __init__(self, dispatcher: Dispatcher, call: Call) -> None:
+        self._dispatcher = dispatcher
         self._call = call
-        self._handle: WorkerHandle | None = None
+        self._sent = Sent(call.request_ids)
         self._done = False
         self._ready: deque[StreamChunk] = deque()
         # Per sample index: how much text and how many token ids were handed out.
@@ -46,27 +45,28 @@ class _Stream:
         if self._done:
             return
         self._done = True
-        if self._handle is not None:
-            self._handle.abort(
-                [self._call.requests[0].request_id],
-                RequestAbortedError("the stream was closed before it ended"),
-            )
+        self._sent.abort(RequestAbortedError("the stream was closed before it ended"))
 
     def __del__(self) -> None:
         # The garbage collector may run this inside code that holds the worker handle's lock:
         # only queue the abort (the handle's reader thread carries it out).
         try:
-            if not self._done and self._handle is not None:
+            if not self._done:
                 self._done = True
-                self._handle.abort_soon([self._call.requests[0].request_id])
+                self._sent.abort_soon()
         except Exception:  # at interpreter exit, half of the world may be gone
             pass
 
-    def _send(self, handle: WorkerHandle, put: Callable[[Any], None]) -> None:
-        """Submit the request to ``handle``; its deltas and its end go to ``put``."""
-        futures = self._service._submit(handle, self._call, put)
-        self._handle = handle
-        futures[0].add_done_callback(put)
+    def _submitter(self, put: Callable[[Any], None]) -> Callable[[Any], list[Future[Finished]]]:
+        """How the request is submitted: its deltas and then its end go to ``put``."""
+        submit = self._dispatcher.submitter(self._call, put)
+
+        def submit_and_end(handle: Any) -> list[Future[Finished]]:
+            futures = submit(handle)
+            futures[0].add_done_callback(put)
+            return futures
+
+        return submit_and_end
 
     def _take(self, item: Delta | Future[Finished]) -> list[StreamChunk]:
         """The chunks one queue item gives: a delta, or the end (which raises for a failure)."""
@@ -75,7 +75,7 @@ class _Stream:
             self._ids_given[item.index] = self._ids_given.get(item.index, 0) + len(item.token_ids)
             return [StreamChunk(item.text, item.token_ids, item.index)]
         self._done = True
-        result = self._service._results(self._call, [item])[0]
+        result = self._dispatcher.results(self._call, [item])[0]
         self.result = result
         # What the finishing step added came in the result alone.
         rest = [
@@ -89,8 +89,7 @@ class _Stream:
         return chunks
 
     def _timed_out(self) -> None:
-        assert self._handle is not None
-        self._service._time_out(self._handle, self._call, 1)  # the end comes through the queue
+        self._dispatcher.time_out(self._sent, self._call, 1)  # the end comes through the queue
 
 
 class GenerationStream(_Stream):
@@ -103,18 +102,12 @@ class GenerationStream(_Stream):
     they would from ``generate``.
     """
 
-    def __init__(self, service: VLLMInferenceService, call: Call) -> None:
-        super().__init__(service, call)
+    def __init__(self, dispatcher: Dispatcher, call: Call) -> None:
+        super().__init__(dispatcher, call)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        handle: WorkerHandle | None = None
         try:
-            while True:
-                handle = service._ready_worker(call.deadline)
-                try:
-                    self._send(handle, self._queue.put)
-                    break
-                except WorkerUnavailable:
-                    continue  # it began to retire or died just now: start a new one
+            with aborted_on_error(self._sent, "the stream was interrupted before it began"):
+                dispatcher.send(self._sent, call.deadline, self._submitter(self._queue.put))
         except BaseException:
             self._done = True
             raise
@@ -152,14 +145,8 @@ class AsyncGenerationStream(_Stream):
     ``async with`` block, or cancelling the task that iterates aborts it in the engine.
     """
 
-    def __init__(
-        self,
-        service: VLLMInferenceService,
-        call: Call,
-        ready_worker: Callable[[float | None], Awaitable[WorkerHandle]],
-    ) -> None:
-        super().__init__(service, call)
-        self._ready_worker = ready_worker
+    def __init__(self, dispatcher: Dispatcher, call: Call) -> None:
+        super().__init__(dispatcher, call)
         self._queue: asyncio.Queue[Any] | None = None
 
     def __aiter__(self) -> AsyncGenerationStream:
@@ -188,13 +175,10 @@ class AsyncGenerationStream(_Stream):
         self._queue = asyncio.Queue()
         put = _threadsafe_put(loop, self._queue)
         try:
-            while True:
-                handle = await self._ready_worker(self._call.deadline)
-                try:
-                    self._send(handle, put)
-                    return
-                except WorkerUnavailable:
-                    continue
+            with aborted_on_error(self._sent, "the stream was cancelled before it began"):
+                await self._dispatcher.send_async(
+                    self._sent, self._call.deadline, self._submitter(put)
+                )
         except BaseException:
             self._done = True
             raise

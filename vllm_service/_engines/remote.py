@@ -26,14 +26,14 @@ import logging
 import queue
 import threading
 from collections.abc import Coroutine
-from typing import Any, Literal, TypeVar
-from urllib.parse import urlsplit
+from typing import Any, TypeVar
 
 import openai
 
-from ._protocol import Delta, Finished, Request, WorkerConfig
-from .errors import RemoteServerError
-from .types import Sample, TokenLogprobs, TopLogprob
+from .._common.vllm_server import api_base_url
+from .._worker.protocol import Delta, Finished, Request, WorkerConfig
+from ..errors import RemoteServerError
+from ..types import Sample, TokenLogprobs, TopLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ _OPENAI_PARAMS = frozenset(
         "logprobs",
     }
 )
-# Request options vLLM 0.32's server does not take (it ignores unknown fields silently), and
-# why; refused at the call.
-REMOTE_UNSUPPORTED = {
-    "detokenize": "the server always returns text",
-    "extra_args": "the server takes only vllm_xargs, for its own plugins",
-    "prompt_logprobs": "the server returns them only in answers that are not streamed, and "
-    "the service streams every answer; use local mode",
-}
 # HTTP statuses that reject the request itself, not the server.
 _REQUEST_ERROR_STATUSES = (400, 422)
 
@@ -333,75 +325,6 @@ class RemoteEngine:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
 
-def api_base_url(url: str) -> str:
-    """The OpenAI base URL of a vLLM server: ``http://host:8000`` becomes ``http://host:8000/v1``."""
-    url = url.rstrip("/")
-    if urlsplit(url).path == "":
-        url += "/v1"
-    return url
-
-
-def server_lora(
-    api_url: str, api_key: str | None, action: Literal["load", "unload"], name: str,
-    path: str | None = None, timeout: float = 300.0,
-) -> None:
-    """Load or unload a LoRA adapter on a vLLM server at run time.
-
-    vLLM serves ``/v1/load_lora_adapter`` and ``/v1/unload_lora_adapter`` only when started
-    with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``. Raises ``RuntimeError`` when the server
-    does not allow it, ``KeyError`` for an adapter it does not have (unload), ``ValueError``
-    with the server's message when it refuses the adapter, and :class:`RemoteServerError`
-    when it cannot be reached.
-    """
-    import httpx
-
-    url = f"{api_base_url(api_url)}/{action}_lora_adapter"
-    body: dict[str, Any] = {"lora_name": name}
-    if path is not None:  # load_inplace: an adapter of that name is replaced, as in local mode
-        body.update(lora_path=path, load_inplace=True)
-    try:
-        answer = httpx.post(url, json=body, headers=_auth(api_key), timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise RemoteServerError(f"Cannot reach the vLLM server at {url}: {exc}") from None
-    if answer.status_code == 200:
-        return
-    try:
-        detail = answer.json()
-    except ValueError:
-        detail = answer.text
-    if answer.status_code == 404 and detail == {"detail": "Not Found"}:
-        raise RuntimeError(
-            f"the vLLM server at {api_base_url(api_url)} does not {action} LoRA adapters at run "
-            "time: start it with the environment variable VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
-            "(and --enable-lora), or give it the adapter with --lora-modules name=FOLDER"
-        )
-    message = detail.get("error", {}).get("message") if isinstance(detail, dict) else None
-    message = f"the vLLM server refused to {action} LoRA adapter {name!r} (HTTP {answer.status_code}): {message or detail}"
-    if answer.status_code == 401:
-        raise RemoteServerError(message + "; check VLLM_API_KEY")
-    if action == "unload" and answer.status_code == 404:
-        raise KeyError(message)
-    raise ValueError(message)
-
-
-def server_lora_names(api_url: str, api_key: str | None, timeout: float = 30.0) -> list[str]:
-    """The LoRA adapters a vLLM server serves (the models it lists with a ``parent``)."""
-    import httpx
-
-    url = f"{api_base_url(api_url)}/models"
-    try:
-        answer = httpx.get(url, headers=_auth(api_key), timeout=timeout)
-        answer.raise_for_status()
-    except httpx.HTTPError as exc:
-        raise RemoteServerError(f"Cannot list the models of the vLLM server at {url}: {exc}") from None
-    return sorted(card["id"] for card in answer.json().get("data", ()) if card.get("parent"))
-
-
-def _auth(api_key: str | None) -> dict[str, str]:
-    """The header a vLLM server started with --api-key wants."""
-    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
-
-
 def split_sampling(
     sampling: dict[str, Any], is_chat: bool
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -412,11 +335,6 @@ def split_sampling(
         params["top_logprobs"] = params.pop("logprobs")
         params["logprobs"] = True
     return params, extra_body
-
-
-def unsupported_fields(sampling: dict[str, Any]) -> list[str]:
-    """The request options in ``sampling`` a vLLM server cannot take, each with the reason."""
-    return [f"{name}: {why}" for name, why in REMOTE_UNSUPPORTED.items() if name in sampling]
 
 
 def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:

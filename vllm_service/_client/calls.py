@@ -1,0 +1,154 @@
+"""One public call, checked and built into requests before anything runs; and its results.
+
+    generate(prompt, params, **overrides)
+      -> CallBuilder.build(): params + keyword overrides + sampling_params=, the service's
+         sampling defaults, the mode's checks, the LoRA adapter, keep-alive, deadline
+      -> Call (its Requests)  ... the dispatcher sends it ...
+      -> Finished messages -> to_result() -> GenerationResult
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .._worker.protocol import Finished, Request
+from ..settings import VLLMSettings
+from ..types import ChatMessages, GenerationParams, GenerationResult, TokenIds
+from .modes import Mode
+
+Params = GenerationParams | dict[str, Any] | None
+Prompt = str | TokenIds | ChatMessages
+
+
+@dataclass(frozen=True)
+class Call:
+    """One public call, checked and ready to send: its requests and how to finish it."""
+
+    requests: list[Request]
+    parse_as: Any  # the json_schema or json_object asked for, to fill ``parsed``
+    keep_alive: float  # how long the worker stays once idle, from this call on
+    deadline: float | None  # time.monotonic() by which it must end
+
+    @property
+    def request_ids(self) -> list[int]:
+        return [r.request_id for r in self.requests]
+
+
+class CallBuilder:
+    """Builds a service's calls: one request-id counter, the settings' defaults, the mode."""
+
+    def __init__(self, settings: VLLMSettings, mode: Mode) -> None:
+        self._settings = settings
+        self._mode = mode
+        self._ids = itertools.count()
+
+    def next_id(self) -> int:
+        """A request id no other request of this service has."""
+        return next(self._ids)
+
+    def build(
+        self,
+        prompts: Sequence[Prompt],
+        params: Params,
+        overrides: dict[str, Any],
+        keep_alive: float | None,
+        stream: bool = False,
+    ) -> Call:
+        """Check everything about a call and build its requests; raises before anything runs."""
+        chosen = chosen_params(params, overrides)
+        sampling = self._sampling(chosen)
+        lora = self._mode.lora(chosen.lora)
+        if keep_alive is not None and (
+            isinstance(keep_alive, bool)
+            or not isinstance(keep_alive, (int, float))
+            or not math.isfinite(keep_alive)
+        ):
+            raise ValueError(
+                f"keep_alive must be a number of seconds (0: exit once idle, negative: never), "
+                f"got {keep_alive!r}"
+            )
+        settings = self._settings
+        timeout = settings.request_timeout_seconds
+        return Call(
+            requests=[Request(self.next_id(), p, sampling, lora, stream) for p in prompts],
+            parse_as=chosen.json_schema or chosen.json_object,
+            keep_alive=settings.idle_ttl_seconds if keep_alive is None else float(keep_alive),
+            deadline=None if timeout is None else time.monotonic() + timeout,
+        )
+
+    def _sampling(self, chosen: GenerationParams) -> dict[str, Any]:
+        """The request's sampling keywords: the chosen ones over the service's defaults."""
+        settings = self._settings
+        defaults = {
+            "temperature": settings.default_temperature,
+            "top_p": settings.default_top_p,
+            "top_k": settings.default_top_k,
+            "max_tokens": settings.default_max_tokens,
+            "repetition_penalty": settings.default_repetition_penalty,
+        }
+        sampling = {**defaults, **chosen.sampling()}
+        if sampling.get("n", 1) > 1 and sampling["temperature"] == 0:
+            raise ValueError(
+                f"n={sampling['n']} samples need temperature > 0 (greedy sampling makes them "
+                "all the same)"
+            )
+        self._mode.check_sampling(sampling)
+        return sampling
+
+
+def chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams:
+    """``params`` with the call's keyword arguments, and a ``sampling_params=`` object, on top."""
+    overrides = dict(overrides)
+    vllm_params = overrides.pop("sampling_params", None)
+    if params is None:
+        params = GenerationParams()
+    elif isinstance(params, dict):
+        params = GenerationParams(**params)
+    elif not isinstance(params, GenerationParams):
+        raise TypeError(
+            f"params must be a GenerationParams or a dict of its fields, got "
+            f"{type(params).__name__}"
+        )
+    chosen = params.merged(overrides)
+    if vllm_params is not None:
+        if not hasattr(type(vllm_params), "__struct_fields__"):
+            raise TypeError(
+                f"sampling_params must be a vllm.SamplingParams, got {type(vllm_params).__name__}"
+            )
+        from_vllm = GenerationParams.from_sampling_params(vllm_params)
+        chosen = chosen.merged({name: getattr(from_vllm, name) for name in from_vllm.model_fields_set})
+    return chosen
+
+
+def to_result(finished: Finished, parse_as: Any) -> GenerationResult:
+    """The caller's result; ``parse_as`` is the ``json_schema`` or ``json_object`` asked for."""
+    if finished.error is not None or not finished.samples:
+        return GenerationResult.failed(
+            finished.error or "the engine returned no output", finished.prompt_tokens
+        )
+    aborted = any(sample.finish_reason == "error" for sample in finished.samples)
+    return GenerationResult(
+        samples=finished.samples,
+        prompt_tokens=finished.prompt_tokens,
+        error="the request was aborted" if aborted else None,
+        prompt_token_ids=finished.prompt_token_ids,
+        prompt_logprobs=finished.prompt_logprobs,
+        parsed=_parsed(finished.samples[0].text, parse_as) if parse_as else None,
+        weight_version=finished.weight_version,
+    )
+
+
+def _parsed(text: str, parse_as: Any) -> Any:
+    """``text`` as the pydantic model ``parse_as``, or as JSON; None when it does not parse."""
+    try:
+        if isinstance(parse_as, type):
+            return parse_as.model_validate_json(text)
+        return json.loads(text)
+    except ValueError:  # pydantic's ValidationError is one
+        return None

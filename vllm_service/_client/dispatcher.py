@@ -1,0 +1,444 @@
+"""The one way a call reaches the worker and comes back: :class:`Dispatcher`.
+
+    service / async service / stream / update_weights
+      -> Dispatcher.send(call) or send_async(call): a ready worker (started if none takes
+         requests), submit; a worker that began to retire meanwhile -> the next one
+      -> futures, awaited by the caller (threads) or on the event loop (asyncio)
+      -> Dispatcher.results(call, futures) -> GenerationResults, or the error to raise
+    Any exception on the way (Ctrl-C, a cancelled task, a timeout) aborts what was sent.
+
+The dispatcher holds the service's one worker slot: a new worker starts only once the old
+one has exited, and every caller of one service shares the worker it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
+from concurrent.futures import wait as wait_futures
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from .._worker.handle import WorkerHandle, WorkerState, WorkerUnavailable, remaining
+from .._worker.keep_alive import KeepAlive
+from .._worker.protocol import Delta, Finished, WorkerConfig
+from ..errors import (
+    RemoteServerError,
+    RequestAbortedError,
+    RequestTimeoutError,
+    ServiceShutdownError,
+    WorkerDiedError,
+    WorkerStartError,
+)
+from ..settings import VLLMSettings
+from ..types import GenerationResult
+from .calls import Call, CallBuilder, Params, Prompt, to_result
+from .modes import Mode
+
+logger = logging.getLogger("vllm_service")
+
+T = TypeVar("T")
+
+
+@dataclass
+class Sent:
+    """What one call (or weight update) has sent, and to which worker: what to abort."""
+
+    request_ids: list[int]
+    handle: WorkerHandle | None = None
+    futures: list[Future[Any]] = field(default_factory=list)
+
+    def abort(self, error: RequestAbortedError | RequestTimeoutError) -> None:
+        """Give up on what was sent: the futures fail with ``error``, the engine drops it."""
+        if self.handle is not None:
+            self.handle.abort(self.request_ids, error)
+
+    def abort_soon(self) -> None:
+        """:meth:`abort` from a finalizer, which must not take locks (see ``abort_soon``)."""
+        if self.handle is not None:
+            self.handle.abort_soon(self.request_ids)
+
+
+class Dispatcher:
+    """Sends a service's calls to its one worker, from any thread or event loop."""
+
+    def __init__(
+        self,
+        settings: VLLMSettings,
+        config: WorkerConfig,
+        mode: Mode,
+        keep_alive: KeepAlive,
+        on_change: Callable[[WorkerHandle, WorkerState], None] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._config = config
+        self.keep_alive = keep_alive
+        self._on_change = on_change
+        self._calls = CallBuilder(settings, mode)
+        self._lock = threading.Lock()
+        self._slot = WorkerSlot()
+        self._closed = False
+        self.served = 0
+        """Requests that ended with a result, over the service's life."""
+        self.restarts = 0
+        """Workers started after the first."""
+        self.last_error: str | None = None
+        """The last failure worth telling in ``status()``: a start, a death, a server."""
+        _start_reaper()
+        # Frees the worker if the service is dropped without shutdown(); holds no reference
+        # to the dispatcher, and only queues the stop (see _stop_soon).
+        self._finalizer = weakref.finalize(self, _stop_soon, self._slot)
+        _live_dispatchers.add(self)
+
+    # ----- the worker -----
+
+    @property
+    def worker(self) -> WorkerHandle | None:
+        """The current worker (of this process), in whatever state; None before the first."""
+        return self._slot.handle
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def ready_worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
+        """A worker with its model loaded, started if none takes requests; blocks until then.
+
+        With ``claim``, a request of the caller's is counted from now (see :meth:`_worker`).
+        """
+        while True:
+            handle = self._worker(deadline, claim)
+            try:
+                handle.wait_ready(remaining(deadline))  # a failed start reaches every waiter
+            except FuturesTimeoutError:
+                raise self._start_timed_out(handle, claim) from None
+            except WorkerStartError as exc:
+                self._note_start_failure(exc)
+                raise
+            except RequestAbortedError:
+                continue  # unloaded while it loaded: the next worker serves this call
+            return handle
+
+    async def ready_worker_async(
+        self, deadline: float | None = None, claim: bool = True
+    ) -> WorkerHandle:
+        """:meth:`ready_worker` on the event loop: only starting a worker takes a thread."""
+        while True:
+            handle = self._slot.handle
+            if handle is None or not handle.accepting or self._closed:
+                # Starting may wait for an old worker to exit: the one wait that gets a thread.
+                handle = await asyncio.to_thread(self._worker, deadline, claim)
+            elif claim:
+                handle.claim()  # a request follows once it is ready (see _worker)
+            _, not_done = await wait_on_loop([handle.ready], remaining(deadline))
+            if not_done:
+                raise self._start_timed_out(handle, claim)
+            try:
+                handle.ready.result()
+            except WorkerStartError as exc:
+                self._note_start_failure(exc)
+                raise
+            except RequestAbortedError:
+                continue  # unloaded while it loaded: the next worker serves us
+            return handle
+
+    def _worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
+        """The current worker, started if there is none taking requests.
+
+        A new worker starts only once the old one has exited (its calls finished or given
+        up): one service never runs two engines at once, which on a GPU would not fit. The
+        wait is outside the lock, so status(), shutdown() and results go on. Raises
+        :class:`RequestTimeoutError` if ``deadline`` passes while the old one drains. With
+        ``claim``, the caller's request is counted before the worker is ready, so that an
+        idle TTL of 0 does not retire the worker before the request reaches it.
+        """
+        while True:
+            with self._lock:
+                if self._closed:
+                    raise ServiceShutdownError(
+                        "This VLLMInferenceService was shut down; create a new one"
+                    )
+                old = self._slot.handle
+                if old is not None and old.accepting:
+                    if claim:
+                        old.claim()
+                    return old
+                if old is None or old.exited:
+                    if old is not None:
+                        self.restarts += 1
+                        self.last_error = old.failure or self.last_error
+                    handle = WorkerHandle(
+                        self._config,
+                        keep_alive=self.keep_alive,
+                        startup_timeout=self._settings.startup_timeout_seconds,
+                        stop_timeout=self._settings.stop_timeout_seconds,
+                        on_change=self._on_change,
+                    )
+                    self._slot.handle = handle
+                    if claim:
+                        handle.claim()
+                    return handle
+            # Let the old worker finish its calls and give its memory back first.
+            if not old.wait_exited(remaining(deadline)):
+                raise RequestTimeoutError(
+                    f"the previous worker (pid {old.pid}) was still finishing its calls after "
+                    f"{self._settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); "
+                    "a new one starts once it has exited"
+                )
+
+    # ----- preparing -----
+
+    def prepare(
+        self,
+        prompts: Sequence[Prompt],
+        params: Params,
+        overrides: dict[str, Any],
+        keep_alive: float | None,
+        stream: bool = False,
+    ) -> Call:
+        """Build a call of checked ``prompts`` (``_common/inputs.py`` checks them) with its
+        sampling values, adapter and deadline; raises ``ValueError``/``TypeError`` before
+        anything runs."""
+        return self._calls.build(prompts, params, overrides, keep_alive, stream)
+
+    def next_id(self) -> int:
+        """A request id no other request to this service's workers has."""
+        return self._calls.next_id()
+
+    # ----- sending -----
+
+    def send(
+        self, sent: Sent, deadline: float | None, submit: Callable[[WorkerHandle], list[Future[T]]]
+    ) -> list[Future[T]]:
+        """Submit to a ready worker with ``submit``; a worker that began to retire or died
+        just now is replaced by the next one. ``sent`` records where it went."""
+        while True:
+            sent.handle = self.ready_worker(deadline)
+            try:
+                sent.futures = submit(sent.handle)
+                return sent.futures
+            except WorkerUnavailable:
+                continue
+
+    async def send_async(
+        self, sent: Sent, deadline: float | None, submit: Callable[[WorkerHandle], list[Future[T]]]
+    ) -> list[Future[T]]:
+        """:meth:`send` on the event loop."""
+        while True:
+            sent.handle = await self.ready_worker_async(deadline)
+            try:
+                sent.futures = submit(sent.handle)
+                return sent.futures
+            except WorkerUnavailable:
+                continue
+
+    def submitter(
+        self, call: Call, on_delta: Callable[[Delta], None] | None = None
+    ) -> Callable[[WorkerHandle], list[Future[Finished]]]:
+        """How ``call`` is submitted to a worker; from then on the worker stays
+        ``call.keep_alive`` once idle."""
+
+        def submit(handle: WorkerHandle) -> list[Future[Finished]]:
+            self.keep_alive.ttl = call.keep_alive
+            return handle.submit(call.requests, on_delta)
+
+        return submit
+
+    # ----- whole calls -----
+
+    def run(self, call: Call) -> list[GenerationResult]:
+        """Send ``call``, wait for its results (on this thread) and return them."""
+        if not call.requests:
+            return []
+        sent = Sent(call.request_ids)
+        with aborted_on_error(sent, "the call was interrupted"):
+            futures = self.send(sent, call.deadline, self.submitter(call))
+            _, not_done = wait_futures(futures, timeout=remaining(call.deadline))
+        if not_done:
+            self.time_out(sent, call, len(not_done))
+        return self.results(call, futures)
+
+    async def run_async(self, call: Call) -> list[GenerationResult]:
+        """:meth:`run` on the event loop: no thread waits for the requests."""
+        if not call.requests:
+            return []
+        sent = Sent(call.request_ids)
+        with aborted_on_error(sent, "the call was cancelled"):
+            futures = await self.send_async(sent, call.deadline, self.submitter(call))
+            _, not_done = await wait_on_loop(futures, remaining(call.deadline))
+        if not_done:
+            self.time_out(sent, call, len(not_done))
+        return self.results(call, futures)
+
+    def time_out(self, sent: Sent, call: Call, unfinished: int) -> None:
+        """Abort a call past its deadline; its futures fail with :class:`RequestTimeoutError`."""
+        sent.abort(
+            RequestTimeoutError(
+                f"{unfinished} of {len(call.requests)} request(s) did not finish within "
+                f"{self._settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS)"
+            )
+        )
+
+    def results(self, call: Call, futures: list[Future[Finished]]) -> list[GenerationResult]:
+        """The call's results from its settled futures; raises what the call must raise."""
+        with self._lock:
+            self.served += sum(1 for f in futures if f.done() and f.exception() is None)
+        try:
+            finished = [future.result() for future in futures]
+            if all(f.server_error for f in finished):
+                # Nothing came back: the server is down or failing, which a result must not hide.
+                error = str(finished[0].error)
+                if len(finished) > 1:
+                    error += f" (all {len(finished)} requests of the call failed)"
+                raise RemoteServerError(error)
+        except (WorkerDiedError, RemoteServerError) as exc:
+            self.last_error = str(exc)
+            raise
+        return [to_result(f, call.parse_as) for f in finished]
+
+    # ----- ending -----
+
+    def unload(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop the worker (see ``VLLMInferenceService.unload``); returns once it has exited."""
+        handle = self._slot.handle
+        if handle is None:
+            return
+        if wait and handle.state in (WorkerState.READY, WorkerState.RETIRING):
+            handle.retire()
+            if handle.wait_exited(timeout):
+                return
+        reason = "unload(wait=False)" if not wait else f"unload(timeout={timeout})"
+        handle.stop(RequestAbortedError(f"the worker was unloaded ({reason})"))
+
+    def close(self) -> None:
+        """Take no more calls and stop the worker; calls in flight fail with
+        :class:`ServiceShutdownError`."""
+        with self._lock:
+            self._closed = True
+        self._slot.stop()
+
+    def after_fork(self) -> None:
+        """In a forked child: a lock another thread held at the fork stays locked for ever."""
+        self._lock = threading.Lock()
+
+    # ----- helpers -----
+
+    def _note_start_failure(self, error: WorkerStartError) -> None:
+        """Keep a failed start's first line (its message, not the log tail) for status()."""
+        self.last_error = str(error).split("\n", 1)[0]
+
+    def _start_timed_out(self, handle: WorkerHandle, claim: bool) -> RequestTimeoutError:
+        if claim:
+            handle.unclaim()
+        return RequestTimeoutError(
+            f"the worker was still loading the model after "
+            f"{self._settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); it "
+            "goes on loading for the next call"
+        )
+
+
+@contextmanager
+def aborted_on_error(sent: Sent, reason: str) -> Iterator[Sent]:
+    """Abort what ``sent`` holds when anything interrupts the block (Ctrl-C, a cancelled
+    task, an error on the way): the engine drops it, and nothing waits for it."""
+    try:
+        yield sent
+    except BaseException:
+        sent.abort(RequestAbortedError(reason))
+        raise
+
+
+async def wait_on_loop(futures: list[Future[Any]], timeout: float | None) -> tuple[set[Any], set[Any]]:
+    """Wait on the loop for concurrent futures, never cancelling them (others may share them).
+
+    The caller reads the outcomes from ``futures`` themselves.
+    """
+    if all(f.done() for f in futures):
+        return set(futures), set()
+    waiting = [asyncio.wrap_future(f) for f in futures]
+    for future in waiting:
+        future.add_done_callback(_seen)
+    return await asyncio.wait(waiting, timeout=timeout)
+
+
+def _seen(future: asyncio.Future[Any]) -> None:
+    # The outcome is read from the concurrent future; this keeps asyncio from logging an
+    # error it thinks nobody saw.
+    if not future.cancelled():
+        future.exception()
+
+
+class WorkerSlot:
+    """Holds the current worker, so the finalizer can stop it without the dispatcher.
+
+    A worker belongs to the process that started it: after ``os.fork()`` the child sees an
+    empty slot (its first call starts a worker of its own) and never touches the parent's.
+    """
+
+    def __init__(self) -> None:
+        self._handle: WorkerHandle | None = None
+
+    @property
+    def handle(self) -> WorkerHandle | None:
+        handle = self._handle
+        return handle if handle is not None and handle.owner_pid == os.getpid() else None
+
+    @handle.setter
+    def handle(self, handle: WorkerHandle | None) -> None:
+        self._handle = handle
+
+    def stop(self) -> None:
+        handle = self.handle
+        if handle is not None:
+            handle.stop(ServiceShutdownError("The service was shut down"), handle.stop_timeout)
+
+
+_live_dispatchers: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for dispatcher in list(_live_dispatchers):
+        dispatcher.after_fork()
+    global _reaper_pid
+    _reaper_pid = None  # the reaper thread is the parent's
+
+
+# Services dropped without shutdown(): their finalizers queue the slot here, and one thread
+# stops the worker. A finalizer may run inside any code (the garbage collector's), also code
+# holding a lock that stopping takes, so it must not stop the worker itself.
+_to_stop: queue.SimpleQueue[WorkerSlot] = queue.SimpleQueue()
+_reaper_pid: int | None = None
+_reaper_lock = threading.Lock()
+
+
+def _stop_soon(slot: WorkerSlot) -> None:
+    _to_stop.put(slot)
+
+
+def _start_reaper() -> None:
+    global _reaper_pid
+    with _reaper_lock:
+        if _reaper_pid == os.getpid():
+            return
+        _reaper_pid = os.getpid()
+        threading.Thread(target=_reap, name="vllm-service-reaper", daemon=True).start()
+
+
+def _reap() -> None:
+    while True:
+        slot = _to_stop.get()
+        try:
+            slot.stop()
+        except Exception:
+            logger.exception("vllm-service: stopping a dropped service's worker failed")
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

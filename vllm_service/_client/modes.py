@@ -1,0 +1,150 @@
+"""What differs between local mode (an engine in the worker) and remote mode (a vLLM server).
+
+The service asks its mode and never branches on ``mode ==`` itself: the checks a request's
+sampling values get, what a LoRA name means, and which operations are offered.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Protocol
+
+from .._common.lora import VLLM_DEFAULT_MAX_LORA_RANK
+from .._common.machine import visible_gpus
+from .._common.vllm_server import server_lora, server_lora_names, unsupported_fields
+from .._worker.protocol import LoraAdapter, WorkerConfig
+from ..errors import NotSupportedError
+from ..settings import VLLMSettings
+from .lora_registry import LoraRegistry
+
+# vLLM's default of the engine argument max_logprobs.
+_VLLM_DEFAULT_MAX_LOGPROBS = 20
+
+
+class Mode(Protocol):
+    """The mode-dependent part of a service."""
+
+    name: Literal["local", "remote"]
+
+    def check_sampling(self, sampling: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a sampling value this mode cannot run."""
+
+    def lora(self, name: str | None) -> LoraAdapter | None:
+        """The adapter a request names (``KeyError`` for one a local service does not know)."""
+
+    def load_lora(self, name: str, path: str | os.PathLike[str]) -> None: ...
+    def unload_lora(self, name: str) -> None: ...
+    def lora_adapters(self) -> list[str]: ...
+
+    def check_update_weights(self) -> None:
+        """Raise :class:`NotSupportedError` when weights cannot be updated in this mode."""
+
+    def check_sleep(self) -> None:
+        """Raise :class:`NotSupportedError` when the engine cannot sleep here."""
+
+    def after_fork(self) -> None:
+        """In a forked child: drop locks another thread of the parent may have held."""
+
+
+class LocalMode:
+    """An engine of our own: adapters registered here, every operation offered."""
+
+    name: Literal["local", "remote"] = "local"
+
+    def __init__(self, settings: VLLMSettings, config: WorkerConfig) -> None:
+        self._engine_args = config.engine_args
+        enabled = bool(config.engine_args.get("enable_lora"))
+        self._loras = LoraRegistry(
+            config.engine_args.get("max_lora_rank", VLLM_DEFAULT_MAX_LORA_RANK) if enabled else None
+        )
+        for name, path in settings.lora_modules.items():
+            self._loras.add(name, path)
+
+    def check_sampling(self, sampling: dict[str, Any]) -> None:
+        limit = self._engine_args.get("max_logprobs", _VLLM_DEFAULT_MAX_LOGPROBS)
+        for name in ("logprobs", "prompt_logprobs"):
+            wanted = sampling.get(name)
+            if wanted is not None and limit != -1 and (wanted == -1 or wanted > limit):
+                asked = "the whole vocabulary (-1)" if wanted == -1 else wanted
+                raise ValueError(
+                    f"{name}={asked} is more than the engine's max_logprobs {limit}; start "
+                    f"it with VLLM_ENGINE_ARGS='{{\"max_logprobs\": {wanted}}}'"
+                )
+
+    def lora(self, name: str | None) -> LoraAdapter | None:
+        return None if name is None else self._loras.get(name)
+
+    def load_lora(self, name: str, path: str | os.PathLike[str]) -> None:
+        self._loras.add(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        self._loras.remove(name)
+
+    def lora_adapters(self) -> list[str]:
+        return self._loras.names()
+
+    def check_update_weights(self) -> None:
+        return None
+
+    def check_sleep(self) -> None:
+        if not visible_gpus():
+            raise NotSupportedError(
+                "sleep mode is GPU only: vLLM has no sleep mode on CPU (this machine has no "
+                "NVIDIA GPU). unload() frees the memory by ending the worker"
+            )
+        if not self._engine_args.get("enable_sleep_mode"):
+            raise NotSupportedError(
+                "the engine was not started in sleep mode: set VLLM_ENGINE_ARGS="
+                "'{\"enable_sleep_mode\": true}' (or VLLM_IDLE_SLEEP_SECONDS)"
+            )
+
+    def after_fork(self) -> None:
+        self._loras.after_fork()
+
+
+class RemoteMode:
+    """A vLLM server's: it knows the adapters, and manages its own weights and memory."""
+
+    name: Literal["local", "remote"] = "remote"
+
+    def __init__(self, settings: VLLMSettings, config: WorkerConfig) -> None:
+        self._url = config.api_url or ""
+        self._key = config.api_key
+        self._timeout = settings.api_timeout_seconds
+
+    def check_sampling(self, sampling: dict[str, Any]) -> None:
+        refused = unsupported_fields(sampling)
+        if refused:
+            raise ValueError("a vLLM server (remote mode) cannot take " + "; ".join(refused))
+
+    def lora(self, name: str | None) -> LoraAdapter | None:
+        return None if name is None else LoraAdapter(name, 0)  # the server knows it by name
+
+    def load_lora(self, name: str, path: str | os.PathLike[str]) -> None:
+        server_lora(self._url, self._key, "load", name, os.fspath(path), timeout=self._timeout)
+
+    def unload_lora(self, name: str) -> None:
+        server_lora(self._url, self._key, "unload", name, timeout=self._timeout)
+
+    def lora_adapters(self) -> list[str]:
+        return server_lora_names(self._url, self._key)
+
+    def check_update_weights(self) -> None:
+        raise NotSupportedError(
+            "update_weights needs local mode (VLLM_MODE=local). A vLLM server loads new "
+            "weights only through its development endpoints (vllm serve with "
+            "VLLM_SERVER_DEV_MODE=1: /pause, /collective_rpc reload_weights on a folder the "
+            "server can read, /resume), or NCCL weight transfer from a GPU trainer; "
+            "vllm-service drives neither"
+        )
+
+    def check_sleep(self) -> None:
+        raise NotSupportedError("sleep mode is the server's to manage in remote mode")
+
+    def after_fork(self) -> None:
+        return None
+
+
+def mode_for(settings: VLLMSettings, config: WorkerConfig) -> Mode:
+    """The mode object for ``settings.mode``."""
+    return LocalMode(settings, config) if config.mode == "local" else RemoteMode(settings, config)

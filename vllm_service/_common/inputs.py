@@ -1,0 +1,86 @@
+"""Checks of what callers pass in (prompts, token ids, conversations), before anything runs.
+
+Each raises ``TypeError`` or ``ValueError`` naming what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..types import MAX_INT32, ChatMessages, TokenIds
+from .media import media_problem
+
+
+def check_prompts(prompts: Any) -> list[str | TokenIds]:
+    if isinstance(prompts, str):
+        raise TypeError("generate_batch takes a list of prompts; use generate() for one")
+    if prompts and all(isinstance(p, int) for p in prompts):
+        raise TypeError(
+            "generate_batch takes a list of prompts, and a list of ints is one prompt of "
+            "token ids: use generate(token_ids), or generate_batch([token_ids, ...])"
+        )
+    return [check_prompt(p) for p in prompts]
+
+
+def check_prompt(prompt: Any) -> str | TokenIds:
+    if isinstance(prompt, list):
+        if not prompt or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT32 for t in prompt
+        ):
+            raise ValueError(
+                "a prompt given as a list must be a non-empty list of token ids (ints from 0 "
+                "to 2**31 - 1)"
+            )
+        return prompt
+    if not isinstance(prompt, str):
+        raise TypeError(f"a prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+    check_text(prompt, "the prompt")
+    return prompt
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text the tokenizer cannot encode (a lone surrogate, e.g. from bad JSON)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(
+            f"{what} holds a lone surrogate ({text[exc.start]!r} at position {exc.start}), "
+            "which is not text; decode the input with errors='replace' or fix its source"
+        ) from None
+
+
+def check_messages(messages: Any, media_domains: list[str] | None = None) -> ChatMessages:
+    """Refuse, naming the message, what the chat template cannot take, and media parts that
+    ``media_domains`` (``VLLM_ALLOWED_MEDIA_DOMAINS``) does not allow."""
+    if not isinstance(messages, list) or not messages:
+        raise TypeError(
+            "a conversation must be a non-empty list of {'role': ..., 'content': ...} dicts, "
+            f"got {type(messages).__name__}"
+        )
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(
+                f"message {index} of the conversation must be a dict with 'role' and "
+                f"'content', got {message!r}"
+            )
+        role, content = message["role"], message["content"]
+        if not isinstance(role, str) or not role:
+            raise ValueError(f"message {index}: 'role' must be a non-empty str, got {role!r}")
+        if isinstance(content, list):
+            for part in content:
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValueError(
+                        f"message {index}: each part of a list 'content' must be a dict with a "
+                        f"'type' (e.g. {{'type': 'text', 'text': ...}}), got {part!r}"
+                    )
+        elif isinstance(content, str):
+            check_text(content, f"message {index}'s content")
+        elif content is not None:
+            raise ValueError(
+                f"message {index}: 'content' must be a str or a list of content parts, got "
+                f"{type(content).__name__}"
+            )
+    problem = media_problem(messages, media_domains)
+    if problem is not None:
+        raise ValueError(problem)
+    return messages
