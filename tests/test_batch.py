@@ -29,14 +29,11 @@ import pytest
 from _reference_engine import ReferenceEngine
 from pydantic import BaseModel
 
-from vllm_service import (
-    WorkerStartError,
-    _batch_local,
-    _batch_output,
-    _batch_schedule,
-    _placement,
-    generate,
-)
+from vllm_service import WorkerStartError, generate
+from vllm_service._batch import local_pool as _batch_local
+from vllm_service._batch import output as _batch_output
+from vllm_service._batch import placement as _placement
+from vllm_service._batch import schedule as _batch_schedule
 from vllm_service._common.machine import cpu_dtype
 from vllm_service._worker.handle import WorkerHandle
 from vllm_service._worker.protocol import Finished, Request
@@ -491,10 +488,14 @@ class FakeHandle:
         self.pid = 0
         FakeHandle.started.append(self)
 
-    def wait_ready(self) -> dict[str, Any]:
+    @property
+    def startup(self) -> Future[dict[str, Any]]:
+        future: Future[dict[str, Any]] = Future()
         if self.plan == "fail":
-            raise WorkerStartError("the model failed to load")
-        return {}
+            future.set_exception(WorkerStartError("the model failed to load"))
+        else:
+            future.set_result({})
+        return future
 
     def submit(self, requests: list[Request]) -> list[Future[Finished]]:
         futures: list[Future[Finished]] = []

@@ -270,7 +270,7 @@ def test_an_idle_ttl_of_zero_starts_one_engine_per_call_and_a_failing_clean_up_s
 ) -> None:
     import logging
 
-    from vllm_service import _worker_handle
+    from vllm_service._worker import handle as _worker_handle
 
     caplog.set_level(logging.INFO, logger="vllm_service")
     settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=0)

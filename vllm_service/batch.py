@@ -160,7 +160,7 @@ def generate(
         fingerprint = run_fingerprint(model_name(model_id), system, n, use_sample, sampling)
         output = OutputFile(Path(output_path), index_key, fingerprint)
 
-    run = _Run(
+    run = _BatchRun(
         data=data,
         message_key=message_key,
         system=system,
@@ -337,7 +337,7 @@ def _shorten(text: str, limit: int = 40) -> str:
 
 
 @dataclass
-class _Run:
+class _BatchRun:
     """One call of :func:`generate`: the items, their results, the output file, the progress bar.
 
     Results arrive from the scheduler's threads, one call of ``_job_done`` at a time.

@@ -127,7 +127,7 @@ class LocalWorker:
         self.handle = handle
 
     def wait_ready(self) -> None:
-        self.handle.wait_ready()
+        self.handle.startup.result()
 
     def run(self, requests: list[Request]) -> Iterator[Finished]:
         try:

@@ -151,7 +151,7 @@ def run_openai_batch(
         engine_args or {}, engine_stall_seconds,
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
-    run = _Run(
+    run = _OpenAIBatchRun(
         lines=lines, index_by_id=index_by_id, model=model_name(model_id),
         weights=weights_identity(model_id), system=system, defaults=defaults,
         output=ResumableFile(Path(output_path)), on_mismatch=on_mismatch,
@@ -450,7 +450,7 @@ def _completion_logprobs(sample: Sample) -> dict[str, Any]:
 
 
 @dataclass
-class _Run:
+class _OpenAIBatchRun:
     """One run over an input file: its lines, their answers, the output file, the progress bar.
 
     Answers arrive from the scheduler's threads, one call of ``_job_done`` at a time.

@@ -95,7 +95,7 @@ class EngineActor:
                 config, keep_alive=KeepAlive(_IDLE_TTL_SECONDS), startup_timeout=startup_timeout
             )
             handle = self.handle
-        return handle.wait_ready()
+        return handle.startup.result()
 
     def run(self, requests: list[Request]) -> Iterator[Finished]:
         """Send every request to the engine; yield each result as it comes (a streaming call)."""

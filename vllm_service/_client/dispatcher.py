@@ -112,12 +112,13 @@ class Dispatcher:
     def ready_worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
         """A worker with its model loaded, started if none takes requests; blocks until then.
 
-        With ``claim``, a request of the caller's is counted from now (see :meth:`_worker`).
+        With ``claim``, a request of the caller's is counted from now (see
+        :meth:`_current_or_new_worker`).
         """
         while True:
-            handle = self._worker(deadline, claim)
+            handle = self._current_or_new_worker(deadline, claim)
             try:
-                handle.wait_ready(remaining(deadline))  # a failed start reaches every waiter
+                handle.startup.result(remaining(deadline))  # a failed start reaches every waiter
             except FuturesTimeoutError:
                 raise self._start_timed_out(handle, claim) from None
             except WorkerStartError as exc:
@@ -135,14 +136,14 @@ class Dispatcher:
             handle = self._slot.handle
             if handle is None or not handle.accepting or self._closed:
                 # Starting may wait for an old worker to exit: the one wait that gets a thread.
-                handle = await asyncio.to_thread(self._worker, deadline, claim)
+                handle = await asyncio.to_thread(self._current_or_new_worker, deadline, claim)
             elif claim:
-                handle.claim()  # a request follows once it is ready (see _worker)
-            _, not_done = await wait_on_loop([handle.ready], remaining(deadline))
+                handle.claim()  # a request follows once it is ready (see _current_or_new_worker)
+            _, not_done = await wait_on_loop([handle.startup], remaining(deadline))
             if not_done:
                 raise self._start_timed_out(handle, claim)
             try:
-                handle.ready.result()
+                handle.startup.result()
             except WorkerStartError as exc:
                 self._note_start_failure(exc)
                 raise
@@ -150,7 +151,7 @@ class Dispatcher:
                 continue  # unloaded while it loaded: the next worker serves us
             return handle
 
-    def _worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
+    def _current_or_new_worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
         """The current worker, started if there is none taking requests.
 
         A new worker starts only once the old one has exited (its calls finished or given

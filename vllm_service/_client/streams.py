@@ -33,7 +33,7 @@ class _Stream:
         self._call = call
         self._sent = Sent(call.request_ids)
         self._done = False
-        self._ready: deque[StreamChunk] = deque()
+        self._chunks: deque[StreamChunk] = deque()
         # Per sample index: how much text and how many token ids were handed out.
         self._text_given: dict[int, int] = {}
         self._ids_given: dict[int, int] = {}
@@ -116,7 +116,7 @@ class GenerationStream(_Stream):
         return self
 
     def __next__(self) -> StreamChunk:
-        while not self._ready:
+        while not self._chunks:
             if self._done:
                 raise StopIteration
             try:
@@ -127,8 +127,8 @@ class GenerationStream(_Stream):
             except BaseException:  # Ctrl-C while waiting
                 self.close()
                 raise
-            self._ready.extend(self._take(item))
-        return self._ready.popleft()
+            self._chunks.extend(self._take(item))
+        return self._chunks.popleft()
 
     def __enter__(self) -> GenerationStream:
         return self
@@ -153,7 +153,7 @@ class AsyncGenerationStream(_Stream):
         return self
 
     async def __anext__(self) -> StreamChunk:
-        while not self._ready:
+        while not self._chunks:
             if self._done:
                 raise StopAsyncIteration
             if self._queue is None:
@@ -167,8 +167,8 @@ class AsyncGenerationStream(_Stream):
             except BaseException:  # the task was cancelled
                 self.close()
                 raise
-            self._ready.extend(self._take(item))
-        return self._ready.popleft()
+            self._chunks.extend(self._take(item))
+        return self._chunks.popleft()
 
     async def _start(self) -> None:
         loop = asyncio.get_running_loop()

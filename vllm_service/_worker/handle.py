@@ -170,7 +170,7 @@ class WorkerHandle:
         # for idleness, as its weights exist nowhere else.
         self.weight_version: str | int | None = None
         self.weights_updated = False
-        self._ready: Future[dict[str, Any]] = Future()
+        self._startup: Future[dict[str, Any]] = Future()
         # Per request (and weight update) in flight: its Future, settled with its answer.
         self._pending: dict[int, Future[Any]] = {}
         self._listeners: dict[int, Callable[[Delta], None]] = {}
@@ -223,9 +223,10 @@ class WorkerHandle:
         return self._state is WorkerState.READY
 
     @property
-    def ready(self) -> Future[dict[str, Any]]:
-        """Settles once the engine is loaded (with its info) or failed to start."""
-        return self._ready
+    def startup(self) -> Future[dict[str, Any]]:
+        """Settles once the engine is loaded (with its info), or with :class:`WorkerStartError`
+        (or the error it was stopped with) when it did not start."""
+        return self._startup
 
     @property
     def exited(self) -> bool:
@@ -256,14 +257,6 @@ class WorkerHandle:
             except psutil.Error:
                 continue
         return total
-
-    def wait_ready(self, timeout: float | None = None) -> dict[str, Any]:
-        """Block until the engine is loaded; raise :class:`WorkerStartError` if it fails.
-
-        Raises ``concurrent.futures.TimeoutError`` when ``timeout`` passes first (the worker
-        goes on loading).
-        """
-        return self._ready.result(timeout)
 
     def wait_exited(self, timeout: float | None = None) -> bool:
         """Wait until the worker has exited, been cleaned up after, and reported so."""
@@ -410,7 +403,7 @@ class WorkerHandle:
             self._listeners.clear()
         self._announce()
         _fail(futures, error)
-        _settle(self._ready, error=error)
+        _settle(self._startup, error=error)
         self.wait_exited(timeout + 3 * TERMINATE_SECONDS + 2 * _POLL_SECONDS)
 
     # ----- the state machine -----
@@ -529,7 +522,7 @@ class WorkerHandle:
             )
         if start_timed_out:
             _settle(
-                self._ready,
+                self._startup,
                 error=WorkerStartError(
                     f"The vLLM worker was not ready within {self._startup_timeout:.0f} s "
                     "(raise VLLM_STARTUP_TIMEOUT_SECONDS if the model needs longer to load)",
@@ -610,7 +603,7 @@ class WorkerHandle:
             for choice in message.info.get("choices", []):
                 logger.warning("vLLM worker pid %d: %s", self.pid, choice)
             logger.info("vLLM worker pid %d ready in %.1f s", self.pid, elapsed)
-            _settle(self._ready, result=message.info)
+            _settle(self._startup, result=message.info)
         elif isinstance(message, StartFailed):
             with self._lock:
                 self._move(WorkerState.STOPPING, time.monotonic() + self.stop_timeout)
@@ -618,7 +611,7 @@ class WorkerHandle:
             error = WorkerStartError(
                 f"The vLLM worker failed to start: {message.error}", self._log_tail()
             )
-            _settle(self._ready, error=error)
+            _settle(self._startup, error=error)
         return True
 
     def _on_process_exit(self) -> None:
@@ -638,7 +631,7 @@ class WorkerHandle:
                 self.failure or f"The vLLM worker (pid {self.pid}) exited", pid=self.pid,
                 exit_code=self.exit_code, log_path=str(self.log_path),
             ))
-            _settle(self._ready, error=WorkerStartError(
+            _settle(self._startup, error=WorkerStartError(
                 f"The vLLM worker (pid {self.pid}) exited before it was ready", self._log_tail()
             ))
             self._outbox.put(None)
@@ -664,9 +657,9 @@ class WorkerHandle:
             self._listeners.clear()
         # Callers hear first; the clean-up below may take seconds.
         how = self._describe_exit(exit_code)
-        if not self._ready.done():
+        if not self._startup.done():
             _settle(
-                self._ready,
+                self._startup,
                 error=WorkerStartError(
                     f"The vLLM worker {how} before it was ready", self._log_tail()
                 ),
