@@ -10,6 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .._worker.protocol import WorkerConfig
 from ..settings import ENGINE_STALL_SECONDS, looks_like_local_path
 from .local_pool import EngineSpec, Host, LocalWorkers, worker_configs
 from .schedule import WorkerPool
@@ -104,3 +105,31 @@ def model_name(model_id: str) -> str:
     if looks_like_local_path(model_id):
         return str(Path(model_id).expanduser().resolve())
     return model_id
+
+
+def batch_worker_configs(
+    model_id: str,
+    worker_num: int = 1,
+    tp: int = 1,
+    pp: int = 1,
+    gpu_assignments: Sequence[Sequence[int]] | None = None,
+    *,
+    max_model_len: int = 4096,
+    gpu_memory_utilization: float = 0.90,
+    dtype: str = "auto",
+    trust_remote_code: bool = False,
+    engine_args: dict[str, Any] | None = None,
+    gpus: list[str] | None = None,
+    cores: list[list[int]] | None = None,
+) -> list[WorkerConfig]:
+    """What ``generate()`` with these arguments gives each of its local workers: their
+    ``vllm.LLM`` arguments and environment (GPUs or pinned cores), on this machine or on one
+    with ``gpus`` / ``cores`` (see :meth:`Host.this_machine`). Starts nothing.
+
+    Raises ``ValueError`` for a placement the machine cannot give, as ``generate()`` would.
+    """
+    spec = engine_spec(
+        model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
+        engine_args or {},
+    )
+    return worker_configs(spec, worker_num, Host.this_machine(gpus, cores), gpu_assignments)
