@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import ast
 import functools
-import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -201,9 +200,9 @@ def engine_violations(package: Package) -> list[str]:
     problems = []
     for found in package.internal():
         importer, target = found.importer, found.target
-        if layer(target) == "engines" and layer(importer) != "engines":
-            if not importer.endswith("._worker.main"):
-                problems.append(f"{_where(found)}: only _worker/main.py imports the engines")
+        from_outside = layer(importer) != "engines" and not importer.endswith("._worker.main")
+        if layer(target) == "engines" and from_outside:
+            problems.append(f"{_where(found)}: only _worker/main.py imports the engines")
         if target.endswith("._worker.main"):
             if not importer.endswith("._worker.handle"):
                 problems.append(f"{_where(found)}: only _worker/handle.py starts the worker loop")
@@ -322,28 +321,23 @@ def test_each_rule_catches_a_planted_violation(tmp_path: Path) -> None:
     folder = tmp_path / "vllm_service"
     for name, text in PLANTED.items():
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_text(textwrap.dedent(text))
+        (folder / name).write_text(text)
     package = read_package(folder)
 
     assert unplaced_modules(package) == ["vllm_service._extra"]
-    assert layer_violations(package) == [
-        "vllm_service._client.calls:1 imports vllm_service.service: caller layer importing "
-        "the public layer"
-    ]
-    assert engine_violations(package) == [
-        "vllm_service._batch.output:1 imports vllm_service._engines.local (LocalEngine): only "
-        "_worker/main.py imports the engines",
-        "vllm_service._worker.handle:1 imports vllm_service._worker.main (run_worker) at import "
-        "time: the parent would load the worker loop and its engines; import it in the "
-        "function the spawned process runs",
-        "vllm_service._client.calls:5 imports torch at import time, in the parent process",
+    assert _places(layer_violations(package)) == ["vllm_service._client.calls:1"]
+    assert _places(engine_violations(package)) == [
+        "vllm_service._batch.output:1", "vllm_service._worker.handle:1",
+        "vllm_service._client.calls:5",
     ]
     assert cycles(package) == [
         ["vllm_service._client.calls", "vllm_service.service", "vllm_service._client.calls"]
     ]
-    assert private_name_violations(package) == [
-        "vllm_service._client.calls:2 imports vllm_service._batch.output (_hidden): a private "
-        "name of another subpackage",
-        "vllm_service._client.calls:4 imports vllm_service._batch.output (_also_hidden): a "
-        "private name of another subpackage",
+    assert _places(private_name_violations(package)) == [
+        "vllm_service._client.calls:2", "vllm_service._client.calls:4",
     ]
+
+
+def _places(problems: list[str]) -> list[str]:
+    """Where each problem is: its ``module:line``."""
+    return [problem.split(" ", 1)[0] for problem in problems]
