@@ -4,7 +4,7 @@ The layers, top to bottom. A module imports modules of its own layer or lower on
 every import counts, also one inside a function:
 
     public    vllm_service (__init__), __main__, service, async_service, batch, cli, testing
-    caller    _client/*, _batch/*
+    caller    _client/*, _batch/*: neither imports the other
     worker    _worker/* but protocol.py (main.py is the worker process's loop)
     engines   _engines/*: they run in the worker process only
     protocol  _worker/protocol.py: the messages that cross the pipe
@@ -186,13 +186,22 @@ def unplaced_modules(package: Package) -> list[str]:
 
 
 def layer_violations(package: Package) -> list[str]:
-    """Imports of a module in a higher layer than the importer's."""
+    """Imports of a module in a higher layer than the importer's, and between _client and
+    _batch."""
     problems = []
     for found in package.internal():
         mine, theirs = layer(found.importer), layer(found.target)
         if mine and theirs and LAYERS.index(theirs) > LAYERS.index(mine):
             problems.append(f"{_where(found)}: {mine} layer importing the {theirs} layer")
+        elif mine == theirs == "caller" and _top(found.importer) != _top(found.target):
+            problems.append(f"{_where(found)}: _client and _batch do not import each other")
     return problems
+
+
+def _top(module: str) -> str:
+    """The subpackage (or root module) a module is in: ``_batch`` for ``_batch.output``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
 
 
 def engine_violations(package: Package) -> list[str]:
@@ -301,13 +310,14 @@ PLANTED = {
     "_client/__init__.py": "",
     "_client/calls.py": (
         "from .. import service\n"  # up a layer, and a cycle through service
-        "from .._batch.output import _hidden\n"  # a private name of another subpackage
-        "from .._batch import output as _output\n"
-        "_output._also_hidden()\n"  # the same, through the module
+        "from .._worker.handle import _hidden\n"  # a private name of another subpackage
+        "from .._worker import handle as _handle\n"
+        "_handle._also_hidden()\n"  # the same, through the module
         "import torch\n"  # at import time, in the parent
     ),
     "_batch/__init__.py": "",
     "_batch/output.py": "from .._engines.local import LocalEngine\n",  # engines, not main
+    "_batch/schedule.py": "from .._client import calls\n",  # the caller's other half
     "_worker/__init__.py": "",
     "_worker/handle.py": "from .main import run_worker\n",  # the loop at import time
     "_worker/main.py": "def make():\n    from .._engines.local import LocalEngine\n",
@@ -325,7 +335,9 @@ def test_each_rule_catches_a_planted_violation(tmp_path: Path) -> None:
     package = read_package(folder)
 
     assert unplaced_modules(package) == ["vllm_service._extra"]
-    assert _places(layer_violations(package)) == ["vllm_service._client.calls:1"]
+    assert _places(layer_violations(package)) == [
+        "vllm_service._batch.schedule:1", "vllm_service._client.calls:1",
+    ]
     assert _places(engine_violations(package)) == [
         "vllm_service._batch.output:1", "vllm_service._worker.handle:1",
         "vllm_service._client.calls:5",
