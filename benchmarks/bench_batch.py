@@ -44,7 +44,7 @@ def direct_llm(model: str, count: int, max_tokens: int, results: Any) -> None:
     started = time.perf_counter()
     from vllm import LLM, SamplingParams
 
-    from vllm_service._common.machine import cpu_dtype
+    from vllm_service.testing import cpu_dtype
 
     # The same dtype as generate()'s workers choose on this processor.
     llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype=cpu_dtype(),

@@ -99,7 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from vllm_service import demo_model_path
-    from vllm_service._common.machine import cpu_flags
+    from vllm_service.testing import cpu_flags
 
     model = args.model or str(demo_model_path())
     rows: dict[str, dict] = {}

@@ -36,7 +36,7 @@ def bench_direct(model: str, prompts: list[str], tokens: int) -> dict[str, float
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    from vllm_service._common.machine import cpu_dtype
+    from vllm_service.testing import cpu_dtype
 
     # The service's own dtype rule, so both sides run the same arithmetic on this processor.
     llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype=cpu_dtype(),

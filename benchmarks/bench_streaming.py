@@ -38,7 +38,7 @@ def bench_direct(model: str, prompts: list[str], tokens: int) -> dict[str, float
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    from vllm_service._common.machine import cpu_dtype
+    from vllm_service.testing import cpu_dtype
 
     llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype=cpu_dtype(),
               trust_remote_code=True)

@@ -63,7 +63,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from vllm_service import VLLMInferenceService, VLLMSettings, demo_model_path
-    from vllm_service._common.machine import cpu_flags
+    from vllm_service.testing import cpu_flags
 
     settings = VLLMSettings(model_path=demo_model_path(), max_model_len=2048)
     sampling = {"temperature": 0.7, "top_p": 0.95, "max_tokens": 300}

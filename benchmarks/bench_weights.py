@@ -58,7 +58,7 @@ def bench_updates(model: Path, folder: Path, state: dict[str, object], rounds: i
 def bench_new_engine(folder: Path) -> list[float]:
     from vllm import LLM, SamplingParams
 
-    from vllm_service._engines.local import adapt_engine_args
+    from vllm_service.testing import adapt_engine_args
 
     args, _ = adapt_engine_args({"model": str(folder), "max_model_len": MAX_MODEL_LEN})
     times = []

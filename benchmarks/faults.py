@@ -82,7 +82,7 @@ from vllm_service import (
     demo_model_path,
     generate,
 )
-from vllm_service._worker.handle import group_members, shared_memory_files
+from vllm_service.testing import group_members, shared_memory_files
 
 PROMPT = "The capital of France is"
 STORY = "Tell me a long story about a lighthouse keeper."
@@ -434,7 +434,7 @@ CHILD = textwrap.dedent(
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm_service import VLLMInferenceService, VLLMSettings
-    from vllm_service._worker.handle import group_members, shared_memory_files
+    from vllm_service.testing import group_members, shared_memory_files
 
     if __name__ == "__main__":
         service = VLLMInferenceService(VLLMSettings(

@@ -11,7 +11,7 @@ import multiprocessing
 import os
 from typing import Any
 
-from vllm_service._common.machine import cpu_dtype
+from vllm_service.testing import cpu_dtype
 
 
 def engine_dtype() -> str:

@@ -24,7 +24,7 @@ def engine_cpu_percent(pgid: int, seconds: float = 2.0) -> float:
     """
     import psutil
 
-    from vllm_service._worker.handle import group_members
+    from vllm_service.testing import group_members
 
     processes = [psutil.Process(pid) for pid in group_members(pgid)]
     for process in processes:

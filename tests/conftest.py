@@ -19,7 +19,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 from _reference_engine import ReferenceEngine, engine_dtype  # noqa: E402
 
 from vllm_service import VLLMInferenceService, VLLMSettings, demo_model_path  # noqa: E402
-from vllm_service._common.machine import cpu_dtype, cpu_flags  # noqa: E402
+from vllm_service.testing import cpu_dtype, cpu_flags, shared_memory_files  # noqa: E402
 
 # The flags the dtype rule reads (docs/reliability.md, "Which processor").
 _DTYPE_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "bf16")
@@ -58,8 +58,6 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     """Name the /dev/shm files the session made and left (engines killed mid-shutdown)."""
     if not os.path.isdir("/dev/shm"):
         return
-    from vllm_service._worker.handle import shared_memory_files
-
     # what this process and its children still hold (multiprocessing's semaphores of the live
     # session) goes at their exit: not left behind
     held = {os.path.basename(path) for path in shared_memory_files(os.getpgrp())}

@@ -34,10 +34,10 @@ from vllm_service._batch import local_pool as _batch_local
 from vllm_service._batch import output as _batch_output
 from vllm_service._batch import placement as _placement
 from vllm_service._batch import schedule as _batch_schedule
-from vllm_service._common.machine import cpu_dtype
 from vllm_service._worker.handle import WorkerHandle
 from vllm_service._worker.protocol import Finished, Request
 from vllm_service.errors import VLLMServiceError, WorkerDiedError
+from vllm_service.testing import cpu_dtype, physical_cores
 from vllm_service.types import Sample
 
 FRANCE = "What is the capital of France?"
@@ -182,7 +182,7 @@ def test_two_workers_are_pinned_to_their_own_core_and_share_memory(
     handles = two_workers["handles"]
     assert len(handles) == 2
     binds = sorted(h.config.environment["VLLM_CPU_OMP_THREADS_BIND"] for h in handles)
-    assert binds == [str(core[0]) for core in _placement.physical_cores()[:2]]
+    assert binds == [str(core[0]) for core in physical_cores()[:2]]
     kv_sizes = {h.config.engine_args["kv_cache_memory_bytes"] for h in handles}
     assert len(kv_sizes) == 1 and 0 < kv_sizes.pop() <= 2 << 30  # half of one engine's at most
     assert all(h.config.engine_args["gpu_memory_utilization"] == 0.9 for h in handles)
@@ -1062,12 +1062,12 @@ def test_a_failed_final_rewrite_leaves_no_partial_file_and_the_rerun_resumes(
             raise OSError(28, "No space left on device")
         real_fsync(fd)
 
-    monkeypatch.setattr(_batch_output.os, "fsync", disk_full)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         generate("org/model", prompts(3), output_path=output, progress=False)
     assert not output.with_name("out.jsonl.partial").exists()
     assert sorted(line["_index"] for line in read_lines(output)) == [0, 1, 2]
-    monkeypatch.setattr(_batch_output.os, "fsync", real_fsync)
+    monkeypatch.setattr(os, "fsync", real_fsync)
     fake_workers.started = []
     results = generate("org/model", prompts(3), output_path=output, progress=False)
     assert sent_prompts(fake_workers.started) == []

@@ -12,8 +12,7 @@ import pytest
 from _reference_engine import engine_dtype
 
 from vllm_service import VLLMInferenceService
-from vllm_service._engines import local as _local_engine
-from vllm_service._engines.local import adapt_engine_args, cpu_dtype
+from vllm_service.testing import adapt_engine_args, cpu_dtype
 
 AVX2_ONLY = {"fpu", "sse4_2", "avx", "avx2", "fma", "f16c"}  # an AMD EPYC without AVX-512
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512_vnni", "avx512_bf16"}
@@ -40,14 +39,13 @@ def test_auto_dtype_follows_native_bf16(flags: set[str], expected: str) -> None:
 
 @pytest.mark.parametrize("flags", [AVX2_ONLY, SAPPHIRE_RAPIDS])
 def test_an_explicit_dtype_always_wins_and_auto_is_logged(
-    demo_model: Path, monkeypatch: pytest.MonkeyPatch, flags: set[str]
+    demo_model: Path, flags: set[str]
 ) -> None:
-    monkeypatch.setattr(_local_engine, "cpu_flags", lambda: flags)
     for explicit in ("bfloat16", "float16", "float32"):
-        args, choices = adapt_engine_args({"model": str(demo_model), "dtype": explicit})
+        args, choices = adapt_engine_args({"model": str(demo_model), "dtype": explicit}, flags)
         assert args["dtype"] == explicit
         assert not any("dtype" in choice for choice in choices)
-    args, choices = adapt_engine_args({"model": str(demo_model), "dtype": "auto"})
+    args, choices = adapt_engine_args({"model": str(demo_model), "dtype": "auto"}, flags)
     if flags is AVX2_ONLY:
         assert args["dtype"] == "float32"
         assert any("dtype=float32" in c and "VLLM_DTYPE" in c for c in choices), choices

