@@ -1,4 +1,8 @@
-"""Shared fixtures: the demo model, and one service (one engine) for the whole session."""
+"""Shared fixtures: the demo model, and one service (one engine) for the whole session.
+
+pytest loads this file for the fast layer (``tests/fast``) too, which must run where vLLM
+and torch are not installed: nothing imported here at module level may need them.
+"""
 
 from __future__ import annotations
 
@@ -40,14 +44,18 @@ def pytest_report_header() -> list[str]:
     ]
 
 
-# Modules that start no engine run first: a mistake there shows in seconds, not after the
-# engines' 40 minutes.
+# The fast layer, then the other modules that start no engine, run first: a mistake there
+# shows in seconds, not after the engines' 40 minutes (scripts/test.sh runs the fast layer
+# apart, and stops when it fails).
+_FAST_LAYER = Path(__file__).resolve().parent / "fast"
 _NO_ENGINE_MODULES = ("test_settings.py", "test_placement.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Engine-free modules first; the rest in their usual order (the sort is stable)."""
-    items.sort(key=lambda item: item.path.name not in _NO_ENGINE_MODULES)
+    """The fast layer, then engine-free modules; the rest in their usual order (a stable sort)."""
+    items.sort(key=lambda item: (
+        not item.path.is_relative_to(_FAST_LAYER), item.path.name not in _NO_ENGINE_MODULES
+    ))
 
 
 # /dev/shm as the session found it: what the suite's engines leave there is shown at the end.

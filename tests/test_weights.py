@@ -18,15 +18,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import _standin_worker
 import pytest
 import torch
 from _reference_engine import ReferenceEngine
 from _trained_weights import tensors_of, train_copy
 from _waiting import wait_until
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import vllm_service._worker.handle
 from vllm_service import (
     AsyncVLLMInferenceService,
     VLLMInferenceService,
@@ -376,64 +374,6 @@ def test_remote_mode_says_what_the_server_would_need() -> None:
         with pytest.raises(RuntimeError, match="needs local mode") as info:
             remote.update_weights({"model.norm.weight": torch.zeros(1)})
         assert "VLLM_SERVER_DEV_MODE=1" in str(info.value)
-
-
-# ----- the worker around a stand-in engine: what the real one cannot be made to do -----
-
-
-@pytest.fixture
-def standin(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
-    calls = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("STANDIN_CALLS", str(calls))
-    monkeypatch.setattr(vllm_service._worker.handle, "run_worker", _standin_worker.run_worker)
-    return calls
-
-
-def _folder(parent: Path, name: str) -> Path:
-    folder = parent / name
-    folder.mkdir()
-    save_file({"model.norm.weight": torch.ones(4)}, str(folder / "model.safetensors"))
-    return folder
-
-
-def test_an_updated_worker_outlives_its_idle_ttl_and_unload_brings_the_own_weights_back(
-    standin: Path, demo_model: Path, tmp_path: Path
-) -> None:
-    settings = VLLMSettings(model_path=demo_model, idle_ttl_seconds=1)
-    with VLLMInferenceService(settings) as service:
-        service.update_weights(_folder(tmp_path, "new"), version=7)
-        status = service.status()
-        assert status.weight_version == 7 and status.expires_at is None
-        time.sleep(3)
-        assert service.status().state == "ready" and service.status().pid == status.pid
-        assert service.generate("Hello").weight_version == 7
-        service.unload()
-        result = service.generate("Hello")
-        assert result.weight_version is None and service.status().pid != status.pid
-        assert wait_until(lambda: service.status().state == "stopped", 10)  # the TTL applies again
-
-
-def test_a_rejected_update_keeps_the_worker_and_one_broken_part_way_ends_it(
-    standin: Path, demo_model: Path, tmp_path: Path
-) -> None:
-    settings = VLLMSettings(model_path=demo_model, idle_ttl_seconds=600)
-    with VLLMInferenceService(settings) as service:
-        service.update_weights(_folder(tmp_path, "good"), version=1)
-        pid = service.status().pid
-        with pytest.raises(WeightUpdateError, match="up_proj.weight does not fit"):
-            service.update_weights(_folder(tmp_path, "rejected"), version=2)
-        assert service.status().weight_version == 1 and service.status().pid == pid
-        assert service.generate("Hello").weight_version == 1
-
-        with pytest.raises(WeightUpdateError, match="part-way .* its worker exited"):
-            service.update_weights(_folder(tmp_path, "broken"), version=3)
-        assert wait_until(lambda: service.status().state == "stopped", 10)
-        assert "weight update failed part-way" in (service.status().last_error or "")
-        result = service.generate("Hello")  # a new worker, with the model's own weights
-        assert result.text == "ok" and result.weight_version is None
-        assert service.status().pid != pid
-    calls = [c["call"] for c in _standin_worker.calls(str(standin))]
-    assert calls.count("update_weights") == 3 and calls.count("init") == 2
 
 
 def test_the_rl_loop_example_keeps_the_engine_in_step_with_the_trainer(

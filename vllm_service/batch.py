@@ -73,6 +73,7 @@ def generate(
     engine_stall_seconds: float = ENGINE_STALL_SECONDS,
     on_mismatch: Literal["error", "redo", "keep"] = "error",
     ray_address: str | None = None,
+    engine_kind: Literal["vllm", "standin"] = "vllm",
 ) -> list[dict[str, Any]]:
     """Generate a completion for every item of ``data`` with vLLM; results in input order.
 
@@ -123,6 +124,9 @@ def generate(
     ``"keep"`` (use them anyway). Only one run at a time may use a file: another raises
     ``VLLMServiceError`` at once. Raises ``ValueError`` for impossible arguments and
     placements before any worker starts.
+
+    ``engine_kind="standin"`` runs every worker on the stand-in engine instead of vLLM, for
+    tests: it loads no model and echoes each prompt (``VLLM_ENGINE_KIND``, docs/testing.md).
     """
     check_arguments(n, worker_num, tp, pp, chunk_size, max_output_len, temperature)
     keys = (message_key, result_key, error_key, index_key, RUN_KEY)
@@ -138,7 +142,7 @@ def generate(
         raise ValueError(f"system holds {problem}")
     spec = engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
-        engine_args or {}, engine_stall_seconds,
+        engine_args or {}, engine_stall_seconds, engine_kind,
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     sampling = {

@@ -179,6 +179,10 @@ def _add_generate_command(commands: Any) -> None:
                          default=default["engine_stall_seconds"],
                          help="with work in flight, seconds without engine progress after "
                          "which a worker counts as stuck and is killed (its chunk runs again)")
+    workers.add_argument("--engine-kind", choices=("vllm", "standin"),
+                         default=default["engine_kind"],
+                         help="for tests: standin runs a stand-in engine that loads no model "
+                         "and echoes each prompt (docs/testing.md)")
     command.add_argument("--no-progress", dest="progress", action="store_false",
                          help="no progress bar")
     command.set_defaults(run=_run_generate)

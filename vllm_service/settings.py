@@ -92,6 +92,12 @@ class VLLMSettings(BaseSettings):
     )
     default_repetition_penalty: float = Field(1.0, gt=0, description="Default repetition penalty.")
     mode: Literal["local", "remote"] = Field("local", description='"local" or "remote".')
+    engine_kind: Literal["vllm", "standin"] = Field(
+        "vllm",
+        description='Local mode: "vllm", or "standin" for tests: a stand-in engine that loads '
+        "no model and needs no vLLM (it echoes each prompt), run by the real worker process, "
+        "pipe and keep-alive (docs/testing.md).",
+    )
     api_url: str | None = Field(None, description="URL of the remote vLLM server (remote mode).")
     api_key: SecretStr | None = Field(None, description="API key of the remote server, if any.")
     engine_args: dict[str, Any] = Field(
@@ -172,6 +178,11 @@ class VLLMSettings(BaseSettings):
     def _check_mode(self) -> VLLMSettings:
         if self.mode == "remote" and not self.api_url:
             raise ValueError("VLLM_API_URL is required when VLLM_MODE=remote")
+        if self.mode == "remote" and self.engine_kind != "vllm":
+            raise ValueError(
+                f"VLLM_ENGINE_KIND={self.engine_kind} applies to local mode only: in remote mode "
+                "the vLLM server is the engine (unset VLLM_ENGINE_KIND, or use VLLM_MODE=local)"
+            )
         if self.mode == "remote" and self.idle_sleep_seconds is not None:
             raise ValueError(
                 "VLLM_IDLE_SLEEP_SECONDS applies to local mode only: a remote server manages "

@@ -1,8 +1,10 @@
 """For tests and benchmarks: what they need to see beyond the service's own API.
 
 An application does not need this module; its tests may (as httpx ships a mock transport
-beside its client). Everything here reads or computes, and starts nothing. The names, by the
-question each answers:
+beside its client). Everything here reads or computes, and starts nothing. For a worker that
+runs without vLLM (the fast test layer), use the stand-in engine: ``VLLMSettings(
+engine_kind="standin")``, or ``generate(..., engine_kind="standin")`` (docs/testing.md). The
+names, by the question each answers:
 
 The machine, and the rules the engines follow on it:
 
@@ -14,6 +16,8 @@ The machine, and the rules the engines follow on it:
   ``vllm.LLM`` that runs as the service's engines do. Imports vLLM.
 - :func:`check_vllm_version`: raises unless the installed vLLM is one this package supports.
   Imports vLLM.
+- :func:`visible_gpus`: the GPUs this process can see (none on a CPU machine), which decide
+  where workers run and whether sleep mode is offered.
 - :func:`physical_cores`: the physical cores this process may run on, each as its logical
   CPU ids: what batch workers are pinned to.
 
@@ -51,6 +55,7 @@ from ._common.machine import (
     group_physical_cores,
     parse_cuda_mask,
     physical_cores,
+    visible_gpus,
 )
 from ._worker.config import worker_config
 from ._worker.processes import group_members, shared_memory_files
@@ -72,5 +77,6 @@ __all__ = [
     "parse_cuda_mask",
     "physical_cores",
     "shared_memory_files",
+    "visible_gpus",
     "worker_config",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 import vllm_service
+import vllm_service.testing
 from vllm_service import (
     EngineStalledError,
     NotSupportedError,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._worker.protocol import WorkerConfig
 from ..settings import ENGINE_STALL_SECONDS, looks_like_local_path
@@ -80,6 +80,7 @@ def engine_spec(
     trust_remote_code: bool,
     extra_engine_args: dict[str, Any],
     engine_stall_seconds: float = ENGINE_STALL_SECONDS,
+    engine_kind: Literal["vllm", "standin"] = "vllm",
 ) -> EngineSpec:
     """The engine every worker runs, before its placement adds its GPUs or cores."""
     model = model_name(model_id)
@@ -95,9 +96,11 @@ def engine_spec(
         args["distributed_executor_backend"] = "ray"
     if not engine_stall_seconds > 0:
         raise ValueError(f"engine_stall_seconds must be more than 0, got {engine_stall_seconds!r}")
+    if engine_kind not in ("vllm", "standin"):
+        raise ValueError(f"engine_kind must be 'vllm' or 'standin', got {engine_kind!r}")
     return EngineSpec(model=model, tp=tp, pp=pp, engine_args=args,
                       extra_engine_args=dict(extra_engine_args),
-                      engine_stall_seconds=engine_stall_seconds)
+                      engine_stall_seconds=engine_stall_seconds, engine_kind=engine_kind)
 
 
 def model_name(model_id: str) -> str:

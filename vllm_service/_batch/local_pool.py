@@ -11,7 +11,7 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import psutil
 
@@ -38,6 +38,7 @@ class EngineSpec:
     engine_args: dict[str, Any] = field(default_factory=dict)  # without the placement's own
     extra_engine_args: dict[str, Any] = field(default_factory=dict)  # the caller's, win last
     engine_stall_seconds: float = ENGINE_STALL_SECONDS  # the stall watch of each worker
+    engine_kind: Literal["vllm", "standin"] = "vllm"  # "standin": the test engine, no vLLM
 
 
 @dataclass(frozen=True)
@@ -98,8 +99,8 @@ def worker_configs(
         args = {**shared, "tensor_parallel_size": placement.tensor_parallel_size}
         args.update(spec.extra_engine_args)
         configs.append(
-            WorkerConfig(mode="local", model=spec.model, engine_args=args,
-                         environment=placement.environment,
+            WorkerConfig(mode="local", model=spec.model, engine_kind=spec.engine_kind,
+                         engine_args=args, environment=placement.environment,
                          engine_stall_seconds=spec.engine_stall_seconds)
         )
     return configs

@@ -120,6 +120,7 @@ def run_openai_batch(
     engine_stall_seconds: float = ENGINE_STALL_SECONDS,
     on_mismatch: Literal["error", "redo", "keep"] = "error",
     progress: bool = True,
+    engine_kind: Literal["vllm", "standin"] = "vllm",
 ) -> list[dict[str, Any]]:
     """Answer every line of an OpenAI batch input file; returns the output lines in order.
 
@@ -148,7 +149,7 @@ def run_openai_batch(
     )
     spec = engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
-        engine_args or {}, engine_stall_seconds,
+        engine_args or {}, engine_stall_seconds, engine_kind,
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     run = _OpenAIBatchRun(

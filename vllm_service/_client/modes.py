@@ -53,6 +53,7 @@ class LocalMode:
 
     def __init__(self, settings: VLLMSettings, config: WorkerConfig) -> None:
         self._engine_args = config.engine_args
+        self._engine_kind = config.engine_kind
         enabled = bool(config.engine_args.get("enable_lora"))
         self._loras = LoraRegistry(
             config.engine_args.get("max_lora_rank", VLLM_DEFAULT_MAX_LORA_RANK) if enabled else None
@@ -87,7 +88,7 @@ class LocalMode:
         return None
 
     def check_sleep(self) -> None:
-        if not visible_gpus():
+        if self._engine_kind == "vllm" and not visible_gpus():  # the stand-in sleeps anywhere
             raise NotSupportedError(
                 "sleep mode is GPU only: vLLM has no sleep mode on CPU (this machine has no "
                 "NVIDIA GPU). unload() frees the memory by ending the worker"

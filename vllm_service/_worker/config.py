@@ -30,7 +30,7 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
         if settings.allowed_media_domains:  # vLLM's own check too ([] there means any host)
             engine_args.setdefault("allowed_media_domains", list(settings.allowed_media_domains))
     if settings.idle_sleep_seconds is not None:
-        if not visible_gpus():
+        if settings.engine_kind == "vllm" and not visible_gpus():  # the stand-in sleeps anywhere
             raise ValueError(
                 "VLLM_IDLE_SLEEP_SECONDS needs a GPU: vLLM's sleep mode moves the weights off "
                 "the GPU, and vLLM has no sleep mode on CPU (this machine has no NVIDIA GPU). "
@@ -40,6 +40,7 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     return WorkerConfig(
         mode=settings.mode,
         model=model,
+        engine_kind=settings.engine_kind,
         engine_args=engine_args,
         api_url=settings.api_url,
         api_key=settings.api_key.get_secret_value() if settings.api_key else None,

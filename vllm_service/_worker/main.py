@@ -321,8 +321,13 @@ def _redirect_output(log_path: str | None) -> None:
     os.close(fd)
 
 
-def make_engine(config: Any) -> Engine:
-    """The engine for ``config.mode``; imports vLLM or openai only in the worker process."""
+def make_engine(config: WorkerConfig) -> Engine:
+    """The engine for ``config.mode`` and ``config.engine_kind``; imports vLLM or openai only
+    in the worker process."""
+    if config.mode == "local" and config.engine_kind == "standin":
+        from .._engines.standin import StandInEngine
+
+        return StandInEngine(config)
     if config.mode == "local":
         from .._engines.local import LocalEngine
 

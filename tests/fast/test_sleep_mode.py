@@ -1,8 +1,9 @@
 """``VLLM_IDLE_SLEEP_SECONDS``: vLLM's sleep mode for an idle engine, GPU only.
 
-This machine has no GPU, so the setting's refusal is tested for real, and the GPU path as
-far as it goes without one: the engine arguments, the worker's sleep and wake-up calls (the
-real worker process and loop around a stand-in engine), and the exact vLLM calls made.
+On a machine without a GPU the setting's refusal is tested for real, and the GPU path as far
+as it goes without one: the engine arguments, the worker's sleep and wake-up calls (the real
+worker process and loop around the stand-in engine, whose sleep mode works on any machine),
+and the exact vLLM calls made.
 """
 
 from __future__ import annotations
@@ -13,20 +14,30 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _standin_worker
+from collections.abc import Callable
+
 import pytest
 from _waiting import wait_until
 
-import vllm_service._worker.handle
-import vllm_service.service
 from vllm_service import ServiceStatus, VLLMInferenceService, VLLMSettings
 from vllm_service._common.machine import visible_gpus
 from vllm_service._engines.local import LocalEngine
 
+Calls = Callable[..., list[dict[str, Any]]]
+cpu_only = pytest.mark.skipif(bool(visible_gpus()), reason="a GPU machine has vLLM's sleep mode")
 
-def test_this_cpu_machine_refuses_the_setting_saying_why(demo_model: Path) -> None:
-    assert not visible_gpus()
-    settings = VLLMSettings(model_path=demo_model, idle_sleep_seconds=60)
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    """A local model folder: vLLM's engine refuses sleep mode before it would load anything."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    return folder
+
+
+@cpu_only
+def test_this_cpu_machine_refuses_the_setting_saying_why(model_folder: Path) -> None:
+    settings = VLLMSettings(model_path=model_folder, idle_sleep_seconds=60)
     with pytest.raises(ValueError, match="needs a GPU") as info:
         VLLMInferenceService(settings)
     assert "no sleep mode on CPU" in str(info.value)
@@ -35,27 +46,21 @@ def test_this_cpu_machine_refuses_the_setting_saying_why(demo_model: Path) -> No
             mode="remote", model_path="m", api_url="http://127.0.0.1:1", idle_sleep_seconds=60
         )
     with pytest.raises(ValueError, match="greater than 0"):
-        VLLMSettings(model_path=demo_model, idle_sleep_seconds=0)
+        VLLMSettings(model_path=model_folder, idle_sleep_seconds=0)
 
 
 def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
-    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
+    standin: Callable[..., VLLMSettings], standin_calls: Calls, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    calls_file = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("STANDIN_CALLS", str(calls_file))
-    monkeypatch.setattr(vllm_service.service, "visible_gpus", lambda: ["0"])  # a GPU machine
-    monkeypatch.setattr(vllm_service._worker.handle, "run_worker", _standin_worker.run_worker)
-
-    settings = VLLMSettings(model_path=demo_model, idle_sleep_seconds=1, idle_ttl_seconds=60)
+    settings = standin(idle_sleep_seconds=1, idle_ttl_seconds=60)
     with VLLMInferenceService(settings) as service:
-        assert service.generate("Hello").text == "ok"
+        assert service.generate("Hello").text == "Hello"
         assert not service.status().asleep
         assert wait_until(lambda: service.status().asleep, 5), "the idle engine did not sleep"
         status = service.status()
         assert status.state == "ready" and status.expires_at is not None  # the TTL still runs
         time.sleep(2)  # asleep, it is not told to sleep again
-        assert service.generate("Hello again").text == "ok"
+        assert service.generate("Hello again").text == "Hello again"
         assert not service.status().asleep
         with service.hold():  # a held worker does not sleep
             time.sleep(2.5)
@@ -75,7 +80,7 @@ def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
             assert f" {field.name}=" in message or f": {field.name}=" in message, (field, message)
     assert "state='stopped'" in changes[-1] and "requests_served=2" in changes[-1]
 
-    calls: list[dict[str, Any]] = _standin_worker.calls(str(calls_file))
+    calls = standin_calls()
     assert calls[0]["call"] == "init" and calls[0]["engine_args"]["enable_sleep_mode"] is True
     assert [c["call"] for c in calls[1:]] == [
         "add", "sleep", "wake_up", "add", "sleep", "close"
@@ -99,8 +104,9 @@ def test_the_local_engine_uses_vllms_sleep_level_1_and_wake_up() -> None:
     assert made == [("sleep", {"level": 1}), ("wake_up", {})]
 
 
-def test_sleep_and_wake_up_refuse_on_this_cpu_machine_saying_why(demo_model: Path) -> None:
-    with VLLMInferenceService(VLLMSettings(model_path=demo_model)) as service:
+@cpu_only
+def test_sleep_and_wake_up_refuse_on_this_cpu_machine_saying_why(model_folder: Path) -> None:
+    with VLLMInferenceService(VLLMSettings(model_path=model_folder)) as service:
         for call in (service.sleep, service.wake_up):
             with pytest.raises(RuntimeError, match="sleep mode is GPU only") as info:
                 call()
@@ -110,26 +116,21 @@ def test_sleep_and_wake_up_refuse_on_this_cpu_machine_saying_why(demo_model: Pat
         assert service.status().state == "stopped"  # nothing was started
 
 
-def test_sleep_and_wake_up_on_a_gpu_machine_call_the_engines_sleep_mode(
-    demo_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+def test_sleep_and_wake_up_call_the_engines_sleep_mode(
+    standin: Callable[..., VLLMSettings], standin_calls: Calls
 ) -> None:
-    calls_file = tmp_path / "calls.jsonl"
-    monkeypatch.setenv("STANDIN_CALLS", str(calls_file))
-    monkeypatch.setattr(vllm_service.service, "visible_gpus", lambda: ["0"])  # a GPU machine
-    monkeypatch.setattr(vllm_service._worker.handle, "run_worker", _standin_worker.run_worker)
+    with VLLMInferenceService(standin()) as service:
+        with pytest.raises(RuntimeError, match="enable_sleep_mode"):
+            service.sleep()
 
-    plain = VLLMSettings(model_path=demo_model)
-    with VLLMInferenceService(plain) as service, pytest.raises(RuntimeError, match="enable_sleep_mode"):
-        service.sleep()
-
-    settings = VLLMSettings(model_path=demo_model, engine_args={"enable_sleep_mode": True})
+    settings = standin(engine_args={"enable_sleep_mode": True})
     with VLLMInferenceService(settings) as service:
         service.sleep()  # no worker: nothing to free
         assert service.status().state == "stopped"
-        assert service.generate("Hello").text == "ok"
+        assert service.generate("Hello").text == "Hello"
 
         def made(call: str) -> int:
-            return [c["call"] for c in _standin_worker.calls(str(calls_file))].count(call)
+            return len(standin_calls(call))
 
         service.sleep()
         assert service.status().asleep
@@ -139,9 +140,8 @@ def test_sleep_and_wake_up_on_a_gpu_machine_call_the_engines_sleep_mode(
         assert wait_until(lambda: made("wake_up") == 1, 5)
         service.sleep()
         assert wait_until(lambda: made("sleep") == 2, 5)
-        assert service.generate("Hello again").text == "ok"  # a request wakes it too
+        assert service.generate("Hello again").text == "Hello again"  # a request wakes it too
         assert not service.status().asleep
-    calls: list[dict[str, Any]] = _standin_worker.calls(str(calls_file))
-    assert [c["call"] for c in calls] == [
+    assert [c["call"] for c in standin_calls()] == [
         "init", "add", "sleep", "wake_up", "sleep", "wake_up", "add", "close"
     ]
