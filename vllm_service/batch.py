@@ -2,13 +2,13 @@
 
     generate(data)
       items: prompt built and checked per item     (a bad one gets its error now)
-      items already in output_path are skipped     (_batch_output: resume, same settings only)
+      items already in output_path are skipped     (_batch/output.py: resume, same settings only)
       the rest become jobs: one request per sample
          |
          v
-    Scheduler (_batch_schedule): chunk queue, retries, one thread per worker slot
-         |                           workers: local processes (_batch_local) or
-         v                                    Ray actors (_batch_ray)
+    Scheduler (_batch/schedule.py): chunk queue, retries, one thread per worker slot
+         |                           workers: local processes (_batch/local_pool.py) or
+         v                                    Ray actors (_batch/ray_pool.py)
     each finished item: result, JSONL line, progress bar
          |
          v

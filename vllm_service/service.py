@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from ._client.calls import Params
@@ -21,7 +21,7 @@ from ._client.modes import mode_for
 from ._client.streams import GenerationStream
 from ._common.inputs import check_messages, check_prompt, check_prompts
 from ._worker.config import worker_config
-from ._worker.handle import WorkerHandle, WorkerState
+from ._worker.handle import WorkerHandle
 from ._worker.keep_alive import KeepAlive
 from ._worker.protocol import UpdateWeights
 from ._worker.weight_staging import WeightSource, staged
@@ -51,10 +51,7 @@ class VLLMInferenceService:
         self._config = worker_config(self.settings)
         self._mode = mode_for(self.settings, self._config)
         self._keep_alive = KeepAlive(self.settings.idle_ttl_seconds, self.settings.idle_sleep_seconds)
-        self.dispatcher = Dispatcher(
-            self.settings, self._config, self._mode, self._keep_alive,
-            on_change=_weakly(self._log_change),
-        )
+        self.dispatcher = Dispatcher(self.settings, self._config, self._mode, self._keep_alive)
         """Sends this service's calls to its worker (shared with an asyncio service on it)."""
         self._update_lock = threading.Lock()  # one weight update at a time
         _live_services.add(self)
@@ -239,7 +236,7 @@ class VLLMInferenceService:
 
     def status(self) -> ServiceStatus:
         """What the worker is doing now. Never starts a worker or keeps one alive."""
-        return self._status_of(self.dispatcher.worker)
+        return self.dispatcher.status()
 
     def hold(self) -> Hold:
         """Keep the worker alive for a ``with`` (or ``async with``) block, whatever the TTL.
@@ -283,43 +280,6 @@ class VLLMInferenceService:
 
     # ----- status -----
 
-    def _log_change(self, handle: WorkerHandle, state: WorkerState) -> None:
-        status = self._status_of(handle)
-        logger.info("vllm-service worker %s: %s", state.value, status.describe())
-
-    def _status_of(self, handle: WorkerHandle | None) -> ServiceStatus:
-        keep_alive = self._keep_alive
-        common = dict(
-            mode=self._config.mode, requests_served=self.dispatcher.served, restarts=self.dispatcher.restarts,
-            keep_alive_seconds=keep_alive.ttl, held=keep_alive.held,
-        )
-        if handle is None or handle.exited:  # exited: its processes and files are gone too
-            return ServiceStatus(
-                state="stopped", pid=None, model=self._config.model, dtype=None,
-                started_at=None, load_seconds=None, in_flight=0,
-                last_error=(handle.failure if handle is not None else None) or self.dispatcher.last_error,
-                expires_at=None, memory_bytes=0, asleep=False, **common,  # type: ignore[arg-type]
-            )
-        state, in_flight, expires_at = handle.snapshot()
-        if state is WorkerState.EXITED:
-            state = WorkerState.STOPPING  # the process ended; its clean-up is under way
-        info = handle.info
-        return ServiceStatus(
-            state=state.value,  # type: ignore[arg-type]
-            pid=handle.pid,
-            model=info.get("model", self._config.model),
-            dtype=info.get("dtype"),
-            started_at=handle.started_at,
-            load_seconds=info.get("startup_seconds"),
-            in_flight=in_flight,
-            last_error=self.dispatcher.last_error,
-            expires_at=expires_at,
-            memory_bytes=handle.memory_bytes(),
-            asleep=handle.asleep,
-            weight_version=handle.weight_version,
-            **common,  # type: ignore[arg-type]
-        )
-
 
 
 class Hold:
@@ -343,18 +303,6 @@ class Hold:
 
     async def __aexit__(self, *exc_info: object) -> None:
         self.__exit__()
-
-
-def _weakly(method: Callable[..., None]) -> Callable[..., None]:
-    """``method``, without keeping its object alive (a worker must not keep its service)."""
-    reference = weakref.WeakMethod(method)
-
-    def call(*args: Any) -> None:
-        bound = reference()
-        if bound is not None:
-            bound(*args)
-
-    return call
 
 
 

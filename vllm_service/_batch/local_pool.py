@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 import psutil
 
-from .._worker.handle import KeepAlive, WorkerHandle, WorkerUnavailable
+from .._worker.handle import WorkerHandle, WorkerUnavailable
+from .._worker.keep_alive import KeepAlive
 from .._worker.protocol import Finished, Request, WorkerConfig
 from ..errors import ServiceShutdownError
 from ..settings import ENGINE_STALL_SECONDS

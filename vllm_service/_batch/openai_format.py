@@ -4,12 +4,12 @@
       custom_ids checked: a string on every line, none twice   (else ValueError: nothing runs)
       every line: body -> vLLM's own request model -> SamplingParams keywords
                   (a bad line gets its error line now)
-      lines output_path already answers are kept              (_batch_output: status 200,
+      lines output_path already answers are kept              (_batch/output.py: status 200,
                                                                 same system_fingerprint)
       the rest become jobs: one request per prompt, n samples each
          |
          v
-    Scheduler (_batch_schedule): chunk queue, retries, one thread per worker slot
+    Scheduler (_batch/schedule.py): chunk queue, retries, one thread per worker slot
          |                           workers: local processes or Ray actors (arguments.worker_pool)
          v
     each finished line: a chat.completion or text_completion body (or an error), appended

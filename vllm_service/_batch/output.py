@@ -8,7 +8,7 @@ it is matched to its input item is the format's:
 - :class:`OutputFile`, for :func:`vllm_service.generate`: the item, its result, its position
   in the data under the index key and the fingerprint of the settings that produced it under
   ``RUN_KEY``.
-- OpenAI batch output lines, matched by ``custom_id`` (``_openai_batch.py``).
+- OpenAI batch output lines, matched by ``custom_id`` (``openai_format.py``).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ from collections.abc import Iterator
 from concurrent.futures import as_completed
 from typing import Any
 
-from .._worker.handle import KeepAlive, WorkerHandle, WorkerUnavailable, remaining
+from .._worker.handle import WorkerHandle, WorkerUnavailable, remaining
+from .._worker.keep_alive import KeepAlive
 from .._worker.protocol import Finished, Request, WorkerConfig
 from ..errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
 from .local_pool import EngineSpec, Host, describe, worker_configs

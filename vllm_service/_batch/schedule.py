@@ -13,8 +13,8 @@
                      (a job alone under MAX_ATTEMPTS deaths -> on_done(index, error text))
 
 What a job's results mean, and where they are written, is the caller's business
-(``batch.py``, ``_openai_batch.py``); where workers run is the pool's (``_batch_local.py``,
-``_batch_ray.py``).
+(``batch.py``, ``openai_format.py``); where workers run is the pool's (``local_pool.py``,
+``ray_pool.py``).
 """
 
 from __future__ import annotations

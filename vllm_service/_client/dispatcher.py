@@ -39,7 +39,7 @@ from ..errors import (
     WorkerStartError,
 )
 from ..settings import VLLMSettings
-from ..types import GenerationResult
+from ..types import GenerationResult, ServiceStatus
 from .calls import Call, CallBuilder, Params, Prompt, to_result
 from .modes import Mode
 
@@ -76,12 +76,10 @@ class Dispatcher:
         config: WorkerConfig,
         mode: Mode,
         keep_alive: KeepAlive,
-        on_change: Callable[[WorkerHandle, WorkerState], None] | None = None,
     ) -> None:
         self._settings = settings
         self._config = config
         self.keep_alive = keep_alive
-        self._on_change = on_change
         self._calls = CallBuilder(settings, mode)
         self._lock = threading.Lock()
         self._slot = WorkerSlot()
@@ -181,7 +179,7 @@ class Dispatcher:
                         keep_alive=self.keep_alive,
                         startup_timeout=self._settings.startup_timeout_seconds,
                         stop_timeout=self._settings.stop_timeout_seconds,
-                        on_change=self._on_change,
+                        on_change=_weakly(self._log_change),
                     )
                     self._slot.handle = handle
                     if claim:
@@ -242,14 +240,22 @@ class Dispatcher:
                 continue
 
     def submitter(
-        self, call: Call, on_delta: Callable[[Delta], None] | None = None
+        self,
+        call: Call,
+        on_delta: Callable[[Delta], None] | None = None,
+        on_end: Callable[[Future[Finished]], None] | None = None,
     ) -> Callable[[WorkerHandle], list[Future[Finished]]]:
         """How ``call`` is submitted to a worker; from then on the worker stays
-        ``call.keep_alive`` once idle."""
+        ``call.keep_alive`` once idle. A stream's ``on_delta`` gets its new text and
+        ``on_end`` each request's settled future, both on the worker's reader thread."""
 
         def submit(handle: WorkerHandle) -> list[Future[Finished]]:
             self.keep_alive.ttl = call.keep_alive
-            return handle.submit(call.requests, on_delta)
+            futures = handle.submit(call.requests, on_delta)
+            if on_end is not None:
+                for future in futures:
+                    future.add_done_callback(on_end)
+            return futures
 
         return submit
 
@@ -330,6 +336,48 @@ class Dispatcher:
         """In a forked child: a lock another thread held at the fork stays locked for ever."""
         self._lock = threading.Lock()
 
+    # ----- status -----
+
+    def _log_change(self, handle: WorkerHandle, state: WorkerState) -> None:
+        status = self.status(handle)
+        logger.info("vllm-service worker %s: %s", state.value, status.describe())
+
+    def status(self, handle: WorkerHandle | None = None) -> ServiceStatus:
+        """What ``handle`` (by default the current worker) is doing now; starts nothing."""
+        if handle is None:
+            handle = self._slot.handle
+        keep_alive = self.keep_alive
+        common = dict(
+            mode=self._config.mode, requests_served=self.served, restarts=self.restarts,
+            keep_alive_seconds=keep_alive.ttl, held=keep_alive.held,
+        )
+        if handle is None or handle.exited:  # exited: its processes and files are gone too
+            return ServiceStatus(
+                state="stopped", pid=None, model=self._config.model, dtype=None,
+                started_at=None, load_seconds=None, in_flight=0,
+                last_error=(handle.failure if handle is not None else None) or self.last_error,
+                expires_at=None, memory_bytes=0, asleep=False, **common,  # type: ignore[arg-type]
+            )
+        state, in_flight, expires_at = handle.snapshot()
+        if state is WorkerState.EXITED:
+            state = WorkerState.STOPPING  # the process ended; its clean-up is under way
+        info = handle.info
+        return ServiceStatus(
+            state=state.value,  # type: ignore[arg-type]
+            pid=handle.pid,
+            model=info.get("model", self._config.model),
+            dtype=info.get("dtype"),
+            started_at=handle.started_at,
+            load_seconds=info.get("startup_seconds"),
+            in_flight=in_flight,
+            last_error=self.last_error,
+            expires_at=expires_at,
+            memory_bytes=handle.memory_bytes(),
+            asleep=handle.asleep,
+            weight_version=handle.weight_version,
+            **common,  # type: ignore[arg-type]
+        )
+
     # ----- helpers -----
 
     def _note_start_failure(self, error: WorkerStartError) -> None:
@@ -344,6 +392,18 @@ class Dispatcher:
             f"{self._settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); it "
             "goes on loading for the next call"
         )
+
+
+def _weakly(method: Callable[..., None]) -> Callable[..., None]:
+    """``method``, without keeping its object alive (a worker must not keep its service)."""
+    reference = weakref.WeakMethod(method)
+
+    def call(*args: Any) -> None:
+        bound = reference()
+        if bound is not None:
+            bound(*args)
+
+    return call
 
 
 @contextmanager

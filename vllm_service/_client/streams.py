@@ -59,14 +59,7 @@ class _Stream:
 
     def _submitter(self, put: Callable[[Any], None]) -> Callable[[Any], list[Future[Finished]]]:
         """How the request is submitted: its deltas and then its end go to ``put``."""
-        submit = self._dispatcher.submitter(self._call, put)
-
-        def submit_and_end(handle: Any) -> list[Future[Finished]]:
-            futures = submit(handle)
-            futures[0].add_done_callback(put)
-            return futures
-
-        return submit_and_end
+        return self._dispatcher.submitter(self._call, on_delta=put, on_end=put)
 
     def _take(self, item: Delta | Future[Finished]) -> list[StreamChunk]:
         """The chunks one queue item gives: a delta, or the end (which raises for a failure)."""

@@ -73,7 +73,7 @@ class LocalEngine:
         self._fetcher: ThreadPoolExecutor | None = None
 
     def _base_model_adapter(self, engine_args: dict[str, Any], choices: list[str]) -> tuple[Any, str | None]:
-        """The all-zero adapter requests without one get on CPU while LoRA is on (see _lora)."""
+        """The all-zero adapter requests without one get on CPU while LoRA is on (see _common/lora.py)."""
         from vllm.platforms import current_platform
 
         if not engine_args.get("enable_lora") or not current_platform.is_cpu():
@@ -268,7 +268,7 @@ class LocalEngine:
         self._llm.wake_up()
 
     def update_weights(self, files: list[str], folder: str | None) -> None:
-        """Load new weights in place through vLLM's worker extension (``_weight_loader``)."""
+        """Load new weights in place through vLLM's worker extension (``weight_loader.py``)."""
         from vllm.platforms import current_platform
 
         from .contract import WeightsBroken, WeightsRejected

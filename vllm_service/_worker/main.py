@@ -4,7 +4,7 @@ Runs in a spawned child. It leads its own process group, so the parent can end i
 with the engine processes vLLM starts (they outlive a killed worker otherwise). It exits when
 the parent sends Stop or when the pipe closes (the parent died), always tearing the engine down,
 and when one of the engine's processes dies (a watchdog thread notices; vLLM's own client would
-block for good). The exit code says which (``EXIT_*`` in ``_protocol``).
+block for good). The exit code says which (``EXIT_*`` in ``protocol.py``).
 """
 
 from __future__ import annotations
