@@ -26,11 +26,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ._batch.arguments import check_arguments, engine_spec, model_name, worker_pool
+from ._batch.arguments import check_arguments, engine_spec, worker_pool
 from ._batch.output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
 from ._batch.schedule import Job, Outcome, Progress, WorkerPool, run_jobs
+from ._common.inputs import lone_surrogate
 from ._common.media import media_problem
-from .settings import ENGINE_STALL_SECONDS
+from .settings import ENGINE_STALL_SECONDS, resolved_model
 from .types import ChatMessages, GenerationParams
 
 logger = logging.getLogger("vllm_service")
@@ -137,9 +138,9 @@ def generate(
         )
     if on_mismatch not in ("error", "redo", "keep"):
         raise ValueError(f"on_mismatch must be 'error', 'redo' or 'keep', got {on_mismatch!r}")
-    problem = _lone_surrogate(system)
+    problem = lone_surrogate(system)
     if problem is not None:
-        raise ValueError(f"system holds {problem}")
+        raise ValueError(f"system holds {problem}; fix it in the input")
     spec = engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {}, engine_stall_seconds, engine_kind,
@@ -161,7 +162,7 @@ def generate(
     sampling = {key: value for key, value in sampling.items() if value is not None}
     output = None
     if output_path is not None:
-        fingerprint = run_fingerprint(model_name(model_id), system, n, use_sample, sampling)
+        fingerprint = run_fingerprint(resolved_model(model_id), system, n, use_sample, sampling)
         output = OutputFile(Path(output_path), index_key, fingerprint)
 
     run = _BatchRun(
@@ -208,45 +209,15 @@ def build_conversation(item: dict[str, Any], message_key: str, system: str | Non
             f"{message_key!r} must be a string or a list of chat messages, "
             f"got {type(value).__name__}"
         )
-    problem = _lone_surrogate(messages)
+    problem = lone_surrogate(messages)
     if problem is not None:
-        raise _BadItem(f"the prompt under {message_key!r} holds {problem}")
+        raise _BadItem(f"the prompt under {message_key!r} holds {problem}; fix it in the input")
     media = media_problem(messages, None)
     if media is not None:
         raise _BadItem(f"{media.split('. Set ')[0]} (batch runs take text only)")
     if system is not None and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system})
     return messages
-
-
-def _lone_surrogate(value: Any) -> str | None:
-    """Describes the first lone surrogate in the strings of ``value``, or None if it has none.
-
-    ``json.loads`` turns ``"\\ud83d"`` into such a string; it is not valid Unicode, so the
-    tokenizer and UTF-8 cannot take it.
-    """
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            return (
-                f"a lone surrogate ({value[exc.start]!r} at position {exc.start} of "
-                f"{_shorten(value)}), which is not valid Unicode text; fix it in the input"
-            )
-        return None
-    if isinstance(value, dict):
-        value = [*value.keys(), *value.values()]
-    if isinstance(value, list):
-        for part in value:
-            problem = _lone_surrogate(part)
-            if problem is not None:
-                return problem
-    return None
-
-
-def _shorten(text: str, limit: int = 40) -> str:
-    """``repr`` of the start of ``text`` (escapes surrogates, so it is safe to write)."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 @dataclass

@@ -229,6 +229,14 @@ def looks_like_local_path(model: str) -> bool:
     return model.startswith(("/", "./", "../", "~")) or Path(model).exists()
 
 
+def resolved_model(model: str) -> str:
+    """The model as an engine is given it: a Hugging Face id as it is, a local model folder as
+    an absolute path (a worker may run in another folder)."""
+    if looks_like_local_path(model):
+        return str(Path(model).expanduser().resolve())
+    return model
+
+
 def _describe_validation_error(exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():

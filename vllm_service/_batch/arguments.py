@@ -7,11 +7,11 @@ files (``openai_format``), so that both refuse the same arguments before any wor
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any, Literal
 
+from .._worker.config import base_engine_args
 from .._worker.protocol import WorkerConfig
-from ..settings import ENGINE_STALL_SECONDS, looks_like_local_path
+from ..settings import ENGINE_STALL_SECONDS, resolved_model
 from .local_pool import EngineSpec, Host, LocalWorkers, worker_configs
 from .schedule import WorkerPool
 
@@ -83,14 +83,13 @@ def engine_spec(
     engine_kind: Literal["vllm", "standin"] = "vllm",
 ) -> EngineSpec:
     """The engine every worker runs, before its placement adds its GPUs or cores."""
-    model = model_name(model_id)
+    model = resolved_model(model_id)
     args: dict[str, Any] = {
-        "model": model,
-        "dtype": dtype,
-        "max_model_len": max_model_len,
+        **base_engine_args(
+            model, dtype=dtype, max_model_len=max_model_len,
+            gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code,
+        ),
         "pipeline_parallel_size": pp,
-        "gpu_memory_utilization": gpu_memory_utilization,
-        "trust_remote_code": trust_remote_code,
     }
     if pp > 1:
         args["distributed_executor_backend"] = "ray"
@@ -101,13 +100,6 @@ def engine_spec(
     return EngineSpec(model=model, tp=tp, pp=pp, engine_args=args,
                       extra_engine_args=dict(extra_engine_args),
                       engine_stall_seconds=engine_stall_seconds, engine_kind=engine_kind)
-
-
-def model_name(model_id: str) -> str:
-    """A Hugging Face model id as it is, a local model folder as an absolute path."""
-    if looks_like_local_path(model_id):
-        return str(Path(model_id).expanduser().resolve())
-    return model_id
 
 
 def batch_worker_configs(

@@ -38,9 +38,9 @@ from pydantic import ValidationError
 
 from .._common.media import media_problem
 from .._worker.protocol import Finished
-from ..settings import ENGINE_STALL_SECONDS
+from ..settings import ENGINE_STALL_SECONDS, resolved_model
 from ..types import GenerationParams, Sample, TokenLogprobs
-from .arguments import check_arguments, engine_spec, model_name, worker_pool
+from .arguments import check_arguments, engine_spec, worker_pool
 from .output import ResumableFile, _some, fingerprint, weights_identity
 from .schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 
@@ -153,7 +153,7 @@ def run_openai_batch(
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     run = _OpenAIBatchRun(
-        lines=lines, index_by_id=index_by_id, model=model_name(model_id),
+        lines=lines, index_by_id=index_by_id, model=resolved_model(model_id),
         weights=weights_identity(model_id), system=system, defaults=defaults,
         output=ResumableFile(Path(output_path)), on_mismatch=on_mismatch,
     )

@@ -40,13 +40,40 @@ def check_prompt(prompt: Any) -> str | TokenIds:
 
 def check_text(text: str, what: str) -> None:
     """Refuse text the tokenizer cannot encode (a lone surrogate, e.g. from bad JSON)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(
-            f"{what} holds a lone surrogate ({text[exc.start]!r} at position {exc.start}), "
-            "which is not text; decode the input with errors='replace' or fix its source"
-        ) from None
+    problem = lone_surrogate(text)
+    if problem is not None:
+        raise ValueError(f"{what} holds {problem}; decode the input with errors='replace' or fix its source")
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """Describes the first lone surrogate in the strings of ``value`` (a str, or dicts and
+    lists of them), or None if it has none.
+
+    ``json.loads`` turns ``"\\ud83d"`` into such a string; it is not valid Unicode, so the
+    tokenizer and UTF-8 cannot take it.
+    """
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (
+                f"a lone surrogate ({value[exc.start]!r} at position {exc.start} of "
+                f"{_shorten(value)}), which is not valid Unicode text"
+            )
+        return None
+    if isinstance(value, dict):
+        value = [*value.keys(), *value.values()]
+    if isinstance(value, list):
+        for part in value:
+            problem = lone_surrogate(part)
+            if problem is not None:
+                return problem
+    return None
+
+
+def _shorten(text: str, limit: int = 40) -> str:
+    """``repr`` of the start of ``text`` (escapes surrogates, so it is safe to write)."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def check_messages(messages: Any, media_domains: list[str] | None = None) -> ChatMessages:

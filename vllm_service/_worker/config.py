@@ -2,27 +2,39 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from .._common.lora import lora_engine_args
 from .._common.machine import visible_gpus
-from ..settings import VLLMSettings, looks_like_local_path, vllm_variables_from_env_file
+from ..settings import VLLMSettings, resolved_model, vllm_variables_from_env_file
 from .protocol import WorkerConfig
 
 
-def worker_config(settings: VLLMSettings) -> WorkerConfig:
-    """The plain data the worker needs, from the settings."""
-    model = settings.model_path
-    if settings.mode == "local" and looks_like_local_path(model):
-        model = str(Path(model).expanduser().resolve())
-    engine_args: dict[str, Any] = {
+def base_engine_args(
+    model: str, *, dtype: str, max_model_len: int, gpu_memory_utilization: float,
+    trust_remote_code: bool,
+) -> dict[str, Any]:
+    """The ``vllm.LLM`` keywords every engine starts from (the service's and each batch
+    worker's), before its parallelism, LoRA and the caller's own engine arguments."""
+    return {
         "model": model,
-        "dtype": settings.dtype,
-        "max_model_len": settings.max_model_len,
+        "dtype": dtype,
+        "max_model_len": max_model_len,
+        "gpu_memory_utilization": gpu_memory_utilization,
+        "trust_remote_code": trust_remote_code,
+    }
+
+
+def worker_config(settings: VLLMSettings) -> WorkerConfig:
+    """The plain data the service's worker needs, from the settings."""
+    model = resolved_model(settings.model_path) if settings.mode == "local" else settings.model_path
+    engine_args: dict[str, Any] = {
+        **base_engine_args(
+            model, dtype=settings.dtype, max_model_len=settings.max_model_len,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            trust_remote_code=settings.trust_remote_code,
+        ),
         "tensor_parallel_size": settings.tensor_parallel_size,
-        "gpu_memory_utilization": settings.gpu_memory_utilization,
-        "trust_remote_code": settings.trust_remote_code,
         **settings.engine_args,
     }
     if settings.mode == "local":
