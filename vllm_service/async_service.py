@@ -75,7 +75,8 @@ class AsyncVLLMInferenceService:
     ) -> list[GenerationResult]:
         """Answer many conversations at once (see :meth:`VLLMInferenceService.chat_batch`)."""
         prompts = [self._checked_chat(c) for c in conversations]
-        return await self._dispatcher.run_async(self._dispatcher.prepare(prompts, params, overrides, keep_alive))
+        call = self._dispatcher.prepare(prompts, params, overrides, keep_alive)
+        return await self._dispatcher.run_async(call)
 
     def stream(
         self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,

@@ -50,7 +50,9 @@ class VLLMInferenceService:
         self.settings = settings if settings is not None else VLLMSettings()
         self._config = worker_config(self.settings)
         self._mode = mode_for(self.settings, self._config)
-        self._keep_alive = KeepAlive(self.settings.idle_ttl_seconds, self.settings.idle_sleep_seconds)
+        self._keep_alive = KeepAlive(
+            self.settings.idle_ttl_seconds, self.settings.idle_sleep_seconds
+        )
         self.dispatcher = Dispatcher(self.settings, self._config, self._mode, self._keep_alive)
         """Sends this service's calls to its worker (shared with an asyncio service on it)."""
         self._update_lock = threading.Lock()  # one weight update at a time
@@ -68,7 +70,7 @@ class VLLMInferenceService:
         once nothing is in flight, from this call on: 0 exits at once, a negative value never.
         Unset, ``VLLM_IDLE_TTL_SECONDS`` applies.
         """
-        return self.dispatcher.run(self.dispatcher.prepare([check_prompt(prompt)], params, overrides, keep_alive))[0]
+        return self._run([check_prompt(prompt)], params, overrides, keep_alive)[0]
 
     def generate_batch(
         self, prompts: Sequence[str | TokenIds], params: Params = None, *,
@@ -81,14 +83,14 @@ class VLLMInferenceService:
         ``finish_reason == "error"`` and its message, and the others run on. Remote mode raises
         :class:`RemoteServerError` when every prompt of the call failed on the server.
         """
-        return self.dispatcher.run(self.dispatcher.prepare(check_prompts(prompts), params, overrides, keep_alive))
+        return self._run(check_prompts(prompts), params, overrides, keep_alive)
 
     def chat(
         self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
         **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (OpenAI-style messages), using the model's chat template."""
-        return self.dispatcher.run(self.dispatcher.prepare([self._checked_chat(messages)], params, overrides, keep_alive))[0]
+        return self._run([self._checked_chat(messages)], params, overrides, keep_alive)[0]
 
     def chat_batch(
         self, conversations: Sequence[ChatMessages], params: Params = None, *,
@@ -96,7 +98,7 @@ class VLLMInferenceService:
     ) -> list[GenerationResult]:
         """Answer many conversations at once; results come back in the same order."""
         prompts = [self._checked_chat(c) for c in conversations]
-        return self.dispatcher.run(self.dispatcher.prepare(prompts, params, overrides, keep_alive))
+        return self._run(prompts, params, overrides, keep_alive)
 
     def stream(
         self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
@@ -110,7 +112,9 @@ class VLLMInferenceService:
         loop (and dropping the stream), :meth:`GenerationStream.close`, or leaving a ``with``
         block on it aborts the request in the engine.
         """
-        call = self.dispatcher.prepare([check_prompt(prompt)], params, overrides, keep_alive, stream=True)
+        call = self.dispatcher.prepare(
+            [check_prompt(prompt)], params, overrides, keep_alive, stream=True
+        )
         return GenerationStream(self.dispatcher, call)
 
     def chat_stream(
@@ -118,7 +122,9 @@ class VLLMInferenceService:
         **overrides: Any,
     ) -> GenerationStream:
         """Answer one conversation, handing out the text as it is generated (see :meth:`stream`)."""
-        call = self.dispatcher.prepare([self._checked_chat(messages)], params, overrides, keep_alive, stream=True)
+        call = self.dispatcher.prepare(
+            [self._checked_chat(messages)], params, overrides, keep_alive, stream=True
+        )
         return GenerationStream(self.dispatcher, call)
 
     # ----- LoRA adapters -----
@@ -184,7 +190,9 @@ class VLLMInferenceService:
             )
             sent = Sent([update.request_id])
             with aborted_on_error(sent, "update_weights was interrupted"):
-                answer = self.dispatcher.send(sent, None, lambda handle: [handle.update_weights(update)])
+                answer = self.dispatcher.send(
+                    sent, None, lambda handle: [handle.update_weights(update)]
+                )
                 result = answer[0].result()
         if result.error is not None:
             raise WeightUpdateError(f"update_weights: {result.error}")
@@ -274,6 +282,12 @@ class VLLMInferenceService:
     def __repr__(self) -> str:
         state = "closed" if self.dispatcher.closed else ("ready" if self.is_ready() else "idle")
         return f"VLLMInferenceService(model={self._config.model!r}, mode={self._config.mode!r}, {state})"
+
+    def _run(
+        self, prompts: list[Any], params: Params, overrides: dict[str, Any],
+        keep_alive: float | None,
+    ) -> list[GenerationResult]:
+        return self.dispatcher.run(self.dispatcher.prepare(prompts, params, overrides, keep_alive))
 
     def _checked_chat(self, messages: Any) -> ChatMessages:
         return check_messages(messages, self.settings.allowed_media_domains)

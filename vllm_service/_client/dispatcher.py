@@ -149,7 +149,9 @@ class Dispatcher:
                 continue  # unloaded while it loaded: the next worker serves us
             return handle
 
-    def _current_or_new_worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
+    def _current_or_new_worker(
+        self, deadline: float | None = None, claim: bool = True
+    ) -> WorkerHandle:
         """The current worker, started if there is none taking requests.
 
         A new worker starts only once the old one has exited (its calls finished or given
@@ -417,7 +419,9 @@ def aborted_on_error(sent: Sent, reason: str) -> Iterator[Sent]:
         raise
 
 
-async def wait_on_loop(futures: list[Future[Any]], timeout: float | None) -> tuple[set[Any], set[Any]]:
+async def wait_on_loop(
+    futures: list[Future[Any]], timeout: float | None
+) -> tuple[set[Any], set[Any]]:
     """Wait on the loop for concurrent futures, never cancelling them (others may share them).
 
     The caller reads the outcomes from ``futures`` themselves.

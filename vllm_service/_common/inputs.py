@@ -42,7 +42,9 @@ def check_text(text: str, what: str) -> None:
     """Refuse text the tokenizer cannot encode (a lone surrogate, e.g. from bad JSON)."""
     problem = lone_surrogate(text)
     if problem is not None:
-        raise ValueError(f"{what} holds {problem}; decode the input with errors='replace' or fix its source")
+        raise ValueError(
+            f"{what} holds {problem}; decode the input with errors='replace' or fix its source"
+        )
 
 
 def lone_surrogate(value: Any) -> str | None:
