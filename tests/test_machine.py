@@ -79,7 +79,10 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
     model, update = user_folders
     before = files_of(model, update)
     temp = Path(tempfile.gettempdir())
-    folders_before = set(temp.glob("vllm-service-sockets-*"))
+    # Ours only: the folder is named for the process that made it (other processes of this
+    # user, other test runs, make their own meanwhile).
+    ours = f"vllm-service-sockets-{os.getpid()}-*"
+    folders_before = set(temp.glob(ours))
     assert len(before) >= 8
     # float32: a bf16 engine's updates are refused on CPUs with native bf16 (test_weights).
     settings = VLLMSettings(
@@ -95,7 +98,7 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
             pid = service.status().pid
             assert pid is not None
             engine_files.update(shared_memory_files(pid))
-            [folder] = set(temp.glob("vllm-service-sockets-*")) - folders_before - socket_folders
+            [folder] = set(temp.glob(ours)) - folders_before - socket_folders
             socket_folders.add(folder)
             # Every unix socket vLLM's processes bound is in the worker's folder, none in /tmp.
             bound = unix_sockets_of(group_members(pid))
