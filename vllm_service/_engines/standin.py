@@ -14,22 +14,40 @@ or torch (docs/testing.md). It imports neither.
   ``Finished`` alone (as vLLM's may).
 - ``engine_args["standin_step_seconds"]``: each step takes this long (default 0), so that
   calls can be caught in flight, timed out or aborted.
+- ``engine_args["standin_numbered_samples"]``: sample ``k`` of a request ends with `` #k``,
+  so that a test can tell the ``n`` samples apart.
 - The prompt word ``<stall>``: the step that reaches it blocks, as a hung GPU does, until the
   parent's stall watch (``VLLM_ENGINE_STALL_SECONDS``) kills the worker; it gives up after
   ``STALL_SECONDS``, or at once when the parent is gone.
+- The prompt word ``<die>``: adding the request kills the worker process (SIGKILL, as an
+  out-of-memory kill does), with every request in flight on it.
+- ``engine_args["standin_fates"]``: the path of a JSON file of fates, one per worker start,
+  taken (and removed from the file) in the order the workers start: a list, or an object of
+  lists keyed by the worker's CPU binding (``VLLM_CPU_OMP_THREADS_BIND`` of a batch worker;
+  ``""`` for none). A fate is ``null`` (the worker works), ``"fail_start"`` (its start fails,
+  as a model that does not load), ``{"answers": N, "then": "die"}`` (it answers ``N``
+  requests, then the step that would finish another kills it) or ``{"answers": N, "then":
+  "hang"}`` (it answers ``N`` requests, and those after never finish, though the worker still
+  reads the pipe: it stops when told). A missing file, or an empty list, means no fate.
 - ``add`` rejects an empty prompt and one of more words than ``max_model_len``: the request
   fails alone (``finish_reason="error"``).
 - ``update_weights`` from a folder named ``rejected`` raises :class:`WeightsRejected`, from
   one named ``broken`` :class:`WeightsBroken`; any other is taken. ``sleep`` and ``wake_up``
   work on any machine (vLLM's sleep mode needs a GPU).
 - With ``STANDIN_CALLS`` set to a file's path, each call is appended to it as a JSON line
-  (``{"call": "add", "request_id": 3, "stream": false}``), for tests to read what it was asked.
+  with the worker's pid (``{"call": "add", "pid": 812, "request_id": 3, "stream": false,
+  "prompt": "hi", "sampling": {...}, "step": 0}``; ``step`` is the engine's step count when
+  the request came, so the requests of one submission share it; ``init`` carries the engine
+  arguments, the worker's environment and stall bound, and its fate), for tests to read what
+  it was asked.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import signal
 import time
 import zlib
 from dataclasses import dataclass
@@ -40,9 +58,12 @@ from ..types import Sample
 from .contract import WeightsBroken, WeightsRejected
 
 STALL_WORD = "<stall>"
+DIE_WORD = "<die>"
 # How long a stalled step blocks at most: far beyond any stall bound a test sets.
 STALL_SECONDS = 600.0
 _VOCABULARY = 32_000
+# How long a step of a worker whose fate is to hang takes: it must not spin the CPU.
+_HUNG_STEP_SECONDS = 0.01
 
 
 @dataclass
@@ -62,6 +83,7 @@ class StandInEngine:
     def __init__(self, config: WorkerConfig) -> None:
         args = config.engine_args
         self._step_seconds = max(0.0, float(args.get("standin_step_seconds", 0.0)))
+        self._numbered = bool(args.get("standin_numbered_samples", False))
         self._max_model_len: int | None = args.get("max_model_len")
         self.info: dict[str, Any] = {
             "mode": "local",
@@ -74,7 +96,16 @@ class StandInEngine:
         }
         self.steps = 0
         self._running: dict[int, _Running] = {}
-        _record("init", engine_args=args, pid=os.getpid())
+        binding = config.environment.get("VLLM_CPU_OMP_THREADS_BIND", "")
+        fate = _take_fate(args.get("standin_fates"), binding)
+        _record("init", engine_args=args, environment=config.environment,
+                engine_stall_seconds=config.engine_stall_seconds, fate=fate)
+        if fate == "fail_start":
+            raise RuntimeError("the model failed to load (the stand-in's fate, standin_fates)")
+        self._answers: int | None = None if fate is None else fate["answers"]
+        self._then: str | None = None if fate is None else fate["then"]
+        self._answered = 0
+        self._doomed = False  # its fate is to die: at the next step
 
     def add(self, request: Request) -> None:
         """Queue the echo of ``request``; raises ``ValueError`` for a prompt vLLM would refuse."""
@@ -89,7 +120,10 @@ class StandInEngine:
         self._running[request.request_id] = _Running(
             request, words, token_ids, min(len(words), max_tokens)
         )
-        _record("add", request_id=request.request_id, stream=request.stream)
+        _record("add", request_id=request.request_id, stream=request.stream,
+                prompt=request.prompt, sampling=request.sampling, step=self.steps)
+        if DIE_WORD in words:
+            _die()
 
     def abort(self, request_ids: list[int]) -> None:
         """Forget the requests; unknown ids are ignored."""
@@ -103,23 +137,39 @@ class StandInEngine:
 
     def step(self) -> list[Delta | Finished]:
         """Give every running request its next word; return the deltas and what finished."""
+        if self._doomed:
+            _die()
         if self._step_seconds:
             time.sleep(self._step_seconds)
         outputs: list[Delta | Finished] = []
+        held = False
         for request_id, running in list(self._running.items()):
             position = running.given
             if running.words[position] == STALL_WORD:
                 _stall()
+            if (
+                running.given + 1 == running.length
+                and self._answers is not None
+                and self._answered >= self._answers
+            ):
+                if self._then == "die":
+                    self._doomed = True  # what finished so far is sent first
+                    break
+                held = True  # "hang": this request never finishes
+                continue
             running.given += 1
             if running.given == running.length:
                 del self._running[request_id]
-                outputs.append(_finished(running))
+                self._answered += 1
+                outputs.append(_finished(running, self._numbered))
             elif running.request.stream:
                 text = running.words[position] if position == 0 else " " + running.words[position]
                 ids = [running.token_ids[position]]
                 outputs.extend(
                     Delta(request_id, index, text, ids) for index in range(_samples(running))
                 )
+        if held:
+            time.sleep(_HUNG_STEP_SECONDS)
         self.steps += 1
         return outputs
 
@@ -168,12 +218,14 @@ def _samples(running: _Running) -> int:
     return int(running.request.sampling.get("n") or 1)
 
 
-def _finished(running: _Running) -> Finished:
+def _finished(running: _Running, numbered: bool) -> Finished:
     words = running.words[: running.length]
     ids = running.token_ids[: running.length]
     reason = "length" if running.length < len(running.words) else "stop"
+    text = " ".join(words)
     samples = [
-        Sample(" ".join(words), list(ids), reason, len(ids)) for _ in range(_samples(running))
+        Sample(f"{text} #{k}" if numbered else text, list(ids), reason, len(ids))
+        for k in range(_samples(running))
     ]
     return Finished(
         running.request.request_id,
@@ -191,9 +243,46 @@ def _stall() -> None:
         time.sleep(0.1)
 
 
+def _die() -> None:
+    """End this worker process at once, as the kernel's out-of-memory killer would."""
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _take_fate(path: str | None, binding: str) -> Any:
+    """Take this worker's fate from the ``standin_fates`` file (see the module); None: none."""
+    if not path:
+        return None
+    try:
+        file = open(path, "r+")
+    except FileNotFoundError:
+        return None
+    with file:
+        fcntl.flock(file, fcntl.LOCK_EX)  # workers that start at once each take their own
+        fates = json.loads(file.read() or "[]")
+        waiting = fates.setdefault(binding, []) if isinstance(fates, dict) else fates
+        fate = waiting.pop(0) if waiting else None
+        file.seek(0)
+        file.truncate()
+        file.write(json.dumps(fates))
+    if fate is None or fate == "fail_start":
+        return fate
+    if (
+        not isinstance(fate, dict)
+        or set(fate) != {"answers", "then"}
+        or not isinstance(fate["answers"], int)
+        or fate["then"] not in ("die", "hang")
+    ):
+        raise ValueError(
+            f"standin_fates: a fate is null, \"fail_start\" or {{\"answers\": N, \"then\": "
+            f"\"die\" | \"hang\"}}, got {fate!r}"
+        )
+    return fate
+
+
 def _record(call: str, **details: Any) -> None:
     """Append the call to the file ``STANDIN_CALLS`` names, if it names one."""
     path = os.environ.get("STANDIN_CALLS")
     if path:
+        line = json.dumps({"call": call, "pid": os.getpid(), **details}, default=str) + "\n"
         with open(path, "a") as calls:
-            calls.write(json.dumps({"call": call, **details}, default=str) + "\n")
+            calls.write(line)
