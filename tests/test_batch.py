@@ -6,7 +6,8 @@ Engine starts are the cost here (30-60 s each), so three runs carry most asserti
 ``cli_run`` (the command line, n=3 with duplicated prompts). The scheduling rules (retries,
 their bound, an item that kills workers, a failed start) and the output file (one run at a
 time, fsync, settings fingerprint, text that splitlines() or UTF-8 would trip on, input keys
-named like the output's) are also checked with a stand-in worker, which starts nothing.
+named like the output's) are also checked on the stand-in engine (docs/testing.md): real
+worker processes, which load no model, killed or failing as a test tells them to.
 """
 
 from __future__ import annotations
@@ -30,15 +31,14 @@ from _reference_engine import ReferenceEngine
 from pydantic import BaseModel
 
 from vllm_service import WorkerStartError, generate
+# The three runs on the real engine watch (and kill, or stop) the real worker processes as
+# their chunks reach them: nothing public tells when a worker is sent a chunk.
 from vllm_service._batch import local_pool as _batch_local
-from vllm_service._batch import output as _batch_output
-from vllm_service._batch import placement as _placement
 from vllm_service._batch import schedule as _batch_schedule
 from vllm_service._worker.handle import WorkerHandle
 from vllm_service._worker.protocol import Finished, Request
-from vllm_service.errors import VLLMServiceError, WorkerDiedError
-from vllm_service.testing import cpu_dtype, physical_cores
-from vllm_service.types import Sample
+from vllm_service.errors import VLLMServiceError
+from vllm_service.testing import BATCH_MAX_ATTEMPTS, cpu_dtype, group_members, physical_cores
 
 FRANCE = "What is the capital of France?"
 GERMANY = "What is the capital of Germany?"
@@ -100,11 +100,12 @@ def two_workers(
     """
     output = tmp_path_factory.mktemp("two_workers") / "out.jsonl"
     # An earlier run with the same settings finished item 10, failed item 11, and was cut
-    # short writing a line.
-    run = _batch_output.run_fingerprint(
-        str(demo_model.resolve()), None, 1, False,
-        {"temperature": 0, "top_p": 1.0, "max_tokens": 24},
-    )
+    # short writing a line. Its fingerprint is a stand-in run's: the engine is not part of it.
+    with_fingerprint = tmp_path_factory.mktemp("fingerprint") / "out.jsonl"
+    generate(str(demo_model), TWO_WORKER_DATA[10:11], result_key="answer", temperature=0,
+             max_output_len=24, output_path=with_fingerprint, engine_kind="standin",
+             progress=False)
+    run = read_lines(with_fingerprint)[0]["_run"]
     earlier = [
         {**TWO_WORKER_DATA[10], "answer": "from an earlier run", "_index": 10, "_run": run},
         {**TWO_WORKER_DATA[11], "answer": None, "error": "boom", "_index": 11, "_run": run},
@@ -423,7 +424,7 @@ def test_cli_refuses_two_structured_output_constraints(tmp_path: Path) -> None:
     assert process.returncode == 2 and "at most one structured-output constraint" in process.stderr
 
 
-def test_constraints_reach_every_request(fake_workers: type[FakeHandle]) -> None:
+def test_constraints_reach_every_request(workers: StandInWorkers) -> None:
     class Answer(BaseModel):
         ok: bool
 
@@ -433,13 +434,13 @@ def test_constraints_reach_every_request(fake_workers: type[FakeHandle]) -> None
         ({"grammar": 'root ::= "x"'}, {"grammar": 'root ::= "x"'}),
         ({"json_schema": Answer}, {"json": Answer.model_json_schema()}),
     ):
-        fake_workers.started = []
-        generate("org/model", prompts(3), progress=False, **given)
-        requests = [r for h in fake_workers.started for r in h.sent]
+        workers.forget()
+        workers.generate("org/model", prompts(3), progress=False, **given)
+        requests = workers.sent()
         assert len(requests) == 3
-        assert all(r.sampling["structured_outputs"] == sent for r in requests)
+        assert all(r["sampling"]["structured_outputs"] == sent for r in requests)
     with pytest.raises(ValueError, match="at most one"):
-        generate("org/model", prompts(3), progress=False, regex="a", choice=["a"])
+        workers.generate("org/model", prompts(3), progress=False, regex="a", choice=["a"])
 
 
 def test_cli_help_names_every_parameter() -> None:
@@ -458,255 +459,291 @@ def test_cli_help_names_every_parameter() -> None:
         assert option in process.stdout
 
 
-# ----- scheduling rules, with a stand-in worker (no engine) -----
+# ----- scheduling rules, on the stand-in engine (no model) -----
 
 
-class FakeHandle:
-    """Stands in for a worker: echoes each prompt at once, or dies as its plan says.
+class StandInWorkers:
+    """The batch workers of the runs in one test, on the stand-in engine (docs/testing.md).
 
-    ``plans`` holds one entry per worker start: None (works), an int (answers that many
-    requests in all, then dies), "fail" (never starts) or "hang" (answers one request, then
-    none until stopped); or, as a dict, such a list per worker slot, keyed by the core the slot
-    is pinned to ("0" or "1"). A worker sent any prompt in ``poison`` dies at once, with every
-    request of that batch.
+    ``fates`` are those of the next worker starts (the stand-in's ``standin_fates``): a list,
+    one per start, or such a list per worker slot, keyed by the slot's CPU binding
+    (:func:`binding`). A fate is None (works), ``"fail_start"`` (never starts),
+    ``{"answers": N, "then": "die"}`` (answers N requests in all, then is killed) or
+    ``{"answers": N, "then": "hang"}`` (answers N requests, then none until stopped). A prompt
+    holding ``<die>`` kills any worker it is sent to, with every request of its chunk.
+    ``started`` and ``sent`` are what the workers recorded (``STANDIN_CALLS``); each answer is
+    its prompt's echo and the sample's number, ``"p1 #0"``.
     """
 
-    plans: list[Any] | dict[str, list[Any]] = []
-    poison: set[str] = set()
-    started: list[FakeHandle] = []
+    def __init__(self, folder: Path) -> None:
+        self.calls_path = folder / "standin-calls.jsonl"
+        self.fates_path = folder / "standin-fates.json"
 
-    def __init__(self, config: Any, *, keep_alive: Any, startup_timeout: float) -> None:
-        plans = FakeHandle.plans
-        if isinstance(plans, dict):
-            plans = plans.setdefault(config.environment["VLLM_CPU_OMP_THREADS_BIND"], [])
-        self.plan = plans.pop(0) if plans else None
-        self.config = config
-        self.sent: list[Request] = []
-        self.batches: list[int] = []
-        self.hanging: list[Future[Finished]] = []
-        self.stopped = False
-        self.pid = 0
-        FakeHandle.started.append(self)
+    def generate(self, model_id: str, data: Any, **options: Any) -> list[dict[str, Any]]:
+        """``generate()`` with these workers; ``options`` as generate() takes them."""
+        engine_args = {
+            "standin_fates": str(self.fates_path), "standin_numbered_samples": True,
+            **options.pop("engine_args", {}),
+        }
+        return generate(model_id, data, engine_kind="standin", engine_args=engine_args, **options)
 
     @property
-    def startup(self) -> Future[dict[str, Any]]:
-        future: Future[dict[str, Any]] = Future()
-        if self.plan == "fail":
-            future.set_exception(WorkerStartError("the model failed to load"))
-        else:
-            future.set_result({})
-        return future
+    def fates(self) -> Any:
+        return json.loads(self.fates_path.read_text()) if self.fates_path.exists() else []
 
-    def submit(self, requests: list[Request]) -> list[Future[Finished]]:
-        futures: list[Future[Finished]] = []
-        self.batches.append(len(requests))
-        if any(r.prompt[-1]["content"] in FakeHandle.poison for r in requests):
-            self.plan = len(self.sent)
-        for request in requests:
-            future: Future[Finished] = Future()
-            if isinstance(self.plan, int) and len(self.sent) >= self.plan:
-                future.set_exception(WorkerDiedError("the worker was killed"))
-            elif self.plan == "hang" and self.sent:
-                self.hanging.append(future)
-            else:
-                text = f"re: {request.prompt[-1]['content']}"
-                samples = [Sample(f"{text} #{k}", [1, 2, 3], "stop", 3)
-                           for k in range(request.sampling["n"])]
-                future.set_result(Finished(request.request_id, 5, samples))
-            self.sent.append(request)
-            futures.append(future)
-        return futures
+    @fates.setter
+    def fates(self, fates: Any) -> None:
+        self.fates_path.write_text(json.dumps(fates))
 
-    def wait_exited(self, timeout: float | None = None) -> bool:
-        return True
+    def calls(self, kind: str) -> list[dict[str, Any]]:
+        if not self.calls_path.exists():
+            return []
+        lines = [json.loads(line) for line in self.calls_path.read_text().split("\n")[:-1]]
+        return [line for line in lines if line["call"] == kind]
 
-    def stop(self, error: BaseException, timeout: float = 30) -> None:
-        self.stopped = True
-        for future in self.hanging:
-            if not future.done():
-                future.set_exception(error)
+    @property
+    def started(self) -> list[dict[str, Any]]:
+        """Each worker started (its ``init`` call), in order."""
+        return self.calls("init")
+
+    def sent(self, worker: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+        """The requests sent to any worker, or to one of ``started``."""
+        return [r for r in self.calls("add") if worker is None or r["pid"] == worker["pid"]]
+
+    def batches(self) -> list[int]:
+        """How many requests each submission to a worker held."""
+        sizes: dict[tuple[int, int], int] = {}
+        for request in self.sent():
+            key = (request["pid"], request["step"])
+            sizes[key] = sizes.get(key, 0) + 1
+        return list(sizes.values())
+
+    def kill(self, worker: dict[str, Any]) -> None:
+        """The worker dies (kill -9)."""
+        os.kill(worker["pid"], signal.SIGKILL)
+
+    def forget(self) -> None:
+        """From now on, ``started`` and ``sent`` hold what the next runs do."""
+        self.calls_path.unlink(missing_ok=True)
+
+
+DIES = {"answers": 0, "then": "die"}
+
+
+def dies_after(answers: int) -> dict[str, Any]:
+    return {"answers": answers, "then": "die"}
+
+
+HANGS = {"answers": 1, "then": "hang"}  # answers one request, then none until stopped
+
+
+def binding(slot: int) -> str:
+    """The CPU binding of worker slot ``slot`` of a run with two workers on this machine."""
+    return str(physical_cores()[slot][0])
+
+
+two_cores = pytest.mark.skipif(len(physical_cores()) < 2, reason="two workers need two cores")
 
 
 @pytest.fixture
-def fake_workers(monkeypatch: pytest.MonkeyPatch) -> type[FakeHandle]:
-    monkeypatch.setattr(_batch_local, "WorkerHandle", FakeHandle)
-    monkeypatch.setattr(_placement, "physical_cores", lambda: [[0], [1]])
-    monkeypatch.setattr(_placement, "visible_gpus", lambda: [])
-    FakeHandle.plans = []
-    FakeHandle.poison = set()
-    FakeHandle.started = []
-    return FakeHandle
+def workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandInWorkers:
+    monkeypatch.setenv("STANDIN_CALLS", str(tmp_path / "standin-calls.jsonl"))
+    # Workers on CPU cores, as on a machine without GPUs.
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    # The logs of the workers a test kills stay with the test.
+    monkeypatch.setenv("VLLM_LOG_DIR", str(tmp_path / "logs"))
+    return StandInWorkers(tmp_path)
 
 
-def prompts(count: int) -> list[dict[str, Any]]:
-    return [{"prompt": f"p{i}"} for i in range(count)]
+def prompts(count: int, dying: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """Items p0, p1, ...; those in ``dying`` kill the worker they are sent to."""
+    return [{"prompt": f"p{i} <die>" if i in dying else f"p{i}"} for i in range(count)]
 
 
-def test_n_copies_or_one_request_with_n_give_the_same_shape(
-    fake_workers: type[FakeHandle],
-) -> None:
-    copies = generate("org/model", prompts(5), n=2, seed=3, progress=False)
-    sent = [r for h in fake_workers.started for r in h.sent]
+def test_n_copies_or_one_request_with_n_give_the_same_shape(workers: StandInWorkers) -> None:
+    copies = workers.generate("org/model", prompts(5), n=2, seed=3, progress=False)
+    sent = workers.sent()
     assert len(sent) == 10
-    assert sorted(r.sampling["seed"] for r in sent) == [3] * 5 + [4] * 5
-    assert copies[1]["results"] == ["re: p1 #0", "re: p1 #0"]
+    assert sorted(r["sampling"]["seed"] for r in sent) == [3] * 5 + [4] * 5
+    assert copies[1]["results"] == ["p1 #0", "p1 #0"]
 
-    fake_workers.started = []
-    native = generate("org/model", prompts(5), n=2, use_sample=True, progress=False)
-    sent = [r for h in fake_workers.started for r in h.sent]
-    assert len(sent) == 5 and all(r.sampling["n"] == 2 for r in sent)
-    assert native[1]["results"] == ["re: p1 #0", "re: p1 #1"]
-
-
-def test_without_chunk_size_each_worker_gets_an_equal_share(
-    fake_workers: type[FakeHandle],
-) -> None:
-    results = generate("org/model", prompts(5), worker_num=2, progress=False)
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(5)]
-    assert sorted(size for h in fake_workers.started for size in h.batches) == [2, 3]
+    workers.forget()
+    native = workers.generate("org/model", prompts(5), n=2, use_sample=True, progress=False)
+    sent = workers.sent()
+    assert len(sent) == 5 and all(r["sampling"]["n"] == 2 for r in sent)
+    assert native[1]["results"] == ["p1 #0", "p1 #1"]
 
 
-def test_a_dead_workers_items_go_to_a_new_worker(fake_workers: type[FakeHandle]) -> None:
-    fake_workers.plans = [1]  # the first worker answers one request, then dies
-    results = generate("org/model", prompts(6), chunk_size=3, progress=False)
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(6)]
-    assert len(fake_workers.started) == 2
+@two_cores
+def test_without_chunk_size_each_worker_gets_an_equal_share(workers: StandInWorkers) -> None:
+    results = workers.generate("org/model", prompts(5), worker_num=2, progress=False)
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(5)]
+    assert sorted(workers.batches()) == [2, 3]
 
 
-def test_an_item_whose_worker_keeps_dying_gets_an_error(fake_workers: type[FakeHandle]) -> None:
-    fake_workers.plans = [0] * _batch_schedule.MAX_ATTEMPTS
-    results = generate("org/model", prompts(1), progress=False)
+def test_a_dead_workers_items_go_to_a_new_worker(workers: StandInWorkers) -> None:
+    workers.fates = [dies_after(1)]  # the first worker answers one request, then dies
+    results = workers.generate("org/model", prompts(6), chunk_size=3, progress=False)
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(6)]
+    assert len(workers.started) == 2
+
+
+def test_an_item_whose_worker_keeps_dying_gets_an_error(workers: StandInWorkers) -> None:
+    workers.fates = [DIES] * BATCH_MAX_ATTEMPTS
+    results = workers.generate("org/model", prompts(1), progress=False)
     assert results[0]["results"] is None
-    assert f"died {_batch_schedule.MAX_ATTEMPTS} times" in results[0]["error"]
-    assert len(fake_workers.started) == _batch_schedule.MAX_ATTEMPTS
+    assert f"died {BATCH_MAX_ATTEMPTS} times" in results[0]["error"]
+    assert len(workers.started) == BATCH_MAX_ATTEMPTS
 
 
 def test_an_item_that_kills_its_worker_fails_alone_and_its_chunk_finishes(
-    fake_workers: type[FakeHandle],
+    workers: StandInWorkers,
 ) -> None:
-    fake_workers.poison = {"p5"}
-    results = generate("org/model", prompts(8), progress=False)
-    assert f"died {_batch_schedule.MAX_ATTEMPTS} times" in results[5]["error"]
+    results = workers.generate("org/model", prompts(8, dying=(5,)), progress=False)
+    assert f"died {BATCH_MAX_ATTEMPTS} times" in results[5]["error"]
     assert results[5]["results"] is None
     assert [r["results"] for i, r in enumerate(results) if i != 5] == [
-        f"re: p{i} #0" for i in range(8) if i != 5
+        f"p{i} #0" for i in range(8) if i != 5
     ]
     # Halving the chunk after each death: 8 -> 4 -> 2 -> 1, then alone MAX_ATTEMPTS times.
-    assert len(fake_workers.started) == 3 + _batch_schedule.MAX_ATTEMPTS
+    assert len(workers.started) == 3 + BATCH_MAX_ATTEMPTS
 
 
-def test_two_items_that_kill_workers_fail_and_the_rest_finish(
-    fake_workers: type[FakeHandle],
-) -> None:
-    fake_workers.poison = {"p1", "p6"}
-    results = generate("org/model", prompts(12), worker_num=2, chunk_size=6, progress=False)
+@two_cores
+def test_two_items_that_kill_workers_fail_and_the_rest_finish(workers: StandInWorkers) -> None:
+    results = workers.generate("org/model", prompts(12, dying=(1, 6)), worker_num=2,
+                               chunk_size=6, progress=False)
     failed = [i for i, r in enumerate(results) if "error" in r]
     assert failed == [1, 6]
-    assert all(r["results"] == f"re: p{i} #0" for i, r in enumerate(results) if i not in failed)
+    assert all(r["results"] == f"p{i} #0" for i, r in enumerate(results) if i not in failed)
 
 
 def test_items_that_all_kill_workers_fail_alone_without_failing_the_run(
-    fake_workers: type[FakeHandle],
+    workers: StandInWorkers,
 ) -> None:
-    fake_workers.poison = {"p0", "p1"}
-    results = generate("org/model", prompts(2), progress=False)
-    assert all(f"died {_batch_schedule.MAX_ATTEMPTS} times" in r["error"] for r in results)
-    assert len(fake_workers.started) == 1 + 2 * _batch_schedule.MAX_ATTEMPTS
+    results = workers.generate("org/model", prompts(2, dying=(0, 1)), progress=False)
+    assert all(f"died {BATCH_MAX_ATTEMPTS} times" in r["error"] for r in results)
+    assert len(workers.started) == 1 + 2 * BATCH_MAX_ATTEMPTS
 
 
 @pytest.mark.parametrize(("chunk_size", "workers_started"), [
     (None, 3),  # three deaths under several items: 8, then 4 and 4
-    (1, 3 * _batch_schedule.MAX_ATTEMPTS),  # three items failed from deaths alone
+    (1, 3 * BATCH_MAX_ATTEMPTS),  # three items failed from deaths alone
 ])
 def test_workers_that_die_under_every_item_end_the_run_soon(
-    fake_workers: type[FakeHandle], chunk_size: int | None, workers_started: int
+    workers: StandInWorkers, chunk_size: int | None, workers_started: int
 ) -> None:
-    fake_workers.plans = [0] * 100
+    workers.fates = [DIES] * 100
     with pytest.raises(VLLMServiceError, match="Every batch worker gave up"):
-        generate("org/model", prompts(8), chunk_size=chunk_size, progress=False)
-    assert len(fake_workers.started) == workers_started
+        workers.generate("org/model", prompts(8), chunk_size=chunk_size, progress=False)
+    assert len(workers.started) == workers_started
 
 
 def test_when_every_worker_keeps_dying_the_run_fails_clearly(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     # One chunk done, then every worker dies at once: under [2, 3], under [4, 5], and three
     # times under item 2 alone, which gets an error. Three strikes: the slot gives up.
-    fake_workers.plans = [2, 0, 0, 0, 0, 0]
+    workers.fates = [dies_after(2), DIES, DIES, DIES, DIES, DIES]
     output = tmp_path / "out.jsonl"
     with pytest.raises(VLLMServiceError, match="Every batch worker gave up"):
-        generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
-    assert len(fake_workers.started) == 5
+        workers.generate("org/model", prompts(6), chunk_size=2, output_path=output,
+                         progress=False)
+    assert len(workers.started) == 5
     lines = sorted(read_lines(output), key=lambda line: line["_index"])  # in finishing order
     assert [line["_index"] for line in lines] == [0, 1, 2]
-    assert f"died {_batch_schedule.MAX_ATTEMPTS} times" in lines[2]["error"]
-    fake_workers.plans = []
-    results = generate("org/model", prompts(6), chunk_size=2, output_path=output, progress=False)
-    assert len(fake_workers.started[-1].sent) == 4  # the rerun did the failed and the rest
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(6)]
+    assert f"died {BATCH_MAX_ATTEMPTS} times" in lines[2]["error"]
+    workers.fates = []
+    results = workers.generate("org/model", prompts(6), chunk_size=2, output_path=output,
+                               progress=False)
+    # the rerun did the failed and the rest
+    assert len(workers.sent(workers.started[-1])) == 4
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(6)]
 
 
-def test_a_worker_that_cannot_start_stops_the_run(fake_workers: type[FakeHandle]) -> None:
-    fake_workers.plans = ["fail"]
+def test_a_worker_that_cannot_start_stops_the_run(workers: StandInWorkers) -> None:
+    workers.fates = ["fail_start"]
     with pytest.raises(WorkerStartError, match="failed to load"):
-        generate("org/model", prompts(3), progress=False)
-    fake_workers.plans = ["fail", "fail"]
+        workers.generate("org/model", prompts(3), progress=False)
+
+
+@two_cores
+def test_two_workers_that_cannot_start_stop_the_run(workers: StandInWorkers) -> None:
+    workers.fates = ["fail_start", "fail_start"]
     with pytest.raises(WorkerStartError, match="failed to load"):
-        generate("org/model", prompts(3), worker_num=2, progress=False)
+        workers.generate("org/model", prompts(3), worker_num=2, progress=False)
 
 
+@two_cores
 def test_a_replacement_that_cannot_start_ends_only_its_slot(
-    fake_workers: type[FakeHandle], caplog: pytest.LogCaptureFixture
+    workers: StandInWorkers, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The worker on core 0 dies after one answer and its replacement fails to load.
-    fake_workers.plans = {"0": [1, "fail"]}
-    results = generate("org/model", prompts(8), worker_num=2, chunk_size=2, progress=False)
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(8)]
-    assert len(fake_workers.started) == 3
+    # The worker of slot 0 dies after one answer and its replacement fails to load.
+    workers.fates = {binding(0): [dies_after(1), "fail_start"]}
+    results = workers.generate("org/model", prompts(8), worker_num=2, chunk_size=2,
+                               progress=False)
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(8)]
+    assert len(workers.started) == 3
     assert "batch worker 0 could not start; the others go on" in caplog.text
     assert "failed to load" in caplog.text
 
 
+def interrupt_once_written(output: Path) -> threading.Thread:
+    """Ctrl-C in the main thread as soon as ``output`` holds a line."""
+
+    def interrupt() -> None:
+        deadline = time.monotonic() + 30
+        while not (output.exists() and output.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    thread = threading.Thread(target=interrupt)
+    thread.start()
+    return thread
+
+
 def test_ctrl_c_stops_the_workers_and_keeps_what_finished(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
-    fake_workers.plans = ["hang"]
+    workers.fates = [HANGS]
     output = tmp_path / "out.jsonl"
-    threading.Timer(0.5, _thread.interrupt_main).start()
+    interrupter = interrupt_once_written(output)
     started = time.monotonic()
     with pytest.raises(KeyboardInterrupt):
-        generate("org/model", prompts(4), output_path=output, progress=False)
+        workers.generate("org/model", prompts(4), output_path=output, progress=False)
     assert time.monotonic() - started < 10
-    assert fake_workers.started[0].stopped
+    interrupter.join()
+    assert not group_members(workers.started[0]["pid"])  # the worker was stopped
     assert [line["_index"] for line in read_lines(output)] == [0]
-    fake_workers.plans = []
-    results = generate("org/model", prompts(4), output_path=output, progress=False)
-    assert len(fake_workers.started[-1].sent) == 3
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(4)]
+    workers.fates = []
+    results = workers.generate("org/model", prompts(4), output_path=output, progress=False)
+    assert len(workers.sent(workers.started[-1])) == 3
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(4)]
 
 
 def test_an_output_file_of_other_data_is_refused(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     output = tmp_path / "out.jsonl"
     output.write_text(json.dumps({"prompt": "something else", "results": "x", "_index": 0}) + "\n")
     with pytest.raises(ValueError, match="line 1 does not belong to this data"):
-        generate("org/model", prompts(2), output_path=output, progress=False)
-    assert fake_workers.started == []
+        workers.generate("org/model", prompts(2), output_path=output, progress=False)
+    assert workers.started == []
 
 
 # ----- the output file: one run at a time, on disk, resumed only with the same settings -----
 
 
 def test_a_second_run_on_the_same_output_path_fails_at_once(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
-    fake_workers.plans = ["hang"]  # the first run answers one item, then waits
+    workers.fates = [HANGS]  # the first run answers one item, then waits
     output = tmp_path / "out.jsonl"
     outcome: dict[str, Any] = {}
 
     def first_run() -> None:
-        outcome["results"] = generate("org/model", prompts(3), output_path=output, progress=False)
+        outcome["results"] = workers.generate("org/model", prompts(3), output_path=output,
+                                              progress=False)
 
     thread = threading.Thread(target=first_run)
     thread.start()
@@ -715,22 +752,22 @@ def test_a_second_run_on_the_same_output_path_fails_at_once(
         time.sleep(0.01)
     started = time.monotonic()
     with pytest.raises(VLLMServiceError) as raised:
-        generate("org/model", prompts(3), output_path=output, progress=False)
+        workers.generate("org/model", prompts(3), output_path=output, progress=False)
     assert time.monotonic() - started < 1
     message = str(raised.value)
     assert f"output_path {output} is in use by another run" in message
     assert f"{output}.lock" in message and "Wait for that run to end" in message
-    assert len(fake_workers.started) == 1  # the second run started no worker
+    assert len(workers.started) == 1  # the second run started no worker
     # The first run goes on undisturbed: its worker dies, a new one finishes.
-    fake_workers.started[0].stop(WorkerDiedError("the worker was killed"))
+    workers.kill(workers.started[0])
     thread.join(10)
-    assert [r["results"] for r in outcome["results"]] == [f"re: p{i} #0" for i in range(3)]
-    assert [line["results"] for line in read_lines(output)] == [f"re: p{i} #0" for i in range(3)]
+    assert [r["results"] for r in outcome["results"]] == [f"p{i} #0" for i in range(3)]
+    assert [line["results"] for line in read_lines(output)] == [f"p{i} #0" for i in range(3)]
     assert not Path(f"{output}.lock").exists()
 
 
 def test_the_lock_of_a_crashed_run_does_not_block(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     output = tmp_path / "out.jsonl"
     holder = subprocess.Popen(
@@ -745,17 +782,17 @@ def test_the_lock_of_a_crashed_run_does_not_block(
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
         with pytest.raises(VLLMServiceError, match="in use by another run"):
-            generate("org/model", prompts(2), output_path=output, progress=False)
+            workers.generate("org/model", prompts(2), output_path=output, progress=False)
     finally:
         holder.kill()
         holder.wait()
     assert Path(f"{output}.lock").exists()  # left behind by the killed process ...
-    results = generate("org/model", prompts(2), output_path=output, progress=False)
-    assert [r["results"] for r in results] == ["re: p0 #0", "re: p1 #0"]  # ... and no obstacle
+    results = workers.generate("org/model", prompts(2), output_path=output, progress=False)
+    assert [r["results"] for r in results] == ["p0 #0", "p1 #0"]  # ... and no obstacle
 
 
 def test_lines_are_fsynced_and_the_rewrite_replaces_the_file_only_once_on_disk(
-    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    workers: StandInWorkers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -771,7 +808,7 @@ def test_lines_are_fsynced_and_the_rewrite_replaces_the_file_only_once_on_disk(
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     output = tmp_path / "out.jsonl"
-    generate("org/model", prompts(4), chunk_size=1, output_path=output, progress=False)
+    workers.generate("org/model", prompts(4), chunk_size=1, output_path=output, progress=False)
     partial = f"{output}.partial"
     replaced = events.index(("replace", partial))
     assert ("fsync", str(output)) in events[:replaced]  # appended lines, during the run
@@ -782,7 +819,7 @@ def test_lines_are_fsynced_and_the_rewrite_replaces_the_file_only_once_on_disk(
 
 
 def test_a_line_appended_before_a_quiet_spell_is_fsynced_within_seconds(
-    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    workers: StandInWorkers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     output = tmp_path / "out.jsonl"
     synced: list[int] = []
@@ -794,28 +831,28 @@ def test_a_line_appended_before_a_quiet_spell_is_fsynced_within_seconds(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    fake_workers.plans = ["hang"]  # answers one item, then nothing until stopped
-    data = [{"prompt": ""}, {"prompt": "p1"}, {"prompt": "p2"}]
+    # Answers two items, then nothing until it dies.
+    workers.fates = [{"answers": 2, "then": "hang"}]
     thread = threading.Thread(
-        target=generate, args=("org/model", data),
+        target=workers.generate, args=("org/model", prompts(3)),
         kwargs={"chunk_size": 1, "output_path": output, "progress": False},
     )
     thread.start()
     try:
-        # Item 0 (bad) is written and fsynced at once, item 1 right after it (too soon for
-        # another fsync); then the worker hangs on item 2.
+        # Item 0 is written and fsynced at once (the first line), item 1 right after it (too
+        # soon for another fsync); then the worker hangs on item 2.
         deadline = time.monotonic() + 5
         while synced[-1:] != [2]:
             assert time.monotonic() < deadline, f"fsyncs seen with {synced} lines"
             time.sleep(0.05)
         assert synced == [1, 2]
     finally:
-        fake_workers.started[0].stop(WorkerDiedError("the worker was killed"))
+        workers.kill(workers.started[0])
         thread.join(10)
 
 
-def sent_prompts(handles: list[FakeHandle]) -> list[str]:
-    return [r.prompt[-1]["content"] for h in handles for r in h.sent]
+def sent_prompts(workers: StandInWorkers) -> list[str]:
+    return [r["prompt"][-1]["content"] for r in workers.sent()]
 
 
 BASE_SETTINGS: dict[str, Any] = {
@@ -831,57 +868,60 @@ BASE_SETTINGS: dict[str, Any] = {
     {"stop": ["."]}, {"sampling_args": {"ignore_eos": True}}, {"max_output_len": 65},
 ])
 def test_results_made_with_other_settings_are_refused(
-    fake_workers: type[FakeHandle], tmp_path: Path, change: dict[str, Any]
+    workers: StandInWorkers, tmp_path: Path, change: dict[str, Any]
 ) -> None:
     output = tmp_path / "out.jsonl"
-    generate(data=prompts(3), output_path=output, progress=False, **BASE_SETTINGS)
+    workers.generate(data=prompts(3), output_path=output, progress=False, **BASE_SETTINGS)
     before = output.read_text()
-    fake_workers.started = []
+    workers.forget()
     with pytest.raises(ValueError, match="made with other settings") as raised:
-        generate(data=prompts(3), output_path=output, progress=False,
-                 **{**BASE_SETTINGS, **change})
+        workers.generate(data=prompts(3), output_path=output, progress=False,
+                         **{**BASE_SETTINGS, **change})
     assert "on_mismatch='redo'" in str(raised.value) and str(output) in str(raised.value)
-    assert fake_workers.started == []
+    assert workers.started == []
     assert output.read_text() == before
     assert not Path(f"{output}.lock").exists()
 
 
+@two_cores
 def test_the_same_settings_resume_and_temperature_0_is_0_0(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     output = tmp_path / "out.jsonl"
-    generate("org/model", prompts(3), temperature=0, output_path=output, progress=False)
+    workers.generate("org/model", prompts(3), temperature=0, output_path=output, progress=False)
     fingerprints = {line["_run"] for line in read_lines(output)}
     assert len(fingerprints) == 1 and len(fingerprints.pop()) == 16
-    fake_workers.started = []
-    results = generate("org/model", prompts(3), temperature=0.0, output_path=output,
-                       progress=False, worker_num=2, max_model_len=2048, dtype="float32")
-    assert fake_workers.started == []  # engine settings are not part of the fingerprint
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+    workers.forget()
+    results = workers.generate("org/model", prompts(3), temperature=0.0, output_path=output,
+                               progress=False, worker_num=2, max_model_len=2048,
+                               dtype="float32")
+    assert workers.started == []  # engine settings are not part of the fingerprint
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(3)]
 
 
 def test_on_mismatch_redo_generates_again_and_keep_reuses(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     output = tmp_path / "out.jsonl"
-    generate("org/model", prompts(3), output_path=output, progress=False)
+    workers.generate("org/model", prompts(3), output_path=output, progress=False)
     first = {line["_run"] for line in read_lines(output)}
-    fake_workers.started = []
-    generate("org/model", prompts(3), system="Be brief.", on_mismatch="keep",
-             output_path=output, progress=False)
-    assert fake_workers.started == []
+    workers.forget()
+    workers.generate("org/model", prompts(3), system="Be brief.", on_mismatch="keep",
+                     output_path=output, progress=False)
+    assert workers.started == []
     assert {line["_run"] for line in read_lines(output)} == first  # kept as they were made
-    results = generate("org/model", prompts(3), system="Be brief.", on_mismatch="redo",
-                       output_path=output, progress=False)
-    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p1", "p2"]
-    assert all(r.prompt[0]["content"] == "Be brief." for r in fake_workers.started[0].sent)
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+    results = workers.generate("org/model", prompts(3), system="Be brief.", on_mismatch="redo",
+                               output_path=output, progress=False)
+    assert sorted(sent_prompts(workers)) == ["p0", "p1", "p2"]
+    assert all(r["prompt"][0]["content"] == "Be brief."
+               for r in workers.sent(workers.started[0]))
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(3)]
     lines = read_lines(output)
     assert len(lines) == 3 and len({line["_run"] for line in lines} | first) == 2
 
 
 def test_lines_without_a_fingerprint_count_as_other_settings(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     output = tmp_path / "out.jsonl"
     output.write_text(
@@ -889,33 +929,31 @@ def test_lines_without_a_fingerprint_count_as_other_settings(
         + json.dumps({"prompt": "p1", "results": None, "error": "boom", "_index": 1}) + "\n"
     )
     with pytest.raises(ValueError, match=r"items 0\).*; 1 have none, as an older vllm-service"):
-        generate("org/model", prompts(2), output_path=output, progress=False)
-    results = generate("org/model", prompts(2), on_mismatch="keep", output_path=output,
-                       progress=False)
-    assert [r["results"] for r in results] == ["from an older version", "re: p1 #0"]
-    assert sent_prompts(fake_workers.started) == ["p1"]  # failed items are redone anyway
+        workers.generate("org/model", prompts(2), output_path=output, progress=False)
+    results = workers.generate("org/model", prompts(2), on_mismatch="keep", output_path=output,
+                               progress=False)
+    assert [r["results"] for r in results] == ["from an older version", "p1 #0"]
+    assert sent_prompts(workers) == ["p1"]  # failed items are redone anyway
 
 
-def test_on_mismatch_is_checked(fake_workers: type[FakeHandle]) -> None:
+def test_on_mismatch_is_checked(workers: StandInWorkers) -> None:
     with pytest.raises(ValueError, match="on_mismatch must be 'error', 'redo' or 'keep'"):
-        generate("org/model", prompts(1), on_mismatch="ignore")  # type: ignore[arg-type]
+        workers.generate("org/model", prompts(1), on_mismatch="ignore")
 
 
-def test_the_stall_bound_is_checked_and_reaches_every_worker(
-    fake_workers: type[FakeHandle],
-) -> None:
+def test_the_stall_bound_is_checked_and_reaches_every_worker(workers: StandInWorkers) -> None:
     for bad in (0, -5):
         with pytest.raises(ValueError, match=f"engine_stall_seconds must be more than 0, got {bad}"):
-            generate("org/model", prompts(1), engine_stall_seconds=bad)
-    generate("org/model", prompts(2), engine_stall_seconds=42, progress=False)
-    assert [w.config.engine_stall_seconds for w in fake_workers.started] == [42]
+            workers.generate("org/model", prompts(1), engine_stall_seconds=bad)
+    workers.generate("org/model", prompts(2), engine_stall_seconds=42, progress=False)
+    assert [w["engine_stall_seconds"] for w in workers.started] == [42]
 
 
 # ----- input text the file format must carry -----
 
 
 def test_a_lone_surrogate_fails_its_item_only_and_the_file_still_resumes(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     data = [
         {"prompt": "\ud83d"},  # what json.loads makes of '"\\ud83d"'
@@ -924,40 +962,40 @@ def test_a_lone_surrogate_fails_its_item_only_and_the_file_still_resumes(
         {"prompt": "also fine"},
     ]
     output = tmp_path / "out.jsonl"
-    results = generate("org/model", data, output_path=output, progress=False)
-    assert sorted(sent_prompts(fake_workers.started)) == ["also fine", "fine"]
+    results = workers.generate("org/model", data, output_path=output, progress=False)
+    assert sorted(sent_prompts(workers)) == ["also fine", "fine"]
     assert "lone surrogate ('\\ud83d' at position 0" in results[0]["error"]
     assert "lone surrogate" in results[2]["error"]
-    assert results[1]["results"] == "re: fine #0" and results[3]["results"] == "re: also fine #0"
+    assert results[1]["results"] == "fine #0" and results[3]["results"] == "also fine #0"
     lines = read_lines(output)  # strict UTF-8: the surrogates are written as JSON escapes
     assert [line["prompt"] for line in lines] == [item["prompt"] for item in data]
     assert lines[1]["note"] == "broken \udc80 note"
-    fake_workers.started = []
+    workers.forget()
     before = output.read_bytes()
-    again = generate("org/model", data, output_path=output, progress=False)
-    assert sent_prompts(fake_workers.started) == []  # the failed items fail again at once
+    again = workers.generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(workers) == []  # the failed items fail again at once
     assert again == results and output.read_bytes() == before
 
 
-def test_a_system_prompt_with_a_lone_surrogate_is_refused(fake_workers: type[FakeHandle]) -> None:
+def test_a_system_prompt_with_a_lone_surrogate_is_refused(workers: StandInWorkers) -> None:
     with pytest.raises(ValueError, match="system holds a lone surrogate"):
-        generate("org/model", prompts(1), system="\udc80")
-    assert fake_workers.started == []
+        workers.generate("org/model", prompts(1), system="\udc80")
+    assert workers.started == []
 
 
 SEPARATORS = "\u2028 \u2029 \x85 \x1c \x1d \x1e \x0b \x0c \r"
 
 
 def test_line_separators_inside_strings_do_not_split_output_lines(
-    fake_workers: type[FakeHandle], tmp_path: Path, caplog: pytest.LogCaptureFixture
+    workers: StandInWorkers, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     data = [{"prompt": f"p{i} {SEPARATORS}"} for i in range(3)]
     output = tmp_path / "out.jsonl"
-    generate("org/model", data, output_path=output, progress=False)
+    workers.generate("org/model", data, output_path=output, progress=False)
     assert "\u2028" in output.read_text(encoding="utf-8")  # written as is (ensure_ascii=False)
-    fake_workers.started = []
-    results = generate("org/model", data, output_path=output, progress=False)
-    assert fake_workers.started == []
+    workers.forget()
+    results = workers.generate("org/model", data, output_path=output, progress=False)
+    assert workers.started == []
     assert "not JSON" not in caplog.text
     assert [r["prompt"] for r in results] == [item["prompt"] for item in data]
 
@@ -977,7 +1015,7 @@ def test_cli_input_lines_split_on_newlines_only(tmp_path: Path) -> None:
 
 
 def test_input_fields_named_like_the_result_keys(
-    fake_workers: type[FakeHandle], tmp_path: Path
+    workers: StandInWorkers, tmp_path: Path
 ) -> None:
     data = [
         {"prompt": "p0", "results": "an earlier answer"},
@@ -986,18 +1024,18 @@ def test_input_fields_named_like_the_result_keys(
         {"prompt": "", "results": "an earlier answer", "error": "an earlier error"},
     ]
     output = tmp_path / "out.jsonl"
-    results = generate("org/model", data, output_path=output, progress=False)
-    assert results[0] == {"prompt": "p0", "results": "re: p0 #0"}
-    assert results[1] == {"prompt": "p1", "results": "re: p1 #0"}  # succeeded: no error key
+    results = workers.generate("org/model", data, output_path=output, progress=False)
+    assert results[0] == {"prompt": "p0", "results": "p0 #0"}
+    assert results[1] == {"prompt": "p1", "results": "p1 #0"}  # succeeded: no error key
     assert results[2] == {"prompt": "p2", "_index": 7, "_run": "from elsewhere",
-                          "results": "re: p2 #0"}  # the caller's fields, as they were
+                          "results": "p2 #0"}  # the caller's fields, as they were
     assert results[3]["results"] is None and "is empty" in results[3]["error"]
     lines = read_lines(output)
     assert [line["_index"] for line in lines] == [0, 1, 2, 3]
     assert len({line["_run"] for line in lines}) == 1
-    fake_workers.started = []
-    again = generate("org/model", data, output_path=output, progress=False)
-    assert sent_prompts(fake_workers.started) == []  # item 1 is not taken for a failed one
+    workers.forget()
+    again = workers.generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(workers) == []  # item 1 is not taken for a failed one
     assert again == results
 
 
@@ -1006,28 +1044,28 @@ def test_input_fields_named_like_the_result_keys(
     {"index_key": "_run"}, {"message_key": "results"},
 ])
 def test_keys_that_would_collide_are_refused(
-    fake_workers: type[FakeHandle], keys: dict[str, str]
+    workers: StandInWorkers, keys: dict[str, str]
 ) -> None:
     with pytest.raises(ValueError, match="must be four different keys"):
-        generate("org/model", prompts(1), **keys)
+        workers.generate("org/model", prompts(1), **keys)
 
 
 def test_cli_refuses_results_of_other_settings_unless_told(
-    fake_workers: type[FakeHandle], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    workers: StandInWorkers, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from vllm_service.cli import main
 
     source = tmp_path / "in.jsonl"
     source.write_text('{"prompt": "p0"}\n{"prompt": "p1"}\n')
     command = ["generate", str(source), "-o", str(tmp_path / "out.jsonl"), "--model",
-               "org/model", "--no-progress"]
+               "org/model", "--engine-kind", "standin", "--no-progress"]
     assert main(command) == 0
     assert main([*command, "--system", "Be brief."]) == 2
     assert "made with other settings" in capsys.readouterr().err
     assert main([*command, "--system", "Be brief.", "--on-mismatch", "keep"]) == 0
-    assert len(fake_workers.started) == 1
+    assert len(workers.started) == 1
     assert main([*command, "--system", "Be brief.", "--on-mismatch", "redo"]) == 0
-    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p0", "p1", "p1"]
+    assert sorted(sent_prompts(workers)) == ["p0", "p0", "p1", "p1"]
 
 
 # ----- the output file never loses what the user had (issue 23, item 2) -----
@@ -1052,7 +1090,7 @@ def test_a_file_that_is_not_this_tools_output_is_refused_and_left_as_it_was(
 
 
 def test_a_failed_final_rewrite_leaves_no_partial_file_and_the_rerun_resumes(
-    fake_workers: type[FakeHandle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    workers: StandInWorkers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     output = tmp_path / "out.jsonl"
     real_fsync = os.fsync
@@ -1064,50 +1102,51 @@ def test_a_failed_final_rewrite_leaves_no_partial_file_and_the_rerun_resumes(
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        generate("org/model", prompts(3), output_path=output, progress=False)
+        workers.generate("org/model", prompts(3), output_path=output, progress=False)
     assert not output.with_name("out.jsonl.partial").exists()
     assert sorted(line["_index"] for line in read_lines(output)) == [0, 1, 2]
     monkeypatch.setattr(os, "fsync", real_fsync)
-    fake_workers.started = []
-    results = generate("org/model", prompts(3), output_path=output, progress=False)
-    assert sent_prompts(fake_workers.started) == []
-    assert [r["results"] for r in results] == [f"re: p{i} #0" for i in range(3)]
+    workers.forget()
+    results = workers.generate("org/model", prompts(3), output_path=output, progress=False)
+    assert sent_prompts(workers) == []
+    assert [r["results"] for r in results] == [f"p{i} #0" for i in range(3)]
 
 
 def test_an_item_json_cannot_hold_fails_alone_and_the_run_goes_on(
-    fake_workers: type[FakeHandle], tmp_path: Path,
+    workers: StandInWorkers, tmp_path: Path,
 ) -> None:
     import datetime
 
     data = [{"prompt": "p0"}, {"prompt": "p1", "when": datetime.date(2026, 12, 1)}, {"prompt": "p2"}]
     output = tmp_path / "out.jsonl"
-    results = generate("org/model", data, output_path=output, progress=False)
-    assert results[0]["results"] == "re: p0 #0" and results[2]["results"] == "re: p2 #0"
+    results = workers.generate("org/model", data, output_path=output, progress=False)
+    assert results[0]["results"] == "p0 #0" and results[2]["results"] == "p2 #0"
     assert results[1]["results"] is None
     assert "data[1] cannot be written" in results[1]["error"] and "date" in results[1]["error"]
     assert results[1]["when"] == datetime.date(2026, 12, 1)  # the caller's item, as it was
     lines = {line["_index"]: line for line in read_lines(output)}
     assert "error" in lines[1] and "when" not in lines[1]
-    fake_workers.started = []
-    again = generate("org/model", data, output_path=output, progress=False)
-    assert sent_prompts(fake_workers.started) == ["p1"]  # only the failed one, again
+    workers.forget()
+    again = workers.generate("org/model", data, output_path=output, progress=False)
+    assert sent_prompts(workers) == ["p1"]  # only the failed one, again
     assert "cannot be written" in again[1]["error"]
 
 
 def test_a_checkpoint_overwritten_in_place_does_not_reuse_old_answers(
-    fake_workers: type[FakeHandle], tmp_path: Path,
+    workers: StandInWorkers, tmp_path: Path,
 ) -> None:
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
     (model / "model.safetensors").write_bytes(b"weights, step 1")
     output = tmp_path / "out.jsonl"
-    generate(str(model), prompts(2), output_path=output, progress=False)
-    fake_workers.started = []
-    generate(str(model), prompts(2), output_path=output, progress=False)
-    assert sent_prompts(fake_workers.started) == []  # the same weights: reused
+    workers.generate(str(model), prompts(2), output_path=output, progress=False)
+    workers.forget()
+    workers.generate(str(model), prompts(2), output_path=output, progress=False)
+    assert sent_prompts(workers) == []  # the same weights: reused
     (model / "model.safetensors").write_bytes(b"weights, step 2, longer")  # trained further
     with pytest.raises(ValueError, match="made with other settings.*weights"):
-        generate(str(model), prompts(2), output_path=output, progress=False)
-    generate(str(model), prompts(2), output_path=output, progress=False, on_mismatch="redo")
-    assert sorted(sent_prompts(fake_workers.started)) == ["p0", "p1"]
+        workers.generate(str(model), prompts(2), output_path=output, progress=False)
+    workers.generate(str(model), prompts(2), output_path=output, progress=False,
+                     on_mismatch="redo")
+    assert sorted(sent_prompts(workers)) == ["p0", "p1"]

@@ -39,9 +39,15 @@ What settings become, before any worker starts:
   :func:`group_physical_cores` (logical CPUs by physical core), :func:`gpu_placements`,
   :func:`cpu_placements` (a :class:`Placement` per worker) and
   :func:`cpu_kv_cache_bytes_per_worker`.
+
+The rules of a batch run:
+
+- :data:`BATCH_MAX_ATTEMPTS`: an item of ``generate()`` whose worker died this many times
+  while it was alone in flight gets an error instead of a result.
 """
 
 from ._batch.arguments import batch_worker_configs
+from ._batch.schedule import MAX_ATTEMPTS as BATCH_MAX_ATTEMPTS
 from ._batch.placement import (
     Placement,
     cpu_kv_cache_bytes_per_worker,
@@ -62,6 +68,7 @@ from ._worker.processes import group_members, shared_memory_files
 from ._worker.protocol import WorkerConfig
 
 __all__ = [
+    "BATCH_MAX_ATTEMPTS",
     "Placement",
     "WorkerConfig",
     "adapt_engine_args",
