@@ -96,11 +96,11 @@ def generate(
     its KV cache. Without ``chunk_size`` each worker takes an equal share of the items; with
     it, workers take chunks of that many items from one queue as they become free. A worker
     that dies has its unfinished items retried in ever smaller chunks, down to one item, and an
-    item that kills its worker 3 times alone gets an error
-    (``vllm_service.testing.BATCH_MAX_ATTEMPTS``). A worker that
-    cannot start ends its slot; the others go on. A worker whose engine makes no progress for
-    ``engine_stall_seconds`` while it has work (a hung GPU or NCCL call, a stopped process) is
-    killed and counts as dead (``VLLM_ENGINE_STALL_SECONDS`` of the service; docs/reliability.md).
+    item that kills its worker 3 times alone (``vllm_service.testing.BATCH_MAX_ATTEMPTS``)
+    gets an error. A worker that cannot start ends its slot; the others go on. A worker whose
+    engine makes no progress for ``engine_stall_seconds`` while it has work (a hung GPU or NCCL
+    call, a stopped process) is killed and counts as dead (``VLLM_ENGINE_STALL_SECONDS`` of the
+    service; docs/reliability.md).
 
     ``ray_address`` (``"auto"``, ``"host:port"`` or ``"ray://host:port"``): the workers are
     actors on that Ray cluster instead, one engine each, spread over its nodes; each reserves
