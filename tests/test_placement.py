@@ -6,13 +6,12 @@ Pure functions, plus generate()'s refusals that come before any worker starts: n
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from vllm_service import generate
-from vllm_service._batch import local_pool as _batch_local
-from vllm_service._batch import placement as _placement
 from vllm_service.testing import (
     Placement,
     WorkerConfig,
@@ -22,6 +21,7 @@ from vllm_service.testing import (
     gpu_placements,
     group_physical_cores,
     parse_cuda_mask,
+    physical_cores,
 )
 
 GiB = 1 << 30
@@ -211,10 +211,14 @@ def test_gpu_worker_configs_under_a_mask() -> None:
     assert config.engine_args["distributed_executor_backend"] == "ray"
 
 
+# One more worker than this machine has cores.
+TOO_MANY = len(physical_cores()) + 1
+
+
 @pytest.mark.parametrize(
     ("arguments", "message"),
     [
-        ({"worker_num": 3}, "needs 3 CPU cores"),
+        ({"worker_num": TOO_MANY}, f"needs {TOO_MANY} CPU cores"),
         ({"worker_num": 2, "pp": 2}, "needs worker_num=1"),
         ({"n": 0}, "n must be"),
         ({"chunk_size": 0}, "chunk_size"),
@@ -225,16 +229,14 @@ def test_gpu_worker_configs_under_a_mask() -> None:
     ],
 )
 def test_generate_refuses_before_starting_anything(
-    monkeypatch: pytest.MonkeyPatch, arguments: dict, message: str
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, arguments: dict, message: str
 ) -> None:
-    monkeypatch.setattr(_placement, "physical_cores", lambda: [[0], [1]])
-    monkeypatch.setattr(_placement, "visible_gpus", lambda: [])
-
-    def no_worker(*args: object, **kwargs: object) -> None:
-        raise AssertionError("a worker was started")
-
-    monkeypatch.setattr(_batch_local, "WorkerHandle", no_worker)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a machine without GPUs
+    # Any worker started would be a stand-in's, and say so here.
+    calls = tmp_path / "standin-calls.jsonl"
+    monkeypatch.setenv("STANDIN_CALLS", str(calls))
     started = time.monotonic()
     with pytest.raises(ValueError, match=message):
-        generate("org/model", [{"prompt": "hi"}], **arguments)
+        generate("org/model", [{"prompt": "hi"}], engine_kind="standin", **arguments)
     assert time.monotonic() - started < 5
+    assert not calls.exists(), "a worker was started"
