@@ -21,7 +21,7 @@ import pytest
 from _waiting import wait_until
 
 from vllm_service import generate
-from vllm_service._common.machine import physical_cores
+from vllm_service.testing import physical_cores
 
 Calls = Callable[..., list[dict[str, Any]]]
 ROOT = Path(__file__).resolve().parents[2]

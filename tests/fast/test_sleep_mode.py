@@ -20,8 +20,9 @@ import pytest
 from _waiting import wait_until
 
 from vllm_service import ServiceStatus, VLLMInferenceService, VLLMSettings
-from vllm_service._common.machine import visible_gpus
+# White-box: the vLLM calls LocalEngine makes, which only a GPU machine could run for real.
 from vllm_service._engines.local import LocalEngine
+from vllm_service.testing import visible_gpus
 
 Calls = Callable[..., list[dict[str, Any]]]
 cpu_only = pytest.mark.skipif(bool(visible_gpus()), reason="a GPU machine has vLLM's sleep mode")
