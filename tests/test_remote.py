@@ -396,7 +396,7 @@ def test_streamed_answers_equal_the_servers_plain_answers(
 
 
 def test_sampling_split_between_openai_params_and_extra_body() -> None:
-    from vllm_service._engines.remote import split_sampling
+    from vllm_service.testing import split_sampling
 
     params, extra = split_sampling(
         {
@@ -600,7 +600,7 @@ def test_server_restarted_with_another_model_is_an_error(
 
 
 def test_pick_served_model() -> None:
-    from vllm_service._engines.remote import pick_served_model
+    from vllm_service.testing import pick_served_model
 
     served = {"/models/a": "/models/a", "b-chat": "/models/b", "b-alias": "/models/b"}
     assert pick_served_model("/models/a", served) == "/models/a"

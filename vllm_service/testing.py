@@ -40,6 +40,13 @@ What settings become, before any worker starts:
   :func:`cpu_placements` (a :class:`Placement` per worker) and
   :func:`cpu_kv_cache_bytes_per_worker`.
 
+Remote mode's rules with a vLLM server:
+
+- :func:`split_sampling`: a request's ``vllm.SamplingParams`` keywords as the OpenAI API's
+  parameters and the extra body vLLM's server reads.
+- :func:`pick_served_model`: which of the names a server serves is the model asked for
+  (``VLLM_MODEL_PATH``), or None.
+
 The rules of a batch run:
 
 - :data:`BATCH_MAX_ATTEMPTS`: an item of ``generate()`` whose worker died this many times
@@ -47,13 +54,13 @@ The rules of a batch run:
 """
 
 from ._batch.arguments import batch_worker_configs
-from ._batch.schedule import MAX_ATTEMPTS as BATCH_MAX_ATTEMPTS
 from ._batch.placement import (
     Placement,
     cpu_kv_cache_bytes_per_worker,
     cpu_placements,
     gpu_placements,
 )
+from ._batch.schedule import MAX_ATTEMPTS as BATCH_MAX_ATTEMPTS
 from ._common.engine_args import adapt_engine_args, check_vllm_version
 from ._common.machine import (
     cpu_dtype,
@@ -63,6 +70,7 @@ from ._common.machine import (
     physical_cores,
     visible_gpus,
 )
+from ._common.vllm_server import pick_served_model, split_sampling
 from ._worker.config import worker_config
 from ._worker.processes import group_members, shared_memory_files
 from ._worker.protocol import WorkerConfig
@@ -83,7 +91,9 @@ __all__ = [
     "group_physical_cores",
     "parse_cuda_mask",
     "physical_cores",
+    "pick_served_model",
     "shared_memory_files",
+    "split_sampling",
     "visible_gpus",
     "worker_config",
 ]

@@ -1,5 +1,7 @@
 """What the parent asks a vLLM server directly (remote mode), outside the worker's requests:
-its LoRA adapters, and the request options it cannot take. httpx only, no engine."""
+its LoRA adapters, and the request options it cannot take; and the rules the remote engine
+follows with it: how a request's sampling is sent, which served model is the one wanted.
+httpx only, no engine."""
 
 from __future__ import annotations
 
@@ -16,6 +18,24 @@ REMOTE_UNSUPPORTED = {
     "prompt_logprobs": "the server returns them only in answers that are not streamed, and "
     "the service streams every answer; use local mode",
 }
+
+# The OpenAI API's own sampling parameters; every other vllm.SamplingParams keyword (top_k,
+# repetition_penalty, ignore_eos, structured_outputs, ...) goes in the request's extra body,
+# which vLLM's server reads (logprobs is mapped to the chat API's own pair).
+_OPENAI_PARAMS = frozenset(
+    {
+        "temperature",
+        "top_p",
+        "max_tokens",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "n",
+        "logit_bias",
+        "logprobs",
+    }
+)
 
 
 def api_base_url(url: str) -> str:
@@ -90,3 +110,40 @@ def _auth(api_key: str | None) -> dict[str, str]:
 def unsupported_fields(sampling: dict[str, Any]) -> list[str]:
     """The request options in ``sampling`` a vLLM server cannot take, each with the reason."""
     return [f"{name}: {why}" for name, why in REMOTE_UNSUPPORTED.items() if name in sampling]
+
+
+def split_sampling(
+    sampling: dict[str, Any], is_chat: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``vllm.SamplingParams`` keywords as OpenAI parameters and vLLM's extra body."""
+    params = {k: v for k, v in sampling.items() if k in _OPENAI_PARAMS}
+    extra_body = {k: v for k, v in sampling.items() if k not in _OPENAI_PARAMS}
+    if is_chat and "logprobs" in params:
+        params["top_logprobs"] = params.pop("logprobs")
+        params["logprobs"] = True
+    return params, extra_body
+
+
+def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
+    """The served name (``served`` maps name -> the model it was loaded from) for ``wanted``.
+
+    Matches the name, then the model it was loaded from, then the last path component (a
+    server started with ``--model /models/X`` against ``VLLM_MODEL_PATH=X``, or the other
+    way round). Nothing else matches: a server that serves only another model is not taken
+    to serve the one wanted.
+    """
+    if wanted in served:
+        return wanted
+    for name, root in served.items():
+        if root == wanted:
+            return name
+    short = _last_part(wanted)
+    matches = [n for n, root in served.items() if short in (_last_part(n), _last_part(root or ""))]
+    # Several names of one model (--served-model-name a b) are one match.
+    if matches and len({served[n] or n for n in matches}) == 1:
+        return matches[0]
+    return None
+
+
+def _last_part(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]

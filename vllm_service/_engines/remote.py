@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import openai
 
-from .._common.vllm_server import api_base_url
+from .._common.vllm_server import api_base_url, pick_served_model, split_sampling
 from .._worker.protocol import Delta, Finished, Request, WorkerConfig
 from ..errors import RemoteServerError
 from ..types import Sample, TokenLogprobs, TopLogprob
@@ -47,23 +47,6 @@ _STEP_WAIT_SECONDS = 0.005
 _CONNECT_TIMEOUT_SECONDS = 10.0
 _CLOSE_TIMEOUT_SECONDS = 5.0
 
-# The OpenAI API's own sampling parameters; every other vllm.SamplingParams keyword (top_k,
-# repetition_penalty, ignore_eos, structured_outputs, ...) goes in the request's extra body,
-# which vLLM's server reads (logprobs is mapped to the chat API's own pair).
-_OPENAI_PARAMS = frozenset(
-    {
-        "temperature",
-        "top_p",
-        "max_tokens",
-        "stop",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "n",
-        "logit_bias",
-        "logprobs",
-    }
-)
 # HTTP statuses that reject the request itself, not the server.
 _REQUEST_ERROR_STATUSES = (400, 422)
 
@@ -325,39 +308,6 @@ class RemoteEngine:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
 
-def split_sampling(
-    sampling: dict[str, Any], is_chat: bool
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``vllm.SamplingParams`` keywords as OpenAI parameters and vLLM's extra body."""
-    params = {k: v for k, v in sampling.items() if k in _OPENAI_PARAMS}
-    extra_body = {k: v for k, v in sampling.items() if k not in _OPENAI_PARAMS}
-    if is_chat and "logprobs" in params:
-        params["top_logprobs"] = params.pop("logprobs")
-        params["logprobs"] = True
-    return params, extra_body
-
-
-def pick_served_model(wanted: str, served: dict[str, str | None]) -> str | None:
-    """The served name (``served`` maps name -> the model it was loaded from) for ``wanted``.
-
-    Matches the name, then the model it was loaded from, then the last path component (a
-    server started with ``--model /models/X`` against ``VLLM_MODEL_PATH=X``, or the other
-    way round). Nothing else matches: a server that serves only another model is not taken
-    to serve the one wanted.
-    """
-    if wanted in served:
-        return wanted
-    for name, root in served.items():
-        if root == wanted:
-            return name
-    short = _last_part(wanted)
-    matches = [n for n, root in served.items() if short in (_last_part(n), _last_part(root or ""))]
-    # Several names of one model (--served-model-name a b) are one match.
-    if matches and len({served[n] or n for n in matches}) == 1:
-        return matches[0]
-    return None
-
-
 def error_status(exc: openai.OpenAIError) -> int | None:
     """The HTTP status of an error answer, or of an error event midway through a stream."""
     if isinstance(exc, openai.APIStatusError):
@@ -375,10 +325,6 @@ def server_message(exc: openai.APIError) -> str:
     if isinstance(body, str) and body:
         return body
     return exc.message
-
-
-def _last_part(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 class _Rejected(Exception):
