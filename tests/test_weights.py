@@ -31,7 +31,7 @@ from vllm_service import (
     VLLMSettings,
     WeightUpdateError,
 )
-from vllm_service._common.machine import cpu_dtype, cpu_weight_update_problem
+from vllm_service.testing import cpu_dtype, cpu_weight_update_problem
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 PROMPTS = ["The capital of France is", "Bananas are", "Once upon a time", "def fib(n):"]

@@ -11,6 +11,8 @@ The machine, and the rules the engines follow on it:
 - :func:`cpu_flags`: the processor's feature flags (``/proc/cpuinfo``), as the rules read them.
 - :func:`cpu_dtype`: what ``dtype="auto"`` becomes on vLLM's CPU backend here ("auto" or
   "float32"); a reference ``vllm.LLM`` given it computes as the service's engines do.
+- :func:`cpu_weight_update_problem`: why ``update_weights`` is refused for an engine of a
+  dtype on this CPU (or on one with the given flags), or None.
 - :func:`adapt_engine_args`: the ``vllm.LLM`` arguments a local worker builds its engine
   with, for requested ones, and a sentence per change (the CPU adaptations); for a plain
   ``vllm.LLM`` that runs as the service's engines do. Imports vLLM.
@@ -65,6 +67,7 @@ from ._common.engine_args import adapt_engine_args, check_vllm_version
 from ._common.machine import (
     cpu_dtype,
     cpu_flags,
+    cpu_weight_update_problem,
     group_physical_cores,
     parse_cuda_mask,
     physical_cores,
@@ -86,6 +89,7 @@ __all__ = [
     "cpu_flags",
     "cpu_kv_cache_bytes_per_worker",
     "cpu_placements",
+    "cpu_weight_update_problem",
     "gpu_placements",
     "group_members",
     "group_physical_cores",
