@@ -315,7 +315,7 @@ def test_ray_is_imported_only_for_a_cluster_run() -> None:
 def test_secrets_never_go_into_the_actors_runtime_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray's dashboard and state API show an actor's runtime_env: tokens travel in the start
     call instead, and this service's own remote-mode key not at all."""
-    from vllm_service._batch.ray_pool import forwarded_environment
+    from vllm_service.testing import forwarded_environment
 
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
     monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_secret_too")

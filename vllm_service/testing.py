@@ -53,6 +53,9 @@ The rules of a batch run:
 
 - :data:`BATCH_MAX_ATTEMPTS`: an item of ``generate()`` whose worker died this many times
   while it was alone in flight gets an error instead of a result.
+- :func:`forwarded_environment`: which of this process's variables the workers of a run on a
+  Ray cluster get: (those in the actors' ``runtime_env``, which Ray's dashboard shows; the
+  secrets, sent in each worker's start call instead).
 """
 
 from ._batch.arguments import batch_worker_configs
@@ -60,6 +63,7 @@ from ._batch.placement import (
     Placement,
     cpu_kv_cache_bytes_per_worker,
     cpu_placements,
+    forwarded_environment,
     gpu_placements,
 )
 from ._batch.schedule import MAX_ATTEMPTS as BATCH_MAX_ATTEMPTS
@@ -90,6 +94,7 @@ __all__ = [
     "cpu_kv_cache_bytes_per_worker",
     "cpu_placements",
     "cpu_weight_update_problem",
+    "forwarded_environment",
     "gpu_placements",
     "group_members",
     "group_physical_cores",

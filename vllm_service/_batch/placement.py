@@ -3,11 +3,13 @@
 The functions that decide are pure (device lists, masks and core lists in, environments out),
 so every rule can be tested without the hardware. Only :func:`visible_gpus`,
 :func:`physical_cores` and :func:`cpu_kv_cache_bytes_per_worker` look at the machine.
-Every impossible request raises ``ValueError`` before any worker starts.
+Every impossible request raises ``ValueError`` before any worker starts. On a Ray cluster,
+:func:`forwarded_environment` says which of the driver's variables reach the workers, and how.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -150,3 +152,26 @@ def cpu_kv_cache_bytes_per_worker(worker_num: int, available_bytes: int | None =
     draw on the same memory.
     """
     return cpu_kv_cache_bytes(available_bytes) // worker_num
+
+
+# ----- the environment of a worker on a Ray node -----
+
+# The driver's environment variables that reach the workers on the cluster's nodes (model
+# downloads, vLLM's own settings), as a local worker would inherit them.
+_FORWARDED_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_")
+# Of those, the secrets: never in the actors' runtime_env, which Ray's dashboard and state API
+# show. A token the engine needs (a gated model's download) reaches each worker through its
+# start call instead; this service's own remote-mode key, which no engine needs, not at all.
+_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
+_NOT_FOR_ENGINES = frozenset({"VLLM_API_KEY"})
+
+
+def forwarded_environment() -> tuple[dict[str, str], dict[str, str]]:
+    """The driver's variables for the engines: (for the runtime_env, secret ones)."""
+    public: dict[str, str] = {}
+    secret: dict[str, str] = {}
+    for name, value in os.environ.items():
+        if not name.startswith(_FORWARDED_PREFIXES) or name in _NOT_FOR_ENGINES:
+            continue
+        (secret if any(word in name for word in _SECRET_WORDS) else public)[name] = value
+    return public, secret

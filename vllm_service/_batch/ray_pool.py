@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import socket
 import threading
 import time
@@ -35,6 +34,7 @@ from .._worker.keep_alive import KeepAlive
 from .._worker.protocol import Finished, Request, WorkerConfig
 from ..errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
 from .local_pool import EngineSpec, Host, describe, worker_configs
+from .placement import forwarded_environment
 from .schedule import WorkerGone
 
 try:
@@ -52,25 +52,6 @@ logger = logging.getLogger("vllm_service")
 
 # Workers are stopped explicitly at the end of a run; this only guards against leaks.
 _IDLE_TTL_SECONDS = 24 * 3600.0
-# The driver's environment variables that reach the workers on the cluster's nodes (model
-# downloads, vLLM's own settings), as a local worker would inherit them.
-_FORWARDED_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_")
-# Of those, the secrets: never in the actors' runtime_env, which Ray's dashboard and state API
-# show. A token the engine needs (a gated model's download) reaches each worker through its
-# start call instead; this service's own remote-mode key, which no engine needs, not at all.
-_SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-_NOT_FOR_ENGINES = frozenset({"VLLM_API_KEY"})
-
-
-def forwarded_environment() -> tuple[dict[str, str], dict[str, str]]:
-    """The driver's variables for the engines: (for the runtime_env, secret ones)."""
-    public: dict[str, str] = {}
-    secret: dict[str, str] = {}
-    for name, value in os.environ.items():
-        if not name.startswith(_FORWARDED_PREFIXES) or name in _NOT_FOR_ENGINES:
-            continue
-        (secret if any(word in name for word in _SECRET_WORDS) else public)[name] = value
-    return public, secret
 # The actor runs one chunk at a time, plus stop() and wait_exited() beside it.
 _ACTOR_THREADS = 3
 
