@@ -266,28 +266,41 @@ def test_unload_with_a_timeout_aborts_what_is_left_and_a_start_unloaded_serves_i
 
 
 def test_an_idle_ttl_of_zero_starts_one_engine_per_call_and_a_failing_clean_up_still_ends(
-    demo_model: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
+    demo_model: Path, caplog: pytest.LogCaptureFixture, tmp_path: Path,
 ) -> None:
     import logging
 
-    from vllm_service._worker import handle as _worker_handle
-
     caplog.set_level(logging.INFO, logger="vllm_service")
-    settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=0)
+    logs = tmp_path / "logs"  # of this test's own: a folder is planted in it below
+    settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=0,
+                            log_dir=str(logs))
     with VLLMInferenceService(settings) as service:
         result = service.generate("The capital of France is", temperature=0, max_tokens=4)
         assert result.error is None and result.text
         assert caplog.text.count("Started vLLM worker pid") == 1  # one engine for one call
         assert wait_until(lambda: service.status().state == "stopped", 30)
 
-        # The clean-up after the next worker's exit raises (a PermissionError unlinking):
-        # the worker must still count as gone, and unload() return.
-        def refuse(paths: Any) -> None:
-            raise PermissionError("not allowed to remove that")
+        # The clean-up after the next worker's exit raises (an IsADirectoryError unlinking
+        # its log, which a clean exit removes: a folder has taken its place once the worker
+        # opened it): the worker must still count as gone, and unload() return.
+        planted: list[Path] = []
 
-        monkeypatch.setattr(_worker_handle, "remove_files", refuse)
+        def plant_a_folder_for_its_log() -> None:
+            assert wait_until(lambda: service.status().pid is not None, 60)
+            pid = service.status().pid
+            (log,) = logs.glob("worker-*.log")
+            assert wait_until(lambda: os.path.realpath(f"/proc/{pid}/fd/2") == str(log), 60)
+            log.unlink()
+            log.mkdir()
+            planted.append(log)
+
+        planter = threading.Thread(target=plant_a_folder_for_its_log)
+        planter.start()
         service.generate("The capital of France is", temperature=0, max_tokens=4)
+        planter.join(60)
+        assert planted, "the log was not replaced while the worker ran"
         assert wait_until(lambda: service.status().state == "stopped", 30), service.status()
+        assert "cleaning up after worker pid" in caplog.text  # it did fail
         unloading = threading.Thread(target=service.unload)
         unloading.start()
         unloading.join(10)
