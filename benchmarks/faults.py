@@ -81,6 +81,7 @@ from vllm_service import (
     VLLMSettings,
     demo_model_path,
     generate,
+    generate_openai_batch,
 )
 from vllm_service.testing import group_members, shared_memory_files
 
@@ -1096,8 +1097,6 @@ def fork_row(model: str) -> list[Any]:
 
 
 def resume_rows(model: str) -> list[list[Any]]:
-    from vllm_service._batch.openai_format import run_openai_batch
-
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         log("machine: reruns of batch runs with other settings")
@@ -1109,7 +1108,7 @@ def resume_rows(model: str) -> list[list[Any]]:
                   "body": {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}]}}
                  for i in range(4)]
         answers = Path(tmp) / "answers.jsonl"
-        run_openai_batch(model, lines, answers, max_output_len=8, temperature=0,
+        generate_openai_batch(model, lines, answers, max_output_len=8, temperature=0,
                          progress=False)
         before = output.read_bytes(), answers.read_bytes()
         for case, rerun in (
@@ -1120,10 +1119,10 @@ def resume_rows(model: str) -> list[list[Any]]:
              lambda: generate(model, data, output_path=output, temperature=0, system="Be brief.",
                               max_output_len=8, max_model_len=1024, progress=False)),
             ("OpenAI batch rerun with another --max-output-len",
-             lambda: run_openai_batch(model, lines, answers, max_output_len=16, temperature=0,
+             lambda: generate_openai_batch(model, lines, answers, max_output_len=16, temperature=0,
                                       progress=False)),
             ("OpenAI batch rerun with another --system",
-             lambda: run_openai_batch(model, lines, answers, max_output_len=8, temperature=0,
+             lambda: generate_openai_batch(model, lines, answers, max_output_len=8, temperature=0,
                                       system="Be brief.", progress=False)),
         ):
             call = bounded(rerun, START_BOUND, "rerun")

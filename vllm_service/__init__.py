@@ -5,6 +5,7 @@
 ...     print(service.generate("What is the capital of France?").text)
 """
 
+from ._batch.openai_format import generate_openai_batch
 from ._client.streams import AsyncGenerationStream, GenerationStream
 from .async_service import AsyncVLLMInferenceService
 from .batch import generate
@@ -52,4 +53,5 @@ __all__ = [
     "WorkerStartError",
     "demo_model_path",
     "generate",
+    "generate_openai_batch",
 ]

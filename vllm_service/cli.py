@@ -218,13 +218,13 @@ def _run_generate(args: argparse.Namespace) -> int:
     for name in ("command", "run", "input", "output", "format"):
         options.pop(name)
     if args.format == "openai":
-        from ._batch.openai_format import run_openai_batch, succeeded
+        from ._batch.openai_format import generate_openai_batch, succeeded
 
         problem = _openai_options(options)
         if problem is not None:
             print(f"vllm-service generate: {problem}", file=sys.stderr)
             return 2
-        run = partial(run_openai_batch, lines=data, output_path=args.output, **options)
+        run = partial(generate_openai_batch, lines=data, output_path=args.output, **options)
     else:
         for name in ("temperature", "max_output_len"):
             if options[name] is None:

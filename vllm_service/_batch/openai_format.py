@@ -1,6 +1,7 @@
-"""OpenAI batch files: ``vllm-service generate --format openai`` (docs/openai-batch.md).
+"""OpenAI batch files: ``vllm-service generate --format openai`` and its Python entry point
+:func:`generate_openai_batch` (docs/openai-batch.md).
 
-    run_openai_batch(lines, output_path)
+    generate_openai_batch(lines, output_path)
       custom_ids checked: a string on every line, none twice   (else ValueError: nothing runs)
       every line: body -> vLLM's own request model -> SamplingParams keywords
                   (a bad line gets its error line now)
@@ -88,7 +89,7 @@ class _Parsed:
     logprobs: bool
 
 
-def run_openai_batch(
+def generate_openai_batch(
     model_id: str,
     lines: Sequence[dict[str, Any]],
     output_path: str | os.PathLike[str],
