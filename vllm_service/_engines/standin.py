@@ -16,6 +16,11 @@ or torch (docs/testing.md). It imports neither.
   calls can be caught in flight, timed out or aborted.
 - ``engine_args["standin_numbered_samples"]``: sample ``k`` of a request ends with `` #k``,
   so that a test can tell the ``n`` samples apart.
+- ``logprobs=k`` in a request: each answered token has logprob 0 (the echo is certain), and
+  its ``k`` most likely tokens are itself, then ``<other1>``, ``<other2>``, ... at minus
+  infinity.
+- The prompt word ``<abort>``: the request ends when the echo reaches it, as one vLLM's
+  engine aborted: ``finish_reason="error"``, with the words before it.
 - The prompt word ``<stall>``: the step that reaches it blocks, as a hung GPU does, until the
   parent's stall watch (``VLLM_ENGINE_STALL_SECONDS``) kills the worker; it gives up after
   ``STALL_SECONDS``, or at once when the parent is gone.
@@ -54,11 +59,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._worker.protocol import Delta, Finished, Request, WorkerConfig
-from ..types import Sample
+from ..types import Sample, TokenLogprobs, TopLogprob
 from .contract import WeightsBroken, WeightsRejected
 
 STALL_WORD = "<stall>"
 DIE_WORD = "<die>"
+ABORT_WORD = "<abort>"
 # How long a stalled step blocks at most: far beyond any stall bound a test sets.
 STALL_SECONDS = 600.0
 _VOCABULARY = 32_000
@@ -147,6 +153,11 @@ class StandInEngine:
             position = running.given
             if running.words[position] == STALL_WORD:
                 _stall()
+            if running.words[position] == ABORT_WORD:
+                del self._running[request_id]
+                self._answered += 1
+                outputs.append(_finished(running, self._numbered, aborted=True))
+                continue
             if (
                 running.given + 1 == running.length
                 and self._answers is not None
@@ -211,20 +222,27 @@ def _echoed(request: Request) -> tuple[list[str], list[int]]:
     else:
         text = str(prompt)
     words = text.split()
-    return words, [zlib.crc32(word.encode()) % _VOCABULARY for word in words]
+    return words, [_token_id(word) for word in words]
 
 
 def _samples(running: _Running) -> int:
     return int(running.request.sampling.get("n") or 1)
 
 
-def _finished(running: _Running, numbered: bool) -> Finished:
-    words = running.words[: running.length]
-    ids = running.token_ids[: running.length]
-    reason = "length" if running.length < len(running.words) else "stop"
+def _finished(running: _Running, numbered: bool, aborted: bool = False) -> Finished:
+    """The answer to a request: its echo so far when ``aborted``, else all of it."""
+    length = running.given if aborted else running.length
+    words = running.words[:length]
+    ids = running.token_ids[:length]
+    if aborted:
+        reason = "error"
+    else:
+        reason = "length" if running.length < len(running.words) else "stop"
     text = " ".join(words)
+    logprobs = _logprobs(words, ids, running.request.sampling.get("logprobs"))
     samples = [
-        Sample(f"{text} #{k}" if numbered else text, list(ids), reason, len(ids))
+        Sample(f"{text} #{k}" if numbered else text, list(ids), reason, len(ids),
+               cumulative_logprob=None if logprobs is None else 0.0, logprobs=logprobs)
         for k in range(_samples(running))
     ]
     return Finished(
@@ -233,6 +251,27 @@ def _finished(running: _Running, numbered: bool) -> Finished:
         samples=samples,
         prompt_token_ids=list(running.token_ids),
     )
+
+
+def _logprobs(words: list[str], ids: list[int], top: int | None) -> list[TokenLogprobs] | None:
+    """Each echoed token is certain: logprob 0, the others minus infinity (None: not asked)."""
+    if top is None:
+        return None
+    others = [f"<other{k}>" for k in range(1, int(top))]
+    return [
+        TokenLogprobs(
+            token_id, word, 0.0, 1,
+            [TopLogprob(token_id, word, 0.0, 1)][: int(top)] + [
+                TopLogprob(_token_id(other), other, float("-inf"), rank)
+                for rank, other in enumerate(others, 2)
+            ],
+        )
+        for word, token_id in zip(words, ids)
+    ]
+
+
+def _token_id(word: str) -> int:
+    return zlib.crc32(word.encode()) % _VOCABULARY
 
 
 def _stall() -> None:
