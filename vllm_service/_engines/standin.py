@@ -39,12 +39,12 @@ or torch (docs/testing.md). It imports neither.
 - ``update_weights`` from a folder named ``rejected`` raises :class:`WeightsRejected`, from
   one named ``broken`` :class:`WeightsBroken`; any other is taken. ``sleep`` and ``wake_up``
   work on any machine (vLLM's sleep mode needs a GPU).
-- With ``STANDIN_CALLS`` set to a file's path, each call is appended to it as a JSON line
-  with the worker's pid (``{"call": "add", "pid": 812, "request_id": 3, "stream": false,
-  "prompt": "hi", "sampling": {...}, "step": 0}``; ``step`` is the engine's step count when
-  the request came, so the requests of one submission share it; ``init`` carries the engine
-  arguments, the worker's environment and stall bound, and its fate), for tests to read what
-  it was asked.
+- With ``STANDIN_CALLS`` set to a file's path, each call (also the ``add`` of a request it
+  refuses) is appended to it as a JSON line with the worker's pid (``{"call": "add", "pid":
+  812, "request_id": 3, "stream": false, "prompt": "hi", "sampling": {...}, "step": 0}``;
+  ``step`` is the engine's step count when the request came, so the requests of one
+  submission share it; ``init`` carries the engine arguments, the worker's environment and
+  stall bound, and its fate), for tests to read what it was asked.
 """
 
 from __future__ import annotations
@@ -115,6 +115,8 @@ class StandInEngine:
 
     def add(self, request: Request) -> None:
         """Queue the echo of ``request``; raises ``ValueError`` for a prompt vLLM would refuse."""
+        _record("add", request_id=request.request_id, stream=request.stream,
+                prompt=request.prompt, sampling=request.sampling, step=self.steps)
         words, token_ids = _echoed(request)
         if not words:
             raise ValueError("the prompt is empty")
@@ -126,8 +128,6 @@ class StandInEngine:
         self._running[request.request_id] = _Running(
             request, words, token_ids, min(len(words), max_tokens)
         )
-        _record("add", request_id=request.request_id, stream=request.stream,
-                prompt=request.prompt, sampling=request.sampling, step=self.steps)
         if DIE_WORD in words:
             _die()
 
