@@ -3,18 +3,19 @@
 Two engine runs carry the real-engine assertions: ``cli_run`` (our command line on
 ``FULL_INPUT``) and ``vllm_run`` (vLLM's ``run_batch`` on ``VLLM_INPUT``, the lines vLLM 0.32
 can read: chat only). Everything else (how a body maps to sampling, bad lines, resume,
-refusals, the output's types) runs in this process with a stand-in worker pool, or with an
-output file prepared so that nothing is left to run: no engine starts.
+refusals, the output's types) runs ``generate_openai_batch`` on the stand-in engine
+(docs/testing.md), whose workers load no model and record what they were sent, or with an
+output file prepared so that nothing is left to run.
 """
 
 from __future__ import annotations
 
 import copy
+import fcntl
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +23,12 @@ import openai.types
 import openai.types.chat
 import pytest
 
-from vllm_service import cli
-from vllm_service._batch import openai_format as _openai_batch
-from vllm_service._batch.openai_format import Defaults, _BadLine, parse_line, run_openai_batch
-from vllm_service._batch.output import ResumableFile
-from vllm_service._worker.protocol import Finished, Request
+from vllm_service import cli, generate_openai_batch
+# White-box: a line's sampling as the format reads it, turned into vLLM's SamplingParams by the
+# local engine, compared field by field with vLLM's own (in this process: what crosses to a
+# worker is pickled, and the stand-in's record of it is JSON, which changes types).
+from vllm_service._batch.openai_format import Defaults, parse_line
 from vllm_service.errors import VLLMServiceError
-from vllm_service.types import Sample, TokenLogprobs, TopLogprob
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -99,82 +99,68 @@ def check_format(item: dict[str, Any], url: str | None) -> None:
             assert set(choice) == {"index", "text", "logprobs", "finish_reason"}
 
 
-# ----- a stand-in worker pool (no engine) -----
+# ----- runs on the stand-in engine (no model) -----
 
 
-class StandInPool:
-    """Workers that answer at once: ``n`` samples of "re: <last words of the prompt> #k".
+class StandIn:
+    """``generate_openai_batch`` on the stand-in engine, and what its workers were sent.
 
-    A sample has ``min(3, max_tokens)`` tokens (16 for max_tokens None), logprobs when asked.
-    A prompt holding "REJECT" fails as vLLM fails a request it refuses; "ABORT" gives an
-    aborted sample. ``sent`` keeps every request.
+    The stand-in echoes a prompt (a chat's last message) with the sample's number: ``"The end
+    #0"``; a token is one word, certain (logprob 0) with ``<other1>``, ... at minus infinity as
+    its alternatives. A prompt of more words than ``max_model_len`` is refused as vLLM refuses
+    one; one holding ``<abort>`` ends as one vLLM aborted. ``sent`` holds every request, in
+    the order the workers got them (``STANDIN_CALLS``).
     """
 
-    size = 1
+    def __init__(self, calls: Path) -> None:
+        self.calls_path = calls
 
-    def __init__(self) -> None:
-        self.sent: list[Request] = []
+    def run(self, model_id: str, lines: Any, output_path: Path, **options: Any) -> list[dict[str, Any]]:
+        return generate_openai_batch(
+            model_id, lines, output_path, engine_kind="standin",
+            engine_args={"standin_numbered_samples": True}, **options,
+        )
 
-    def worker(self, slot: int) -> StandInPool:
-        return self
+    def _calls(self, kind: str) -> list[dict[str, Any]]:
+        if not self.calls_path.exists():
+            return []
+        lines = [json.loads(line) for line in self.calls_path.read_text().split("\n")[:-1]]
+        return [line for line in lines if line["call"] == kind]
 
-    def close(self) -> None:
-        pass
+    @property
+    def sent(self) -> list[dict[str, Any]]:
+        return self._calls("add")
 
-    def wait_ready(self) -> None:
-        pass
+    @property
+    def started(self) -> int:
+        """How many workers started."""
+        return len(self._calls("init"))
 
-    def stop(self, reason: str) -> None:
-        pass
-
-    def wait_exited(self, timeout: float) -> None:
-        pass
-
-    def run(self, requests: list[Request]) -> Iterator[Finished]:
-        for request in requests:
-            self.sent.append(request)
-            prompt = request.prompt
-            text = prompt[-1]["content"] if request.is_chat else str(prompt)
-            if "REJECT" in text:
-                yield Finished(request.request_id, error="ValueError: the prompt is too long")
-                continue
-            sampling = request.sampling
-            max_tokens = sampling["max_tokens"] if sampling["max_tokens"] is not None else 16
-            count = min(3, max_tokens)
-            logprobs = None
-            if sampling.get("logprobs") is not None:
-                logprobs = [
-                    TokenLogprobs(7, "tok", -0.25, 1, [TopLogprob(8, "alt", float("-inf"), 2)])
-                ] * count
-            samples = [
-                Sample(f"re: {text[-20:]} #{k}", [7] * count,
-                       "error" if "ABORT" in text else ("length" if count == max_tokens else "stop"),
-                       count, logprobs=logprobs)
-                for k in range(sampling.get("n", 1))
-            ]
-            yield Finished(request.request_id, 5, samples)
+    def forget(self) -> None:
+        """From now on, ``sent`` holds what the next runs send."""
+        self.calls_path.unlink(missing_ok=True)
 
 
 @pytest.fixture
-def pool(monkeypatch: pytest.MonkeyPatch) -> StandInPool:
-    """Every run in the test gets this pool instead of real workers."""
-    standin = StandInPool()
-    monkeypatch.setattr(_openai_batch, "worker_pool", lambda *args, **kwargs: lambda: standin)
-    return standin
+def standin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> StandIn:
+    calls = tmp_path / "standin-calls.jsonl"
+    monkeypatch.setenv("STANDIN_CALLS", str(calls))
+    monkeypatch.setenv("VLLM_LOG_DIR", str(tmp_path / "logs"))
+    return StandIn(calls)
 
 
-def no_workers(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From now on, a run that would start a worker fails the test."""
-
-    def make_pool() -> Any:
-        raise AssertionError("a worker was started")
-
-    monkeypatch.setattr(_openai_batch, "worker_pool", lambda *args, **kwargs: make_pool)
+def answer_line(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """An output line with a status 200 response, as the format writes one."""
+    return {"id": "batch_req_1", "custom_id": custom_id,
+            "response": {"status_code": 200, "request_id": "req_1", "body": body},
+            "error": None}
 
 
-@pytest.fixture(name="no_workers")
-def no_workers_fixture(monkeypatch: pytest.MonkeyPatch) -> None:
-    no_workers(monkeypatch)
+def error_line(custom_id: str, status: int, message: str) -> dict[str, Any]:
+    """An output line of a request that failed, as the format writes one."""
+    return {"id": "batch_req_2", "custom_id": custom_id,
+            "response": {"status_code": status, "request_id": "req_2", "body": None},
+            "error": {"code": "server_error", "message": message}}
 
 
 NO_DEFAULTS = Defaults.of(None, 1.0, None, 1, None, None, {}, None)
@@ -217,49 +203,60 @@ def test_a_body_means_to_the_engine_what_it_means_to_vllms_server() -> None:
     assert parse_line(line("a", chat_body), NO_DEFAULTS, None).requests[0][0] == chat_body["messages"]
 
 
-def test_command_line_options_are_the_defaults_for_fields_a_body_lacks() -> None:
-    defaults = Defaults.of(
-        temperature=0.3, top_p=0.8, max_output_len=7, n=2, stop=["END"], seed=11,
-        sampling_args={"top_k": 4, "ignore_eos": True}, constraint={"choice": ["yes", "no"]},
-    )
-    [(_, lacking)] = parse_line(line("a", chat(FRANCE)), defaults, None).requests
+def test_command_line_options_are_the_defaults_for_fields_a_body_lacks(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    defaults: dict[str, Any] = {
+        "temperature": 0.3, "top_p": 0.8, "max_output_len": 7, "n": 2, "stop": ["END"],
+        "seed": 11, "sampling_args": {"top_k": 4, "ignore_eos": True}, "choice": ["yes", "no"],
+    }
+    own = chat(FRANCE, temperature=0.9, top_p=1.0, max_completion_tokens=30, n=1, stop=[],
+               seed=3, top_k=-1, response_format={"type": "text"})
+    standin.run("org/model", [line("lacking", chat(FRANCE)), line("own", own)],
+                tmp_path / "out.jsonl", progress=False, **defaults)
+    lacking, given = (request["sampling"] for request in standin.sent)
     assert {k: lacking[k] for k in ("temperature", "top_p", "max_tokens", "n", "stop", "seed",
                                     "top_k", "ignore_eos", "structured_outputs")} == {
         "temperature": 0.3, "top_p": 0.8, "max_tokens": 7, "n": 2, "stop": ["END"], "seed": 11,
         "top_k": 4, "ignore_eos": True, "structured_outputs": {"choice": ["yes", "no"]},
     }
-    own = chat(FRANCE, temperature=0.9, top_p=1.0, max_completion_tokens=30, n=1, stop=[],
-               seed=3, top_k=-1, response_format={"type": "text"})
-    [(_, given)] = parse_line(line("a", own), defaults, None).requests
     assert (given["temperature"], given["top_p"], given["max_tokens"], given["n"]) == (0.9, 1.0, 30, 1)
     assert (given["stop"], given["seed"], given["top_k"]) == ([], 3, -1)
     assert "structured_outputs" not in given  # the body's response_format wins
     assert given["ignore_eos"] is True  # not in the body: --sampling-args still applies
 
 
-def test_without_options_a_line_gets_openais_defaults() -> None:
-    [(_, for_chat)] = parse_line(line("a", chat(FRANCE)), NO_DEFAULTS, None).requests
-    [(_, for_completion)] = parse_line(
-        line("b", {"prompt": "Once"}, COMPLETIONS), NO_DEFAULTS, None
-    ).requests
+def test_without_options_a_line_gets_openais_defaults(tmp_path: Path, standin: StandIn) -> None:
+    standin.run("org/model", [line("a", chat(FRANCE)), line("b", {"prompt": "Once"}, COMPLETIONS)],
+                tmp_path / "out.jsonl", progress=False)
+    for_chat, for_completion = (request["sampling"] for request in standin.sent)
     assert for_chat["temperature"] == for_completion["temperature"] == 1.0
     assert for_chat["top_p"] == 1.0 and for_chat["n"] == 1
     assert for_chat["max_tokens"] is None  # up to the end of the context
     assert for_completion["max_tokens"] == 16
 
 
-def test_completion_prompts_strings_token_ids_and_lists_of_them() -> None:
-    for prompt, sent in (
+def test_completion_prompts_strings_token_ids_and_lists_of_them(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    for number, (prompt, sent) in enumerate((
         ("Once", ["Once"]),
         ([5, 6, 7], [[5, 6, 7]]),
         (["One", "Two"], ["One", "Two"]),
         ([[5, 6], [7]], [[5, 6], [7]]),
-    ):
-        parsed = parse_line(line("a", {"prompt": prompt}, COMPLETIONS), NO_DEFAULTS, None)
-        assert [p for p, _ in parsed.requests] == sent
-    for prompt in ([], [{"text": "x"}], ["a", 5], None, 5):
-        with pytest.raises(_BadLine, match="body.prompt must be"):
-            parse_line(line("a", {"prompt": prompt}, COMPLETIONS), NO_DEFAULTS, None)
+    )):
+        standin.forget()
+        standin.run("org/model", [line("a", {"prompt": prompt}, COMPLETIONS)],
+                    tmp_path / f"out{number}.jsonl", progress=False)
+        assert [r["prompt"] for r in standin.sent] == sent
+    standin.forget()
+    bad = [line(f"b{k}", {"prompt": prompt}, COMPLETIONS)
+           for k, prompt in enumerate(([], [{"text": "x"}], ["a", 5], None, 5))]
+    answers = standin.run("org/model", bad, tmp_path / "bad.jsonl", progress=False)
+    for answer in answers:
+        assert answer["response"]["status_code"] == 400, answer["custom_id"]
+        assert "body.prompt must be" in answer["error"]["message"], answer["custom_id"]
+    assert standin.sent == []
 
 
 BAD_LINES = {
@@ -283,13 +280,15 @@ BAD_LINES = {
 
 
 def test_bad_lines_get_error_lines_of_their_own_and_the_rest_run(
-    tmp_path: Path, pool: StandInPool
+    tmp_path: Path, standin: StandIn
 ) -> None:
     lines = [line("first", chat(FRANCE, max_tokens=2))]
     lines += [bad for bad, _ in BAD_LINES.values()]
-    lines += [line("rejected", chat("REJECT this")), line("aborted", chat("ABORT this")),
+    # Past max_model_len, the engine refuses "rejected"; it aborts "aborted".
+    lines += [line("rejected", chat("too long " * 10)), line("aborted", chat("stop <abort> here")),
               line("last", {"prompt": "The end"}, COMPLETIONS)]
-    answers = run_openai_batch("org/model", lines, tmp_path / "out.jsonl", progress=False)
+    answers = standin.run("org/model", lines, tmp_path / "out.jsonl", max_model_len=16,
+                          progress=False)
     assert read_lines(tmp_path / "out.jsonl") == answers
     assert [a["custom_id"] for a in answers] == [item["custom_id"] for item in lines]
     found = by_id(answers)
@@ -298,58 +297,63 @@ def test_bad_lines_get_error_lines_of_their_own_and_the_rest_run(
         assert found[custom_id]["error"]["code"] == "invalid_request"
         assert message in found[custom_id]["error"]["message"], custom_id
     assert found["rejected"]["response"]["status_code"] == 400
-    assert "the prompt is too long" in found["rejected"]["error"]["message"]
+    assert "more than max_model_len 16" in found["rejected"]["error"]["message"]
     assert found["aborted"]["response"]["status_code"] == 500
     assert found["aborted"]["error"]["code"] == "server_error"
-    assert body_of(found["first"])["choices"][0]["message"]["content"] == f"re: {FRANCE[-20:]} #0"
-    assert body_of(found["last"])["choices"][0]["text"] == "re: The end #0"
+    assert body_of(found["first"])["choices"][0]["message"]["content"] == "What is #0"
+    assert body_of(found["last"])["choices"][0]["text"] == "The end #0"
     for item, answer in zip(lines, answers):
         check_format(answer, item["url"])
     # Only the good lines and the two the engine fails reached a worker.
-    assert len(pool.sent) == 4
+    assert len(standin.sent) == 4
 
 
 def test_answers_have_openais_shape_with_n_logprobs_and_several_prompts(
-    tmp_path: Path, pool: StandInPool
+    tmp_path: Path, standin: StandIn
 ) -> None:
     lines = [
-        line("chat", chat(FRANCE, n=2, max_tokens=2, logprobs=True, top_logprobs=1)),
-        line("completion", {"prompt": ["One", "Two"], "n": 2, "logprobs": 1, "max_tokens": 3},
-             COMPLETIONS),
+        line("chat", chat(FRANCE, n=2, max_tokens=2, logprobs=True, top_logprobs=2)),
+        line("completion", {"prompt": ["One two three", "Four five six"], "n": 2, "logprobs": 2,
+                            "max_tokens": 3}, COMPLETIONS),
     ]
-    answers = run_openai_batch("org/model", lines, tmp_path / "out.jsonl", progress=False)
+    answers = standin.run("org/model", lines, tmp_path / "out.jsonl", progress=False)
     chat_body, completion_body = (body_of(a) for a in answers)
     for item, answer in zip(lines, answers):
         check_format(answer, item["url"])
     assert chat_body["object"] == "chat.completion" and chat_body["model"] == "org/model"
     assert [c["index"] for c in chat_body["choices"]] == [0, 1]
     assert [c["finish_reason"] for c in chat_body["choices"]] == ["length", "length"]
-    assert chat_body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    # The prompt's six words; two tokens in each of two samples.
+    assert chat_body["usage"] == {"prompt_tokens": 6, "completion_tokens": 4, "total_tokens": 10}
     content = chat_body["choices"][0]["logprobs"]["content"]
-    assert content == [{"token": "tok", "logprob": -0.25, "bytes": list(b"tok"),
-                        "top_logprobs": [{"token": "alt", "logprob": -9999.0,
-                                          "bytes": list(b"alt")}]}] * 2
+    assert content == [{"token": token, "logprob": 0.0, "bytes": list(token.encode()),
+                        "top_logprobs": [{"token": token, "logprob": 0.0,
+                                          "bytes": list(token.encode())},
+                                         {"token": "<other1>", "logprob": -9999.0,
+                                          "bytes": list(b"<other1>")}]}
+                       for token in ("What", "is")]
     # Two prompts with n=2: choices 0-1 for the first, 2-3 for the second, as OpenAI numbers them.
     assert [c["index"] for c in completion_body["choices"]] == [0, 1, 2, 3]
     assert [c["text"] for c in completion_body["choices"]] == [
-        "re: One #0", "re: One #1", "re: Two #0", "re: Two #1"]
-    assert completion_body["usage"] == {"prompt_tokens": 10, "completion_tokens": 12,
-                                        "total_tokens": 22}
+        "One two three #0", "One two three #1", "Four five six #0", "Four five six #1"]
+    assert completion_body["usage"] == {"prompt_tokens": 6, "completion_tokens": 12,
+                                        "total_tokens": 18}
     assert completion_body["choices"][0]["logprobs"] == {
-        "tokens": ["tok"] * 3, "token_logprobs": [-0.25] * 3,
-        "top_logprobs": [{"alt": -9999.0, "tok": -0.25}] * 3, "text_offset": [0, 3, 6],
+        "tokens": ["One", "two", "three"], "token_logprobs": [0.0] * 3,
+        "top_logprobs": [{token: 0.0, "<other1>": -9999.0} for token in ("One", "two", "three")],
+        "text_offset": [0, 3, 6],
     }
     assert chat_body["id"].startswith("chatcmpl-") and completion_body["id"].startswith("cmpl-")
     assert len({a["id"] for a in answers} | {a["response"]["request_id"] for a in answers}) == 4
 
 
-def test_system_goes_in_front_of_chats_without_one(tmp_path: Path, pool: StandInPool) -> None:
+def test_system_goes_in_front_of_chats_without_one(tmp_path: Path, standin: StandIn) -> None:
     own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": FRANCE}]
     lines = [line("plain", chat(FRANCE)), line("own", {"messages": own}),
              line("completion", {"prompt": "Once"}, COMPLETIONS)]
-    run_openai_batch("org/model", lines, tmp_path / "out.jsonl", system="Answer in French.",
-                     progress=False)
-    prompts = [request.prompt for request in pool.sent]
+    standin.run("org/model", lines, tmp_path / "out.jsonl", system="Answer in French.",
+                progress=False)
+    prompts = [request["prompt"] for request in standin.sent]
     assert prompts == [
         [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": FRANCE}],
         own,
@@ -361,21 +365,21 @@ def test_system_goes_in_front_of_chats_without_one(tmp_path: Path, pool: StandIn
 
 
 def test_a_rerun_keeps_answered_lines_and_runs_the_rest_in_input_order(
-    tmp_path: Path, pool: StandInPool
+    tmp_path: Path, standin: StandIn
 ) -> None:
     lines = [line(f"q{i}", chat(f"question {i}", max_tokens=2)) for i in range(5)]
     output = tmp_path / "out.jsonl"
-    first = run_openai_batch("org/model", lines, output, progress=False)
+    first = standin.run("org/model", lines, output, progress=False)
     kept = {item["custom_id"]: json.dumps(item) for item in first}
     # q3 failed last time, q1 and q4 were never written, and the file ends in a line cut short.
-    failed = _openai_batch.error_line("q3", 500, "the worker died")
+    failed = error_line("q3", 500, "the worker died")
     output.write_text(
         "".join(kept[c] + "\n" for c in ("q2", "q0")) + json.dumps(failed) + "\n" + kept["q4"][:30],
         encoding="utf-8",
     )
-    pool.sent.clear()
-    answers = run_openai_batch("org/model", lines, output, progress=False)
-    assert sorted(r.prompt[-1]["content"] for r in pool.sent) == [
+    standin.forget()
+    answers = standin.run("org/model", lines, output, progress=False)
+    assert sorted(r["prompt"][-1]["content"] for r in standin.sent) == [
         "question 1", "question 3", "question 4"]
     assert [a["custom_id"] for a in answers] == ["q0", "q1", "q2", "q3", "q4"]
     assert [json.dumps(a) for a in answers[::2][:2]] == [kept["q0"], kept["q2"]]
@@ -383,117 +387,119 @@ def test_a_rerun_keeps_answered_lines_and_runs_the_rest_in_input_order(
     assert all(a["response"]["status_code"] == 200 for a in answers)
 
 
-def test_a_rerun_with_nothing_left_starts_no_worker(
-    tmp_path: Path, pool: StandInPool, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_rerun_with_nothing_left_starts_no_worker(tmp_path: Path, standin: StandIn) -> None:
     source = write_lines(tmp_path / "in.jsonl", [line("a", chat(FRANCE)),
                                                  line("b", {"prompt": "x"}, COMPLETIONS)])
     output = tmp_path / "out.jsonl"
     args = ["generate", str(source), "-o", str(output), "--model", "org/model", "--format",
-            "openai", "--no-progress"]
+            "openai", "--engine-kind", "standin", "--no-progress"]
     assert cli.main(args) == 0
     before = output.read_bytes()
-    no_workers(monkeypatch)
+    started = standin.started
     assert cli.main(args) == 0
+    assert standin.started == started  # no worker this time
     assert output.read_bytes() == before
 
 
-def test_a_line_whose_url_changed_is_answered_again(tmp_path: Path, pool: StandInPool) -> None:
+def test_a_line_whose_url_changed_is_answered_again(tmp_path: Path, standin: StandIn) -> None:
     output = tmp_path / "out.jsonl"
-    run_openai_batch("org/model", [line("a", {"prompt": "x"}, COMPLETIONS)], output,
-                     progress=False)
-    answers = run_openai_batch("org/model", [line("a", chat("x"))], output, progress=False)
+    standin.run("org/model", [line("a", {"prompt": "x"}, COMPLETIONS)], output, progress=False)
+    answers = standin.run("org/model", [line("a", chat("x"))], output, progress=False)
     assert body_of(answers[0])["object"] == "chat.completion"
-    assert len(pool.sent) == 2
+    assert len(standin.sent) == 2
 
 
-def test_custom_ids_must_be_there_and_unique(tmp_path: Path, no_workers: None) -> None:
+def test_custom_ids_must_be_there_and_unique(tmp_path: Path, standin: StandIn) -> None:
     output = tmp_path / "out.jsonl"
     with pytest.raises(ValueError, match="request 2 of the input .* repeats the custom_id 'a' of "
                        "request 1; custom_ids must be unique"):
-        run_openai_batch("org/model", [line("a", chat("x")), line("a", chat("y"))], output)
+        standin.run("org/model", [line("a", chat("x")), line("a", chat("y"))], output)
     for custom_id in (None, 5):
         item = line("b", chat("y"))
         item["custom_id"] = custom_id
         with pytest.raises(ValueError, match=f"request 2 of the input .* has no custom_id string "
                            f"\\(got {custom_id}\\)"):
-            run_openai_batch("org/model", [line("a", chat("x")), item], output)
+            standin.run("org/model", [line("a", chat("x")), item], output)
     assert not output.exists()
+    assert standin.started == 0
 
 
-def test_an_output_line_of_another_input_is_refused(tmp_path: Path, no_workers: None) -> None:
+def test_an_output_line_of_another_input_is_refused(tmp_path: Path, standin: StandIn) -> None:
     output = tmp_path / "out.jsonl"
-    stranger = _openai_batch.answer_line("someone-else", {"object": "chat.completion"})
+    stranger = answer_line("someone-else", {"object": "chat.completion"})
     output.write_text(json.dumps(stranger) + "\n", encoding="utf-8")
     before = output.read_bytes()
     with pytest.raises(ValueError, match="out.jsonl line 1 \\(custom_id 'someone-else'\\) does "
                        "not belong to this input"):
-        run_openai_batch("org/model", [line("a", chat("x"))], output)
+        standin.run("org/model", [line("a", chat("x"))], output)
     assert output.read_bytes() == before
     assert not output.with_name("out.jsonl.lock").exists()
+    assert standin.started == 0
 
 
 def test_answers_of_another_model_stop_the_run_unless_told(
-    tmp_path: Path, pool: StandInPool
+    tmp_path: Path, standin: StandIn
 ) -> None:
     lines = [line("a", chat("x")), line("b", chat("y"))]
     output = tmp_path / "out.jsonl"
-    run_openai_batch("org/old-model", lines, output, progress=False)
+    standin.run("org/old-model", lines, output, progress=False)
     before = output.read_bytes()
     with pytest.raises(ValueError, match="holds answers to 2 requests made by another model "
                        "\\(org/old-model\\), not org/model .*--on-mismatch redo"):
-        run_openai_batch("org/model", lines, output, progress=False)
+        standin.run("org/model", lines, output, progress=False)
     assert output.read_bytes() == before
-    kept = run_openai_batch("org/model", lines, output, on_mismatch="keep", progress=False)
-    assert {body_of(a)["model"] for a in kept} == {"org/old-model"} and len(pool.sent) == 2
-    redone = run_openai_batch("org/model", lines, output, on_mismatch="redo", progress=False)
-    assert {body_of(a)["model"] for a in redone} == {"org/model"} and len(pool.sent) == 4
+    kept = standin.run("org/model", lines, output, on_mismatch="keep", progress=False)
+    assert {body_of(a)["model"] for a in kept} == {"org/old-model"} and len(standin.sent) == 2
+    redone = standin.run("org/model", lines, output, on_mismatch="redo", progress=False)
+    assert {body_of(a)["model"] for a in redone} == {"org/model"} and len(standin.sent) == 4
 
 
 def test_answers_to_other_requests_stop_the_run_unless_told(
-    tmp_path: Path, pool: StandInPool
+    tmp_path: Path, standin: StandIn
 ) -> None:
     lines = [line("a", chat("x")), line("b", chat("y", max_tokens=2))]
     output = tmp_path / "out.jsonl"
-    run_openai_batch("org/model", lines, output, progress=False)
+    standin.run("org/model", lines, output, progress=False)
     before = output.read_bytes()
     # A default only changes the lines whose body lacks the field.
     with pytest.raises(ValueError, match="holds answers to 1 requests that differ from this "
                        "run's \\(custom_ids 'a'\\): their system_fingerprint.*--on-mismatch redo"):
-        run_openai_batch("org/model", lines, output, max_output_len=5, progress=False)
+        standin.run("org/model", lines, output, max_output_len=5, progress=False)
     with pytest.raises(ValueError, match="2 requests that differ .*'a', 'b'"):
-        run_openai_batch("org/model", lines, output, system="Be brief.", progress=False)
-    assert output.read_bytes() == before and len(pool.sent) == 2
-    kept = run_openai_batch("org/model", lines, output, system="Be brief.", on_mismatch="keep",
-                            progress=False)
-    assert [json.dumps(a) for a in kept] == before.decode().splitlines() and len(pool.sent) == 2
-    redone = run_openai_batch("org/model", lines, output, max_output_len=5, on_mismatch="redo",
-                              progress=False)
-    assert [r.prompt[-1]["content"] for r in pool.sent[2:]] == ["x"]
-    assert pool.sent[2].sampling["max_tokens"] == 5
+        standin.run("org/model", lines, output, system="Be brief.", progress=False)
+    assert output.read_bytes() == before and len(standin.sent) == 2
+    kept = standin.run("org/model", lines, output, system="Be brief.", on_mismatch="keep",
+                       progress=False)
+    assert [json.dumps(a) for a in kept] == before.decode().splitlines() and len(standin.sent) == 2
+    redone = standin.run("org/model", lines, output, max_output_len=5, on_mismatch="redo",
+                         progress=False)
+    assert [r["prompt"][-1]["content"] for r in standin.sent[2:]] == ["x"]
+    assert standin.sent[2]["sampling"]["max_tokens"] == 5
     assert redone[1] == kept[1] and redone[0] != kept[0]
     # And the new answer is kept by a run with the same settings.
-    assert run_openai_batch("org/model", lines, output, max_output_len=5, progress=False) == redone
-    assert len(pool.sent) == 3
+    assert standin.run("org/model", lines, output, max_output_len=5, progress=False) == redone
+    assert len(standin.sent) == 3
 
 
-def test_a_second_run_on_the_same_output_fails_at_once(tmp_path: Path, no_workers: None) -> None:
+def test_a_second_run_on_the_same_output_fails_at_once(tmp_path: Path, standin: StandIn) -> None:
     output = tmp_path / "out.jsonl"
-    holder = ResumableFile(output)
-    holder.open(lambda record, number: 0)
+    # Another run holds the output: its lock file (docs/batch.md, "One run at a time").
+    holder = os.open(output.with_name("out.jsonl.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_EX)
     try:
         with pytest.raises(VLLMServiceError, match="is in use by another run"):
-            run_openai_batch("org/model", [line("a", chat("x"))], output)
+            standin.run("org/model", [line("a", chat("x"))], output)
     finally:
-        holder.close(rewrite=False)
+        os.close(holder)
+    assert standin.started == 0
 
 
 def test_the_command_line_refuses_options_of_the_jsonl_format(
-    tmp_path: Path, no_workers: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, standin: StandIn, capsys: pytest.CaptureFixture[str]
 ) -> None:
     source = write_lines(tmp_path / "in.jsonl", [line("a", chat(FRANCE))])
     base = ["generate", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", "org/model",
-            "--format", "openai"]
+            "--format", "openai", "--engine-kind", "standin"]
     for extra, message in (
         (["--result-key", "answer", "--index-key", "i"],
          "--result-key, --index-key cannot be used with --format openai"),
@@ -510,6 +516,7 @@ def test_the_command_line_refuses_options_of_the_jsonl_format(
     assert cli.main([*base[:1], str(duplicated), *base[2:]]) == 2
     assert "custom_ids must be unique" in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+    assert standin.started == 0
 
 
 # ----- the real engine: our command line and vLLM's run_batch on the same lines -----
@@ -668,14 +675,14 @@ def test_vllm_run_batch_answers_the_same_lines_as_we_do(
 
 
 def test_a_rerun_of_a_real_output_sends_only_its_failed_lines(
-    cli_run: dict[str, Any], demo_model: Path, tmp_path: Path, pool: StandInPool
+    cli_run: dict[str, Any], demo_model: Path, tmp_path: Path, standin: StandIn
 ) -> None:
     output = tmp_path / "out.jsonl"
     output.write_bytes(cli_run["output"].read_bytes())
     before = by_id(read_lines(output))
-    answers = run_openai_batch(str(demo_model), copy.deepcopy(FULL_INPUT), output, progress=False)
+    answers = standin.run(str(demo_model), copy.deepcopy(FULL_INPUT), output, progress=False)
     # Of the failed lines only "too-long" reaches a worker: the others fail before one.
-    assert [r.prompt[-1]["content"][:10] for r in pool.sent] == ["word word "]
+    assert [r["prompt"][-1]["content"][:10] for r in standin.sent] == ["word word "]
     for answer in answers:
         if answer["custom_id"] not in FAILING:
             assert answer == before[answer["custom_id"]]
@@ -683,7 +690,7 @@ def test_a_rerun_of_a_real_output_sends_only_its_failed_lines(
 
 
 def test_a_real_output_rerun_with_other_options_names_the_lines_they_change(
-    cli_run: dict[str, Any], demo_model: Path, tmp_path: Path, pool: StandInPool
+    cli_run: dict[str, Any], demo_model: Path, tmp_path: Path, standin: StandIn
 ) -> None:
     output = tmp_path / "out.jsonl"
     output.write_bytes(cli_run["output"].read_bytes())
@@ -695,13 +702,14 @@ def test_a_real_output_rerun_with_other_options_names_the_lines_they_change(
                                   "'greedy', 'short', 'two', 'logprobs', 'json'\\)"),
     ):
         with pytest.raises(ValueError, match=changed):
-            run_openai_batch(str(demo_model), copy.deepcopy(FULL_INPUT), output, progress=False,
-                             **options)
-        assert output.read_bytes() == before and not pool.sent
-    answers = run_openai_batch(str(demo_model), copy.deepcopy(FULL_INPUT), output,
-                               max_output_len=7, on_mismatch="redo", progress=False)
-    assert sorted(str(r.prompt)[:16] for r in pool.sent) == ["Once upon a time", "[{'role': 'user'"]
-    assert pool.sent[0].sampling["max_tokens"] == 7 or pool.sent[1].sampling["max_tokens"] == 7
+            standin.run(str(demo_model), copy.deepcopy(FULL_INPUT), output, progress=False,
+                        **options)
+        assert output.read_bytes() == before and not standin.sent
+    answers = standin.run(str(demo_model), copy.deepcopy(FULL_INPUT), output,
+                          max_output_len=7, on_mismatch="redo", progress=False)
+    sent = standin.sent
+    assert sorted(str(r["prompt"])[:16] for r in sent) == ["Once upon a time", "[{'role': 'user'"]
+    assert sent[0]["sampling"]["max_tokens"] == 7 or sent[1]["sampling"]["max_tokens"] == 7
     old = by_id(read_lines(cli_run["output"]))
     for custom_id, answer in by_id(answers).items():
         if custom_id not in FAILING | {"completion-default"}:
