@@ -469,7 +469,8 @@ class StandInWorkers:
     one per start, or such a list per worker slot, keyed by the slot's CPU binding
     (:func:`binding`). A fate is None (works), ``"fail_start"`` (never starts),
     ``{"answers": N, "then": "die"}`` (answers N requests in all, then is killed) or
-    ``{"answers": N, "then": "hang"}`` (answers N requests, then none until stopped). A prompt
+    ``{"answers": N, "then": "hang"}`` (answers N requests, then none until stopped), any of
+    them with ``"ready_when": PATH`` (its start ends once that file exists). A prompt
     holding ``<die>`` kills any worker it is sent to, with every request of its chunk.
     ``started`` and ``sent`` are what the workers recorded (``STANDIN_CALLS``); each answer is
     its prompt's echo and the sample's number, ``"p1 #0"``.
@@ -676,12 +677,25 @@ def test_two_workers_that_cannot_start_stop_the_run(workers: StandInWorkers) -> 
 
 @two_cores
 def test_a_replacement_that_cannot_start_ends_only_its_slot(
-    workers: StandInWorkers, caplog: pytest.LogCaptureFixture
+    workers: StandInWorkers, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
-    # The worker of slot 0 dies after one answer and its replacement fails to load.
-    workers.fates = {binding(0): [dies_after(1), "fail_start"]}
+    # The worker of slot 0 dies after one answer and its replacement fails to load. Slot 1's
+    # worker is ready only once slot 0's has its first chunk (else it may run them all first).
+    release = tmp_path / "slot-0-has-work"
+    workers.fates = {binding(0): [dies_after(1), "fail_start"],
+                     binding(1): [{"ready_when": str(release)}]}
+
+    def release_once_slot_0_has_work() -> None:
+        deadline = time.monotonic() + 30
+        while not workers.sent() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.touch()
+
+    releaser = threading.Thread(target=release_once_slot_0_has_work)
+    releaser.start()
     results = workers.generate("org/model", prompts(8), worker_num=2, chunk_size=2,
                                progress=False)
+    releaser.join()
     assert [r["results"] for r in results] == [f"p{i} #0" for i in range(8)]
     assert len(workers.started) == 3
     assert "batch worker 0 could not start; the others go on" in caplog.text

@@ -33,7 +33,9 @@ or torch (docs/testing.md). It imports neither.
   as a model that does not load), ``{"answers": N, "then": "die"}`` (it answers ``N``
   requests, then the step that would finish another kills it) or ``{"answers": N, "then":
   "hang"}`` (it answers ``N`` requests, and those after never finish, though the worker still
-  reads the pipe: it stops when told). A missing file, or an empty list, means no fate.
+  reads the pipe: it stops when told). A fate given as an object may also hold
+  ``"ready_when": PATH``: the start (a slow load) ends only once that file exists, so a test
+  can order the workers' starts. A missing file, or an empty list, means no fate.
 - ``add`` rejects an empty prompt and one of more words than ``max_model_len``: the request
   fails alone (``finish_reason="error"``).
 - ``update_weights`` from a folder named ``rejected`` raises :class:`WeightsRejected`, from
@@ -108,8 +110,11 @@ class StandInEngine:
                 engine_stall_seconds=config.engine_stall_seconds, fate=fate)
         if fate == "fail_start":
             raise RuntimeError("the model failed to load (the stand-in's fate, standin_fates)")
-        self._answers: int | None = None if fate is None else fate["answers"]
-        self._then: str | None = None if fate is None else fate["then"]
+        fate = fate or {}
+        if "ready_when" in fate:
+            _wait_for(fate["ready_when"])
+        self._answers: int | None = fate.get("answers")
+        self._then: str | None = fate.get("then")
         self._answered = 0
         self._doomed = False  # its fate is to die: at the next step
 
@@ -307,15 +312,24 @@ def _take_fate(path: str | None, binding: str) -> Any:
         return fate
     if (
         not isinstance(fate, dict)
-        or set(fate) != {"answers", "then"}
-        or not isinstance(fate["answers"], int)
-        or fate["then"] not in ("die", "hang")
+        or not set(fate) <= {"answers", "then", "ready_when"}
+        or ("answers" in fate) != ("then" in fate)
+        or ("answers" in fate and not isinstance(fate["answers"], int))
+        or fate.get("then", "die") not in ("die", "hang")
     ):
         raise ValueError(
             f"standin_fates: a fate is null, \"fail_start\" or {{\"answers\": N, \"then\": "
-            f"\"die\" | \"hang\"}}, got {fate!r}"
+            f"\"die\" | \"hang\", \"ready_when\": PATH}} (each pair optional), got {fate!r}"
         )
     return fate
+
+
+def _wait_for(path: str) -> None:
+    """Block until ``path`` exists: at most ``STALL_SECONDS``, and not past the parent's end."""
+    parent = os.getppid()
+    deadline = time.monotonic() + STALL_SECONDS
+    while not os.path.exists(path) and time.monotonic() < deadline and os.getppid() == parent:
+        time.sleep(0.01)
 
 
 def _record(call: str, **details: Any) -> None:
