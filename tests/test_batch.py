@@ -31,6 +31,7 @@ from _reference_engine import ReferenceEngine
 from pydantic import BaseModel
 
 from vllm_service import WorkerStartError, generate
+
 # The three runs on the real engine watch (and kill, or stop) the real worker processes as
 # their chunks reach them: nothing public tells when a worker is sent a chunk.
 from vllm_service._batch import local_pool as _batch_local

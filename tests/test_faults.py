@@ -35,6 +35,7 @@ from vllm_service import (
     WorkerDiedError,
     WorkerStartError,
 )
+
 # Fault injection: the log pruning raced by 800 log names at once, and a request sent past the
 # call's checks (the service refuses it at the call by design).
 from vllm_service._worker import folders as _worker_folders

@@ -24,6 +24,7 @@ import openai.types.chat
 import pytest
 
 from vllm_service import cli, generate_openai_batch
+
 # White-box: a line's sampling as the format reads it, turned into vLLM's SamplingParams by the
 # local engine, compared field by field with vLLM's own (in this process: what crosses to a
 # worker is pickled, and the stand-in's record of it is JSON, which changes types).
@@ -174,7 +175,7 @@ def test_a_body_means_to_the_engine_what_it_means_to_vllms_server() -> None:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
     from vllm.sampling_params import SamplingParams
 
-    from vllm_service._engines.local import sampling_params
+    from vllm_service._worker.engines.local import sampling_params
 
     chat_body = chat(
         FRANCE, temperature=0.3, top_p=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1,

@@ -693,7 +693,7 @@ def test_keep_alive_hold_and_unload_in_remote_mode(
 
 def test_engine_samples_n_and_aborts(server: VLLMServer) -> None:
     """The worker's engine itself: n samples with their own token counts, and abort."""
-    from vllm_service._engines.remote import RemoteEngine
+    from vllm_service._worker.engines.remote import RemoteEngine
     from vllm_service._worker.protocol import Request, WorkerConfig
 
     config = WorkerConfig(mode="remote", model=server.model, api_url=server.url, api_key=API_KEY)

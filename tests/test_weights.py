@@ -407,7 +407,7 @@ def test_the_rl_loop_example_keeps_the_engine_in_step_with_the_trainer(
     ],
 )
 def test_tensor_parallel_ranks_that_disagree_count_as_broken(answers: list[Any], outcome: str) -> None:
-    from vllm_service._engines.local import weights_outcome
+    from vllm_service._worker.engines.local import weights_outcome
 
     kind, message = weights_outcome(answers)
     assert kind == outcome

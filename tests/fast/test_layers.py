@@ -6,13 +6,13 @@ every import counts, also one inside a function:
     public    vllm_service (__init__), __main__, service, async_service, batch, cli, testing
     caller    _client/*, _batch/*: neither imports the other
     worker    _worker/* but protocol.py (main.py is the worker process's loop)
-    engines   _engines/*: they run in the worker process only
+    engines   _worker/engines/*: they run in the worker process only
     protocol  _worker/protocol.py: the messages that cross the pipe
     base      _common/*, settings, types, errors, demo_model
 
 Beside the layers:
 
-- The engines stay in the worker process. Only ``_worker/main.py`` imports ``_engines``, and
+- The engines stay in the worker process. Only ``_worker/main.py`` imports ``engines``, and
   only ``_worker/handle.py`` imports ``main``, inside the function the spawned process runs:
   the parent loads neither. No module the parent loads imports vllm or torch at import time.
 - No import cycles between the package's modules.
@@ -162,10 +162,10 @@ def layer(module: str) -> str | None:
         return "caller"
     if parts == ["_worker", "protocol"]:
         return "protocol"
+    if parts[:2] == ["_worker", "engines"]:
+        return "engines"
     if top == "_worker":
         return "worker"
-    if top == "_engines":
-        return "engines"
     if top == "_common" or top in LEAVES:
         return "base"
     return None
@@ -316,13 +316,13 @@ PLANTED = {
         "import torch\n"  # at import time, in the parent
     ),
     "_batch/__init__.py": "",
-    "_batch/output.py": "from .._engines.local import LocalEngine\n",  # engines, not main
+    "_batch/output.py": "from .._worker.engines.local import LocalEngine\n",  # not main
     "_batch/schedule.py": "from .._client import calls\n",  # the caller's other half
     "_worker/__init__.py": "",
     "_worker/handle.py": "from .main import run_worker\n",  # the loop at import time
-    "_worker/main.py": "def make():\n    from .._engines.local import LocalEngine\n",
-    "_engines/__init__.py": "",
-    "_engines/local.py": "import vllm\nfrom ..types import Sample\n",  # all allowed
+    "_worker/main.py": "def make():\n    from .engines.local import LocalEngine\n",
+    "_worker/engines/__init__.py": "",
+    "_worker/engines/local.py": "import vllm\nfrom ...types import Sample\n",  # all allowed
     "_extra.py": "",  # in no layer
 }
 

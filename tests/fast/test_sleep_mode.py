@@ -11,17 +11,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-
-from collections.abc import Callable
 
 import pytest
 from _waiting import wait_until
 
 from vllm_service import ServiceStatus, VLLMInferenceService, VLLMSettings
+
 # White-box: the vLLM calls LocalEngine makes, which only a GPU machine could run for real.
-from vllm_service._engines.local import LocalEngine
+from vllm_service._worker.engines.local import LocalEngine
 from vllm_service.testing import visible_gpus
 
 Calls = Callable[..., list[dict[str, Any]]]

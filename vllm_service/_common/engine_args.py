@@ -14,7 +14,7 @@ from typing import Any
 from .machine import GiB, cpu_dtype, cpu_kv_cache_bytes
 
 # Mixed into vLLM's worker class: it loads new weights next to the model (update_weights).
-WEIGHT_LOADER = "vllm_service._engines.weight_loader.WeightLoader"
+WEIGHT_LOADER = "vllm_service._worker.engines.weight_loader.WeightLoader"
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # from, up to but not including
 

@@ -22,7 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from .._engines.contract import Engine, WeightsRejected
+from .engines.contract import Engine, WeightsRejected
 from .processes import engine_created, remove_files, shared_memory_files, shm_snapshot
 from .protocol import (
     EXIT_ENGINE_DIED,
@@ -325,15 +325,15 @@ def make_engine(config: WorkerConfig) -> Engine:
     """The engine for ``config.mode`` and ``config.engine_kind``; imports vLLM or openai only
     in the worker process."""
     if config.mode == "local" and config.engine_kind == "standin":
-        from .._engines.standin import StandInEngine
+        from .engines.standin import StandInEngine
 
         return StandInEngine(config)
     if config.mode == "local":
-        from .._engines.local import LocalEngine
+        from .engines.local import LocalEngine
 
         return LocalEngine(config)
     if config.mode == "remote":
-        from .._engines.remote import RemoteEngine
+        from .engines.remote import RemoteEngine
 
         return RemoteEngine(config)
     raise ValueError(f"unknown worker mode {config.mode!r}")

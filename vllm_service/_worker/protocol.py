@@ -43,7 +43,7 @@ class WorkerConfig:
 
     mode: Literal["local", "remote"]
     model: str
-    # Local mode: "standin" runs the test engine of _engines/standin.py instead of vLLM.
+    # Local mode: "standin" runs the test engine of engines/standin.py instead of vLLM.
     engine_kind: Literal["vllm", "standin"] = "vllm"
     engine_args: dict[str, Any] = field(default_factory=dict)
     environment: dict[str, str] = field(default_factory=dict)

@@ -60,8 +60,8 @@ import zlib
 from dataclasses import dataclass
 from typing import Any
 
-from .._worker.protocol import Delta, Finished, Request, WorkerConfig
-from ..types import Sample, TokenLogprobs, TopLogprob
+from ...types import Sample, TokenLogprobs, TopLogprob
+from ..protocol import Delta, Finished, Request, WorkerConfig
 from .contract import WeightsBroken, WeightsRejected
 
 STALL_WORD = "<stall>"
@@ -86,7 +86,7 @@ class _Running:
 
 
 class StandInEngine:
-    """An :class:`~vllm_service._engines.contract.Engine` that echoes prompts (see the module)."""
+    """An :class:`~vllm_service._worker.engines.contract.Engine` that echoes prompts (see the module)."""
 
     def __init__(self, config: WorkerConfig) -> None:
         args = config.engine_args

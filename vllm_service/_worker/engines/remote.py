@@ -30,10 +30,10 @@ from typing import Any, TypeVar
 
 import openai
 
-from .._common.vllm_server import api_base_url, pick_served_model, split_sampling
-from .._worker.protocol import Delta, Finished, Request, WorkerConfig
-from ..errors import RemoteServerError
-from ..types import Sample, TokenLogprobs, TopLogprob
+from ..._common.vllm_server import api_base_url, pick_served_model, split_sampling
+from ...errors import RemoteServerError
+from ...types import Sample, TokenLogprobs, TopLogprob
+from ..protocol import Delta, Finished, Request, WorkerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -18,12 +18,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from .._common.engine_args import WEIGHT_LOADER, adapt_engine_args, check_vllm_version
-from .._common.lora import ZERO_ADAPTER_NAME, write_zero_adapter
-from .._common.machine import cpu_weight_update_problem
-from .._common.media import fetched, needs_fetching
-from .._worker.protocol import Delta, Finished, Request, WorkerConfig
-from ..types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
+from ..._common.engine_args import WEIGHT_LOADER, adapt_engine_args, check_vllm_version
+from ..._common.lora import ZERO_ADAPTER_NAME, write_zero_adapter
+from ..._common.machine import cpu_weight_update_problem
+from ..._common.media import fetched, needs_fetching
+from ...types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
+from ..protocol import Delta, Finished, Request, WorkerConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from .._worker.protocol import Delta, Finished, Request
+from ..protocol import Delta, Finished, Request
 
 
 class Engine(Protocol):
