@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ._batch.arguments import check_arguments, engine_spec, worker_pool
+from ._batch.arguments import check_arguments, batch_engine_spec, worker_pool
 from ._batch.output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
 from ._batch.schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 from ._common.inputs import lone_surrogate
@@ -142,7 +142,7 @@ def generate(
     problem = lone_surrogate(system)
     if problem is not None:
         raise ValueError(f"system holds {problem}; fix it in the input")
-    spec = engine_spec(
+    spec = batch_engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {}, engine_stall_seconds, engine_kind,
     )

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from .._worker.config import base_engine_args
 from .._worker.protocol import WorkerConfig
 from ..settings import ENGINE_STALL_SECONDS, resolved_model
-from .local_pool import EngineSpec, Host, LocalWorkers, worker_configs
+from .local_pool import EngineSpec, Host, LocalWorkers, placed_worker_configs
 from .schedule import WorkerPool
 
 
@@ -29,7 +29,7 @@ def worker_pool(
     ``ray_address``. The pool is made only once there is work for it.
     """
     if ray_address is None:
-        configs = worker_configs(spec, worker_num, Host.this_machine(), gpu_assignments)
+        configs = placed_worker_configs(spec, worker_num, Host.this_machine(), gpu_assignments)
         return lambda: LocalWorkers(configs, startup_timeout)
     if gpu_assignments is not None:
         raise ValueError(
@@ -70,7 +70,7 @@ def check_arguments(
         raise ValueError(f"pp={pp} (pipeline parallelism) needs worker_num=1, got {worker_num}")
 
 
-def engine_spec(
+def batch_engine_spec(
     model_id: str,
     tp: int,
     pp: int,
@@ -123,8 +123,8 @@ def batch_worker_configs(
 
     Raises ``ValueError`` for a placement the machine cannot give, as ``generate()`` would.
     """
-    spec = engine_spec(
+    spec = batch_engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {},
     )
-    return worker_configs(spec, worker_num, Host.this_machine(gpus, cores), gpu_assignments)
+    return placed_worker_configs(spec, worker_num, Host.this_machine(gpus, cores), gpu_assignments)

@@ -70,7 +70,7 @@ class Host:
         )
 
 
-def worker_configs(
+def placed_worker_configs(
     spec: EngineSpec,
     worker_num: int,
     host: Host,

@@ -41,7 +41,7 @@ from .._common.media import media_problem
 from .._worker.protocol import Finished
 from ..settings import ENGINE_STALL_SECONDS, resolved_model
 from ..types import GenerationParams, Sample, TokenLogprobs
-from .arguments import check_arguments, engine_spec, worker_pool
+from .arguments import check_arguments, batch_engine_spec, worker_pool
 from .output import ResumableFile, _some, fingerprint, weights_identity
 from .schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 
@@ -148,7 +148,7 @@ def generate_openai_batch(
             json_schema=json_schema, regex=regex, choice=choice, grammar=grammar
         ).structured_output(),
     )
-    spec = engine_spec(
+    spec = batch_engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {}, engine_stall_seconds, engine_kind,
     )

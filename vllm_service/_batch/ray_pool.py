@@ -33,7 +33,7 @@ from .._worker.handle import WorkerHandle, WorkerUnavailable, remaining
 from .._worker.keep_alive import KeepAlive
 from .._worker.protocol import Finished, Request, WorkerConfig
 from ..errors import ServiceShutdownError, VLLMServiceError, WorkerDiedError, WorkerStartError
-from .local_pool import EngineSpec, Host, describe, worker_configs
+from .local_pool import EngineSpec, Host, describe, placed_worker_configs
 from .placement import forwarded_environment
 from .schedule import WorkerGone
 
@@ -186,9 +186,9 @@ class RayWorkers:
             self.machines[slot] = (node, address, host)
             neighbours = sorted(s for s, (_, a, _) in self.machines.items() if a == address)
         if host.gpus:
-            config = worker_configs(self.spec, 1, host)[0]
+            config = placed_worker_configs(self.spec, 1, host)[0]
         else:
-            config = worker_configs(self.spec, len(neighbours), host)[neighbours.index(slot)]
+            config = placed_worker_configs(self.spec, len(neighbours), host)[neighbours.index(slot)]
         logger.info(
             "batch worker %d: Ray actor on node %s (%s), %s", slot, node[:12], address,
             describe(config),
