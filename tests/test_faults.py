@@ -513,6 +513,12 @@ def test_a_stream_collected_while_the_worker_lock_is_held_does_not_deadlock(
 # ----- 4. fork -----
 
 
+# The fork programs run beside the module's other engines (four at once at times): each of
+# their engines takes a small KV cache, not 15 % of free memory, so that the last to start
+# still finds the 1 GiB minimum free (a child's start once failed for want of it).
+SMALL_KV = {"kv_cache_memory_bytes": 256 << 20}
+
+
 @pytest.fixture(scope="module", autouse=True)
 def fork_run(
     demo_model: Path, tmp_path_factory: pytest.TempPathFactory
@@ -525,8 +531,8 @@ def fork_run(
         import json, os, sys
         from vllm_service import VLLMInferenceService, VLLMSettings
         if __name__ == "__main__":
-            service = VLLMInferenceService(
-                VLLMSettings(model_path={str(demo_model)!r}, max_model_len=1024))
+            service = VLLMInferenceService(VLLMSettings(  # its engines take SMALL_KV
+                model_path={str(demo_model)!r}, max_model_len=1024, engine_args={SMALL_KV!r}))
             service.warmup()
             parent_worker = service.status().pid
             child = os.fork()
@@ -583,8 +589,9 @@ def fork_kill_run(
         import json, os, sys, threading, time
         from vllm_service import VLLMInferenceService, VLLMSettings
         if __name__ == "__main__":
-            service = VLLMInferenceService(VLLMSettings(
-                model_path={str(demo_model)!r}, max_model_len=1024, dtype="float32"))
+            service = VLLMInferenceService(VLLMSettings(  # its engines take SMALL_KV
+                model_path={str(demo_model)!r}, max_model_len=1024, dtype="float32",
+                engine_args={SMALL_KV!r}))
             service.warmup()
             worker = service.status().pid
             # Long enough to be running at the fork (2 s on), short enough not to load the
