@@ -28,6 +28,7 @@ from typing import Any
 
 import pytest
 from _reference_engine import ReferenceEngine
+from _standin_calls import standin_calls
 from pydantic import BaseModel
 
 from vllm_service import WorkerStartError, generate
@@ -498,10 +499,7 @@ class StandInWorkers:
         self.fates_path.write_text(json.dumps(fates))
 
     def calls(self, kind: str) -> list[dict[str, Any]]:
-        if not self.calls_path.exists():
-            return []
-        lines = [json.loads(line) for line in self.calls_path.read_text().split("\n")[:-1]]
-        return [line for line in lines if line["call"] == kind]
+        return standin_calls(self.calls_path, kind)
 
     @property
     def started(self) -> list[dict[str, Any]]:

@@ -22,6 +22,7 @@ from typing import Any
 import openai.types
 import openai.types.chat
 import pytest
+from _standin_calls import standin_calls
 
 from vllm_service import cli, generate_openai_batch
 
@@ -123,10 +124,7 @@ class StandIn:
         )
 
     def _calls(self, kind: str) -> list[dict[str, Any]]:
-        if not self.calls_path.exists():
-            return []
-        lines = [json.loads(line) for line in self.calls_path.read_text().split("\n")[:-1]]
-        return [line for line in lines if line["call"] == kind]
+        return standin_calls(self.calls_path, kind)
 
     @property
     def sent(self) -> list[dict[str, Any]]:
