@@ -528,7 +528,7 @@ def fork_run(
     folder = tmp_path_factory.mktemp("fork")
     script = textwrap.dedent(
         f"""
-        import json, os, sys
+        import json, os, sys, traceback
         from vllm_service import VLLMInferenceService, VLLMSettings
         if __name__ == "__main__":
             service = VLLMInferenceService(VLLMSettings(  # its engines take SMALL_KV
@@ -538,7 +538,11 @@ def fork_run(
             child = os.fork()
             if child == 0:  # the child: a normal exit, atexit hooks and all
                 before = service.status()
-                answer = service.generate({PROMPT!r}, temperature=0, max_tokens=4).text
+                try:
+                    answer = service.generate({PROMPT!r}, temperature=0, max_tokens=4).text
+                except Exception:  # said on stdout, where the test reads the child's line
+                    print(json.dumps({{"child_error": traceback.format_exc()}}), flush=True)
+                    sys.exit(1)
                 print(json.dumps({{"state": before.state, "pid": before.pid,
                                   "own_worker": service.status().pid, "answer": answer}}),
                       flush=True)
@@ -568,7 +572,10 @@ def test_a_forked_child_gets_a_worker_of_its_own_and_never_touches_the_parents(
     returncode = fork_run["process"].wait(timeout=400)
     stdout, stderr = ((fork_run["folder"] / name).read_text() for name in ("stdout", "stderr"))
     assert returncode == 0, stderr[-3000:]
-    child, parent = (json.loads(line) for line in stdout.splitlines()[-2:])
+    lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 2, (stdout, stderr[-3000:])
+    child, parent = lines
+    assert "child_error" not in child, child["child_error"]
     assert child["state"] == "stopped" and child["pid"] is None  # no worker inherited
     assert child["own_worker"] not in (None, parent["parent_worker"])
     assert parent["child_exit"] == 0
