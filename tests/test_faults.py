@@ -537,8 +537,8 @@ def fork_run(
             parent_worker = service.status().pid
             child = os.fork()
             if child == 0:  # the child: a normal exit, atexit hooks and all
-                before = service.status()
                 try:
+                    before = service.status()
                     answer = service.generate({PROMPT!r}, temperature=0, max_tokens=4).text
                 except Exception:  # said on stdout, where the test reads the child's line
                     print(json.dumps({{"child_error": traceback.format_exc()}}), flush=True)
