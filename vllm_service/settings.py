@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from ._common.durations import duration_seconds
 from .types import MAX_INT32
 
 # VLLM_ENGINE_STALL_SECONDS' default: far above one engine step here (docs/reliability.md).
@@ -55,7 +56,8 @@ class VLLMSettings(BaseSettings):
         1800,
         allow_inf_nan=False,
         description="The worker exits after this long with no request in flight: 0 as soon as "
-        "nothing is in flight, a negative value never. A call's keep_alive= overrides it.",
+        "nothing is in flight, a negative value never. Seconds, or an Ollama duration ('5m', "
+        "'1h', '-1'). A call's keep_alive= overrides it.",
     )
     idle_sleep_seconds: float | None = Field(
         None,
@@ -165,6 +167,11 @@ class VLLMSettings(BaseSettings):
     @classmethod
     def _path_to_str(cls, value: Any) -> Any:
         return os.fspath(value) if isinstance(value, os.PathLike) else value
+
+    @field_validator("idle_ttl_seconds", mode="before")
+    @classmethod
+    def _duration(cls, value: Any) -> Any:
+        return duration_seconds(value, "idle_ttl_seconds") if isinstance(value, str) else value
 
     @field_validator("dtype")
     @classmethod
