@@ -250,8 +250,8 @@ def killed_worker(
         patch.setattr(_batch_local, "WorkerHandle", KillingHandle)
         # An engine start costs half a minute here: one death alone is enough to show the rule.
         patch.setattr(_batch_schedule, "MAX_ATTEMPTS", 1)
-        results = generate(
-            str(demo_model), CHAT_DATA, message_key="messages", system=SYSTEM, n=3,
+        results = generate(  # system and message_key positionally, in vlllm's order
+            str(demo_model), CHAT_DATA, SYSTEM, "messages", n=3,
             use_sample=True, temperature=0.8, seed=7, max_output_len=48, chunk_size=2,
             output_path=output, progress=False,
         )
@@ -270,6 +270,9 @@ def test_an_item_that_kills_real_workers_fails_alone_and_the_rest_finish(
     pet_2 = CHAT_DATA[2]["messages"][-1]["content"]
     sent = [[r.prompt[-1]["content"] for r in h.sent] for h in killed_worker["handles"]]
     assert len(sent) == 2
+    firsts = [r.prompt[0] for h in killed_worker["handles"] for r in h.sent]
+    assert all(m["role"] == "system" for m in firsts)  # SYSTEM, or the pirate's own
+    assert firsts.count({"role": "system", "content": SYSTEM}) >= len(CHAT_DATA) - 1
     assert sent[0][-2:] == [pet_2, GOODBYE]
     assert sent[1][-2:] == [pet_2, GOODBYE] and len(sent[1]) == len(CHAT_DATA) - 2
     assert [line["_index"] for line in read_lines(killed_worker["output"])] == list(

@@ -132,3 +132,25 @@ def test_the_command_line_runs_on_the_standin(tmp_path: Path) -> None:
     )
     assert process.returncode == 0, process.stderr
     assert [line["results"] for line in read_lines(output)] == ["line 0", "line 1", "line 2"]
+
+
+# vlllm 0.2.2's generate(), read from its source (pip install vlllm==0.2.2 --no-deps): a
+# positional call written for vlllm must mean the same here.
+VLLLM_POSITIONAL_ORDER = [
+    "model_id", "data", "system", "message_key", "tp", "pp", "n", "worker_num", "temperature",
+    "use_sample", "result_key", "max_model_len", "max_output_len", "chunk_size",
+    "gpu_assignments", "trust_remote_code", "gpu_memory_utilization", "dtype",
+]
+
+
+def test_generate_takes_vlllms_positional_order() -> None:
+    import inspect
+
+    parameters = inspect.signature(generate).parameters.values()
+    positional = [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional == VLLLM_POSITIONAL_ORDER
+    data = [{"question": "first"}, {"question": "second"}]
+    # generate(model, data, system, message_key): the system prompt third, as in vlllm.
+    results = generate("stand-in", data, "Answer briefly.", "question", engine_kind="standin",
+                       progress=False)
+    assert [r["results"] for r in results] == ["first", "second"]
