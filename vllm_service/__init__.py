@@ -12,6 +12,7 @@ from .batch import generate
 from .demo_model import demo_model_path
 from .errors import (
     EngineStalledError,
+    GenerationError,
     NotSupportedError,
     RemoteServerError,
     RequestAbortedError,
@@ -26,12 +27,22 @@ from .errors import (
 )
 from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
-from .types import GenerationParams, GenerationResult, ServiceStatus, StreamChunk
+from .types import (
+    Duration,
+    ErrorType,
+    GenerationParams,
+    GenerationResult,
+    ServiceStatus,
+    StreamChunk,
+)
 
 __all__ = [
     "AsyncGenerationStream",
     "AsyncVLLMInferenceService",
+    "Duration",
     "EngineStalledError",
+    "ErrorType",
+    "GenerationError",
     "GenerationParams",
     "GenerationResult",
     "GenerationStream",

@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from ._client.calls import Params
+from ._client.dispatcher import UseTqdm
 from ._client.streams import AsyncGenerationStream
 from ._common.inputs import check_messages, check_prompt, check_prompts
 from ._worker.weight_staging import WeightSource
 from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
-from .types import ChatMessages, GenerationResult, ServiceStatus, TokenIds
+from .types import ChatMessages, Duration, GenerationResult, ServiceStatus, TokenIds
 
 
 class AsyncVLLMInferenceService:
@@ -44,60 +45,66 @@ class AsyncVLLMInferenceService:
     # ----- generation -----
 
     async def generate(
-        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, prompt: str | TokenIds, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationResult:
         """Complete one prompt (see :meth:`VLLMInferenceService.generate`)."""
-        call = self._dispatcher.prepare([check_prompt(prompt)], params, overrides, keep_alive)
+        call = self._dispatcher.prepare(
+            [check_prompt(prompt)], params, overrides, keep_alive, timeout
+        )
         return (await self._dispatcher.run_async(call))[0]
 
     async def generate_batch(
         self, prompts: Sequence[str | TokenIds], params: Params = None, *,
-        keep_alive: float | None = None, **overrides: Any,
+        keep_alive: Duration | None = None, timeout: float | None = None,
+        use_tqdm: UseTqdm = False, **overrides: Any,
     ) -> list[GenerationResult]:
         """Complete many prompts at once (see :meth:`VLLMInferenceService.generate_batch`)."""
-        call = self._dispatcher.prepare(check_prompts(prompts), params, overrides, keep_alive)
-        return await self._dispatcher.run_async(call)
+        call = self._dispatcher.prepare(
+            check_prompts(prompts), params, overrides, keep_alive, timeout
+        )
+        return await self._dispatcher.run_async(call, use_tqdm)
 
     async def chat(
-        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, messages: ChatMessages, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (see :meth:`VLLMInferenceService.chat`)."""
         call = self._dispatcher.prepare(
-            [self._checked_chat(messages)], params, overrides, keep_alive
+            [self._checked_chat(messages)], params, overrides, keep_alive, timeout
         )
         return (await self._dispatcher.run_async(call))[0]
 
     async def chat_batch(
         self, conversations: Sequence[ChatMessages], params: Params = None, *,
-        keep_alive: float | None = None, **overrides: Any,
+        keep_alive: Duration | None = None, timeout: float | None = None,
+        use_tqdm: UseTqdm = False, **overrides: Any,
     ) -> list[GenerationResult]:
         """Answer many conversations at once (see :meth:`VLLMInferenceService.chat_batch`)."""
         prompts = [self._checked_chat(c) for c in conversations]
-        call = self._dispatcher.prepare(prompts, params, overrides, keep_alive)
-        return await self._dispatcher.run_async(call)
+        call = self._dispatcher.prepare(prompts, params, overrides, keep_alive, timeout)
+        return await self._dispatcher.run_async(call, use_tqdm)
 
     def stream(
-        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, prompt: str | TokenIds, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> AsyncGenerationStream:
         """Complete one prompt as an async iterator of :class:`StreamChunk` (``async for``).
 
         The arguments are checked now; the request starts at the first step of the loop.
         """
         call = self._dispatcher.prepare(
-            [check_prompt(prompt)], params, overrides, keep_alive, stream=True
+            [check_prompt(prompt)], params, overrides, keep_alive, timeout, stream=True
         )
         return AsyncGenerationStream(self._dispatcher, call)
 
     def chat_stream(
-        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, messages: ChatMessages, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> AsyncGenerationStream:
         """Answer one conversation as an async iterator of :class:`StreamChunk`."""
         call = self._dispatcher.prepare(
-            [self._checked_chat(messages)], params, overrides, keep_alive, stream=True
+            [self._checked_chat(messages)], params, overrides, keep_alive, timeout, stream=True
         )
         return AsyncGenerationStream(self._dispatcher, call)
 

@@ -9,6 +9,7 @@
     |   +-- RequestTimeoutError     past VLLM_REQUEST_TIMEOUT_SECONDS
     |   +-- RequestAbortedError     cancelled, closed, or unloaded under it
     |   +-- RemoteServerError       remote mode: the vLLM server failed or is unreachable
+    |   +-- GenerationError         a result's error, raised by result.raise_for_error()
     +-- NotSupportedError           not in this mode, on this machine, or by this server
     +-- WeightUpdateError           update_weights could not load the weights
     +-- ServiceShutdownError        the service was shut down
@@ -19,6 +20,8 @@ Catch a tier to handle its kind (``except RequestError``: retry the call), or
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class VLLMServiceError(RuntimeError):
@@ -95,6 +98,17 @@ class RequestTimeoutError(RequestError):
 class RequestAbortedError(RequestError):
     """The request was given up before it finished: its call was cancelled, its stream
     closed, or the worker unloaded with ``unload(wait=False)``. The service goes on."""
+
+
+class GenerationError(RequestError):
+    """A request ended with an error result, raised by
+    :meth:`GenerationResult.raise_for_error`. ``error_type`` is the result's (``"invalid_request"``,
+    ``"aborted"``, ``"server_error"`` or ``"internal_error"``) and ``result`` the result."""
+
+    def __init__(self, message: str, error_type: str, result: Any) -> None:
+        self.error_type = error_type
+        self.result = result
+        super().__init__(message)
 
 
 class WeightUpdateError(VLLMServiceError):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from ._client.calls import Params
-from ._client.dispatcher import Dispatcher, Sent, aborted_on_error
+from ._client.dispatcher import Dispatcher, Sent, UseTqdm, aborted_on_error
 from ._client.modes import mode_for
 from ._client.streams import GenerationStream
 from ._common.inputs import check_messages, check_prompt, check_prompts
@@ -27,7 +27,7 @@ from ._worker.protocol import UpdateWeights
 from ._worker.weight_staging import WeightSource, staged
 from .errors import WeightUpdateError
 from .settings import VLLMSettings
-from .types import ChatMessages, GenerationResult, ServiceStatus, TokenIds
+from .types import ChatMessages, Duration, GenerationResult, ServiceStatus, TokenIds
 
 logger = logging.getLogger("vllm_service")
 
@@ -40,10 +40,11 @@ class VLLMInferenceService:
     request starts it again. Requests from all threads run together in vLLM's continuous
     batching. Use it as a context manager, or call :meth:`shutdown`, to free the worker.
 
-    Every generation method takes ``params`` (a :class:`GenerationParams` or a dict of its
-    fields: vLLM's sampling fields, one structured-output constraint, a LoRA adapter) and the
-    same fields as keyword arguments, which win over ``params``; ``sampling_params=`` takes a
-    ``vllm.SamplingParams`` whose values win over both.
+    Every generation method takes ``params`` (a :class:`GenerationParams`, a dict of its
+    fields: vLLM's sampling fields, one structured-output constraint, a LoRA adapter; or a
+    ``vllm.SamplingParams``) and the same fields as keyword arguments, which win over
+    ``params``; ``sampling_params=`` takes a ``vllm.SamplingParams`` whose values win over
+    both.
     """
 
     def __init__(self, settings: VLLMSettings | None = None) -> None:
@@ -61,20 +62,26 @@ class VLLMInferenceService:
     # ----- generation -----
 
     def generate(
-        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, prompt: str | TokenIds, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationResult:
         """Complete one prompt: a string, or token ids (``[1, 2, 3]``).
 
-        ``keep_alive`` (seconds; on every generation method) sets how long the worker stays
-        once nothing is in flight, from this call on: 0 exits at once, a negative value never.
-        Unset, ``VLLM_IDLE_TTL_SECONDS`` applies.
+        ``params`` is a :class:`GenerationParams`, a dict of its fields, or a
+        ``vllm.SamplingParams`` (as in ``LLM.generate(prompts, sampling_params)``).
+        On every generation method: ``keep_alive`` (seconds, or an Ollama duration such as
+        ``"5m"``, ``"1h"``, ``"-1"``) sets how long the worker stays once nothing is in
+        flight, from this call on: 0 exits at once, a negative value never; unset,
+        ``VLLM_IDLE_TTL_SECONDS`` applies. ``timeout`` (seconds, the worker's start
+        included) bounds this call over ``VLLM_REQUEST_TIMEOUT_SECONDS``: past it the call's
+        requests are aborted and :class:`RequestTimeoutError` is raised.
         """
-        return self._run([check_prompt(prompt)], params, overrides, keep_alive)[0]
+        return self._run([check_prompt(prompt)], params, overrides, keep_alive, timeout)[0]
 
     def generate_batch(
         self, prompts: Sequence[str | TokenIds], params: Params = None, *,
-        keep_alive: float | None = None, **overrides: Any,
+        keep_alive: Duration | None = None, timeout: float | None = None,
+        use_tqdm: UseTqdm = False, **overrides: Any,
     ) -> list[GenerationResult]:
         """Complete many prompts at once; results come back in the same order.
 
@@ -82,27 +89,36 @@ class VLLMInferenceService:
         compile), or in remote mode one the server failed (after the retries), gets
         ``finish_reason == "error"`` and its message, and the others run on. Remote mode raises
         :class:`RemoteServerError` when every prompt of the call failed on the server.
+        ``use_tqdm`` shows a progress bar of finished prompts (True, or a ``tqdm``-like
+        class to make it with), as vLLM's ``LLM.generate``.
         """
-        return self._run(check_prompts(prompts), params, overrides, keep_alive)
+        call = self.dispatcher.prepare(
+            check_prompts(prompts), params, overrides, keep_alive, timeout
+        )
+        return self.dispatcher.run(call, use_tqdm)
 
     def chat(
-        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, messages: ChatMessages, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (OpenAI-style messages), using the model's chat template."""
-        return self._run([self._checked_chat(messages)], params, overrides, keep_alive)[0]
+        return self._run([self._checked_chat(messages)], params, overrides, keep_alive, timeout)[0]
 
     def chat_batch(
         self, conversations: Sequence[ChatMessages], params: Params = None, *,
-        keep_alive: float | None = None, **overrides: Any,
+        keep_alive: Duration | None = None, timeout: float | None = None,
+        use_tqdm: UseTqdm = False, **overrides: Any,
     ) -> list[GenerationResult]:
-        """Answer many conversations at once; results come back in the same order."""
+        """Answer many conversations at once; results come back in the same order.
+
+        ``use_tqdm`` as in :meth:`generate_batch`."""
         prompts = [self._checked_chat(c) for c in conversations]
-        return self._run(prompts, params, overrides, keep_alive)
+        call = self.dispatcher.prepare(prompts, params, overrides, keep_alive, timeout)
+        return self.dispatcher.run(call, use_tqdm)
 
     def stream(
-        self, prompt: str | TokenIds, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, prompt: str | TokenIds, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationStream:
         """Complete one prompt, handing out the text as it is generated.
 
@@ -110,20 +126,20 @@ class VLLMInferenceService:
         ``token_ids``, and the last one the whole :class:`GenerationResult` in ``result``. The
         request starts at once, in the same batch as every other call. Breaking out of the
         loop (and dropping the stream), :meth:`GenerationStream.close`, or leaving a ``with``
-        block on it aborts the request in the engine.
+        block on it aborts the request in the engine. ``timeout`` bounds the whole stream.
         """
         call = self.dispatcher.prepare(
-            [check_prompt(prompt)], params, overrides, keep_alive, stream=True
+            [check_prompt(prompt)], params, overrides, keep_alive, timeout, stream=True
         )
         return GenerationStream(self.dispatcher, call)
 
     def chat_stream(
-        self, messages: ChatMessages, params: Params = None, *, keep_alive: float | None = None,
-        **overrides: Any,
+        self, messages: ChatMessages, params: Params = None, *,
+        keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationStream:
         """Answer one conversation, handing out the text as it is generated (see :meth:`stream`)."""
         call = self.dispatcher.prepare(
-            [self._checked_chat(messages)], params, overrides, keep_alive, stream=True
+            [self._checked_chat(messages)], params, overrides, keep_alive, timeout, stream=True
         )
         return GenerationStream(self.dispatcher, call)
 
@@ -285,9 +301,10 @@ class VLLMInferenceService:
 
     def _run(
         self, prompts: list[Any], params: Params, overrides: dict[str, Any],
-        keep_alive: float | None,
+        keep_alive: Duration | None, timeout: float | None,
     ) -> list[GenerationResult]:
-        return self.dispatcher.run(self.dispatcher.prepare(prompts, params, overrides, keep_alive))
+        call = self.dispatcher.prepare(prompts, params, overrides, keep_alive, timeout)
+        return self.dispatcher.run(call)
 
     def _checked_chat(self, messages: Any) -> ChatMessages:
         return check_messages(messages, self.settings.allowed_media_domains)

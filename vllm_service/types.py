@@ -9,7 +9,13 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .errors import GenerationError
+
 FinishReason = Literal["stop", "length", "error"]
+ErrorType = Literal["invalid_request", "aborted", "server_error", "internal_error"]
+"""Why a result has an error: the engine or server refused the request (bad input, too
+long, an adapter it lacks); it was aborted; the remote server failed (after the retries);
+or something unforeseen (the message says what)."""
 
 # vLLM keeps counts in 32-bit tensors and sends seeds as 64-bit integers; a larger value
 # fails deep inside the engine, so it is refused here.
@@ -19,6 +25,8 @@ TokenIds = list[int]
 """A prompt given as token ids."""
 ChatMessages = list[dict[str, Any]]
 """A conversation: OpenAI-style ``{"role": ..., "content": ...}`` messages."""
+Duration = float | str
+"""Seconds, or an Ollama-style duration: ``"5m"``, ``"1h30m"``, ``"-1"`` (for ever)."""
 MAX_SEED = 2**63 - 1
 # vLLM's VLLM_MAX_N_SEQUENCES default: the most samples one request may ask for.
 MAX_N = 16384
@@ -331,11 +339,22 @@ class GenerationResult:
     weight_version: str | int | None = None
     """The ``version`` given to the :meth:`~VLLMInferenceService.update_weights` whose weights
     produced this result; ``None`` for the model's own weights (and on error)."""
+    error_type: ErrorType | None = None
+    """With :attr:`error`, its kind, for code to branch on (see :data:`ErrorType`)."""
 
     @classmethod
-    def failed(cls, error: str, prompt_tokens: int = 0) -> GenerationResult:
+    def failed(
+        cls, error: str, prompt_tokens: int = 0, error_type: ErrorType = "invalid_request"
+    ) -> GenerationResult:
         """The result of a request that ended with an error."""
-        return cls(samples=[], prompt_tokens=prompt_tokens, error=error)
+        return cls(samples=[], prompt_tokens=prompt_tokens, error=error, error_type=error_type)
+
+    def raise_for_error(self) -> GenerationResult:
+        """Raise :class:`GenerationError` if the request ended with an error; else return the
+        result, so that ``service.generate(p).raise_for_error().text`` reads in one line."""
+        if self.error is not None:
+            raise GenerationError(self.error, self.error_type or "internal_error", self)
+        return self
 
     @property
     def text(self) -> str:

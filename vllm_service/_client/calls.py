@@ -17,13 +17,31 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .._common.durations import duration_seconds
 from .._worker.protocol import Finished, Request
 from ..settings import VLLMSettings
-from ..types import ChatMessages, GenerationParams, GenerationResult, TokenIds
+from ..types import ChatMessages, Duration, GenerationParams, GenerationResult, TokenIds
 from .modes import Mode
 
-Params = GenerationParams | dict[str, Any] | None
+Params = GenerationParams | dict[str, Any] | Any | None  # Any: a vllm.SamplingParams
 Prompt = str | TokenIds | ChatMessages
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a call must end, and what set it (the call's ``timeout=`` or the setting)."""
+
+    at: float  # time.monotonic()
+    seconds: float
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.seconds:g} s ({self.source})"
+
+
+def seconds_left(deadline: Deadline | None) -> float | None:
+    """Seconds until ``deadline`` (never negative); None without one."""
+    return None if deadline is None else max(0.0, deadline.at - time.monotonic())
 
 
 @dataclass(frozen=True)
@@ -33,7 +51,7 @@ class Call:
     requests: list[Request]
     parse_as: Any  # the json_schema or json_object asked for, to fill ``parsed``
     keep_alive: float  # how long the worker stays once idle, from this call on
-    deadline: float | None  # time.monotonic() by which it must end
+    deadline: Deadline | None
 
     @property
     def request_ids(self) -> list[int]:
@@ -57,30 +75,41 @@ class CallBuilder:
         prompts: Sequence[Prompt],
         params: Params,
         overrides: dict[str, Any],
-        keep_alive: float | None,
+        keep_alive: Duration | None,
+        timeout: float | None = None,
         stream: bool = False,
     ) -> Call:
-        """Check everything about a call and build its requests; raises before anything runs."""
+        """Check everything about a call and build its requests; raises before anything runs.
+
+        ``timeout`` (seconds, the worker's start included) wins over the setting."""
         chosen = chosen_params(params, overrides)
         sampling = self._sampling(chosen)
         lora = self._mode.lora(chosen.lora)
-        if keep_alive is not None and (
-            isinstance(keep_alive, bool)
-            or not isinstance(keep_alive, (int, float))
-            or not math.isfinite(keep_alive)
-        ):
-            raise ValueError(
-                f"keep_alive must be a number of seconds (0: exit once idle, negative: never), "
-                f"got {keep_alive!r}"
-            )
         settings = self._settings
-        timeout = settings.request_timeout_seconds
         return Call(
             requests=[Request(self.next_id(), p, sampling, lora, stream) for p in prompts],
             parse_as=chosen.json_schema or chosen.json_object,
-            keep_alive=settings.idle_ttl_seconds if keep_alive is None else float(keep_alive),
-            deadline=None if timeout is None else time.monotonic() + timeout,
+            keep_alive=(
+                settings.idle_ttl_seconds if keep_alive is None else duration_seconds(keep_alive)
+            ),
+            deadline=self._deadline(timeout),
         )
+
+    def _deadline(self, timeout: float | None) -> Deadline | None:
+        """The call's deadline: its own ``timeout``, else ``VLLM_REQUEST_TIMEOUT_SECONDS``."""
+        if timeout is None:
+            seconds = self._settings.request_timeout_seconds
+            if seconds is None:
+                return None
+            return Deadline(time.monotonic() + seconds, seconds, "VLLM_REQUEST_TIMEOUT_SECONDS")
+        if (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout)
+            or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return Deadline(time.monotonic() + timeout, float(timeout), f"timeout={timeout:g}")
 
     def _sampling(self, chosen: GenerationParams) -> dict[str, Any]:
         """The request's sampling keywords: the chosen ones over the service's defaults."""
@@ -106,18 +135,22 @@ def chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams
     """``params`` with the call's keyword arguments, and a ``sampling_params=`` object, on top."""
     overrides = dict(overrides)
     vllm_params = overrides.pop("sampling_params", None)
+    if _is_sampling_params(params):  # given in params' place, as LLM.generate takes it
+        if vllm_params is not None:
+            raise TypeError("a vllm.SamplingParams was given twice: as params and sampling_params=")
+        params, vllm_params = None, params
     if params is None:
         params = GenerationParams()
     elif isinstance(params, dict):
         params = GenerationParams(**params)
     elif not isinstance(params, GenerationParams):
         raise TypeError(
-            f"params must be a GenerationParams or a dict of its fields, got "
-            f"{type(params).__name__}"
+            f"params must be a GenerationParams, a dict of its fields or a vllm.SamplingParams, "
+            f"got {type(params).__name__}"
         )
     chosen = params.merged(overrides)
     if vllm_params is not None:
-        if not hasattr(type(vllm_params), "__struct_fields__"):
+        if not _is_sampling_params(vllm_params):
             raise TypeError(
                 f"sampling_params must be a vllm.SamplingParams, got {type(vllm_params).__name__}"
             )
@@ -126,17 +159,28 @@ def chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams
     return chosen
 
 
+def _is_sampling_params(value: Any) -> bool:
+    """Whether ``value`` is a vllm.SamplingParams (a msgspec struct), without importing vllm."""
+    return hasattr(type(value), "__struct_fields__")
+
+
 def to_result(finished: Finished, parse_as: Any) -> GenerationResult:
     """The caller's result; ``parse_as`` is the ``json_schema`` or ``json_object`` asked for."""
-    if finished.error is not None or not finished.samples:
+    if finished.error is None and not finished.samples:
         return GenerationResult.failed(
-            finished.error or "the engine returned no output", finished.prompt_tokens
+            "the engine returned no output", finished.prompt_tokens, "internal_error"
+        )
+    if finished.error is not None:
+        kind = finished.error_type or ("server_error" if finished.server_error else None)
+        return GenerationResult.failed(
+            finished.error, finished.prompt_tokens, kind or "invalid_request"
         )
     aborted = any(sample.finish_reason == "error" for sample in finished.samples)
     return GenerationResult(
         samples=finished.samples,
         prompt_tokens=finished.prompt_tokens,
         error="the request was aborted" if aborted else None,
+        error_type="aborted" if aborted else None,
         prompt_token_ids=finished.prompt_token_ids,
         prompt_logprobs=finished.prompt_logprobs,
         parsed=_parsed(finished.samples[0].text, parse_as) if parse_as else None,

@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .._worker.handle import WorkerHandle, WorkerState, WorkerUnavailable, remaining
+from .._worker.handle import WorkerHandle, WorkerState, WorkerUnavailable
 from .._worker.keep_alive import KeepAlive
 from .._worker.protocol import Delta, Finished, WorkerConfig
 from ..errors import (
@@ -39,13 +39,16 @@ from ..errors import (
     WorkerStartError,
 )
 from ..settings import VLLMSettings
-from ..types import GenerationResult, ServiceStatus
-from .calls import Call, CallBuilder, Params, Prompt, to_result
+from ..types import Duration, GenerationResult, ServiceStatus
+from .calls import Call, CallBuilder, Deadline, Params, Prompt, seconds_left, to_result
 from .modes import Mode
 
 logger = logging.getLogger("vllm_service")
 
 T = TypeVar("T")
+
+UseTqdm = bool | Callable[..., Any]
+"""A progress bar of finished requests: True for tqdm's, or a tqdm-like class to make it."""
 
 
 @dataclass
@@ -107,7 +110,7 @@ class Dispatcher:
     def closed(self) -> bool:
         return self._closed
 
-    def ready_worker(self, deadline: float | None = None, claim: bool = True) -> WorkerHandle:
+    def ready_worker(self, deadline: Deadline | None = None, claim: bool = True) -> WorkerHandle:
         """A worker with its model loaded, started if none takes requests; blocks until then.
 
         With ``claim``, a request of the caller's is counted from now (see
@@ -116,9 +119,9 @@ class Dispatcher:
         while True:
             handle = self._current_or_new_worker(deadline, claim)
             try:
-                handle.startup.result(remaining(deadline))  # a failed start reaches every waiter
+                handle.startup.result(seconds_left(deadline))  # a failed start reaches every waiter
             except FuturesTimeoutError:
-                raise self._start_timed_out(handle, claim) from None
+                raise self._start_timed_out(handle, claim, deadline) from None
             except WorkerStartError as exc:
                 self._note_start_failure(exc)
                 raise
@@ -127,7 +130,7 @@ class Dispatcher:
             return handle
 
     async def ready_worker_async(
-        self, deadline: float | None = None, claim: bool = True
+        self, deadline: Deadline | None = None, claim: bool = True
     ) -> WorkerHandle:
         """:meth:`ready_worker` on the event loop: only starting a worker takes a thread."""
         while True:
@@ -137,9 +140,9 @@ class Dispatcher:
                 handle = await asyncio.to_thread(self._current_or_new_worker, deadline, claim)
             elif claim:
                 handle.claim()  # a request follows once it is ready (see _current_or_new_worker)
-            _, not_done = await wait_on_loop([handle.startup], remaining(deadline))
+            _, not_done = await wait_on_loop([handle.startup], seconds_left(deadline))
             if not_done:
-                raise self._start_timed_out(handle, claim)
+                raise self._start_timed_out(handle, claim, deadline)
             try:
                 handle.startup.result()
             except WorkerStartError as exc:
@@ -150,7 +153,7 @@ class Dispatcher:
             return handle
 
     def _current_or_new_worker(
-        self, deadline: float | None = None, claim: bool = True
+        self, deadline: Deadline | None = None, claim: bool = True
     ) -> WorkerHandle:
         """The current worker, started if there is none taking requests.
 
@@ -188,11 +191,10 @@ class Dispatcher:
                         handle.claim()
                     return handle
             # Let the old worker finish its calls and give its memory back first.
-            if not old.wait_exited(remaining(deadline)):
+            if not old.wait_exited(seconds_left(deadline)):
                 raise RequestTimeoutError(
                     f"the previous worker (pid {old.pid}) was still finishing its calls after "
-                    f"{self._settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); "
-                    "a new one starts once it has exited"
+                    f"{deadline}; a new one starts once it has exited"
                 )
 
     # ----- preparing -----
@@ -202,13 +204,14 @@ class Dispatcher:
         prompts: Sequence[Prompt],
         params: Params,
         overrides: dict[str, Any],
-        keep_alive: float | None,
+        keep_alive: Duration | None,
+        timeout: float | None = None,
         stream: bool = False,
     ) -> Call:
         """Build a call of checked ``prompts`` (``_common/inputs.py`` checks them) with its
         sampling values, adapter and deadline; raises ``ValueError``/``TypeError`` before
         anything runs."""
-        return self._calls.build(prompts, params, overrides, keep_alive, stream)
+        return self._calls.build(prompts, params, overrides, keep_alive, timeout, stream)
 
     def next_id(self) -> int:
         """A request id no other request to this service's workers has."""
@@ -217,7 +220,10 @@ class Dispatcher:
     # ----- sending -----
 
     def send(
-        self, sent: Sent, deadline: float | None, submit: Callable[[WorkerHandle], list[Future[T]]]
+        self,
+        sent: Sent,
+        deadline: Deadline | None,
+        submit: Callable[[WorkerHandle], list[Future[T]]],
     ) -> list[Future[T]]:
         """Submit to a ready worker with ``submit``; a worker that began to retire or died
         just now is replaced by the next one. ``sent`` records where it went."""
@@ -230,7 +236,10 @@ class Dispatcher:
                 continue
 
     async def send_async(
-        self, sent: Sent, deadline: float | None, submit: Callable[[WorkerHandle], list[Future[T]]]
+        self,
+        sent: Sent,
+        deadline: Deadline | None,
+        submit: Callable[[WorkerHandle], list[Future[T]]],
     ) -> list[Future[T]]:
         """:meth:`send` on the event loop."""
         while True:
@@ -263,26 +272,33 @@ class Dispatcher:
 
     # ----- whole calls -----
 
-    def run(self, call: Call) -> list[GenerationResult]:
-        """Send ``call``, wait for its results (on this thread) and return them."""
+    def run(self, call: Call, use_tqdm: UseTqdm = False) -> list[GenerationResult]:
+        """Send ``call``, wait for its results (on this thread) and return them; ``use_tqdm``
+        shows its finished requests in a progress bar."""
         if not call.requests:
             return []
         sent = Sent(call.request_ids)
-        with aborted_on_error(sent, "the call was interrupted"):
-            futures = self.send(sent, call.deadline, self.submitter(call))
-            _, not_done = wait_futures(futures, timeout=remaining(call.deadline))
+        with _progress(use_tqdm, len(call.requests)) as on_end, aborted_on_error(
+            sent, "the call was interrupted"
+        ):
+            futures = self.send(sent, call.deadline, self.submitter(call, on_end=on_end))
+            _, not_done = wait_futures(futures, timeout=seconds_left(call.deadline))
         if not_done:
             self.time_out(sent, call, len(not_done))
         return self.results(call, futures)
 
-    async def run_async(self, call: Call) -> list[GenerationResult]:
+    async def run_async(self, call: Call, use_tqdm: UseTqdm = False) -> list[GenerationResult]:
         """:meth:`run` on the event loop: no thread waits for the requests."""
         if not call.requests:
             return []
         sent = Sent(call.request_ids)
-        with aborted_on_error(sent, "the call was cancelled"):
-            futures = await self.send_async(sent, call.deadline, self.submitter(call))
-            _, not_done = await wait_on_loop(futures, remaining(call.deadline))
+        with _progress(use_tqdm, len(call.requests)) as on_end, aborted_on_error(
+            sent, "the call was cancelled"
+        ):
+            futures = await self.send_async(
+                sent, call.deadline, self.submitter(call, on_end=on_end)
+            )
+            _, not_done = await wait_on_loop(futures, seconds_left(call.deadline))
         if not_done:
             self.time_out(sent, call, len(not_done))
         return self.results(call, futures)
@@ -292,7 +308,7 @@ class Dispatcher:
         sent.abort(
             RequestTimeoutError(
                 f"{unfinished} of {len(call.requests)} request(s) did not finish within "
-                f"{self._settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS)"
+                f"{call.deadline}"
             )
         )
 
@@ -386,13 +402,14 @@ class Dispatcher:
         """Keep a failed start's first line (its message, not the log tail) for status()."""
         self.last_error = str(error).split("\n", 1)[0]
 
-    def _start_timed_out(self, handle: WorkerHandle, claim: bool) -> RequestTimeoutError:
+    def _start_timed_out(
+        self, handle: WorkerHandle, claim: bool, deadline: Deadline | None
+    ) -> RequestTimeoutError:
         if claim:
             handle.unclaim()
         return RequestTimeoutError(
-            f"the worker was still loading the model after "
-            f"{self._settings.request_timeout_seconds} s (VLLM_REQUEST_TIMEOUT_SECONDS); it "
-            "goes on loading for the next call"
+            f"the worker was still loading the model after {deadline}; it goes on loading "
+            "for the next call"
         )
 
 
@@ -406,6 +423,24 @@ def _weakly(method: Callable[..., None]) -> Callable[..., None]:
             bound(*args)
 
     return call
+
+
+@contextmanager
+def _progress(
+    use_tqdm: UseTqdm, total: int
+) -> Iterator[Callable[[Future[Finished]], None] | None]:
+    """An ``on_end`` that moves a progress bar (made as vLLM's ``LLM.generate`` makes its
+    own), closed on leaving; None without one."""
+    if not use_tqdm:
+        yield None
+        return
+    if use_tqdm is True:
+        from tqdm.auto import tqdm as use_tqdm
+    bar = use_tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+    try:
+        yield lambda _future: bar.update(1)
+    finally:
+        bar.close()
 
 
 @contextmanager

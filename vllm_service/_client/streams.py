@@ -17,11 +17,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-from .._worker.handle import remaining
 from .._worker.protocol import Delta, Finished
 from ..errors import RequestAbortedError
 from ..types import GenerationResult, StreamChunk
-from .calls import Call
+from .calls import Call, seconds_left
 from .dispatcher import Dispatcher, Sent, aborted_on_error
 
 
@@ -113,7 +112,7 @@ class GenerationStream(_Stream):
             if self._done:
                 raise StopIteration
             try:
-                item = self._queue.get(timeout=remaining(self._call.deadline))
+                item = self._queue.get(timeout=seconds_left(self._call.deadline))
             except queue.Empty:
                 self._timed_out()
                 continue
@@ -178,7 +177,7 @@ class AsyncGenerationStream(_Stream):
 
     async def _next_item(self) -> Any:
         assert self._queue is not None
-        seconds = remaining(self._call.deadline)
+        seconds = seconds_left(self._call.deadline)
         if seconds is None:
             return await self._queue.get()
         async with asyncio.timeout(seconds):

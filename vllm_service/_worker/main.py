@@ -171,7 +171,7 @@ class _Server:
                 ids = sorted(self.running)
                 self.engine.abort(ids)
                 for request_id in ids:
-                    self.send(Finished(request_id, error=_ABORTED_FOR_UPDATE))
+                    self.send(Finished(request_id, error=_ABORTED_FOR_UPDATE, error_type="aborted"))
 
     def add(self, requests: list[Request]) -> None:
         if requests:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..settings import ENGINE_STALL_SECONDS
-from ..types import ChatMessages, Sample, TokenIds, TokenLogprobs
+from ..types import ChatMessages, ErrorType, Sample, TokenIds, TokenLogprobs
 
 EXIT_OK = 0  # stopped when asked, or its parent went away
 EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
@@ -184,6 +184,7 @@ class Finished:
     samples: list[Sample] = field(default_factory=list)
     error: str | None = None
     server_error: bool = False
+    error_type: ErrorType | None = None  # unset with an error: invalid_request (or server_error)
     prompt_token_ids: TokenIds | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     weight_version: str | int | None = None  # of the weights the request ran on

@@ -179,7 +179,10 @@ class RemoteEngine:
                 finished = Finished(request.request_id, error=str(exc))
             except Exception as exc:  # an answer we cannot read must still end the request
                 logger.exception("vllm-service: request %d failed", request.request_id)
-                finished = Finished(request.request_id, error=f"{type(exc).__name__}: {exc}")
+                finished = Finished(
+                    request.request_id, error=f"{type(exc).__name__}: {exc}",
+                    error_type="internal_error",
+                )
         self._messages.put(finished)
 
     async def _send_resolving(self, request: Request) -> Finished:
