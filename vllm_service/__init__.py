@@ -5,6 +5,9 @@
 ...     print(service.generate("What is the capital of France?").text)
 """
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
+
 from ._batch.openai_format import generate_openai_batch
 from ._client.streams import AsyncGenerationStream, GenerationStream
 from .async_service import AsyncVLLMInferenceService
@@ -35,6 +38,12 @@ from .types import (
     ServiceStatus,
     StreamChunk,
 )
+
+# The installed distribution's version: pyproject.toml's, one place to change it.
+try:
+    __version__: str = _installed_version("vllm-service")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AsyncGenerationStream",

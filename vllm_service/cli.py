@@ -29,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: ``demo``, ``demo-model`` and ``generate``."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="vllm-service", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(

@@ -13,7 +13,6 @@ it is matched to its input item is the format's:
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -198,6 +197,8 @@ class ResumableFile:
     def _lock(self) -> None:
         # flock belongs to the open file: the kernel drops it when the process ends however it
         # ends, so a crashed run leaves no lock behind that blocks the next one.
+        import fcntl  # POSIX only: here, so that importing the package works on Windows
+
         while True:
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
             try:

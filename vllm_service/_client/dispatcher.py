@@ -541,4 +541,5 @@ def _reap() -> None:
             logger.exception("vllm-service: stopping a dropped service's worker failed")
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -785,7 +785,8 @@ def _forget_parents_workers() -> None:
     _live_handles.clear()
 
 
-os.register_at_fork(after_in_child=_forget_parents_workers)
+if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
+    os.register_at_fork(after_in_child=_forget_parents_workers)
 
 
 @atexit.register

@@ -51,7 +51,6 @@ or torch (docs/testing.md). It imports neither.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
@@ -294,6 +293,8 @@ def _die() -> None:
 
 def _take_fate(path: str | None, binding: str) -> Any:
     """Take this worker's fate from the ``standin_fates`` file (see the module); None: none."""
+    import fcntl  # POSIX only, as the worker is
+
     if not path:
         return None
     try:
