@@ -13,11 +13,13 @@ in front of it, passing on what it does not answer itself and counting requests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import http.client
 import http.server
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -43,7 +45,6 @@ from vllm_service import (
     ServiceShutdownError,
     VLLMInferenceService,
     VLLMSettings,
-    WorkerStartError,
 )
 from vllm_service.testing import worker_config
 
@@ -504,36 +505,54 @@ def test_requests_failed_by_the_server_do_not_take_the_others_with_them(
     assert sum("The capital of France" in b for b in sent) == 1
 
 
-def test_wrong_key_gives_authentication_error(server: VLLMServer) -> None:
+def test_wrong_key_gives_authentication_error(server: VLLMServer, remote_adapter: Path) -> None:
     wrong = "wrong-key-8e1d"
     with VLLMInferenceService(remote_settings(server, api_key=wrong)) as service:
-        with pytest.raises(WorkerStartError) as caught:
+        with pytest.raises(RemoteServerError) as caught:
             service.warmup()
         assert not service.is_ready()
-    message = str(caught.value)
-    assert "Authentication failed" in message and "VLLM_API_KEY" in message
-    assert server.url in message
-    assert wrong not in message
+        # The parent's own calls to the server say the same, with the same fields.
+        with pytest.raises(RemoteServerError) as lora_caught:
+            service.load_lora("wrong-key-lora", remote_adapter)
+        with pytest.raises(RemoteServerError) as listing_caught:
+            service.lora_adapters()
+    for error in (caught.value, lora_caught.value, listing_caught.value):
+        assert (error.status_code, error.url) == (401, server.url)
+        message = str(error)
+        assert "Authentication failed" in message and "VLLM_API_KEY" in message
+        assert server.url in message
+        assert wrong not in message
 
 
 def test_no_key_against_a_key_server_is_refused(server: VLLMServer) -> None:
     service = VLLMInferenceService(remote_settings(server, api_key=None))
-    with service, pytest.raises(WorkerStartError, match="Authentication failed"):
+    with service, pytest.raises(RemoteServerError, match="Authentication failed") as caught:
         service.generate("Hello")
+    assert caught.value.status_code == 401
 
 
 def test_server_that_is_down_gives_a_clear_error_quickly() -> None:
     url = f"http://127.0.0.1:{_free_port()}/v1"  # nobody listens there
     settings = VLLMSettings(mode="remote", api_url=url, model_path="some-model", api_max_retries=2)
     started = time.monotonic()
+    errors: list[RemoteServerError] = []
     with VLLMInferenceService(settings) as service:
-        with pytest.raises(WorkerStartError) as caught:
-            service.generate("Hello")
+        # The first call (which starts the worker) and the next one fail alike; so do the
+        # calls the service makes to the server itself.
+        for call in (lambda: service.generate("Hello"), lambda: service.chat(FRANCE),
+                     service.lora_adapters, lambda: service.unload_lora("some-adapter")):
+            with pytest.raises(RemoteServerError) as caught:
+                call()
+            errors.append(caught.value)
         assert not service.is_ready()
-    assert time.monotonic() - started < 60  # spawn + 3 refused connections with backoff
-    message = str(caught.value)
-    assert f"Cannot reach the vLLM server at {url}" in message
-    assert "3 attempt(s)" in message
+        assert service.status().last_error == str(errors[1]).split("\n")[0]
+    assert time.monotonic() - started < 120  # 2 x (spawn + 3 refused connections), 2 x 3 more
+    for error in errors:
+        assert type(error) is RemoteServerError
+        assert (error.status_code, error.url) == (None, url)
+        message = str(error)
+        assert f"Cannot reach the vLLM server at {url} after 3 attempt(s)" in message
+        assert "check VLLM_API_URL and that the server is running" in message
 
 
 def test_served_model_name_is_resolved(server: VLLMServer, vllm_says: dict[str, str]) -> None:
@@ -543,8 +562,9 @@ def test_served_model_name_is_resolved(server: VLLMServer, vllm_says: dict[str, 
     with VLLMInferenceService(remote_settings(server, model_path="smol-b")) as service:
         assert service.chat(FRANCE, temperature=0, max_tokens=20).text == vllm_says["france20"]
     service = VLLMInferenceService(remote_settings(server, model_path="not-served"))
-    with service, pytest.raises(WorkerStartError) as caught:
+    with service, pytest.raises(RemoteServerError) as caught:
         service.warmup()
+    assert (caught.value.status_code, caught.value.url) == (None, server.url)
     message = str(caught.value)
     assert f"The vLLM server at {server.url} does not serve 'not-served'" in message
     assert f"['smol-a', 'smol-b', '{LORA_NAME}']" in message and "VLLM_MODEL_PATH" in message
@@ -558,7 +578,7 @@ def test_server_that_serves_only_another_model_is_an_error() -> None:
     with StandIn(other_model) as stand_in:
         settings = VLLMSettings(mode="remote", api_url=stand_in.url, model_path="/models/mine")
         service = VLLMInferenceService(settings)
-        with service, pytest.raises(WorkerStartError) as caught:
+        with service, pytest.raises(RemoteServerError) as caught:
             service.warmup()
     message = str(caught.value)
     assert f"The vLLM server at {stand_in.url} does not serve '/models/mine'" in message
@@ -625,10 +645,11 @@ def test_hanging_server_times_out_within_attempts_x_timeout() -> None:
         )
         started = time.monotonic()
         service = VLLMInferenceService(settings)
-        with service, pytest.raises(WorkerStartError) as caught:
+        with service, pytest.raises(RemoteServerError) as caught:
             service.warmup()
         assert time.monotonic() - started < 30  # spawn + 2 attempts of 1 s + backoff
     assert f"Timed out waiting for the vLLM server at {url} (2 attempt(s)" in str(caught.value)
+    assert (caught.value.status_code, caught.value.url) == (None, url)
 
 
 def test_5xx_is_retried_a_bounded_number_of_times() -> None:
@@ -641,12 +662,13 @@ def test_5xx_is_retried_a_bounded_number_of_times() -> None:
             mode="remote", api_url=stand_in.url, model_path="m", api_max_retries=2
         )
         service = VLLMInferenceService(settings)
-        with service, pytest.raises(WorkerStartError) as caught:
+        with service, pytest.raises(RemoteServerError) as caught:
             service.warmup()
     assert [path for _, path, _ in stand_in.requests] == ["/v1/models"] * 3
     assert f"Error from the vLLM server at {stand_in.url}: HTTP 500: engine is broken" in str(
         caught.value
     )
+    assert (caught.value.status_code, caught.value.url) == (500, stand_in.url)
 
 
 def test_keep_alive_hold_and_unload_in_remote_mode(
@@ -1121,6 +1143,91 @@ def test_lora_adapters_loaded_at_run_time(
         with pytest.raises(RuntimeError, match="VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"):
             service.unload_lora(LORA_NAME)
         service.shutdown()
+
+
+# ----- a remote-only install: the wheel with its base dependencies, no vLLM, no torch -----
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# What the wheel is built from (the rest of a checkout, .git and .venv included, stays out).
+_WHEEL_SOURCES = ("pyproject.toml", "README.md", "LICENSE", "vllm_service")
+# Run in the remote-only environment: a remote-mode service does what the tests above check,
+# and prints what it got as JSON.
+_REMOTE_ONLY_PROGRAM = """
+import json, sys
+import vllm_service
+from vllm_service import VLLMInferenceService, VLLMSettings
+
+def main():
+    url, key, model, adapter = sys.argv[1:]
+    settings = VLLMSettings(mode="remote", api_url=url, api_key=key, model_path=model)
+    prompt = "The capital of France is"
+    with VLLMInferenceService(settings) as service:
+        generated = service.generate(prompt, temperature=0, max_tokens=5)
+        chat = service.chat([{"role": "user", "content": "What is the capital of France?"}],
+                            temperature=0, max_tokens=20)
+        service.load_lora("wheel-lora", adapter)
+        loaded = service.lora_adapters()
+        lora = service.generate(prompt, temperature=0, max_tokens=16, lora="wheel-lora")
+        service.unload_lora("wheel-lora")
+        unloaded = service.lora_adapters()
+    print(json.dumps({
+        "package": vllm_service.__file__, "generate": generated.text, "chat": chat.text,
+        "loaded": loaded, "lora": lora.token_ids, "unloaded": unloaded,
+    }))
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.fixture(scope="session")
+def remote_only_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh venv with this checkout's wheel and its base dependencies only (no extras, so
+    neither vLLM nor torch), from the package registries: what a remote-only user installs."""
+    folder = tmp_path_factory.mktemp("remote-only")
+    source = folder / "source"  # built from a copy: setuptools writes build/ next to it
+    source.mkdir()
+    for name in _WHEEL_SOURCES:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    run = functools.partial(subprocess.run, check=True, capture_output=True, text=True, timeout=600)
+    run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", folder / "dist", source])
+    [wheel] = (folder / "dist").glob("vllm_service-*.whl")
+    run([sys.executable, "-m", "venv", folder / "venv"])
+    python = folder / "venv" / "bin" / "python"
+    run([python, "-m", "pip", "install", "-q", wheel])
+    return python
+
+
+def test_a_remote_only_install_runs_remote_mode_loras_included(
+    remote_only_python: Path, server: VLLMServer, remote: VLLMInferenceService,
+    remote_adapter: Path, vllm_says: dict[str, str], tmp_path: Path,
+) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("VLLM_")}
+    for heavy in ("vllm", "torch"):
+        found = subprocess.run([remote_only_python, "-c", f"import {heavy}"], env=env,
+                               capture_output=True, text=True, timeout=60, check=False)
+        assert found.returncode != 0 and "ModuleNotFoundError" in found.stderr, heavy
+    program = tmp_path / "remote_only.py"  # outside the checkout: its folder is on sys.path
+    program.write_text(_REMOTE_ONLY_PROGRAM)
+    done = subprocess.run(
+        [remote_only_python, program, server.url, API_KEY, server.model, str(remote_adapter)],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.splitlines()[-1])
+    assert Path(got["package"]).is_relative_to(remote_only_python.parents[1])  # the wheel's
+    assert got["generate"] == vllm_says["paris5"]
+    assert got["chat"] == vllm_says["france20"]
+    assert got["loaded"] == sorted([LORA_NAME, "wheel-lora"])
+    # The same adapter's files as the one the server was started with, so the same answer.
+    same = remote.generate("The capital of France is", temperature=0, max_tokens=16, lora=LORA_NAME)
+    assert got["lora"] == same.token_ids
+    assert got["unloaded"] == [LORA_NAME]
 
 
 def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixture) -> None:

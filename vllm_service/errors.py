@@ -88,7 +88,20 @@ class ServiceShutdownError(VLLMServiceError):
 
 
 class RemoteServerError(RequestError):
-    """Remote mode: the vLLM server could not be reached or failed, after the retries."""
+    """Remote mode: the vLLM server could not be reached or failed, after the retries.
+
+    Raised alike whether it happens at the first call (the worker's start checks the server)
+    or later. ``status_code`` is the server's HTTP status, None when it could not be reached
+    (refused, timed out) or its answer was unusable; ``url`` is the server's API URL
+    (``VLLM_API_URL`` with ``/v1``).
+    """
+
+    def __init__(
+        self, message: str, *, status_code: int | None = None, url: str | None = None
+    ) -> None:
+        self.status_code = status_code
+        self.url = url
+        super().__init__(message)
 
 
 class RequestTimeoutError(RequestError):

@@ -122,7 +122,7 @@ class Dispatcher:
                 handle.startup.result(seconds_left(deadline))  # a failed start reaches every waiter
             except FuturesTimeoutError:
                 raise self._start_timed_out(handle, claim, deadline) from None
-            except WorkerStartError as exc:
+            except (WorkerStartError, RemoteServerError) as exc:
                 self._note_start_failure(exc)
                 raise
             except RequestAbortedError:
@@ -145,7 +145,7 @@ class Dispatcher:
                 raise self._start_timed_out(handle, claim, deadline)
             try:
                 handle.startup.result()
-            except WorkerStartError as exc:
+            except (WorkerStartError, RemoteServerError) as exc:
                 self._note_start_failure(exc)
                 raise
             except RequestAbortedError:
@@ -318,12 +318,13 @@ class Dispatcher:
             self.served += sum(1 for f in futures if f.done() and f.exception() is None)
         try:
             finished = [future.result() for future in futures]
-            if all(f.server_error for f in finished):
+            server = finished[0].server_error if finished else None
+            if server is not None and all(f.server_error for f in finished):
                 # Nothing came back: the server is down or failing, which a result must not hide.
                 error = str(finished[0].error)
                 if len(finished) > 1:
                     error += f" (all {len(finished)} requests of the call failed)"
-                raise RemoteServerError(error)
+                raise RemoteServerError(error, status_code=server.status_code, url=server.url)
         except (WorkerDiedError, RemoteServerError) as exc:
             self.last_error = str(exc)
             raise
@@ -398,7 +399,7 @@ class Dispatcher:
 
     # ----- helpers -----
 
-    def _note_start_failure(self, error: WorkerStartError) -> None:
+    def _note_start_failure(self, error: WorkerStartError | RemoteServerError) -> None:
         """Keep a failed start's first line (its message, not the log tail) for status()."""
         self.last_error = str(error).split("\n", 1)[0]
 

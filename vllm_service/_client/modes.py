@@ -11,7 +11,7 @@ from typing import Any, Literal, Protocol
 
 from .._common.lora import VLLM_DEFAULT_MAX_LORA_RANK
 from .._common.machine import visible_gpus
-from .._common.vllm_server import server_lora, server_lora_names, unsupported_fields
+from .._common.vllm_server import LoraCalls, ServerAccess, unsupported_fields
 from .._worker.protocol import LoraAdapter, WorkerConfig
 from ..errors import NotSupportedError
 from ..settings import VLLMSettings
@@ -109,9 +109,9 @@ class RemoteMode:
     name: Literal["local", "remote"] = "remote"
 
     def __init__(self, settings: VLLMSettings, config: WorkerConfig) -> None:
-        self._url = config.api_url or ""
-        self._key = config.api_key
-        self._timeout = settings.api_timeout_seconds
+        self._loras = LoraCalls(ServerAccess(
+            config.api_url or "", config.api_key, config.api_timeout, config.api_max_retries
+        ))
 
     def check_sampling(self, sampling: dict[str, Any]) -> None:
         refused = unsupported_fields(sampling)
@@ -122,13 +122,13 @@ class RemoteMode:
         return None if name is None else LoraAdapter(name, 0)  # the server knows it by name
 
     def load_lora(self, name: str, path: str | os.PathLike[str]) -> None:
-        server_lora(self._url, self._key, "load", name, os.fspath(path), timeout=self._timeout)
+        self._loras.load(name, os.fspath(path))
 
     def unload_lora(self, name: str) -> None:
-        server_lora(self._url, self._key, "unload", name, timeout=self._timeout)
+        self._loras.unload(name)
 
     def lora_adapters(self) -> list[str]:
-        return server_lora_names(self._url, self._key)
+        return self._loras.names()
 
     def check_update_weights(self) -> None:
         raise NotSupportedError(
@@ -143,7 +143,7 @@ class RemoteMode:
         raise NotSupportedError("sleep mode is the server's to manage in remote mode")
 
     def after_fork(self) -> None:
-        return None
+        self._loras.after_fork()
 
 
 def mode_for(settings: VLLMSettings, config: WorkerConfig) -> Mode:

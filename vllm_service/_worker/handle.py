@@ -52,6 +52,7 @@ from typing import Any
 
 from ..errors import (
     EngineStalledError,
+    RemoteServerError,
     RequestAbortedError,
     ServiceShutdownError,
     VLLMServiceError,
@@ -234,7 +235,8 @@ class WorkerHandle:
     @property
     def startup(self) -> Future[dict[str, Any]]:
         """Settles once the engine is loaded (with its info), or with :class:`WorkerStartError`
-        (or the error it was stopped with) when it did not start."""
+        (:class:`RemoteServerError` when a remote server failed the start, or the error it was
+        stopped with) when it did not start."""
         return self._startup
 
     @property
@@ -617,8 +619,15 @@ class WorkerHandle:
             with self._lock:
                 self._move(WorkerState.STOPPING, time.monotonic() + self.stop_timeout)
             self._announce()
-            error = WorkerStartError(
-                f"The vLLM worker failed to start: {message.error}", self._log_tail()
+            server = message.error.server
+            error: Exception = (
+                # The server's failure, not the worker's: raised as any later call raises it.
+                RemoteServerError(message.error.message, status_code=server.status_code,
+                                  url=server.url)
+                if server is not None
+                else WorkerStartError(
+                    f"The vLLM worker failed to start: {message.error}", self._log_tail()
+                )
             )
             _settle(self._startup, error=error)
         return True

@@ -22,6 +22,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from ..errors import RemoteServerError
 from .engines.contract import Engine, WeightsRejected
 from .processes import engine_created, remove_files, shared_memory_files, shm_snapshot
 from .protocol import (
@@ -36,6 +37,7 @@ from .protocol import (
     Ready,
     RemoteError,
     Request,
+    ServerFailure,
     Sleep,
     StartFailed,
     Stop,
@@ -99,8 +101,11 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
 
 
 def remote_error(exc: BaseException) -> RemoteError:
-    """An exception as text, to cross the pipe."""
-    return RemoteError(type(exc).__name__, str(exc), traceback.format_exc())
+    """An exception as text, to cross the pipe (a RemoteServerError with its fields)."""
+    server = (
+        ServerFailure(exc.status_code, exc.url) if isinstance(exc, RemoteServerError) else None
+    )
+    return RemoteError(type(exc).__name__, str(exc), traceback.format_exc(), server)
 
 
 def _serve(conn: Connection, engine: Engine) -> int:

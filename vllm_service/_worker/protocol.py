@@ -129,12 +129,21 @@ class Stop:
 
 
 @dataclass(frozen=True)
+class ServerFailure:
+    """The fields of a ``RemoteServerError`` (remote mode), which the parent raises again."""
+
+    status_code: int | None  # None: the server could not be reached
+    url: str | None
+
+
+@dataclass(frozen=True)
 class RemoteError:
     """An exception raised in the worker, as text."""
 
     type_name: str
     message: str
     traceback: str = ""
+    server: ServerFailure | None = None  # set for a RemoteServerError
 
     def __str__(self) -> str:
         return f"{self.type_name}: {self.message}"
@@ -176,14 +185,14 @@ class Finished:
 
     ``server_error`` marks an error of the remote server rather than of this request
     (unreachable, timed out, 5xx, key refused): the request gets an error result, and the
-    call raises ``RemoteServerError`` when every request of it failed that way.
+    call raises ``RemoteServerError`` (with these fields) when every request of it failed so.
     """
 
     request_id: int
     prompt_tokens: int = 0
     samples: list[Sample] = field(default_factory=list)
     error: str | None = None
-    server_error: bool = False
+    server_error: ServerFailure | None = None
     error_type: ErrorType | None = None  # unset with an error: invalid_request (or server_error)
     prompt_token_ids: TokenIds | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None

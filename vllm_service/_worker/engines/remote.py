@@ -30,10 +30,16 @@ from typing import Any, TypeVar
 
 import openai
 
-from ..._common.vllm_server import api_base_url, pick_served_model, split_sampling
+from ..._common.vllm_server import (
+    ServerAccess,
+    error_status,
+    pick_served_model,
+    server_message,
+    split_sampling,
+)
 from ...errors import RemoteServerError
 from ...types import Sample, TokenLogprobs, TopLogprob
-from ..protocol import Delta, Finished, Request, WorkerConfig
+from ..protocol import Delta, Finished, Request, ServerFailure, WorkerConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +48,6 @@ T = TypeVar("T")
 # How long step() waits for a request's output before handing control back to the worker
 # loop, which then reads new messages from the pipe (so a new request goes out within it).
 _STEP_WAIT_SECONDS = 0.005
-# A server that is down is found out at connect time; a long per-request timeout must not
-# make that wait long.
-_CONNECT_TIMEOUT_SECONDS = 10.0
 _CLOSE_TIMEOUT_SECONDS = 5.0
 
 # HTTP statuses that reject the request itself, not the server.
@@ -61,9 +64,10 @@ class RemoteEngine:
     def __init__(self, config: WorkerConfig) -> None:
         if not config.api_url:
             raise ValueError("remote mode needs VLLM_API_URL")
-        self.base_url = api_base_url(config.api_url)
-        self._timeout = config.api_timeout
-        self._attempts = config.api_max_retries + 1
+        self._server = ServerAccess(
+            config.api_url, config.api_key, config.api_timeout, config.api_max_retries
+        )
+        self.base_url = self._server.base_url
         # The worker log sees every request otherwise.
         logging.getLogger("httpx2").setLevel(logging.WARNING)
         logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -77,14 +81,7 @@ class RemoteEngine:
         )
         self._thread.start()
         self._slots = asyncio.Semaphore(config.max_concurrent_requests)
-        connect_timeout = min(config.api_timeout, _CONNECT_TIMEOUT_SECONDS)
-        self._client = openai.AsyncOpenAI(
-            base_url=self.base_url,
-            # The openai client insists on a key; vLLM without --api-key ignores it.
-            api_key=config.api_key or "EMPTY",
-            timeout=openai.Timeout(config.api_timeout, connect=connect_timeout),
-            max_retries=config.api_max_retries,
-        )
+        self._client = openai.AsyncOpenAI(**self._server.client_options())
         self._wanted_model = config.model
         try:
             self.model, choices, max_model_len = self._call(self._resolve_model(config.model))
@@ -170,11 +167,9 @@ class RemoteEngine:
                         f"{server_message(exc)}",
                     )
                 else:
-                    finished = Finished(
-                        request.request_id, error=self._describe(exc), server_error=True
-                    )
+                    finished = _server_failed(request, self._server.error(exc))
             except RemoteServerError as exc:
-                finished = Finished(request.request_id, error=str(exc), server_error=True)
+                finished = _server_failed(request, exc)
             except _Rejected as exc:
                 finished = Finished(request.request_id, error=str(exc))
             except Exception as exc:  # an answer we cannot read must still end the request
@@ -233,7 +228,9 @@ class RemoteEngine:
                         if request.stream:
                             self._messages.put(Delta(request.request_id, index, text, token_ids))
         except openai.APIConnectionError as exc:  # timeouts included
-            raise RemoteServerError(self._describe_broken_stream(exc)) from None
+            raise RemoteServerError(
+                self._describe_broken_stream(exc), url=self.base_url
+            ) from None
         return answer.finished(request.request_id, self.base_url)
 
     async def _resolve_model(
@@ -246,7 +243,7 @@ class RemoteEngine:
         try:
             page = await self._client.models.list()
         except openai.OpenAIError as exc:
-            raise RemoteServerError(self._describe(exc)) from None
+            raise self._server.error(exc) from None
         models = {card.id: card for card in page.data}
         roots = {card_id: getattr(card, "root", None) for card_id, card in models.items()}
         name = pick_served_model(wanted, roots)
@@ -258,7 +255,8 @@ class RemoteEngine:
             )
             raise RemoteServerError(
                 f"The vLLM server at {self.base_url} does not serve {wanted!r}{before}; it "
-                f"serves {sorted(models)}. Set VLLM_MODEL_PATH to one of these."
+                f"serves {sorted(models)}. Set VLLM_MODEL_PATH to one of these.",
+                url=self.base_url,
             )
         choices = []
         if name != wanted:
@@ -268,37 +266,14 @@ class RemoteEngine:
             )
         return name, choices, getattr(models[name], "max_model_len", None)
 
-    def _describe(self, exc: openai.OpenAIError) -> str:
-        """A server failure as one sentence naming the URL (never the API key)."""
-        server = f"the vLLM server at {self.base_url}"
-        if isinstance(exc, openai.AuthenticationError):
-            return (
-                f"Authentication failed: {server} refused the API key (HTTP 401). Set "
-                "VLLM_API_KEY to the key the server was started with (--api-key)."
-            )
-        if isinstance(exc, openai.APITimeoutError):
-            return (
-                f"Timed out waiting for {server} ({self._attempts} attempt(s) of up to "
-                f"{self._timeout:g} s each; see VLLM_API_TIMEOUT_SECONDS, VLLM_API_MAX_RETRIES)."
-            )
-        if isinstance(exc, openai.APIConnectionError):
-            return (
-                f"Cannot reach {server} after {self._attempts} attempt(s); check VLLM_API_URL "
-                f"and that the server is running ({exc.__cause__ or exc})."
-            )
-        if isinstance(exc, openai.APIStatusError):
-            return f"Error from {server}: HTTP {exc.status_code}: {server_message(exc)}"
-        if isinstance(exc, openai.APIError):  # an error event in the middle of a stream
-            status = error_status(exc)
-            code = f"HTTP {status}: " if status else ""
-            return f"Error from {server} midway through the answer: {code}{server_message(exc)}"
-        return f"Request to {server} failed: {type(exc).__name__}: {exc}"
-
     def _describe_broken_stream(self, exc: openai.APIConnectionError) -> str:
         """A stream that stalled or broke off after the server had started the request."""
         server = f"the vLLM server at {self.base_url}"
         if isinstance(exc, openai.APITimeoutError):
-            what = f"{server} sent nothing for {self._timeout:g} s (VLLM_API_TIMEOUT_SECONDS)"
+            what = (
+                f"{server} sent nothing for {self._server.timeout:g} s "
+                "(VLLM_API_TIMEOUT_SECONDS)"
+            )
         else:
             what = f"the connection to {server} broke off ({exc.__cause__ or exc})"
         return (
@@ -311,23 +286,11 @@ class RemoteEngine:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(timeout)
 
 
-def error_status(exc: openai.OpenAIError) -> int | None:
-    """The HTTP status of an error answer, or of an error event midway through a stream."""
-    if isinstance(exc, openai.APIStatusError):
-        return exc.status_code
-    body = getattr(exc, "body", None)
-    code = body.get("code") if isinstance(body, dict) else None
-    return code if isinstance(code, int) else None
-
-
-def server_message(exc: openai.APIError) -> str:
-    """The server's own error message from an error answer."""
-    body = exc.body
-    if isinstance(body, dict) and body.get("message"):
-        return str(body["message"])
-    if isinstance(body, str) and body:
-        return body
-    return exc.message
+def _server_failed(request: Request, exc: RemoteServerError) -> Finished:
+    """A request's end when the server failed it (not the request's own fault)."""
+    return Finished(
+        request.request_id, error=str(exc), server_error=ServerFailure(exc.status_code, exc.url)
+    )
 
 
 class _Rejected(Exception):
@@ -407,7 +370,8 @@ class _StreamedAnswer:
         if unfinished:
             raise RemoteServerError(
                 f"The answer of the vLLM server at {base_url} ended before choice(s) "
-                f"{unfinished} finished; see the server's log."
+                f"{unfinished} finished; see the server's log.",
+                url=base_url,
             )
         samples = [self._sample(i) for i in sorted(self._texts)]
         if self._usage is not None:
