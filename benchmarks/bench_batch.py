@@ -82,7 +82,7 @@ class _StartTimes(logging.Handler):
         self.seconds: list[float] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "vLLM worker pid %d ready in %.1f s":
+        if str(record.msg).startswith("vLLM worker pid %d ready in %.1f s"):
             self.seconds.append(float(record.args[1]))  # type: ignore[index]
 
 

@@ -16,6 +16,7 @@ import _thread
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -363,9 +364,9 @@ def cli_run(demo_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     args = [
         source, "-o", output, "--model", demo_model, "--message-key", "q", "--result-key",
         "answers", "--system", SYSTEM, "--n", "3", "--temperature", "0.9", "--seed", "1",
-        "--max-output-len", "16", "--max-model-len", "1024", "--chunk-size", "2",
-        "--no-progress",
-    ]
+        "--max-tokens", "16", "--max-model-len", "1024", "--chunk-size", "2",
+        "--tensor-parallel-size", "1", "--log-level", "info", "--no-progress",
+    ]  # vLLM's option names (--max-tokens, --tensor-parallel-size) beside vlllm's
     process = run_cli(*args)
     return {"process": process, "output": output, "questions": questions, "args": args}
 
@@ -376,6 +377,9 @@ def test_cli_writes_every_item_with_n_samples_from_duplicated_prompts(
     process = cli_run["process"]
     assert process.returncode == 0, process.stderr[-3000:]
     assert "Wrote 3 items" in process.stderr
+    model = re.escape(str(cli_run["args"][cli_run["args"].index("--model") + 1]))
+    ready = rf"INFO vLLM worker pid \d+ ready in [\d.]+ s \(model {model}, local\)"
+    assert re.search(ready, process.stderr), process.stderr[-3000:]
     lines = read_lines(cli_run["output"])
     assert [line["q"][0]["content"] for line in lines] == cli_run["questions"]
     assert [line["_index"] for line in lines] == [0, 1, 2]

@@ -1,4 +1,7 @@
-"""The ``vllm-service`` command line."""
+"""The vllm-service command line: the demo, the demo model and batch generation.
+
+Its help texts are plain text (no rST or markdown): they are printed as they are.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +11,17 @@ import json
 import logging
 import os
 import sys
+import textwrap
 import time
 from functools import partial
 from pathlib import Path
 from typing import Any
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+DESCRIPTION = (
+    "Run vLLM through vllm-service: ask the demo model a few questions, build the demo model, "
+    "or generate a completion for every line of a JSONL file."
+)
 
 DEMO_QUESTIONS = [
     "What is the capital of France?",
@@ -23,31 +33,60 @@ DEMO_QUESTIONS = [
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(args.log_level)
     return int(args.run(args) or 0)
+
+
+def configure_logging(level: str) -> None:
+    """Log to stderr: vllm_service at ``level``, other libraries at INFO or above.
+
+    Other libraries' DEBUG lines (HTTP clients, file locks) would bury the service's own.
+    """
+    number = logging.getLevelName(level)
+    logging.basicConfig(
+        level=max(number, logging.INFO), format="%(asctime)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("vllm_service").setLevel(number)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line's parser: ``demo``, ``demo-model`` and ``generate``."""
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="vllm-service", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="vllm-service", description=DESCRIPTION, formatter_class=_PlainHelp
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _add_log_level(parser, default="INFO")
+    # Each command takes --log-level too, after its name; given there, it wins.
+    common = argparse.ArgumentParser(add_help=False)
+    _add_log_level(common, default=argparse.SUPPRESS)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
-        "demo", help="ask the built-in demo model (SmolLM2-135M-Instruct) a few questions"
+        "demo", parents=[common], formatter_class=_PlainHelp,
+        help="ask the built-in demo model (SmolLM2-135M-Instruct) a few questions",
     )
     demo.add_argument("questions", nargs="*", help="questions to ask (default: three examples)")
     demo.set_defaults(run=_run_demo)
 
     model = commands.add_parser(
-        "demo-model", help="build the demo model folder once and print its path"
+        "demo-model", parents=[common], formatter_class=_PlainHelp,
+        help="build the demo model folder once and print its path",
     )
     model.set_defaults(run=lambda args: print(_demo_model()) or 0)
 
-    _add_generate_command(commands)
+    _add_generate_command(commands, common)
     return parser
+
+
+def _add_log_level(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument(
+        "--log-level", type=str.upper, choices=LOG_LEVELS, default=default,
+        help="how much vllm-service logs to stderr, case-insensitive (default: INFO): INFO "
+        "has one line per worker start, ready, idle exit, sleep and end; DEBUG adds every "
+        "field of the service's status at each change",
+    )
 
 
 def _demo_model() -> str:
@@ -78,25 +117,29 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_generate_command(commands: Any) -> None:
+def _add_generate_command(commands: Any, common: argparse.ArgumentParser) -> None:
     default = _generate_defaults()
+    model = os.environ.get("VLLM_MODEL_PATH") or None
     command = commands.add_parser(
-        "generate",
+        "generate", parents=[common],
         help="generate a completion for every line of a JSONL file (batch, several workers)",
         description="Run every JSON object of INPUT.jsonl through vLLM and write each one, with "
         "its result added, to OUTPUT.jsonl as it finishes. Rerunning the same command skips "
         "the items OUTPUT.jsonl already holds, so an interrupted run goes on where it stopped. "
         "Options are named after the parameters of vllm_service.generate(). With --format "
-        "openai, INPUT.jsonl and OUTPUT.jsonl are OpenAI batch files instead, as `vllm "
-        "run-batch` reads and writes them (docs/openai-batch.md).",
+        "openai, INPUT.jsonl and OUTPUT.jsonl are OpenAI batch files instead, as vLLM's "
+        "run-batch command reads and writes them (docs/openai-batch.md). Options also take "
+        "vLLM's names where they have one (--tensor-parallel-size for --tp, --max-tokens for "
+        "--max-output-len).",
         formatter_class=_HelpWithDefaults,
     )
     arg = command.add_argument
     arg("input", metavar="INPUT.jsonl", type=Path, help="one JSON object per line")
     arg("-o", "--output", metavar="OUTPUT.jsonl", type=Path, required=True,
         help="results, one JSON object per line; also where a rerun resumes from")
-    arg("--model", "--model-id", dest="model_id", required=True,
-        help="local model folder or Hugging Face model id")
+    arg("--model", "--model-id", dest="model_id", required=model is None, default=model,
+        help="local model folder or Hugging Face model id (default: the environment "
+        "variable VLLM_MODEL_PATH, when set)")
     arg("--format", choices=("jsonl", "openai"), default="jsonl",
         help="jsonl: any JSON objects, the result added under --result-key; openai: OpenAI "
         "batch files (custom_id, url, body), each body's own sampling fields apply and the "
@@ -108,7 +151,8 @@ def _add_generate_command(commands: Any) -> None:
         "generate them again, or keep them")
     prompts = command.add_argument_group("prompts and results")
     prompts.add_argument("--message-key", default=default["message_key"],
-                         help="key holding each item's prompt (a string or a list of chat messages)")
+                         help="key holding each item's prompt (a string or a list of chat "
+                         "messages)")
     prompts.add_argument("--system", default=None,
                          help="system prompt put in front of every conversation that has none")
     prompts.add_argument("--result-key", default=default["result_key"],
@@ -127,13 +171,14 @@ def _add_generate_command(commands: Any) -> None:
                           f"{default['temperature']}; with --format openai: 1, as OpenAI's)")
     sampling.add_argument("--top-p", type=float, default=default["top_p"],
                           help="nucleus sampling probability")
-    sampling.add_argument("--max-output-len", type=int, default=None,
+    sampling.add_argument("--max-output-len", "--max-tokens", type=int, default=None,
                           help="most tokens generated per sample (default: "
                           f"{default['max_output_len']}; with --format openai, as OpenAI's: 16 "
                           "for completions, up to the end of the context for chat)")
     sampling.add_argument("--stop", action="append", metavar="TEXT",
                           help="stop at this text (repeat for several)")
-    sampling.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
+    sampling.add_argument("--seed", type=int, default=None,
+                          help="random seed, for repeatable samples")
     sampling.add_argument("--sampling-args", type=_json_object, metavar="JSON", default=None,
                           help='other vllm.SamplingParams arguments, e.g. \'{"ignore_eos": true}\'')
     structured = command.add_argument_group(
@@ -149,9 +194,9 @@ def _add_generate_command(commands: Any) -> None:
     workers.add_argument("--worker-num", type=int, default=default["worker_num"],
                          help="worker processes, each with its own engine on its own GPUs or "
                          "CPU cores")
-    workers.add_argument("--tp", type=int, default=default["tp"],
+    workers.add_argument("--tp", "--tensor-parallel-size", type=int, default=default["tp"],
                          help="tensor-parallel size (GPUs or core groups) per worker")
-    workers.add_argument("--pp", type=int, default=default["pp"],
+    workers.add_argument("--pp", "--pipeline-parallel-size", type=int, default=default["pp"],
                          help="pipeline-parallel size; above 1 uses Ray and needs --worker-num 1")
     workers.add_argument("--gpu-assignments", type=_gpu_assignments, metavar="0,1;2,3",
                          default=None, help="GPUs of each worker, workers separated by ';' "
@@ -191,7 +236,18 @@ def _add_generate_command(commands: Any) -> None:
     command.set_defaults(run=_run_generate)
 
 
-class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+class _PlainHelp(argparse.HelpFormatter):
+    """Wraps help text between words only: never inside an option name or a path."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
+class _HelpWithDefaults(_PlainHelp, argparse.ArgumentDefaultsHelpFormatter):
     """Shows each option's default, where it has one worth showing."""
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
@@ -218,7 +274,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"vllm-service generate: {exc}", file=sys.stderr)
         return 2
     options = vars(args).copy()
-    for name in ("command", "run", "input", "output", "format"):
+    for name in ("command", "run", "input", "output", "format", "log_level"):
         options.pop(name)
     if args.format == "openai":
         from ._batch.openai_format import generate_openai_batch, succeeded

@@ -53,6 +53,7 @@ def test_this_cpu_machine_refuses_the_setting_saying_why(model_folder: Path) -> 
 def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
     standin: Callable[..., VLLMSettings], standin_calls: Calls, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="vllm_service")
     settings = standin(idle_sleep_seconds=1, idle_ttl_seconds=60)
     with VLLMInferenceService(settings) as service:
         assert service.generate("Hello").text == "Hello"
@@ -68,10 +69,10 @@ def test_an_idle_engine_sleeps_and_the_next_request_wakes_it(
             assert not service.status().asleep
         assert wait_until(lambda: service.status().asleep, 5)
 
-    # every change of state is logged at INFO with all the fields of status()
+    # every change of state is logged at DEBUG with all the fields of status()
     changes = [
         r.getMessage() for r in caplog.records
-        if r.levelno == logging.INFO and r.getMessage().startswith("vllm-service worker ")
+        if r.levelno == logging.DEBUG and r.getMessage().startswith("vllm-service worker ")
     ]
     assert [m.split(":")[0].rsplit(" ", 1)[1] for m in changes] == [
         "starting", "ready", "stopping", "exited"

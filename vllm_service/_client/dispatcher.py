@@ -358,8 +358,10 @@ class Dispatcher:
     # ----- status -----
 
     def _log_change(self, handle: WorkerHandle, state: WorkerState) -> None:
-        status = self.status(handle)
-        logger.info("vllm-service worker %s: %s", state.value, status.describe())
+        # The worker logs each change in one line at INFO; every field is for DEBUG.
+        if logger.isEnabledFor(logging.DEBUG):
+            status = self.status(handle)
+            logger.debug("vllm-service worker %s: %s", state.value, status.describe())
 
     def status(self, handle: WorkerHandle | None = None) -> ServiceStatus:
         """What ``handle`` (by default the current worker) is doing now; starts nothing."""

@@ -159,6 +159,7 @@ class WorkerHandle:
             config = dataclasses.replace(config, environment={
                 **config.environment, "VLLM_RPC_BASE_PATH": str(self._socket_dir)})
         self.owner_pid = os.getpid()  # a forked child must never touch this worker
+        self._mode = config.mode  # for the log
 
         self._lock = threading.Lock()
         self._state = WorkerState.STARTING
@@ -207,7 +208,7 @@ class WorkerHandle:
         self.pid: int = self._process.pid  # type: ignore[assignment]
         _live_handles.add(self)
         logger.info(
-            "Started vLLM worker pid %d for %s (%s mode); its output: %s",
+            "Started vLLM worker pid %d (model %s, %s); its output: %s",
             self.pid, config.model, config.mode, self.log_path,
         )
         self._announcements.append(WorkerState.STARTING)
@@ -323,8 +324,10 @@ class WorkerHandle:
                 if on_delta is not None:
                     self._listeners[request_id] = on_delta
             self._last_activity = time.monotonic()
-            self.asleep = False  # the worker wakes its engine for these
+            woken, self.asleep = self.asleep, False  # the worker wakes its engine for these
             self._outbox.put(data)
+        if woken:
+            logger.info("vLLM worker pid %d: waking its engine for a request", self.pid)
         return futures
 
     def claim(self) -> None:
@@ -372,24 +375,36 @@ class WorkerHandle:
     def sleep(self) -> None:
         """Put the engine in vLLM's sleep mode once what is in flight has ended (GPU only)."""
         with self._lock:
-            if self._state is WorkerState.READY and not self.asleep:
+            sleeping = self._state is WorkerState.READY and not self.asleep
+            if sleeping:
                 self._post(Sleep())
                 self.asleep = True
+        if sleeping:
+            logger.info("vLLM worker pid %d: putting its engine to sleep (sleep())", self.pid)
 
     def wake_up(self) -> None:
         """Bring a sleeping engine back now (a request would also wake it)."""
         with self._lock:
-            if self._state is WorkerState.READY and self.asleep:
+            waking = self._state is WorkerState.READY and self.asleep
+            if waking:
                 self._post(WakeUp())
                 self.asleep = False
+        if waking:
+            logger.info("vLLM worker pid %d: waking its engine (wake_up())", self.pid)
 
     # ----- ending -----
 
     def retire(self) -> None:
         """Take no new requests, and stop once those in flight have ended."""
         with self._lock:
-            self._move(WorkerState.RETIRING)
+            retiring = self._move(WorkerState.RETIRING)
+            in_flight = len(self._pending)
             self._stop_when_drained(time.monotonic())
+        if retiring:
+            logger.info(
+                "vLLM worker pid %d unloading: stopping it%s", self.pid,
+                f" once its {in_flight} request(s) in flight end" if in_flight else "",
+            )
         self._announce()
 
     def stop(self, error: VLLMServiceError, timeout: float | None = None) -> None:
@@ -407,11 +422,14 @@ class WorkerHandle:
             was = self._state
             # A loading worker reads no messages until it is done: signal it at once.
             grace = 0.0 if was is WorkerState.STARTING else timeout
-            if self._move(WorkerState.STOPPING, now + grace):
+            stopping = self._move(WorkerState.STOPPING, now + grace)
+            if stopping:
                 self._post(Stop())
             futures = list(self._pending.values())
             self._pending.clear()
             self._listeners.clear()
+        if stopping:
+            logger.info("vLLM worker pid %d stopping (was %s): %s", self.pid, was.value, error)
         self._announce()
         _fail(futures, error)
         _settle(self._startup, error=error)
@@ -495,7 +513,7 @@ class WorkerHandle:
                 and not self.weights_updated and keep_alive.expired(idle_for)
             ):
                 logger.info(
-                    "vLLM worker pid %d idle for %.1f s (keep-alive %g s); stopping it",
+                    "vLLM worker pid %d idle for %.1f s (keep-alive %g s): stopping it",
                     self.pid, idle_for, keep_alive.ttl,
                 )
                 self._move(WorkerState.RETIRING)
@@ -507,7 +525,7 @@ class WorkerHandle:
                 and keep_alive.sleep_due(idle_for)
             ):
                 logger.info(
-                    "vLLM worker pid %d idle for %.1f s; putting its engine to sleep",
+                    "vLLM worker pid %d idle for %.1f s: putting its engine to sleep",
                     self.pid, idle_for,
                 )
                 self._post(Sleep())
@@ -613,11 +631,19 @@ class WorkerHandle:
             self._shm_paths |= shared_memory_files(self.pid)
             for choice in message.info.get("choices", []):
                 logger.warning("vLLM worker pid %d: %s", self.pid, choice)
-            logger.info("vLLM worker pid %d ready in %.1f s", self.pid, elapsed)
+            logger.info(
+                "vLLM worker pid %d ready in %.1f s (model %s, %s)",
+                self.pid, elapsed, message.info.get("model"), self._mode,
+            )
+            logger.debug("vLLM worker pid %d loaded: %s", self.pid, message.info)
             _settle(self._startup, result=message.info)
         elif isinstance(message, StartFailed):
             with self._lock:
                 self._move(WorkerState.STOPPING, time.monotonic() + self.stop_timeout)
+            logger.warning(  # the first line: the rest is in the error raised
+                "vLLM worker pid %d failed to start: %s",
+                self.pid, str(message.error).splitlines()[0],
+            )
             self._announce()
             server = message.error.server
             error: Exception = (
@@ -683,7 +709,8 @@ class WorkerHandle:
                 ),
             )
         clean = was in (WorkerState.RETIRING, WorkerState.STOPPING) and exit_code == 0
-        if not clean and was is not WorkerState.STOPPING:
+        failed = not clean and was is not WorkerState.STOPPING
+        if failed:
             # It was not asked to go: a failure worth reporting, in status() too.
             if was is WorkerState.STARTING:
                 when = "while loading the model"
@@ -712,7 +739,10 @@ class WorkerHandle:
             shutil.rmtree(self._socket_dir, ignore_errors=True)
         if clean:
             self.log_path.unlink(missing_ok=True)
-        logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
+        if failed:
+            logger.warning("vllm-service: %s", self.failure)
+        else:
+            logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
 
     # ----- helpers -----
 
