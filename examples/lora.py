@@ -17,18 +17,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from _lora_adapter import make_adapter  # noqa: E402  (a peft adapter with random weights)
 
 if __name__ == "__main__":
-    folder = Path(tempfile.mkdtemp())
     model = demo_model_path()
-    first = make_adapter(model, folder / "first", seed=0)
-    second = make_adapter(model, folder / "second", seed=1)
+    with tempfile.TemporaryDirectory(prefix="lora-example-") as folder:
+        first = make_adapter(model, Path(folder) / "first", seed=0)
+        second = make_adapter(model, Path(folder) / "second", seed=1)
 
-    settings = VLLMSettings(model_path=model, max_model_len=2048,
-                            lora_modules={"first": str(first)})  # or VLLM_LORA_MODULES as JSON
-    with VLLMInferenceService(settings) as service:
-        service.load_lora("second", second)  # at run time
-        prompts = ["The capital of France is"] * 3
-        for lora in (None, "first", "second"):
-            result = service.generate(prompts[0], temperature=0, max_tokens=12, lora=lora)
-            print(f"{lora or 'base':>7}: {result.text!r}")
-        service.unload_lora("second")
-        print(service.lora_adapters())  # ['first']
+        settings = VLLMSettings(model_path=model, max_model_len=2048,
+                                lora_modules={"first": str(first)})  # or VLLM_LORA_MODULES as JSON
+        with VLLMInferenceService(settings) as service:
+            service.load_lora("second", second)  # at run time
+            for lora in (None, "first", "second"):
+                result = service.generate("The capital of France is", temperature=0,
+                                          max_tokens=12, lora=lora)
+                print(f"{lora or 'base':>7}: {result.text!r}")
+            service.unload_lora("second")
+            print(service.lora_adapters())  # ['first']

@@ -1,9 +1,11 @@
-"""The examples run as a user runs them: the streaming HTTP server, over loopback."""
+"""The examples run as a user runs them: scripts that print, and the streaming HTTP server
+over loopback. Each starts its own engine (40-60 s here), so each runs once."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -14,11 +16,57 @@ from typing import Any
 
 import httpx
 import pytest
+from _doc_snippets import run_script
 from _reference_engine import ReferenceEngine
 from _waiting import wait_until
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 FRANCE = "What is the capital of France?"
+# An engine start and a few short answers; the LoRA example also makes two adapters first.
+EXAMPLE_TIMEOUT_SECONDS = 400
+
+
+def run_example(name: str, tmp_path: Path) -> list[str]:
+    """Run examples/``name`` as a user runs it; the lines it printed."""
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_MODEL_PATH"}
+    done = run_script(EXAMPLES / name, EXAMPLE_TIMEOUT_SECONDS, env, cwd=tmp_path)
+    assert done.returncode == 0, f"{name}: exit {done.returncode}\n{done.stderr[-3000:]}"
+    return done.stdout.splitlines()
+
+
+def test_the_sampling_example_prints_tokens_logprobs_and_samples(tmp_path: Path) -> None:
+    lines = run_example("sampling.py", tmp_path)  # it asserts the token-id prompt itself
+    answer = re.fullmatch(r"(['\"]).*\1 \[([\d, ]+)\] (stop|length)", lines[0])
+    assert answer, lines[0]
+    positions = lines[1:-1]  # each answered token, with its 3 most likely
+    assert len(positions) == len(answer[2].split(", ")) <= 8, lines
+    for position in positions:
+        token_logprob, top = position.split("  top: ")
+        assert re.search(r" -?\d+\.\d{3}$", token_logprob), position
+        assert len(re.findall(r" -?(?:\d+\.\d\d|inf)(?:, |$)", top)) >= 3, position
+    assert lines[-1].startswith("most likely of 3 samples: "), lines
+
+
+def test_the_structured_outputs_example_prints_what_each_constraint_allows(
+    tmp_path: Path,
+) -> None:
+    lines = run_example("structured_outputs.py", tmp_path)
+    *text, parsed, constrained, bad = lines
+    city = json.loads("\n".join(text))  # the JSON the schema allowed (it may span lines)
+    assert set(city) == {"name", "country", "is_capital"}, city
+    assert parsed == (  # ... parsed as the pydantic City
+        f"name={city['name']!r} country={city['country']!r} is_capital={city['is_capital']!r}"
+    ), lines
+    assert re.fullmatch(r"' \d{3}-\d{4}' '(sunny|rainy)' ' (yes|no)'", constrained), lines
+    assert bad.startswith("error "), lines  # the bad regex failed alone
+
+
+def test_the_lora_example_answers_with_each_adapter(tmp_path: Path) -> None:
+    lines = run_example("lora.py", tmp_path)
+    answers = dict(line.strip().split(": ", 1) for line in lines[:3])
+    assert list(answers) == ["base", "first", "second"], lines
+    assert answers["first"] != answers["base"] or answers["second"] != answers["base"], lines
+    assert lines[3:] == ["['first']"], lines
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ It drives the same worker through the same dispatcher as :class:`VLLMInferenceSe
 call submits its requests and awaits their futures on the event loop (``asyncio.wrap_future``):
 no thread waits for a request, so a thousand concurrent tasks make no thread. Only what
 blocks by nature runs in a thread: starting the worker (waiting for an old one to exit),
-unloading and shutting down, and remote-mode adapter calls.
+unloading and shutting down, sleep and wake-up, and remote-mode adapter calls.
 """
 
 from __future__ import annotations
@@ -137,13 +137,15 @@ class AsyncVLLMInferenceService:
             self.service.update_weights, source, version=version, in_flight=in_flight
         )
 
-    async def sleep(self, level: int = 1) -> None:
-        """See :meth:`VLLMInferenceService.sleep` (GPU only)."""
-        self.service.sleep(level)
+    async def sleep(self, level: int = 1, *, timeout: float | None = None) -> None:
+        """See :meth:`VLLMInferenceService.sleep` (GPU only): returns once the memory is freed.
 
-    async def wake_up(self) -> None:
-        """See :meth:`VLLMInferenceService.wake_up` (GPU only)."""
-        self.service.wake_up()
+        Waits in a thread, as sleep is rare; cancelling the task does not stop the sleep."""
+        await asyncio.to_thread(self.service.sleep, level, timeout=timeout)
+
+    async def wake_up(self, *, timeout: float | None = None) -> None:
+        """See :meth:`VLLMInferenceService.wake_up` (GPU only): returns once the engine is awake."""
+        await asyncio.to_thread(self.service.wake_up, timeout=timeout)
 
     # ----- life cycle -----
 

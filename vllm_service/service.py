@@ -8,11 +8,13 @@ between local and remote mode is asked of the mode (``_client/modes.py``).
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
 import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any, Literal
 
 from ._client.calls import Params
@@ -25,7 +27,7 @@ from ._worker.handle import WorkerHandle
 from ._worker.keep_alive import KeepAlive
 from ._worker.protocol import UpdateWeights
 from ._worker.weight_staging import WeightSource, staged
-from .errors import WeightUpdateError
+from .errors import RequestTimeoutError, WeightUpdateError
 from .settings import VLLMSettings
 from .types import ChatMessages, Duration, GenerationResult, ServiceStatus, TokenIds
 
@@ -217,12 +219,17 @@ class VLLMInferenceService:
             version, weights.nbytes / 1e6, time.monotonic() - started,
         )
 
-    def sleep(self, level: int = 1) -> None:
+    def sleep(self, level: int = 1, *, timeout: float | None = None) -> None:
         """Free the engine's GPU memory around a training step (vLLM's sleep mode, level 1).
 
         The weights move to CPU memory and the KV cache is dropped, once the requests in
-        flight have ended; :meth:`wake_up` (or the next request) brings them back. GPU only,
-        with the engine started in sleep mode (``VLLM_IDLE_SLEEP_SECONDS``, or
+        flight have ended; :meth:`wake_up` (or the next request) brings them back. Returns
+        once the memory is freed (or once a request from another thread woke the engine
+        first), so a training step may start right after. ``timeout`` (seconds) bounds the
+        wait over ``VLLM_REQUEST_TIMEOUT_SECONDS`` (unset: as long as the requests in flight
+        take): past it :class:`RequestTimeoutError` is raised, and the engine still sleeps
+        once they end. :class:`WorkerDiedError` if the worker ends meanwhile. GPU only, with
+        the engine started in sleep mode (``VLLM_IDLE_SLEEP_SECONDS``, or
         ``VLLM_ENGINE_ARGS='{"enable_sleep_mode": true}'``); ``RuntimeError`` says which is
         missing. Does nothing with no worker running.
         """
@@ -231,15 +238,35 @@ class VLLMInferenceService:
                 f"sleep level {level} is not offered: level 2 discards the weights, and the "
                 "service would then serve garbage until update_weights; use level 1"
             )
+        bound = self._sleep_wait_bound(timeout)
         handle = self._sleep_mode_worker()
         if handle is not None:
-            handle.sleep()
+            _wait_for_engine(
+                handle.sleep(), bound, "sleep()", "for the engine to sleep: the requests in "
+                "flight have not ended (it still sleeps once they have)",
+            )
 
-    def wake_up(self) -> None:
-        """Bring a sleeping engine's weights back now (see :meth:`sleep`)."""
+    def wake_up(self, *, timeout: float | None = None) -> None:
+        """Bring a sleeping engine's weights back now; returns once they are back.
+
+        ``timeout`` as in :meth:`sleep` (see there).
+        """
+        bound = self._sleep_wait_bound(timeout)
         handle = self._sleep_mode_worker()
         if handle is not None:
-            handle.wake_up()
+            _wait_for_engine(handle.wake_up(), bound, "wake_up()", "for the engine to wake up")
+
+    def _sleep_wait_bound(self, timeout: float | None) -> tuple[float, str] | None:
+        """How long sleep() or wake_up() waits, and what set it; None: no bound."""
+        if timeout is None:
+            seconds = self.settings.request_timeout_seconds
+            return None if seconds is None else (seconds, "VLLM_REQUEST_TIMEOUT_SECONDS")
+        if (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float))
+            or not math.isfinite(timeout) or timeout <= 0
+        ):
+            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+        return float(timeout), f"timeout={timeout:g}"
 
     def _sleep_mode_worker(self) -> WorkerHandle | None:
         """The ready worker, when it can sleep; raises saying why it cannot."""
@@ -311,6 +338,23 @@ class VLLMInferenceService:
 
     # ----- status -----
 
+
+
+def _wait_for_engine(
+    answer: Future[bool] | None, bound: tuple[float, str] | None, call: str, waited_for: str
+) -> None:
+    """Wait for the worker's answer to a sleep or wake-up (None: there is no worker)."""
+    if answer is None:
+        return
+    try:
+        answer.result(None if bound is None else bound[0])
+    except TimeoutError:
+        assert bound is not None
+        seconds, source = bound
+        knob = "timeout=" if source.startswith("timeout=") else source
+        raise RequestTimeoutError(
+            f"{call} waited {seconds:g} s ({source}) {waited_for}; raise {knob} to wait longer"
+        ) from None
 
 
 class Hold:

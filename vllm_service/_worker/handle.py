@@ -80,6 +80,7 @@ from .protocol import (
     Ready,
     Request,
     Sleep,
+    SleepState,
     StartFailed,
     Stop,
     Submit,
@@ -185,6 +186,8 @@ class WorkerHandle:
         # Per request (and weight update) in flight: its Future, settled with its answer.
         self._pending: dict[int, Future[Any]] = {}
         self._listeners: dict[int, Callable[[Delta], None]] = {}
+        # One per Sleep or WakeUp sent, oldest first: the worker answers them in that order.
+        self._sleep_answers: collections.deque[Future[bool]] = collections.deque()
         self._announcements: list[WorkerState] = []
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._exited = threading.Event()  # the process and its clean-up are done
@@ -372,25 +375,43 @@ class WorkerHandle:
                 self._post(Abort(request_ids))
         _fail(futures, error)
 
-    def sleep(self) -> None:
-        """Put the engine in vLLM's sleep mode once what is in flight has ended (GPU only)."""
-        with self._lock:
-            sleeping = self._state is WorkerState.READY and not self.asleep
-            if sleeping:
-                self._post(Sleep())
-                self.asleep = True
-        if sleeping:
-            logger.info("vLLM worker pid %d: putting its engine to sleep (sleep())", self.pid)
+    def sleep(self) -> Future[bool] | None:
+        """Put the engine in vLLM's sleep mode once what is in flight has ended (GPU only).
 
-    def wake_up(self) -> None:
-        """Bring a sleeping engine back now (a request would also wake it)."""
+        Never blocks. The Future settles once the engine sleeps (True), or once a request or
+        :meth:`wake_up` came first (False); it fails if the worker ends. None: the worker is
+        not ready, so there is nothing to put to sleep.
+        """
         with self._lock:
-            waking = self._state is WorkerState.READY and self.asleep
-            if waking:
-                self._post(WakeUp())
-                self.asleep = False
+            if self._state is not WorkerState.READY:
+                return None
+            falling_asleep, self.asleep = not self.asleep, True
+            answer = self._ask(Sleep())
+        if falling_asleep:
+            logger.info("vLLM worker pid %d: putting its engine to sleep (sleep())", self.pid)
+        return answer
+
+    def wake_up(self) -> Future[bool] | None:
+        """Bring a sleeping engine back now (a request would also wake it).
+
+        Never blocks; the Future settles (False) once the engine is awake. None: the worker is
+        not ready.
+        """
+        with self._lock:
+            if self._state is not WorkerState.READY:
+                return None
+            waking, self.asleep = self.asleep, False
+            answer = self._ask(WakeUp())
         if waking:
             logger.info("vLLM worker pid %d: waking its engine (wake_up())", self.pid)
+        return answer
+
+    def _ask(self, message: Sleep | WakeUp) -> Future[bool]:
+        """Send a Sleep or WakeUp; its Future gets the worker's answer. Under the lock."""
+        answer: Future[bool] = Future()
+        self._sleep_answers.append(answer)
+        self._post(message)
+        return answer
 
     # ----- ending -----
 
@@ -425,9 +446,7 @@ class WorkerHandle:
             stopping = self._move(WorkerState.STOPPING, now + grace)
             if stopping:
                 self._post(Stop())
-            futures = list(self._pending.values())
-            self._pending.clear()
-            self._listeners.clear()
+            futures = self._take_waiting()
         if stopping:
             logger.info("vLLM worker pid %d stopping (was %s): %s", self.pid, was.value, error)
         self._announce()
@@ -528,7 +547,7 @@ class WorkerHandle:
                     "vLLM worker pid %d idle for %.1f s: putting its engine to sleep",
                     self.pid, idle_for,
                 )
-                self._post(Sleep())
+                self._ask(Sleep())  # the clock never waits for the answer
                 self.asleep = True
             elif self._deadline is not None and now >= self._deadline:
                 if self._state is WorkerState.STARTING:
@@ -620,6 +639,11 @@ class WorkerHandle:
                 self._stop_when_drained(self._last_activity)
             if future is not None:
                 _settle(future, result=message)
+        elif isinstance(message, SleepState):
+            with self._lock:
+                answer = self._sleep_answers.popleft() if self._sleep_answers else None
+            if answer is not None:
+                _settle(answer, result=message.asleep)
         elif isinstance(message, Ready):
             elapsed = time.monotonic() - self._started
             message.info["startup_seconds"] = round(elapsed, 2)
@@ -668,9 +692,7 @@ class WorkerHandle:
         finally:
             with self._lock:
                 self._move(WorkerState.EXITED)
-                futures = list(self._pending.values())
-                self._pending.clear()
-                self._listeners.clear()
+                futures = self._take_waiting()
             _fail(futures, WorkerDiedError(
                 self.failure or f"The vLLM worker (pid {self.pid}) exited", pid=self.pid,
                 exit_code=self.exit_code, log_path=str(self.log_path),
@@ -745,6 +767,14 @@ class WorkerHandle:
             logger.info("vLLM worker pid %d %s (was %s)", self.pid, how, was.value)
 
     # ----- helpers -----
+
+    def _take_waiting(self) -> list[Future[Any]]:
+        """Every Future still waiting for the worker, taken out to be failed. Under the lock."""
+        futures = [*self._pending.values(), *self._sleep_answers]
+        self._pending.clear()
+        self._listeners.clear()
+        self._sleep_answers.clear()
+        return futures
 
     def _post(self, message: object) -> None:
         self._outbox.put(bytes(ForkingPickler.dumps(message)))

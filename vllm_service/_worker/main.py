@@ -39,6 +39,7 @@ from .protocol import (
     Request,
     ServerFailure,
     Sleep,
+    SleepState,
     StartFailed,
     Stop,
     Submit,
@@ -121,6 +122,7 @@ class _Server:
         self.engine = engine
         self.asleep = False
         self.sleep_due = False  # asked to sleep while requests ran: sleep once they end
+        self.unanswered_sleeps = 0  # Sleep messages waiting for the engine to sleep
         self.running: set[int] = set()  # ids of requests added to the engine, not yet finished
         self.update: UpdateWeights | None = None  # waits until nothing runs
         self.held: list[Request] = []  # requests that came after the waiting update
@@ -142,6 +144,7 @@ class _Server:
             if self.sleep_due and not self.engine.has_unfinished() and self.update is None:
                 self.engine.sleep()
                 self.asleep, self.sleep_due = True, False
+                self.answer_sleeps(asleep=True)
             if self.engine.has_unfinished():
                 for output in self.engine.step():
                     self.send(output)
@@ -159,12 +162,14 @@ class _Server:
         if isinstance(message, Abort):
             self.abort(message.request_ids)
         elif isinstance(message, Sleep):
-            self.sleep_due = not self.asleep
-        elif isinstance(message, WakeUp):
-            self.sleep_due = False
             if self.asleep:
-                self.engine.wake_up()
-                self.asleep = False
+                self.conn.send(SleepState(asleep=True))
+            else:
+                self.sleep_due = True
+                self.unanswered_sleeps += 1
+        elif isinstance(message, WakeUp):
+            self.wake_up()
+            self.conn.send(SleepState(asleep=False))
         elif isinstance(message, Submit):
             if self.update is not None:
                 self.held.extend(message.requests)
@@ -178,12 +183,23 @@ class _Server:
                 for request_id in ids:
                     self.send(Finished(request_id, error=_ABORTED_FOR_UPDATE, error_type="aborted"))
 
-    def add(self, requests: list[Request]) -> None:
-        if requests:
-            self.sleep_due = False
-        if requests and self.asleep:
+    def wake_up(self) -> None:
+        """Wake the engine if it sleeps, and give up a sleep not begun (its askers hear so)."""
+        self.sleep_due = False
+        self.answer_sleeps(asleep=False)
+        if self.asleep:
             self.engine.wake_up()
             self.asleep = False
+
+    def answer_sleeps(self, asleep: bool) -> None:
+        """Answer every Sleep not yet answered: the parent's sleep() calls wait for this."""
+        for _ in range(self.unanswered_sleeps):
+            self.conn.send(SleepState(asleep))
+        self.unanswered_sleeps = 0
+
+    def add(self, requests: list[Request]) -> None:
+        if requests:
+            self.wake_up()
         for request in requests:
             try:
                 self.engine.add(request)

@@ -6,6 +6,7 @@
     Abort([request_id, ...]) ------------>   engine.abort()
     Sleep()                 ------------->   engine.sleep() once nothing runs; the next Submit
                                              or WakeUp() wakes it (GPU only)
+    WakeUp()                ------------->   engine.wake_up() if it sleeps
     UpdateWeights(...)      ------------->   once nothing runs: engine.update_weights(); Submits
                                              that come meanwhile wait for it
     Stop()                  ------------->   tear the engine down, exit
@@ -14,6 +15,8 @@
                             <-------------   Delta(...)             new text of a streamed request
                             <-------------   Finished(...)          one per request, as each ends
                             <-------------   WeightsUpdated(...)    one per UpdateWeights
+                            <-------------   SleepState(asleep)     one per Sleep or WakeUp, in
+                                                                    their order, once done
 
 The worker never pickles exception objects: errors travel as text (:class:`RemoteError`).
 Its exit code says how it ended (``EXIT_*`` below); a negative one is the signal that killed it.
@@ -211,5 +214,16 @@ class WeightsUpdated:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class SleepState:
+    """The answer to a :class:`Sleep` or :class:`WakeUp`, sent once the engine has done it.
+
+    ``asleep`` False answers a Sleep that a request (or a WakeUp) overtook before the engine
+    slept. Answers come in the order of the messages they answer.
+    """
+
+    asleep: bool
+
+
 ToWorker = Submit | Abort | Sleep | WakeUp | UpdateWeights | Stop
-FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated | Progress
+FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated | Progress | SleepState

@@ -14,6 +14,8 @@ or torch (docs/testing.md). It imports neither.
   ``Finished`` alone (as vLLM's may).
 - ``engine_args["standin_step_seconds"]``: each step takes this long (default 0), so that
   calls can be caught in flight, timed out or aborted.
+- ``engine_args["standin_sleep_seconds"]``: ``sleep`` and ``wake_up`` each take this long
+  (default 0), as vLLM's take while they move the weights.
 - ``engine_args["standin_numbered_samples"]``: sample ``k`` of a request ends with `` #k``,
   so that a test can tell the ``n`` samples apart.
 - ``logprobs=k`` in a request: each answered token has logprob 0 (the echo is certain), and
@@ -90,6 +92,7 @@ class StandInEngine:
     def __init__(self, config: WorkerConfig) -> None:
         args = config.engine_args
         self._step_seconds = max(0.0, float(args.get("standin_step_seconds", 0.0)))
+        self._sleep_seconds = max(0.0, float(args.get("standin_sleep_seconds", 0.0)))
         self._numbered = bool(args.get("standin_numbered_samples", False))
         self._max_model_len: int | None = args.get("max_model_len")
         self.info: dict[str, Any] = {
@@ -189,11 +192,13 @@ class StandInEngine:
         return outputs
 
     def sleep(self) -> None:
-        """Records the call (there are no weights to move)."""
+        """Takes ``standin_sleep_seconds``, then records the call (there are no weights)."""
+        time.sleep(self._sleep_seconds)
         _record("sleep")
 
     def wake_up(self) -> None:
-        """Records the call."""
+        """Takes ``standin_sleep_seconds``, then records the call."""
+        time.sleep(self._sleep_seconds)
         _record("wake_up")
 
     def update_weights(self, files: list[str], folder: str | None) -> None:
