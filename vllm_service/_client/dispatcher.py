@@ -39,8 +39,10 @@ from ..errors import (
     WorkerStartError,
 )
 from ..settings import VLLMSettings
-from ..types import Duration, GenerationResult, ServiceStatus
+from .._worker.processes import gpu_memory_bytes
+from ..types import Duration, GenerationResult, ServiceMetrics, ServiceStatus
 from .calls import Call, CallBuilder, Deadline, Params, Prompt, seconds_left, to_result
+from .counters import Counters
 from .modes import Mode
 
 logger = logging.getLogger("vllm_service")
@@ -89,6 +91,7 @@ class Dispatcher:
         self._closed = False
         self.served = 0
         """Requests that ended with a result, over the service's life."""
+        self.counters = Counters()
         self.restarts = 0
         """Workers started after the first."""
         self.last_error: str | None = None
@@ -313,21 +316,34 @@ class Dispatcher:
         )
 
     def results(self, call: Call, futures: list[Future[Finished]]) -> list[GenerationResult]:
-        """The call's results from its settled futures; raises what the call must raise."""
+        """The call's results from its settled futures; raises what the call must raise.
+
+        Every request is counted here, once (``metrics()``), whatever the call was."""
+        outcomes: list[GenerationResult | BaseException] = []
+        for future in futures:
+            error = future.exception()
+            if error is None:
+                finished = future.result()
+                error = to_result(finished, call.parse_as, self._calls.public_id(finished.request_id))
+            outcomes.append(error)
+        self.counters.record(outcomes)
+        results = [o for o in outcomes if isinstance(o, GenerationResult)]
         with self._lock:
-            self.served += sum(1 for f in futures if f.done() and f.exception() is None)
+            self.served += len(results)
         try:
-            finished = [future.result() for future in futures]
-            if all(f.server_error for f in finished):
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            if all(r.error_type == "server_error" for r in results):
                 # Nothing came back: the server is down or failing, which a result must not hide.
-                error = str(finished[0].error)
-                if len(finished) > 1:
-                    error += f" (all {len(finished)} requests of the call failed)"
+                error = str(results[0].error)
+                if len(results) > 1:
+                    error += f" (all {len(results)} requests of the call failed)"
                 raise RemoteServerError(error)
         except (WorkerDiedError, RemoteServerError) as exc:
             self.last_error = str(exc)
             raise
-        return [to_result(f, call.parse_as) for f in finished]
+        return results
 
     # ----- ending -----
 
@@ -381,6 +397,9 @@ class Dispatcher:
             state = WorkerState.STOPPING  # the process ended; its clean-up is under way
         info = handle.info
         return ServiceStatus(
+            log_path=str(handle.log_path),
+            waiting=min(handle.waiting, in_flight),
+            gpu_memory_bytes=gpu_memory_bytes(handle.pid),
             state=state.value,  # type: ignore[arg-type]
             pid=handle.pid,
             model=info.get("model", self._config.model),
@@ -394,6 +413,25 @@ class Dispatcher:
             asleep=handle.asleep,
             weight_version=handle.weight_version,
             **common,  # type: ignore[arg-type]
+        )
+
+    def metrics(self) -> ServiceMetrics:
+        """The counters since the service was made, with the worker's state now; starts
+        nothing, and reads no process's memory (cheap enough for every scrape)."""
+        handle = self._slot.handle
+        state, in_flight, waiting = "stopped", 0, 0
+        load_seconds = weight_version = None
+        if handle is not None and not handle.exited:
+            worker_state, in_flight, _ = handle.snapshot()
+            waiting = min(handle.waiting, in_flight)
+            state = "stopping" if worker_state is WorkerState.EXITED else worker_state.value
+            load_seconds = handle.info.get("startup_seconds")
+            weight_version = handle.weight_version
+        return ServiceMetrics(
+            model=self._config.model, mode=self._config.mode,  # type: ignore[arg-type]
+            waiting=waiting, running=in_flight - waiting, state=state,  # type: ignore[arg-type]
+            restarts=self.restarts, load_seconds=load_seconds, weight_version=weight_version,
+            **self.counters.snapshot(),  # type: ignore[arg-type]
         )
 
     # ----- helpers -----

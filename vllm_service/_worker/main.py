@@ -37,6 +37,7 @@ from .protocol import (
     RemoteError,
     Request,
     Sleep,
+    Started,
     StartFailed,
     Stop,
     Submit,
@@ -138,7 +139,11 @@ class _Server:
                 self.engine.sleep()
                 self.asleep, self.sleep_due = True, False
             if self.engine.has_unfinished():
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                started = self.engine.clock.take_started()
+                if started:  # before the outputs: the parent ignores requests already ended
+                    self.conn.send(Started(started))
+                for output in outputs:
                     self.send(output)
                 self.tell_progress()
 
@@ -180,6 +185,7 @@ class _Server:
             self.engine.wake_up()
             self.asleep = False
         for request in requests:
+            self.engine.clock.queued(request.request_id)
             try:
                 self.engine.add(request)
                 self.running.add(request.request_id)
@@ -188,6 +194,7 @@ class _Server:
 
     def abort(self, request_ids: list[int]) -> None:
         self.engine.abort(request_ids)
+        self.engine.clock.forget(request_ids)
         self.running.difference_update(request_ids)
         self.held = [r for r in self.held if r.request_id not in request_ids]
         if self.update is not None and self.update.request_id in request_ids:
@@ -230,8 +237,10 @@ class _Server:
         self.told_steps, self.told_at = self.engine.steps, time.monotonic()
         if isinstance(output, Finished):
             self.running.discard(output.request_id)
-            if self.version is not None:  # None is the field's default: no copy needed
-                output = dataclasses.replace(output, weight_version=self.version)
+            output = dataclasses.replace(
+                output, weight_version=self.version,
+                timings=self.engine.clock.finished(output.request_id),
+            )
         self.conn.send(output)
 
 

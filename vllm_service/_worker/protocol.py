@@ -11,6 +11,7 @@
     Stop()                  ------------->   tear the engine down, exit
                             <-------------   Ready(info)            once, after the engine is built
                             <-------------   StartFailed(error)     instead of Ready
+                            <-------------   Started([id, ...])     these requests gave their first token
                             <-------------   Delta(...)             new text of a streamed request
                             <-------------   Finished(...)          one per request, as each ends
                             <-------------   WeightsUpdated(...)    one per UpdateWeights
@@ -28,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..settings import ENGINE_STALL_SECONDS
-from ..types import ChatMessages, ErrorType, Sample, TokenIds, TokenLogprobs
+from ..types import ChatMessages, ErrorType, RequestTimings, Sample, TokenIds, TokenLogprobs
 
 EXIT_OK = 0  # stopped when asked, or its parent went away
 EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
@@ -158,6 +159,13 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Started:
+    """These requests' first tokens came out of the engine: they are no longer waiting."""
+
+    request_ids: list[int]
+
+
+@dataclass(frozen=True)
 class Delta:
     """New output of a streamed request: sample ``index``'s next text and token ids.
 
@@ -188,6 +196,7 @@ class Finished:
     prompt_token_ids: TokenIds | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     weight_version: str | int | None = None  # of the weights the request ran on
+    timings: RequestTimings | None = None
 
 
 @dataclass(frozen=True)
@@ -203,4 +212,4 @@ class WeightsUpdated:
 
 
 ToWorker = Submit | Abort | Sleep | WakeUp | UpdateWeights | Stop
-FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated | Progress
+FromWorker = Ready | StartFailed | Started | Delta | Finished | WeightsUpdated | Progress
