@@ -63,7 +63,8 @@ class ServiceCollector:
             labels=["model", "error_type"],
         )
         prompt_tokens = CounterMetricFamily(
-            "vllm_service_prompt_tokens", "Prompt tokens of the answered requests.", labels=["model"]
+            "vllm_service_prompt_tokens", "Prompt tokens of the answered requests.",
+            labels=["model"],
         )
         generation_tokens = CounterMetricFamily(
             "vllm_service_generation_tokens", "Tokens generated for the answered requests.",

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from .._worker.handle import WorkerHandle, WorkerState, WorkerUnavailable
 from .._worker.keep_alive import KeepAlive
+from .._worker.processes import gpu_memory_bytes
 from .._worker.protocol import Delta, Finished, WorkerConfig
 from ..errors import (
     RemoteServerError,
@@ -39,7 +40,6 @@ from ..errors import (
     WorkerStartError,
 )
 from ..settings import VLLMSettings
-from .._worker.processes import gpu_memory_bytes
 from ..types import Duration, GenerationResult, ServiceMetrics, ServiceStatus
 from .calls import Call, CallBuilder, Deadline, Params, Prompt, seconds_left, to_result
 from .counters import Counters
@@ -324,7 +324,8 @@ class Dispatcher:
             error = future.exception()
             if error is None:
                 finished = future.result()
-                error = to_result(finished, call.parse_as, self._calls.public_id(finished.request_id))
+                public_id = self._calls.public_id(finished.request_id)
+                error = to_result(finished, call.parse_as, public_id)
             outcomes.append(error)
         self.counters.record(outcomes)
         results = [o for o in outcomes if isinstance(o, GenerationResult)]

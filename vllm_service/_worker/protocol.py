@@ -11,7 +11,7 @@
     Stop()                  ------------->   tear the engine down, exit
                             <-------------   Ready(info)            once, after the engine is built
                             <-------------   StartFailed(error)     instead of Ready
-                            <-------------   Started([id, ...])     these requests gave their first token
+                            <-------------   Started([id, ...])     first tokens of these requests
                             <-------------   Delta(...)             new text of a streamed request
                             <-------------   Finished(...)          one per request, as each ends
                             <-------------   WeightsUpdated(...)    one per UpdateWeights
