@@ -141,7 +141,7 @@ class _Server:
             if self.engine.has_unfinished():
                 outputs = self.engine.step()
                 started = self.engine.clock.take_started()
-                if started:  # before the outputs: the parent ignores requests already ended
+                if started:  # before the outputs, so that no Started follows its Finished
                     self.conn.send(Started(started))
                 for output in outputs:
                     self.send(output)
