@@ -1276,3 +1276,32 @@ def test_server_stopped_then_restarted(server: VLLMServer, vllm_says: dict[str, 
     settings = remote_settings(server, api_key=None, model_path=Path(server.model).name)
     with VLLMInferenceService(settings) as service:
         assert service.chat(FRANCE, temperature=0, max_tokens=20).text == vllm_says["france20"]
+
+
+def test_remote_results_carry_request_ids_and_timings_and_metrics_count_them(
+    server: VLLMServer,
+) -> None:
+    # Its own service: at the end of the module the server may have been restarted.
+    with VLLMInferenceService(remote_settings(server)) as service:
+        results = service.generate_batch(
+            ["1, 2, 3,", "4, 5, 6,", "hello " * 3000], temperature=0, max_tokens=5,
+            ignore_eos=True,
+        )
+        streamed = list(service.stream("7, 8, 9,", temperature=0, max_tokens=5, ignore_eos=True))
+        answered = [*results[:2], streamed[-1].result]
+        for result in answered:
+            assert result is not None and result.completion_tokens == 5
+            timings = result.timings
+            assert timings is not None and timings.first_token_at is not None
+            assert timings.queued_at <= timings.first_token_at <= timings.finished_at
+        assert results[2].finish_reason == "error"  # longer than the server's context
+        ids = {r.request_id for r in [*results, streamed[-1].result] if r is not None}
+        assert len(ids) == 4
+        metrics = service.metrics()
+    assert metrics.mode == "remote" and metrics.finish_reasons == {"length": 3, "error": 1}
+    assert metrics.errors == {"invalid_request": 1}
+    assert metrics.generation_tokens == 15
+    assert metrics.latency.count == 4 and metrics.time_to_first_token.count == 3
+    assert metrics.latency.sum == pytest.approx(
+        sum(r.timings.latency_seconds for r in [*results, streamed[-1].result] if r and r.timings)
+    )

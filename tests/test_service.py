@@ -160,3 +160,48 @@ def test_is_ready_repr_and_status(service: VLLMInferenceService) -> None:
     assert status.expires_at and status.expires_at > time.time() + 1800  # the session's TTL
     assert status.memory_bytes > 100 << 20
     assert status.last_error is None
+
+
+def test_results_carry_request_ids_and_timings_and_metrics_count_them(
+    service: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    before = service.metrics()
+    prompts = [f"{n}, {n + 1}, {n + 2}," for n in range(10, 18)]
+    results: dict[str, GenerationResult] = {}
+
+    def ask(prompt: str) -> None:
+        results[prompt] = service.generate(prompt, temperature=0, max_tokens=6, ignore_eos=True)
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    streamed = list(service.stream(prompts[0], temperature=0, max_tokens=6, ignore_eos=True))
+    answered = [*results.values(), streamed[-1].result]
+    assert len(answered) == 9 and all(r is not None for r in answered)
+    for prompt, result in results.items():  # the deltas vLLM sends, merged, are its answer
+        expected = reference.generate(prompt, temperature=0, max_tokens=6, ignore_eos=True)
+        assert result.text == expected
+    assert len({r.request_id for r in answered}) == 9
+    for result in answered:
+        timings = result.timings
+        assert timings is not None and timings.first_token_at is not None
+        assert timings.queued_at <= timings.first_token_at <= timings.finished_at
+        assert timings.finished_at <= time.time()
+        # Six tokens take five more steps after the first.
+        assert 0 < timings.time_to_first_token_seconds < timings.latency_seconds < 60
+
+    after = service.metrics()
+    assert after.finish_reasons.get("length", 0) - before.finish_reasons.get("length", 0) == 9
+    assert after.generation_tokens - before.generation_tokens == 9 * 6
+    assert after.prompt_tokens - before.prompt_tokens == sum(r.prompt_tokens for r in answered)
+    assert after.latency.count - before.latency.count == 9
+    assert after.time_to_first_token.count - before.time_to_first_token.count == 9
+    assert after.latency.sum - before.latency.sum == pytest.approx(
+        sum(r.timings.latency_seconds for r in answered if r.timings)
+    )
+    assert (after.state, after.waiting, after.running) == ("ready", 0, 0)
+    assert after.load_seconds == service.status().load_seconds
+    status = service.status()
+    assert status.log_path and status.waiting == 0 and status.gpu_memory_bytes is None

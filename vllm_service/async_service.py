@@ -20,7 +20,14 @@ from ._common.inputs import check_messages, check_prompt, check_prompts
 from ._worker.weight_staging import WeightSource
 from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
-from .types import ChatMessages, Duration, GenerationResult, ServiceStatus, TokenIds
+from .types import (
+    ChatMessages,
+    Duration,
+    GenerationResult,
+    ServiceMetrics,
+    ServiceStatus,
+    TokenIds,
+)
 
 
 class AsyncVLLMInferenceService:
@@ -160,6 +167,10 @@ class AsyncVLLMInferenceService:
     async def status(self) -> ServiceStatus:
         """What the worker is doing now (see :meth:`VLLMInferenceService.status`)."""
         return self.service.status()
+
+    async def metrics(self) -> ServiceMetrics:
+        """The service's counters (see :meth:`VLLMInferenceService.metrics`)."""
+        return self.service.metrics()
 
     def hold(self) -> Hold:
         """Keep the worker alive for an ``async with`` block (see :meth:`VLLMInferenceService.hold`)."""

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel
 
-from ._batch.arguments import check_arguments, batch_engine_spec, worker_pool
+from ._batch.arguments import batch_engine_spec, check_arguments, worker_pool
 from ._batch.output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
 from ._batch.schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 from ._common.inputs import lone_surrogate

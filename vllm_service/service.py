@@ -29,7 +29,14 @@ from ._worker.protocol import UpdateWeights
 from ._worker.weight_staging import WeightSource, staged
 from .errors import RequestTimeoutError, WeightUpdateError
 from .settings import VLLMSettings
-from .types import ChatMessages, Duration, GenerationResult, ServiceStatus, TokenIds
+from .types import (
+    ChatMessages,
+    Duration,
+    GenerationResult,
+    ServiceMetrics,
+    ServiceStatus,
+    TokenIds,
+)
 
 logger = logging.getLogger("vllm_service")
 
@@ -288,6 +295,12 @@ class VLLMInferenceService:
     def status(self) -> ServiceStatus:
         """What the worker is doing now. Never starts a worker or keeps one alive."""
         return self.dispatcher.status()
+
+    def metrics(self) -> ServiceMetrics:
+        """Requests by outcome, tokens, latency histograms and the worker's state, since the
+        service was made (plain data; ``vllm_service.metrics.register`` exposes them to
+        Prometheus). Never starts a worker or keeps one alive."""
+        return self.dispatcher.metrics()
 
     def hold(self) -> Hold:
         """Keep the worker alive for a ``with`` (or ``async with``) block, whatever the TTL.

@@ -314,6 +314,33 @@ class Sample:
 
 
 @dataclass(frozen=True)
+class RequestTimings:
+    """When one request reached the engine, gave its first token and ended (epoch seconds).
+
+    Measured in the worker process, at its engine loop: local mode at vLLM's step outputs,
+    remote mode at the server's streamed chunks. The time a call waits for a worker to start
+    is not in it (that is :attr:`ServiceStatus.load_seconds`).
+    """
+
+    queued_at: float
+    """When the worker handed the request to its engine (vLLM's queue, or the server)."""
+    first_token_at: float | None
+    """When the engine's first generated token came out; ``None`` when none did (an error)."""
+    finished_at: float
+    """When the worker had the request's whole answer (or its error)."""
+
+    @property
+    def time_to_first_token_seconds(self) -> float | None:
+        """From :attr:`queued_at` to the first token, or ``None`` without one."""
+        return None if self.first_token_at is None else self.first_token_at - self.queued_at
+
+    @property
+    def latency_seconds(self) -> float:
+        """From :attr:`queued_at` to :attr:`finished_at`: the engine's end-to-end latency."""
+        return self.finished_at - self.queued_at
+
+
+@dataclass(frozen=True)
 class GenerationResult:
     """What one prompt produced: its samples (one unless ``n`` > 1) and prompt details.
 
@@ -341,6 +368,12 @@ class GenerationResult:
     produced this result; ``None`` for the model's own weights (and on error)."""
     error_type: ErrorType | None = None
     """With :attr:`error`, its kind, for code to branch on (see :data:`ErrorType`)."""
+    request_id: str = ""
+    """The request's id, unique per request: ``<service>-<n>``, where ``n`` is the id the
+    worker's log and (local mode) vLLM's engine know it by."""
+    timings: RequestTimings | None = None
+    """When it was queued, gave its first token and ended; ``None`` when it never reached
+    the engine's loop."""
 
     @classmethod
     def failed(
@@ -457,6 +490,15 @@ class ServiceStatus:
     weight_version: str | int | None = None
     """The ``version`` of the last :meth:`~VLLMInferenceService.update_weights` of the current
     worker; ``None`` while it has the model's own weights (and with no worker)."""
+    log_path: str | None = None
+    """The current worker's log file (its stdout and stderr, vLLM's own log lines among
+    them); ``None`` with no worker. Removed when the worker exits cleanly."""
+    waiting: int = 0
+    """Of :attr:`in_flight`, the requests with no token yet: on their way to the engine,
+    held behind a weight update, in vLLM's queue, or in their prefill."""
+    gpu_memory_bytes: int | None = None
+    """GPU memory the worker's processes hold (NVML's per-process count, all GPUs);
+    ``None`` without a GPU (or without NVML), or with no worker."""
 
     def describe(self) -> str:
         """The fields as one ``name=value`` line, for logs."""
@@ -480,3 +522,80 @@ class StreamChunk:
     """Which sample the new text belongs to (0 unless ``n`` > 1)."""
     result: GenerationResult | None = None
     """The full result, on the last chunk only."""
+
+
+# vLLM's own buckets (vllm/v1/metrics/buckets.py), so dashboards of both line up.
+TIME_TO_FIRST_TOKEN_BUCKETS: tuple[float, ...] = (
+    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
+    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
+)
+LATENCY_BUCKETS: tuple[float, ...] = (
+    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
+    120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
+)
+
+
+@dataclass(frozen=True)
+class Histogram:
+    """Observed seconds counted into buckets, as Prometheus keeps a histogram."""
+
+    buckets: tuple[float, ...]
+    """The buckets' upper bounds, ascending; a last, unbounded bucket (``+Inf``) follows."""
+    counts: tuple[int, ...]
+    """Observations per bucket (not cumulative): one more entry than :attr:`buckets`, the
+    last for values above every bound."""
+    sum: float
+    """The observed values added up."""
+    count: int
+    """How many values were observed."""
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations at or below it) per bucket, ``inf`` last: Prometheus's
+        ``le`` buckets."""
+        total, out = 0, []
+        for bound, count in zip((*self.buckets, float("inf")), self.counts, strict=True):
+            total += count
+            out.append((bound, total))
+        return out
+
+
+@dataclass(frozen=True)
+class ServiceMetrics:
+    """Counters and histograms of a service since it was made, from
+    :meth:`VLLMInferenceService.metrics`: plain data, with no extra installed.
+
+    Every request the service answered is counted once, when its result (or error) reaches
+    the caller, whatever the call (``generate``, ``chat``, batches, streams, asyncio).
+    ``vllm_service.metrics.register`` exposes them to Prometheus.
+    """
+
+    model: str
+    mode: Literal["local", "remote"]
+    finish_reasons: dict[str, int]
+    """Results by ``finish_reason``: ``"stop"``, ``"length"``, ``"error"``."""
+    errors: dict[str, int]
+    """Failed requests by kind: an error result's ``error_type`` (``"invalid_request"``,
+    ``"aborted"``, ...), or the name of the error a call raised for it
+    (``"RequestTimeoutError"``, ``"WorkerDiedError"``, ...)."""
+    prompt_tokens: int
+    """Prompt tokens of the results, added up."""
+    generation_tokens: int
+    """Generated tokens of the results (every sample), added up."""
+    time_to_first_token: Histogram
+    """Seconds from queued to first token (:attr:`RequestTimings.time_to_first_token_seconds`)."""
+    latency: Histogram
+    """Seconds from queued to finished (:attr:`RequestTimings.latency_seconds`)."""
+    waiting: int
+    """Requests in flight with no token yet (:attr:`ServiceStatus.waiting`)."""
+    running: int
+    """Requests in flight that are generating (``in_flight - waiting``)."""
+    state: WorkerState
+    restarts: int
+    load_seconds: float | None
+    """How long the current worker took to load the model; ``None`` with no worker."""
+    weight_version: str | int | None
+
+    @property
+    def requests(self) -> int:
+        """Results counted in :attr:`finish_reasons`."""
+        return sum(self.finish_reasons.values())

@@ -3,7 +3,8 @@
 The layers, top to bottom. A module imports modules of its own layer or lower ones only;
 every import counts, also one inside a function:
 
-    public    vllm_service (__init__), __main__, service, async_service, batch, cli, testing
+    public    vllm_service (__init__), __main__, service, async_service, batch, cli, testing,
+              metrics
     caller    _client/*, _batch/*: neither imports the other
     worker    _worker/* but protocol.py (main.py is the worker process's loop)
     engines   _worker/engines/*: they run in the worker process only
@@ -33,7 +34,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "vllm_service"
 
 LAYERS = ("base", "protocol", "engines", "worker", "caller", "public")  # bottom to top
-PUBLIC = {"__init__", "__main__", "service", "async_service", "batch", "cli", "testing"}
+PUBLIC = {"__init__", "__main__", "service", "async_service", "batch", "cli", "testing", "metrics"}
 LEAVES = {"settings", "types", "errors", "demo_model"}
 # Third-party modules the parent process must not import at import time: seconds each, and
 # the point of the worker process is that the parent stays without them.

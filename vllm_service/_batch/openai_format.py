@@ -41,7 +41,7 @@ from .._common.media import media_problem
 from .._worker.protocol import Finished
 from ..settings import ENGINE_STALL_SECONDS, resolved_model
 from ..types import GenerationParams, Sample, TokenLogprobs
-from .arguments import check_arguments, batch_engine_spec, worker_pool
+from .arguments import batch_engine_spec, check_arguments, worker_pool
 from .output import ResumableFile, _some, fingerprint, weights_identity
 from .schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 

@@ -9,10 +9,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -65,10 +67,16 @@ class CallBuilder:
         self._settings = settings
         self._mode = mode
         self._ids = itertools.count()
+        # Makes the ids of results unique beyond this service (its counter starts at 0).
+        self._prefix = uuid.uuid4().hex[:12]
 
     def next_id(self) -> int:
         """A request id no other request of this service has."""
         return next(self._ids)
+
+    def public_id(self, request_id: int) -> str:
+        """The ``GenerationResult.request_id`` of the request the worker knows as ``request_id``."""
+        return f"{self._prefix}-{request_id}"
 
     def build(
         self,
@@ -164,8 +172,14 @@ def _is_sampling_params(value: Any) -> bool:
     return hasattr(type(value), "__struct_fields__")
 
 
-def to_result(finished: Finished, parse_as: Any) -> GenerationResult:
-    """The caller's result; ``parse_as`` is the ``json_schema`` or ``json_object`` asked for."""
+def to_result(finished: Finished, parse_as: Any, request_id: str) -> GenerationResult:
+    """The caller's result; ``parse_as`` is the ``json_schema`` or ``json_object`` asked for,
+    ``request_id`` the result's public id."""
+    result = _result(finished, parse_as)
+    return dataclasses.replace(result, request_id=request_id, timings=finished.timings)
+
+
+def _result(finished: Finished, parse_as: Any) -> GenerationResult:
     if finished.error is None and not finished.samples:
         return GenerationResult.failed(
             "the engine returned no output", finished.prompt_tokens, "internal_error"

@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 from .._worker.handle import WorkerHandle, WorkerState, WorkerUnavailable
 from .._worker.keep_alive import KeepAlive
+from .._worker.processes import gpu_memory_bytes
 from .._worker.protocol import Delta, Finished, WorkerConfig
 from ..errors import (
     RemoteServerError,
@@ -39,8 +40,9 @@ from ..errors import (
     WorkerStartError,
 )
 from ..settings import VLLMSettings
-from ..types import Duration, GenerationResult, ServiceStatus
+from ..types import Duration, GenerationResult, ServiceMetrics, ServiceStatus
 from .calls import Call, CallBuilder, Deadline, Params, Prompt, seconds_left, to_result
+from .counters import Counters
 from .modes import Mode
 
 logger = logging.getLogger("vllm_service")
@@ -89,6 +91,7 @@ class Dispatcher:
         self._closed = False
         self.served = 0
         """Requests that ended with a result, over the service's life."""
+        self.counters = Counters()
         self.restarts = 0
         """Workers started after the first."""
         self.last_error: str | None = None
@@ -313,10 +316,25 @@ class Dispatcher:
         )
 
     def results(self, call: Call, futures: list[Future[Finished]]) -> list[GenerationResult]:
-        """The call's results from its settled futures; raises what the call must raise."""
+        """The call's results from its settled futures; raises what the call must raise.
+
+        Every request is counted here, once (``metrics()``), whatever the call was."""
+        outcomes: list[GenerationResult | BaseException] = []
+        for future in futures:
+            error = future.exception()
+            if error is None:
+                finished = future.result()
+                public_id = self._calls.public_id(finished.request_id)
+                error = to_result(finished, call.parse_as, public_id)
+            outcomes.append(error)
+        self.counters.record(outcomes)
+        results = [o for o in outcomes if isinstance(o, GenerationResult)]
         with self._lock:
-            self.served += sum(1 for f in futures if f.done() and f.exception() is None)
+            self.served += len(results)
         try:
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
             finished = [future.result() for future in futures]
             server = finished[0].server_error if finished else None
             if server is not None and all(f.server_error for f in finished):
@@ -328,7 +346,7 @@ class Dispatcher:
         except (WorkerDiedError, RemoteServerError) as exc:
             self.last_error = str(exc)
             raise
-        return [to_result(f, call.parse_as) for f in finished]
+        return results
 
     # ----- ending -----
 
@@ -384,6 +402,9 @@ class Dispatcher:
             state = WorkerState.STOPPING  # the process ended; its clean-up is under way
         info = handle.info
         return ServiceStatus(
+            log_path=str(handle.log_path),
+            waiting=min(handle.waiting, in_flight),
+            gpu_memory_bytes=gpu_memory_bytes(handle.pid),
             state=state.value,  # type: ignore[arg-type]
             pid=handle.pid,
             model=info.get("model", self._config.model),
@@ -397,6 +418,25 @@ class Dispatcher:
             asleep=handle.asleep,
             weight_version=handle.weight_version,
             **common,  # type: ignore[arg-type]
+        )
+
+    def metrics(self) -> ServiceMetrics:
+        """The counters since the service was made, with the worker's state now; starts
+        nothing, and reads no process's memory (cheap enough for every scrape)."""
+        handle = self._slot.handle
+        state, in_flight, waiting = "stopped", 0, 0
+        load_seconds = weight_version = None
+        if handle is not None and not handle.exited:
+            worker_state, in_flight, _ = handle.snapshot()
+            waiting = min(handle.waiting, in_flight)
+            state = "stopping" if worker_state is WorkerState.EXITED else worker_state.value
+            load_seconds = handle.info.get("startup_seconds")
+            weight_version = handle.weight_version
+        return ServiceMetrics(
+            model=self._config.model, mode=self._config.mode,  # type: ignore[arg-type]
+            waiting=waiting, running=in_flight - waiting, state=state,  # type: ignore[arg-type]
+            restarts=self.restarts, load_seconds=load_seconds, weight_version=weight_version,
+            **self.counters.snapshot(),  # type: ignore[arg-type]
         )
 
     # ----- helpers -----

@@ -81,6 +81,7 @@ from .protocol import (
     Request,
     Sleep,
     SleepState,
+    Started,
     StartFailed,
     Stop,
     Submit,
@@ -188,6 +189,7 @@ class WorkerHandle:
         self._listeners: dict[int, Callable[[Delta], None]] = {}
         # One per Sleep or WakeUp sent, oldest first: the worker answers them in that order.
         self._sleep_answers: collections.deque[Future[bool]] = collections.deque()
+        self._started_ids: set[int] = set()  # of _pending, those that gave a token (Started)
         self._announcements: list[WorkerState] = []
         self._outbox: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._exited = threading.Event()  # the process and its clean-up are done
@@ -260,6 +262,13 @@ class WorkerHandle:
         ):
             expires_at = time.time() + max(0.0, keep_alive.ttl - idle_for)
         return state, in_flight, expires_at
+
+    @property
+    def waiting(self) -> int:
+        """Requests in flight that have given no token yet."""
+        with self._lock:
+            self._started_ids &= self._pending.keys()
+            return len(self._pending) - len(self._started_ids)
 
     def memory_bytes(self) -> int:
         """Resident memory of the worker's process group (the worker and vLLM's processes)."""
@@ -628,6 +637,9 @@ class WorkerHandle:
                     listener(message)
                 except Exception:
                     logger.exception("vllm-service: passing on streamed output failed")
+        elif isinstance(message, Started):
+            with self._lock:
+                self._started_ids.update(i for i in message.request_ids if i in self._pending)
         elif isinstance(message, (Finished, WeightsUpdated)):
             if isinstance(message, WeightsUpdated) and message.error is None:
                 self.weight_version = message.version
@@ -635,6 +647,7 @@ class WorkerHandle:
             with self._lock:
                 future = self._pending.pop(message.request_id, None)
                 self._listeners.pop(message.request_id, None)
+                self._started_ids.discard(message.request_id)
                 self._last_activity = time.monotonic()
                 self._stop_when_drained(self._last_activity)
             if future is not None:

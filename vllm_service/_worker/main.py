@@ -40,6 +40,7 @@ from .protocol import (
     ServerFailure,
     Sleep,
     SleepState,
+    Started,
     StartFailed,
     Stop,
     Submit,
@@ -146,7 +147,11 @@ class _Server:
                 self.asleep, self.sleep_due = True, False
                 self.answer_sleeps(asleep=True)
             if self.engine.has_unfinished():
-                for output in self.engine.step():
+                outputs = self.engine.step()
+                started = self.engine.clock.take_started()
+                if started:  # before the outputs, so that no Started follows its Finished
+                    self.conn.send(Started(started))
+                for output in outputs:
                     self.send(output)
                 self.tell_progress()
 
@@ -201,6 +206,7 @@ class _Server:
         if requests:
             self.wake_up()
         for request in requests:
+            self.engine.clock.queued(request.request_id)
             try:
                 self.engine.add(request)
                 self.running.add(request.request_id)
@@ -209,6 +215,7 @@ class _Server:
 
     def abort(self, request_ids: list[int]) -> None:
         self.engine.abort(request_ids)
+        self.engine.clock.forget(request_ids)
         self.running.difference_update(request_ids)
         self.held = [r for r in self.held if r.request_id not in request_ids]
         if self.update is not None and self.update.request_id in request_ids:
@@ -251,8 +258,10 @@ class _Server:
         self.told_steps, self.told_at = self.engine.steps, time.monotonic()
         if isinstance(output, Finished):
             self.running.discard(output.request_id)
-            if self.version is not None:  # None is the field's default: no copy needed
-                output = dataclasses.replace(output, weight_version=self.version)
+            output = dataclasses.replace(
+                output, weight_version=self.version,
+                timings=self.engine.clock.finished(output.request_id),
+            )
         self.conn.send(output)
 
 

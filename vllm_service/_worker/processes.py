@@ -118,3 +118,34 @@ def end_process_group(pgid: int) -> None:
     deadline = time.monotonic() + 3 * TERMINATE_SECONDS
     while group_members(pgid) and time.monotonic() < deadline:
         time.sleep(0.05)
+
+
+def gpu_memory_bytes(pgid: int) -> int | None:
+    """GPU memory the processes of group ``pgid`` hold, over all GPUs, as NVML counts it.
+
+    None without NVML (``pynvml``, which vLLM's GPU build installs) or a GPU driver. vLLM's
+    model runs in its own worker processes, not in the service's worker, so the whole group
+    counts. NVML names processes by the host's pids: in a container without the host's pid
+    namespace it finds none of them, and this is 0.
+    """
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return None
+    try:
+        members = set(group_members(pgid))
+        total = 0
+        for index in range(pynvml.nvmlDeviceGetCount()):
+            device = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for process in pynvml.nvmlDeviceGetComputeRunningProcesses(device):
+                if process.pid in members and process.usedGpuMemory is not None:
+                    total += process.usedGpuMemory
+        return total
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()

@@ -12,6 +12,7 @@
     Stop()                  ------------->   tear the engine down, exit
                             <-------------   Ready(info)            once, after the engine is built
                             <-------------   StartFailed(error)     instead of Ready
+                            <-------------   Started([id, ...])     first tokens of these requests
                             <-------------   Delta(...)             new text of a streamed request
                             <-------------   Finished(...)          one per request, as each ends
                             <-------------   WeightsUpdated(...)    one per UpdateWeights
@@ -31,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..settings import ENGINE_STALL_SECONDS
-from ..types import ChatMessages, ErrorType, Sample, TokenIds, TokenLogprobs
+from ..types import ChatMessages, ErrorType, RequestTimings, Sample, TokenIds, TokenLogprobs
 
 EXIT_OK = 0  # stopped when asked, or its parent went away
 EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
@@ -170,6 +171,13 @@ class Progress:
 
 
 @dataclass(frozen=True)
+class Started:
+    """These requests' first tokens came out of the engine: they are no longer waiting."""
+
+    request_ids: list[int]
+
+
+@dataclass(frozen=True)
 class Delta:
     """New output of a streamed request: sample ``index``'s next text and token ids.
 
@@ -200,6 +208,7 @@ class Finished:
     prompt_token_ids: TokenIds | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     weight_version: str | int | None = None  # of the weights the request ran on
+    timings: RequestTimings | None = None
 
 
 @dataclass(frozen=True)
@@ -226,4 +235,6 @@ class SleepState:
 
 
 ToWorker = Submit | Abort | Sleep | WakeUp | UpdateWeights | Stop
-FromWorker = Ready | StartFailed | Delta | Finished | WeightsUpdated | Progress | SleepState
+FromWorker = (
+    Ready | StartFailed | Started | Delta | Finished | WeightsUpdated | Progress | SleepState
+)

@@ -12,8 +12,11 @@ A new kind of engine is one class with these methods; nothing else in the worker
 
 from __future__ import annotations
 
+import threading
+import time
 from typing import Any, Protocol
 
+from ...types import RequestTimings
 from ..protocol import Delta, Finished, Request
 
 
@@ -47,12 +50,16 @@ class Engine(Protocol):
     - ``steps`` counts the engine's steps that produced output so far (a token for any
       request, a chunk from a server): the worker tells the parent when it grows, and the
       parent declares an engine stuck that does not advance with requests in flight.
+    - ``clock`` (a :class:`RequestClock`) hears of each request's first generated token
+      (``clock.first_token(request_id)``, from any thread); the worker loop starts and stops
+      the clock around the request itself.
     - ``info`` says what was loaded, for the parent (model, max_model_len, dtype, ...) and the
       choices made on the way (``info["choices"]``, one sentence each, logged by the parent).
     """
 
     info: dict[str, Any]
     steps: int
+    clock: RequestClock
 
     def add(self, request: Request) -> None: ...
     def abort(self, request_ids: list[int]) -> None: ...
@@ -72,3 +79,57 @@ class WeightsBroken(Exception):
     """Loading failed part-way: the engine holds a mix of old and new weights."""
 
 
+
+
+class RequestClock:
+    """The timings of the requests in an engine: queued (added), first token, finished.
+
+    Monotonic stamps, given out as epoch seconds. ``first_token`` may come from another
+    thread than the rest (the remote engine's event loop).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queued: dict[int, float] = {}
+        self._first: dict[int, float] = {}
+        self._started: list[int] = []  # first tokens the worker has not told the parent of
+
+    def queued(self, request_id: int) -> None:
+        """The request is being handed to the engine now."""
+        with self._lock:
+            self._queued[request_id] = time.monotonic()
+
+    def first_token(self, request_id: int) -> None:
+        """The request has output now; only its first call counts."""
+        with self._lock:
+            if request_id in self._queued and request_id not in self._first:
+                self._first[request_id] = time.monotonic()
+                self._started.append(request_id)
+
+    def take_started(self) -> list[int]:
+        """The requests that gave their first token since the last call."""
+        with self._lock:
+            started, self._started = self._started, []
+        return started
+
+    def finished(self, request_id: int) -> RequestTimings | None:
+        """The request's timings, now that it ended; None for one never queued."""
+        now = time.monotonic()
+        with self._lock:
+            queued = self._queued.pop(request_id, None)
+            first = self._first.pop(request_id, None)
+        if queued is None:
+            return None
+        to_epoch = time.time() - now
+        return RequestTimings(
+            queued_at=queued + to_epoch,
+            first_token_at=None if first is None else first + to_epoch,
+            finished_at=now + to_epoch,
+        )
+
+    def forget(self, request_ids: list[int]) -> None:
+        """Drop aborted requests."""
+        with self._lock:
+            for request_id in request_ids:
+                self._queued.pop(request_id, None)
+                self._first.pop(request_id, None)

@@ -2,8 +2,9 @@
 
 Requests are added to vLLM's engine as they arrive and the engine is stepped while any is
 unfinished, so a request that arrives while others run joins the running batch at once.
-Streamed requests ask vLLM for delta outputs: each step's new text goes to the parent at
-once, and vLLM's own merge puts the deltas together for the final result.
+Every request asks vLLM for delta outputs, so the worker sees each request's first token
+(its timings); vLLM's own merge puts the deltas together for the final result. A streamed
+request's new text goes to the parent at once.
 Only the worker process imports this module (it imports vLLM and torch).
 """
 
@@ -24,6 +25,7 @@ from ..._common.machine import cpu_weight_update_problem
 from ..._common.media import fetched, needs_fetching
 from ...types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
 from ..protocol import Delta, Finished, Request, WorkerConfig
+from .contract import RequestClock
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +64,12 @@ class LocalEngine:
             "choices": choices,
         }
         self.steps = 0  # engine steps whose output arrived (the Engine protocol's progress)
+        self.clock = RequestClock()
         # Per request in flight: how many top alternatives it asked for (generated, prompt).
         self._alternatives: dict[int, tuple[int | None, int | None]] = {}
-        # Per streamed request: its output so far, the deltas merged (None before the first).
-        self._streamed: dict[int, Any] = {}
+        # Per request in flight: its output so far, the deltas merged (None before the first).
+        self._so_far: dict[int, Any] = {}
+        self._streamed: set[int] = set()  # the requests whose deltas go to the parent
         self._base_lora, self._base_lora_folder = self._base_model_adapter(engine_args, choices)
         # Chat requests whose media are being fetched (off the worker loop), by request id.
         self._media_domains = config.allowed_media_domains
@@ -133,7 +137,7 @@ class LocalEngine:
         from vllm.sampling_params import RequestOutputKind
 
         params = sampling_params(request.sampling)
-        params.output_kind = RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY
+        params.output_kind = RequestOutputKind.DELTA
         # vLLM 0.32 truncates at tokenization, not in SamplingParams.
         truncate = request.sampling.get("truncate_prompt_tokens")
         tokenization = None if truncate is None else {"truncate_prompt_tokens": truncate}
@@ -165,8 +169,9 @@ class LocalEngine:
             request.sampling.get("logprobs"),
             request.sampling.get("prompt_logprobs"),
         )
+        self._so_far[request.request_id] = None
         if request.stream:
-            self._streamed[request.request_id] = None
+            self._streamed.add(request.request_id)
 
     def _loaded_adapter(self, name: str, lora_id: int, path: str | None) -> Any:
         """The adapter as vLLM takes it, loaded into the engine now if it is not there.
@@ -189,7 +194,8 @@ class LocalEngine:
         for request_id in request_ids:
             self._fetching.pop(request_id, None)
             self._alternatives.pop(request_id, None)
-            self._streamed.pop(request_id, None)
+            self._so_far.pop(request_id, None)
+            self._streamed.discard(request_id)
 
     def has_unfinished(self) -> bool:
         return bool(self._fetching) or self._engine.has_unfinished_requests()
@@ -211,22 +217,25 @@ class LocalEngine:
         for output in self._engine.step():
             request_id = int(output.request_id)
             top, prompt_top = self._alternatives.get(request_id, (None, None))
-            if request_id in self._streamed:
-                so_far = self._streamed[request_id]
-                if not output.finished:
-                    messages.extend(
-                        Delta(request_id, c.index, c.text, list(c.token_ids))
-                        for c in output.outputs
-                        if c.text or c.token_ids
-                    )
+            if any(c.token_ids for c in output.outputs):
+                self.clock.first_token(request_id)
+            if request_id in self._streamed and not output.finished:
+                messages.extend(
+                    Delta(request_id, c.index, c.text, list(c.token_ids))
+                    for c in output.outputs
+                    if c.text or c.token_ids
+                )
+            if request_id in self._so_far:  # else aborted; the parent ignores what it still sends
+                so_far = self._so_far[request_id]
                 if so_far is not None:
                     so_far.add(output, aggregate=True)
                     output = so_far
-                self._streamed[request_id] = output
+                self._so_far[request_id] = output
             if not output.finished:
                 continue
             self._alternatives.pop(request_id, None)
-            self._streamed.pop(request_id, None)
+            self._so_far.pop(request_id, None)
+            self._streamed.discard(request_id)
             prompt_ids = list(output.prompt_token_ids or ())
             messages.append(
                 Finished(

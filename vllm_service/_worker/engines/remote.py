@@ -40,6 +40,7 @@ from ..._common.vllm_server import (
 from ...errors import RemoteServerError
 from ...types import Sample, TokenLogprobs, TopLogprob
 from ..protocol import Delta, Finished, Request, ServerFailure, WorkerConfig
+from .contract import RequestClock
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class RemoteEngine:
 
         self._messages: queue.Queue[Delta | Finished] = queue.Queue()
         self.steps = 0  # chunks received (the Engine protocol's progress), from the loop thread
+        self.clock = RequestClock()
         self._in_flight: dict[int, concurrent.futures.Future[None]] = {}
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
@@ -224,7 +226,10 @@ class RemoteEngine:
             async with stream:
                 async for chunk in stream:
                     self.steps += 1
-                    for index, text, token_ids in answer.add(chunk):
+                    grown = answer.add(chunk)
+                    if answer.has_output:
+                        self.clock.first_token(request.request_id)
+                    for index, text, token_ids in grown:
                         if request.stream:
                             self._messages.put(Delta(request.request_id, index, text, token_ids))
         except openai.APIConnectionError as exc:  # timeouts included
@@ -310,6 +315,11 @@ class _StreamedAnswer:
         self._stop_reasons: dict[int, str | int | None] = {}
         self._prompt_token_ids: list[int] | None = None
         self._usage: Any = None
+
+    @property
+    def has_output(self) -> bool:
+        """Whether any choice has tokens yet (the server sends their ids: return_token_ids)."""
+        return any(self._token_ids.values())
 
     def add(self, chunk: Any) -> list[tuple[int, str, list[int]]]:
         """Take in one chunk: deltas of some choices, or the closing usage.

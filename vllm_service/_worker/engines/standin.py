@@ -63,7 +63,7 @@ from typing import Any
 
 from ...types import Sample, TokenLogprobs, TopLogprob
 from ..protocol import Delta, Finished, Request, WorkerConfig
-from .contract import WeightsBroken, WeightsRejected
+from .contract import RequestClock, WeightsBroken, WeightsRejected
 
 STALL_WORD = "<stall>"
 DIE_WORD = "<die>"
@@ -105,6 +105,7 @@ class StandInEngine:
             ],
         }
         self.steps = 0
+        self.clock = RequestClock()
         self._running: dict[int, _Running] = {}
         binding = config.environment.get("VLLM_CPU_OMP_THREADS_BIND", "")
         fate = _take_fate(args.get("standin_fates"), binding)
@@ -176,6 +177,7 @@ class StandInEngine:
                 held = True  # "hang": this request never finishes
                 continue
             running.given += 1
+            self.clock.first_token(request_id)
             if running.given == running.length:
                 del self._running[request_id]
                 self._answered += 1
