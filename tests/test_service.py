@@ -6,13 +6,15 @@ settings), never with what the small model happens to know.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from _reference_engine import ReferenceEngine
 
-from vllm_service import GenerationParams, GenerationResult, VLLMInferenceService
+from vllm_service import GenerationParams, GenerationResult, VLLMInferenceService, VLLMSettings
 
 GREEDY = GenerationParams(temperature=0)
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -160,3 +162,43 @@ def test_is_ready_repr_and_status(service: VLLMInferenceService) -> None:
     assert status.expires_at and status.expires_at > time.time() + 1800  # the session's TTL
     assert status.memory_bytes > 100 << 20
     assert status.last_error is None
+
+
+def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
+    service: VLLMInferenceService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM warns about each ``VLLM_*`` name it does not know (or refuses it, with its strict
+    validation) and takes ``VLLM_API_KEY`` for a server's key: the worker, which has its
+    settings in its config, keeps the service's own out of what vLLM reads and inherits."""
+    import psutil
+    from vllm import envs
+
+    from vllm_service.settings import is_service_variable
+
+    # The one name both ours and vLLM's is its server's key, which no engine here needs.
+    ours = {f"VLLM_{name.upper()}" for name in VLLMSettings.model_fields}
+    assert ours & set(envs.environment_variables) == {"VLLM_API_KEY"}
+    # Read by nobody now: the service's settings were made at its start.
+    for name, value in {
+        "VLLM_MODEL_PATH": "/nowhere", "VLLM_MODE": "local", "VLLM_API_KEY": "a-servers-key",
+        "VLLM_IDLE_TTL_SECONDS": "5", "VLLM_ENGINE_STALL_SECONDS": "600",
+    }.items():
+        monkeypatch.setenv(name, value)
+    service.unload()
+    service.warmup()  # a worker started with them in its parent's environment
+    pid = service.status().pid
+    assert pid is not None
+    log = Path(os.readlink(f"/proc/{pid}/fd/1"))  # the worker's output goes to its log
+    assert "Unknown vLLM environment variable" not in log.read_text(errors="replace")
+    # /proc shows a process's environment as it was started, and vLLM's processes write
+    # their title over it; the helper multiprocessing starts just before vLLM's engine
+    # process, from the same environment, shows what that one got.
+    children = psutil.Process(pid).children(recursive=True)
+    titles = [" ".join(child.cmdline()) for child in children]
+    assert any("EngineCore" in title for title in titles), titles
+    helpers = [child for child, title in zip(children, titles) if not title.startswith("VLLM::")]
+    assert helpers, titles
+    for helper in helpers:
+        environ = helper.environ()
+        assert not [name for name in environ if is_service_variable(name)]
+        assert environ["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
