@@ -152,18 +152,6 @@ def test_short_request_overtakes_a_long_one(
     assert finished_at["short"] < finished_at["long"] - 1.0
 
 
-def test_is_ready_repr_and_status(service: VLLMInferenceService) -> None:
-    assert service.is_ready()
-    assert "ready" in repr(service)
-    status = service.status()
-    assert status.state == "ready" and status.pid and status.mode == "local"
-    assert status.in_flight == 0 and status.requests_served > 0
-    assert status.load_seconds and status.load_seconds > 1
-    assert status.expires_at and status.expires_at > time.time() + 1800  # the session's TTL
-    assert status.memory_bytes > 100 << 20
-    assert status.last_error is None
-
-
 def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
     service: VLLMInferenceService, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -201,3 +189,15 @@ def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
         environ = engine.environ()
         assert not [name for name in environ if is_service_variable(name)]
         assert environ["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
+
+
+def test_is_ready_repr_and_status(service: VLLMInferenceService) -> None:
+    assert service.is_ready()
+    assert "ready" in repr(service)
+    status = service.status()
+    assert status.state == "ready" and status.pid and status.mode == "local"
+    assert status.in_flight == 0 and status.requests_served > 0
+    assert status.load_seconds and status.load_seconds > 1
+    assert status.expires_at and status.expires_at > time.time() + 1800  # the session's TTL
+    assert status.memory_bytes > 100 << 20
+    assert status.last_error is None
