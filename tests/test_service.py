@@ -6,13 +6,15 @@ settings), never with what the small model happens to know.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from _reference_engine import ReferenceEngine
 
-from vllm_service import GenerationParams, GenerationResult, VLLMInferenceService
+from vllm_service import GenerationParams, GenerationResult, VLLMInferenceService, VLLMSettings
 
 GREEDY = GenerationParams(temperature=0)
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
@@ -148,6 +150,45 @@ def test_short_request_overtakes_a_long_one(
     assert short.text == reference.generate("The capital of France is", temperature=0, max_tokens=4)
     assert long_result[0].completion_tokens == 400
     assert finished_at["short"] < finished_at["long"] - 1.0
+
+
+def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
+    service: VLLMInferenceService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """vLLM warns about each ``VLLM_*`` name it does not know (or refuses it, with its strict
+    validation) and takes ``VLLM_API_KEY`` for a server's key: the worker, which has its
+    settings in its config, keeps the service's own out of what vLLM reads and inherits."""
+    import psutil
+    from vllm import envs
+
+    from vllm_service.settings import is_service_variable
+
+    # The one name both ours and vLLM's is its server's key, which no engine here needs.
+    ours = {f"VLLM_{name.upper()}" for name in VLLMSettings.model_fields}
+    assert ours & set(envs.environment_variables) == {"VLLM_API_KEY"}
+    # Read by nobody now: the service's settings were made at its start.
+    for name, value in {
+        "VLLM_MODEL_PATH": "/nowhere", "VLLM_MODE": "local", "VLLM_API_KEY": "a-servers-key",
+        "VLLM_IDLE_TTL_SECONDS": "5", "VLLM_ENGINE_STALL_SECONDS": "600",
+    }.items():
+        monkeypatch.setenv(name, value)
+    # setproctitle writes a title over /proc's copy of the environment unless told not to.
+    monkeypatch.setenv("SPT_NOENV", "1")
+    service.unload()
+    service.warmup()  # a worker started with them in its parent's environment
+    pid = service.status().pid
+    assert pid is not None
+    log = Path(os.readlink(f"/proc/{pid}/fd/1"))  # the worker's output goes to its log
+    assert "Unknown vLLM environment variable" not in log.read_text(errors="replace")
+    # /proc shows the environment a process was started with: the worker's still lists
+    # them, its engine process (started after it took them out) does not.
+    children = psutil.Process(pid).children(recursive=True)
+    engines = [child for child in children if "EngineCore" in " ".join(child.cmdline())]
+    assert engines, [child.cmdline()[:1] for child in children]
+    for engine in engines:
+        environ = engine.environ()
+        assert not [name for name in environ if is_service_variable(name)]
+        assert environ["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
 
 
 def test_is_ready_repr_and_status(service: VLLMInferenceService) -> None:

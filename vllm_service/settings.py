@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -220,15 +221,43 @@ def vllm_variables_from_env_file(env_file: str | os.PathLike[str] | None = ".env
         return {}
     from dotenv import dotenv_values
 
-    ours = {f"{ENV_PREFIX}{name.upper()}" for name in VLLMSettings.model_fields}
     return {
         name: value
         for name, value in dotenv_values(env_file).items()
         if name.upper().startswith(ENV_PREFIX)
-        and name.upper() not in ours
+        and not is_service_variable(name)
         and name not in os.environ
         and value is not None
     }
+
+
+# The project's variables that are not settings: the demo model's cache, setup.sh's switches.
+_SERVICE_PREFIX = "VLLM_SERVICE_"
+_SETTING_VARIABLES = frozenset(f"{ENV_PREFIX}{name.upper()}" for name in VLLMSettings.model_fields)
+
+
+def is_service_variable(name: str) -> bool:
+    """True for an environment variable of this service's own, which no vLLM engine needs.
+
+    That is ``VLLM_<SETTING>`` for each field of :class:`VLLMSettings` (in any case, as the
+    settings read them) and ``VLLM_SERVICE_*``. One of them is vLLM's too: ``VLLM_API_KEY``,
+    the key of ``vllm serve``, which an engine the service starts never needs (a local engine
+    has no server; remote mode passes the key to the client itself).
+    """
+    upper = name.upper()
+    return upper.startswith(_SERVICE_PREFIX) or upper in _SETTING_VARIABLES
+
+
+def service_variables(environ: Mapping[str, str]) -> list[str]:
+    """The names in ``environ`` that are this service's own (:func:`is_service_variable`):
+    what a worker takes out of its environment before vLLM reads it.
+
+    vLLM's engine processes inherit the worker's environment and warn "Unknown vLLM
+    environment variable" for each ``VLLM_*`` name they do not know (or refuse to start,
+    with ``fail_on_environ_validation``); vLLM's own names, such as
+    ``VLLM_CPU_KVCACHE_SPACE``, are not among these and stay.
+    """
+    return [name for name in environ if is_service_variable(name)]
 
 
 def looks_like_local_path(model: str) -> bool:

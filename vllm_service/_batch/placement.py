@@ -10,10 +10,11 @@ Every impossible request raises ``ValueError`` before any worker starts. On a Ra
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from .._common.machine import cpu_kv_cache_bytes, physical_cores, visible_gpus  # noqa: F401 (the pool asks here)
+from ..settings import is_service_variable
 
 
 @dataclass(frozen=True)
@@ -157,21 +158,27 @@ def cpu_kv_cache_bytes_per_worker(worker_num: int, available_bytes: int | None =
 # ----- the environment of a worker on a Ray node -----
 
 # The driver's environment variables that reach the workers on the cluster's nodes (model
-# downloads, vLLM's own settings), as a local worker would inherit them.
+# downloads, vLLM's own settings), as a local worker would inherit them. This service's own
+# settings do not (is_service_variable: its remote-mode key among them), but for the one the
+# actor reads itself when it starts its worker: where the worker's log goes.
 _FORWARDED_PREFIXES = ("VLLM_", "HF_", "HUGGING_FACE_", "TRANSFORMERS_")
+_READ_BY_ACTORS = frozenset({"VLLM_LOG_DIR"})
 # Of those, the secrets: never in the actors' runtime_env, which Ray's dashboard and state API
 # show. A token the engine needs (a gated model's download) reaches each worker through its
-# start call instead; this service's own remote-mode key, which no engine needs, not at all.
+# start call instead.
 _SECRET_WORDS = ("TOKEN", "KEY", "SECRET", "PASSWORD")
-_NOT_FOR_ENGINES = frozenset({"VLLM_API_KEY"})
 
 
-def forwarded_environment() -> tuple[dict[str, str], dict[str, str]]:
+def forwarded_environment(
+    environ: Mapping[str, str] = os.environ,
+) -> tuple[dict[str, str], dict[str, str]]:
     """The driver's variables for the engines: (for the runtime_env, secret ones)."""
     public: dict[str, str] = {}
     secret: dict[str, str] = {}
-    for name, value in os.environ.items():
-        if not name.startswith(_FORWARDED_PREFIXES) or name in _NOT_FOR_ENGINES:
+    for name, value in environ.items():
+        if not name.startswith(_FORWARDED_PREFIXES):
+            continue
+        if is_service_variable(name) and name not in _READ_BY_ACTORS:
             continue
         (secret if any(word in name for word in _SECRET_WORDS) else public)[name] = value
     return public, secret

@@ -59,6 +59,7 @@ from ..errors import (
     WorkerDiedError,
     WorkerStartError,
 )
+from ..settings import service_variables
 from .folders import engine_socket_dir, log_folder, new_log_path
 from .keep_alive import KeepAlive
 from .processes import (
@@ -104,8 +105,13 @@ _CLAIM_SECONDS = 30.0
 def run_worker(conn: Connection, config: WorkerConfig) -> None:
     """The spawned process's entry point: the worker loop in ``main``.
 
-    Imported here, in the child, so the parent never loads the loop or its engines.
+    Imported here, in the child, so the parent never loads the loop or its engines. The
+    service's own settings leave the environment first: the worker has them in ``config``,
+    and vLLM, which reads the environment (as do the engine processes that inherit it),
+    takes each ``VLLM_*`` name it does not know for a mistake.
     """
+    for name in service_variables(os.environ):
+        del os.environ[name]
     from .main import run_worker as serve
 
     serve(conn, config)

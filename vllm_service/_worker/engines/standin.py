@@ -47,8 +47,9 @@ or torch (docs/testing.md). It imports neither.
   refuses) is appended to it as a JSON line with the worker's pid (``{"call": "add", "pid":
   812, "request_id": 3, "stream": false, "prompt": "hi", "sampling": {...}, "step": 0}``;
   ``step`` is the engine's step count when the request came, so the requests of one
-  submission share it; ``init`` carries the engine arguments, the worker's environment and
-  stall bound, and its fate), for tests to read what it was asked.
+  submission share it; ``init`` carries the engine arguments, the worker's environment (its
+  placement's variables), the ``VLLM_*`` names in its process's environment, its stall bound,
+  and its fate), for tests to read what it was asked.
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class StandInEngine:
         binding = config.environment.get("VLLM_CPU_OMP_THREADS_BIND", "")
         fate = _take_fate(args.get("standin_fates"), binding)
         _record("init", engine_args=args, environment=config.environment,
+                vllm_variables=sorted(name for name in os.environ if name.startswith("VLLM_")),
                 engine_stall_seconds=config.engine_stall_seconds, fate=fate)
         if fate == "fail_start":
             raise RuntimeError("the model failed to load (the stand-in's fate, standin_fates)")
