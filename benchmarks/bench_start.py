@@ -16,8 +16,8 @@ just before it is started (``time.perf_counter`` around the subprocess; the chil
 
 Prints each figure's min and median over the rounds, the ratios issue 26 sets goals for (c/b,
 d/c), each process's peak resident memory (the process and all its children, sampled), and
-(c)'s phases from the worker's log (``VLLM_LOGGING_LEVEL=DEBUG`` in that run). Run it alone on
-the machine: every run starts an engine.
+the start's phases from the worker's log in (d), which runs with ``VLLM_LOGGING_LEVEL=DEBUG``
+((c) runs without, as a user would). Run it alone on the machine: every run starts an engine.
 """
 
 from __future__ import annotations
@@ -107,6 +107,8 @@ def child_service(model: str, idle_ttl: float | None) -> None:
         stamp("idle_exited")
         service.generate("Hello", temperature=0, max_tokens=1)
         stamp("answered_again")
+        for line in worker_log_phases(log_dir):  # the new worker's (the first one's log is gone)
+            print(json.dumps({**line, "restart": True}), flush=True)
     service.shutdown()
     shutil.rmtree(log_dir, ignore_errors=True)
 
@@ -223,7 +225,7 @@ def main() -> None:
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in children(model, 0)}
     for round_number in range(options.rounds):
         for name, code in children(model, options.idle_ttl).items():
-            result = run(code, debug_env if name.startswith("c") else env)
+            result = run(code, debug_env if name.startswith("d") else env)
             runs[name].append(result)
             print(f"round {round_number + 1} {name}: {result['total']:.1f} s, "
                   f"{result['peak_rss'] / GiB:.2f} GiB", flush=True)
@@ -267,28 +269,30 @@ def report(runs: dict[str, list[dict[str, Any]]], rounds: int) -> None:
     c_rss = statistics.median(r["peak_rss"] for r in runs["c service"])
     b_rss = statistics.median(r["peak_rss"] for r in runs[SAME_KV])
     print(f"  memory c / b (service's KV): {c_rss / b_rss:.2f}   goal <= 1.0")
-    print("\n(c) phases, seconds from process start (median over rounds):")
-    phase_table(runs["c service"])
+    print("\nphases of (d)'s cold start, as (c)'s but with VLLM_LOGGING_LEVEL=DEBUG, seconds from "
+          "process start (median over rounds):")
+    phase_table(runs["d service, idle exit"])
 
 
 def phase_table(results: list[dict[str, Any]]) -> None:
-    """(c)'s phases: the parent's stamps, the worker's DEBUG lines, vLLM's own durations."""
+    """A start's phases: the parent's stamps, the worker's DEBUG lines, vLLM's own durations."""
     rows: dict[str, list[float]] = {}
     for result in results:
         for name, t in result["stamps"].items():
             rows.setdefault(f"parent: {name}", []).append(t)
         for line in result["lines"]:
-            if "worker" in line:
+            if "worker" in line and not line.get("restart"):
                 rows.setdefault(f"worker: {re.sub(r'[0-9.]+ s', 'N s', line['worker'])}",
                                 []).append(line["t"] - result["started_wall"])
     for name, values in sorted(rows.items(), key=lambda item: statistics.median(item[1])):
         print(f"  {statistics.median(values):7.2f}  {name}")
-    print("  worker's own durations and vLLM's lines (last round):")
+    print("  the worker's own durations and vLLM's lines (last round; after the idle exit marked):")
     for line in results[-1]["lines"]:
+        mark = "restart " if line.get("restart") else ""
         if "worker" in line:
-            print(f"    worker: {line['worker']}")
+            print(f"    {mark}worker: {line['worker']}")
         elif "vllm" in line:
-            print(f"    {line['process']}: {line['vllm'][:150]}")
+            print(f"    {mark}{line['process']}: {line['vllm'][:150]}")
 
 
 if __name__ == "__main__":
