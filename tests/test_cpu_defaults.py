@@ -92,3 +92,19 @@ def test_the_default_kv_cache_fits_the_model_and_holds_less_memory_than_a_share_
     # The KV cache is allocated (zeroed) at start, so the difference shows in resident memory.
     saved = old_rule - expected["kv_cache_memory_bytes"]
     assert sized < shared - saved // 2, (sized, shared, saved)
+
+
+def test_the_users_kv_cache_size_and_max_num_seqs_win(
+    demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    requested = {"model": str(demo_model), "max_model_len": 2048, "dtype": "float32"}
+    args, _ = adapt_engine_args({**requested, "max_num_seqs": 2})
+    assert args["kv_cache_memory_bytes"] == 2 * 2048 * (2 * 30 * 3 * 64 * 4)
+    args, choices = adapt_engine_args({**requested, "kv_cache_memory_bytes": 300 << 20})
+    assert args["kv_cache_memory_bytes"] == 300 << 20
+    assert not any("KV cache" in choice for choice in choices)
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own variable, read by vLLM
+    args, choices = adapt_engine_args(requested)
+    assert "kv_cache_memory_bytes" not in args
+    assert not any("KV cache" in choice for choice in choices)
