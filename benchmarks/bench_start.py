@@ -40,6 +40,9 @@ GiB = 1 << 30
 SAMPLE_SECONDS = 0.2
 RUN_TIMEOUT_SECONDS = 600
 SAME_KV = "b LLM, service's KV"
+ONE_GIB = "b LLM, 1 GiB KV"
+COLD = "c service"
+IDLE_EXIT = "d service, idle exit"
 
 
 def stamp(name: str, **values: Any) -> None:
@@ -113,24 +116,36 @@ def child_service(model: str, idle_ttl: float | None) -> None:
     shutil.rmtree(log_dir, ignore_errors=True)
 
 
-_WORKER_LINE = re.compile(r"^(\S+ \S+),(\d{3}) \S+ DEBUG start phase: (.*)$")
-_VLLM_LINE = re.compile(r"^(?:\((\S+) pid=\d+\) )?\w+ \S+ \S+ \[[^]]+\] (.*)$")
+_WORKER_LINE = re.compile(r"^(\S+ \S+),(\d{3}) (\S+) (\w+) (.*)$")  # the worker's own logging
+_VLLM_LINE = re.compile(r"^(?:\((\S+) pid=\d+\) )?\w+ (\d\d-\d\d \d\d:\d\d:\d\d) \[[^]]+\] (.*)$")
 _VLLM_PHASES = ("took", "KV cache", "concurrency")
+_LONGEST_GAPS = 6
 
 
 def worker_log_phases(log_dir: str) -> list[dict[str, Any]]:
-    """The start phases in the worker's log: its own DEBUG lines (stamped) and vLLM's lines
-    that report a duration or the KV cache (vLLM stamps only whole seconds)."""
+    """The start phases in the worker's log: its own DEBUG lines, vLLM's lines that report a
+    duration or the KV cache, and the longest silences between any two stamped lines, with
+    the lines around them (vLLM stamps only whole seconds)."""
     found: list[dict[str, Any]] = []
+    stamped: list[tuple[float, str]] = []
+    year = time.strftime("%Y")
     for log in sorted(Path(log_dir).glob("worker-*.log")):
         for line in log.read_text(errors="replace").splitlines():
             if match := _WORKER_LINE.match(line):
-                day, millis, what = match.groups()
+                day, millis, name, level, what = match.groups()
                 t = time.mktime(time.strptime(day, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
-                found.append({"worker": what, "t": t})
-            elif (match := _VLLM_LINE.match(line)) and any(k in line for k in _VLLM_PHASES):
-                process, what = match.groups()
-                found.append({"vllm": what, "process": process or "worker"})
+                stamped.append((t, f"{name}: {what}"))
+                if level == "DEBUG" and what.startswith("start phase: "):
+                    found.append({"worker": what.removeprefix("start phase: "), "t": t})
+            elif match := _VLLM_LINE.match(line):
+                process, day, what = match.groups()
+                t = time.mktime(time.strptime(f"{year}-{day}", "%Y-%m-%d %H:%M:%S"))
+                stamped.append((t, f"{process or 'worker'}: {what}"))
+                if any(k in what for k in _VLLM_PHASES):
+                    found.append({"vllm": what, "process": process or "worker"})
+    gaps = sorted(zip(stamped, stamped[1:]), key=lambda pair: pair[0][0] - pair[1][0])
+    for (t0, before), (t1, after) in sorted(gaps[:_LONGEST_GAPS]):
+        found.append({"gap": round(t1 - t0, 1), "before": before[:160], "after": after[:160]})
     return found
 
 
@@ -194,9 +209,9 @@ def children(model: str, idle_ttl: float) -> dict[str, str]:
     return {
         "a import vllm": head + "b.child_import()",
         SAME_KV: head + f"b.child_llm({model!r}, None)",
-        "b LLM, 1 GiB KV": head + f"b.child_llm({model!r}, {GiB})",
-        "c service": head + f"b.child_service({model!r}, None)",
-        "d service, idle exit": head + f"b.child_service({model!r}, {idle_ttl})",
+        ONE_GIB: head + f"b.child_llm({model!r}, {GiB})",
+        COLD: head + f"b.child_service({model!r}, None)",
+        IDLE_EXIT: head + f"b.child_service({model!r}, {idle_ttl})",
     }
 
 
@@ -209,6 +224,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
     parser.add_argument("--idle-ttl", type=float, default=3.0)
+    parser.add_argument("--only", help="run only the figures whose names start with these "
+                        "letters (--only d: the idle exit, with the start's phases)")
     parser.add_argument("--save", help="also write the raw figures to this JSON file")
     parser.add_argument("--report", help="only print the report of a --save file")
     options = parser.parse_args()
@@ -222,9 +239,11 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the service's own sizing, as a user gets it
     debug_env = {**env, "VLLM_LOGGING_LEVEL": "DEBUG"}
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in children(model, 0)}
+    chosen = {name: code for name, code in children(model, options.idle_ttl).items()
+              if not options.only or name[0] in options.only}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
     for round_number in range(options.rounds):
-        for name, code in children(model, options.idle_ttl).items():
+        for name, code in chosen.items():
             result = run(code, debug_env if name.startswith("d") else env)
             runs[name].append(result)
             print(f"round {round_number + 1} {name}: {result['total']:.1f} s, "
@@ -248,30 +267,35 @@ def report(runs: dict[str, list[dict[str, Any]]], rounds: int) -> None:
         totals = [r["total"] for r in results]
         rss = statistics.median(r["peak_rss"] for r in results) / GiB
         print(f"{name:28} {stats(firsts)} {stats(totals)} {rss:9.2f}")
-    again = [r["stamps"]["answered_again"] - r["stamps"]["idle_exited"]
-             for r in runs["d service, idle exit"]]
-    print(f"{'d next answer after idle exit':28} {stats(again)}")
-    built = runs[SAME_KV][0]["lines"]
-    sizes = [line for line in built if line.get("stamp") == "built"]
+    idle = runs.get(IDLE_EXIT, [])
+    again = [r["stamps"]["answered_again"] - r["stamps"]["idle_exited"] for r in idle]
+    if again:
+        print(f"{'d next answer after idle exit':28} {stats(again)}")
+    sizes = [line for r in runs.get(SAME_KV, []) for line in r["lines"] if "kv_cache_bytes" in line]
     if sizes:
-        size = sizes[0]
-        print(f"(b) and the service: KV cache {size['kv_cache_bytes'] / GiB:.2f} GiB, "
-              f"max_model_len {size['max_model_len']}, dtype {size['dtype']}")
+        print(f"(b) and the service: KV cache {sizes[0]['kv_cache_bytes'] / GiB:.2f} GiB, "
+              f"max_model_len {sizes[0]['max_model_len']}, dtype {sizes[0]['dtype']}")
+    if all(name in runs for name in (SAME_KV, ONE_GIB, COLD, IDLE_EXIT)):
+        print("\nratios (medians):")
+        cold = median(first_answer, runs[COLD])
+        print(f"  c / b (service's KV):  {cold / median(first_answer, runs[SAME_KV]):.2f}"
+              "   goal <= 1.0")
+        print(f"  c / b (1 GiB KV):      {cold / median(first_answer, runs[ONE_GIB]):.2f}")
+        print(f"  d / c:                 {statistics.median(again) / cold:.2f}   goal <= 0.5")
+        memory = median(peak_rss, runs[COLD]) / median(peak_rss, runs[SAME_KV])
+        print(f"  memory c / b (service's KV): {memory:.2f}   goal <= 1.0")
+    if idle:
+        print("\nphases of (d)'s cold start, as (c)'s but with VLLM_LOGGING_LEVEL=DEBUG, "
+              "seconds from process start (median over rounds):")
+        phase_table(idle)
 
-    def median_first(name: str) -> float:
-        return statistics.median(first_answer(r) for r in runs[name])
 
-    cold = median_first("c service")
-    print("\nratios (medians):")
-    print(f"  c / b (service's KV):  {cold / median_first(SAME_KV):.2f}   goal <= 1.0")
-    print(f"  c / b (1 GiB KV):      {cold / median_first('b LLM, 1 GiB KV'):.2f}")
-    print(f"  d / c:                 {statistics.median(again) / cold:.2f}   goal <= 0.5")
-    c_rss = statistics.median(r["peak_rss"] for r in runs["c service"])
-    b_rss = statistics.median(r["peak_rss"] for r in runs[SAME_KV])
-    print(f"  memory c / b (service's KV): {c_rss / b_rss:.2f}   goal <= 1.0")
-    print("\nphases of (d)'s cold start, as (c)'s but with VLLM_LOGGING_LEVEL=DEBUG, seconds from "
-          "process start (median over rounds):")
-    phase_table(runs["d service, idle exit"])
+def peak_rss(result: dict[str, Any]) -> float:
+    return result["peak_rss"]
+
+
+def median(figure: Any, results: list[dict[str, Any]]) -> float:
+    return statistics.median(figure(r) for r in results)
 
 
 def phase_table(results: list[dict[str, Any]]) -> None:
@@ -293,6 +317,9 @@ def phase_table(results: list[dict[str, Any]]) -> None:
             print(f"    {mark}worker: {line['worker']}")
         elif "vllm" in line:
             print(f"    {mark}{line['process']}: {line['vllm'][:150]}")
+        elif "gap" in line:
+            print(f"    {mark}{line['gap']:5.1f} s silent between\n"
+                  f"        {line['before']}\n        {line['after']}")
 
 
 if __name__ == "__main__":
