@@ -44,7 +44,7 @@ class VLLMSettings(BaseSettings):
         gt=0,
         le=1,
         description="GPU memory fraction for vLLM. On a CPU-only machine the KV cache is sized "
-        "from free memory instead (see VLLM_CPU_KVCACHE_SPACE).",
+        "from the model instead (see VLLM_CPU_KVCACHE_SPACE).",
     )
     max_model_len: int = Field(
         32768,

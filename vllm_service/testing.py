@@ -16,6 +16,8 @@ The machine, and the rules the engines follow on it:
 - :func:`adapt_engine_args`: the ``vllm.LLM`` arguments a local worker builds its engine
   with, for requested ones, and a sentence per change (the CPU adaptations); for a plain
   ``vllm.LLM`` that runs as the service's engines do. Imports vLLM.
+- :func:`kv_bytes_per_token` and :func:`cpu_kv_cache_need`: the KV cache one token of a
+  model takes, and the KV cache a CPU engine gets when the user does not size it.
 - :func:`check_vllm_version`: raises unless the installed vLLM is one this package supports.
   Imports vLLM.
 - :func:`visible_gpus`: the GPUs this process can see (none on a CPU machine), which decide
@@ -71,8 +73,10 @@ from ._common.engine_args import adapt_engine_args, check_vllm_version
 from ._common.machine import (
     cpu_dtype,
     cpu_flags,
+    cpu_kv_cache_need,
     cpu_weight_update_problem,
     group_physical_cores,
+    kv_bytes_per_token,
     parse_cuda_mask,
     physical_cores,
     visible_gpus,
@@ -92,12 +96,14 @@ __all__ = [
     "cpu_dtype",
     "cpu_flags",
     "cpu_kv_cache_bytes_per_worker",
+    "cpu_kv_cache_need",
     "cpu_placements",
     "cpu_weight_update_problem",
     "forwarded_environment",
     "gpu_placements",
     "group_members",
     "group_physical_cores",
+    "kv_bytes_per_token",
     "parse_cuda_mask",
     "physical_cores",
     "pick_served_model",

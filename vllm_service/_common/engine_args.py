@@ -11,7 +11,7 @@ import os
 import re
 from typing import Any
 
-from .machine import GiB, cpu_dtype, cpu_kv_cache_bytes
+from .machine import GiB, cpu_dtype, cpu_kv_cache_need, kv_bytes_per_token
 
 # Mixed into vLLM's worker class: it loads new weights next to the model (update_weights).
 WEIGHT_LOADER = "vllm_service._worker.engines.weight_loader.WeightLoader"
@@ -52,7 +52,8 @@ def adapt_engine_args(
     args.setdefault("worker_extension_cls", WEIGHT_LOADER)  # for update_weights
     choices: list[str] = []
 
-    model_limit = _model_max_len(args["model"], bool(args.get("trust_remote_code")))
+    model_config = _model_text_config(args["model"], bool(args.get("trust_remote_code")))
+    model_limit = _model_max_len(model_config)
     wanted_len = args.get("max_model_len")
     if model_limit and wanted_len and wanted_len > model_limit:
         args["max_model_len"] = model_limit
@@ -78,27 +79,40 @@ def adapt_engine_args(
                 'set VLLM_ENGINE_ARGS=\'{"enforce_eager": false}\' to compile'
             )
         if not os.environ.get("VLLM_CPU_KVCACHE_SPACE") and "kv_cache_memory_bytes" not in args:
-            kv_bytes = cpu_kv_cache_bytes()
+            per_token = kv_bytes_per_token(
+                model_config, str(args.get("dtype", "auto")).lower(),
+                str(args.get("kv_cache_dtype", "auto")),
+            )
+            max_len = args.get("max_model_len") or model_limit
+            kv_bytes = cpu_kv_cache_need(per_token, max_len, args.get("max_num_seqs"))
             args["kv_cache_memory_bytes"] = kv_bytes
+            sized_by = (
+                f"{kv_bytes // (per_token * max_len)} sequences of max_model_len {max_len} "
+                "(at most 15 % of free memory)" if per_token and max_len else "free memory"
+            )
             choices.append(
                 f"CPU backend: gpu_memory_utilization does not apply; KV cache set to "
-                f"{kv_bytes / GiB:.1f} GiB from free memory (set VLLM_CPU_KVCACHE_SPACE in GiB "
-                "to choose)"
+                f"{kv_bytes / GiB:.2f} GiB for {sized_by} (set VLLM_CPU_KVCACHE_SPACE in GiB, "
+                "or max_num_seqs in VLLM_ENGINE_ARGS, to choose)"
             )
     return args, choices
 
 
-def _model_max_len(model: str, trust_remote_code: bool) -> int | None:
-    """The longest sequence the model's config allows, or None when it cannot be read."""
+def _model_text_config(model: str, trust_remote_code: bool) -> dict[str, Any]:
+    """The model's Hugging Face config (its text part), or {} when it cannot be read."""
     try:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
     except Exception:  # vLLM reports a model it cannot load better than we can
-        return None
-    text_config = getattr(config, "get_text_config", lambda: config)()
+        return {}
+    return getattr(config, "get_text_config", lambda: config)().to_dict()
+
+
+def _model_max_len(config: dict[str, Any]) -> int | None:
+    """The longest sequence the model's config allows, or None when it does not say."""
     for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = getattr(text_config, name, None)
+        value = config.get(name)
         if isinstance(value, int) and value > 0:
             return value
     return None

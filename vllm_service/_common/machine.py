@@ -9,15 +9,21 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 GiB = 1 << 30
 
 
-# On a CPU-only machine the KV cache is sized from memory that is free at start:
-# this share of it, within these bounds.
+# On a CPU-only machine the KV cache takes at most this share of the memory free at start,
+# within these bounds.
 _CPU_KV_CACHE_SHARE = 0.15
 _CPU_KV_CACHE_MIN = 1 * GiB
 _CPU_KV_CACHE_MAX = 4 * GiB
+# The sequences of max_model_len the CPU KV cache holds when max_num_seqs is not set. vLLM's
+# own max_num_seqs on CPU (256) at the demo model's 8192 positions would need 45 GiB; four
+# full sequences are 32768 tokens (720 MiB for the demo model): 64 requests of 512 tokens at
+# once, and vLLM's scheduler queues what does not fit until space frees.
+_CPU_KV_CACHE_SEQUENCES = 4
 # CPU feature flags of a native bf16 unit: x86 AVX-512 BF16 and AMX, Arm's BF16 extension.
 _NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
 
@@ -75,13 +81,61 @@ def cpu_flags() -> set[str]:
 
 
 def cpu_kv_cache_bytes(available_bytes: int | None = None) -> int:
-    """The KV cache one engine takes on a CPU-only machine: a share of free memory, bounded."""
+    """The most KV cache one engine takes on a CPU-only machine: a share of free memory, bounded.
+
+    What a batch run's workers share, and the upper bound of :func:`cpu_kv_cache_need`.
+    """
     if available_bytes is None:
         import psutil
 
         available_bytes = psutil.virtual_memory().available
     share = int(available_bytes * _CPU_KV_CACHE_SHARE)
     return min(_CPU_KV_CACHE_MAX, max(_CPU_KV_CACHE_MIN, share))
+
+
+def kv_bytes_per_token(
+    config: Mapping[str, Any], dtype: str, kv_cache_dtype: str = "auto"
+) -> int | None:
+    """The KV cache bytes one token takes: 2 (K and V) x layers x KV heads x head size x dtype.
+
+    ``config`` is the model's Hugging Face config (its text part for a multimodal model);
+    ``dtype`` the engine's dtype argument ("auto" is 2 bytes: vLLM runs float32 models in
+    bf16 then). None when the config lacks the numbers (an attention this does not know).
+    """
+    layers = config.get("num_hidden_layers")
+    heads = config.get("num_attention_heads")
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (
+        config["hidden_size"] // heads if config.get("hidden_size") and heads else None
+    )
+    if not all(isinstance(n, int) and n > 0 for n in (layers, kv_heads, head_dim)):
+        return None
+    if kv_cache_dtype.startswith("fp8"):
+        element = 1
+    else:
+        element = 4 if dtype in ("float32", "float") else 2
+    return 2 * layers * kv_heads * head_dim * element
+
+
+def cpu_kv_cache_need(
+    bytes_per_token: int | None,
+    max_model_len: int | None,
+    max_num_seqs: int | None = None,
+    available_bytes: int | None = None,
+) -> int:
+    """The KV cache one engine takes on a CPU-only machine, sized from what the model needs.
+
+    ``max_num_seqs`` sequences of ``max_model_len`` tokens (four when ``max_num_seqs`` is
+    unset), at most :func:`cpu_kv_cache_bytes` (the share of free memory), and never less
+    than one sequence of ``max_model_len``, which vLLM needs to start. Without the model's
+    figures (None), the share of free memory.
+    """
+    limit = cpu_kv_cache_bytes(available_bytes)
+    if not bytes_per_token or not max_model_len:
+        return limit
+    one_sequence = bytes_per_token * max_model_len
+    wanted = one_sequence * (max_num_seqs or _CPU_KV_CACHE_SEQUENCES)
+    return max(one_sequence, min(limit, wanted))
 
 
 def parse_cuda_mask(mask: str | None, device_count: int) -> list[str]:

@@ -51,6 +51,8 @@ from .protocol import (
     WorkerConfig,
 )
 
+logger = logging.getLogger(__name__)
+
 # How long the idle worker blocks on the pipe between checks; the parent decides idle exit.
 _IDLE_POLL_SECONDS = 1.0
 # How often the watchdog looks at the engine's processes.
@@ -67,7 +69,10 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     os.setsid()
     _redirect_output(config.log_path)
     os.environ.update(config.environment)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # VLLM_LOGGING_LEVEL=DEBUG, vLLM's own switch, shows the worker's start phases too.
+    level = logging.DEBUG if os.environ.get("VLLM_LOGGING_LEVEL") == "DEBUG" else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logger.debug("start phase: worker running, %.2f s after its spawn", _process_age())
     closing = threading.Event()
     engine: Engine | None = None
     exit_code = EXIT_ERROR
@@ -81,6 +86,7 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
             return
         _start_watchdog(closing)
         conn.send(Ready(engine.info))
+        logger.debug("start phase: ready sent, %.2f s after the spawn", _process_age())
         exit_code = _serve(conn, engine)
     except BaseException:
         traceback.print_exc()
@@ -336,6 +342,13 @@ def _exit_status(pid: int) -> str:
     return f"exit code {status >> 8}"
 
 
+def _process_age() -> float:
+    """Seconds since this process was created (the kernel's clock ticks: 10 ms)."""
+    import psutil
+
+    return time.time() - psutil.Process().create_time()
+
+
 def _redirect_output(log_path: str | None) -> None:
     """Send this process's (and its children's) stdout and stderr to the log file."""
     if not log_path:
@@ -359,9 +372,18 @@ def make_engine(config: WorkerConfig) -> Engine:
 
         return StandInEngine(config)
     if config.mode == "local":
-        from .engines.local import LocalEngine
+        started = time.monotonic()
+        import torch  # noqa: F401 (the engine's imports, timed apart from its build)
+        logger.debug("start phase: torch imported in %.2f s", time.monotonic() - started)
+        started = time.monotonic()
+        import vllm  # noqa: F401
 
-        return LocalEngine(config)
+        from .engines.local import LocalEngine
+        logger.debug("start phase: vllm imported in %.2f s", time.monotonic() - started)
+        started = time.monotonic()
+        engine = LocalEngine(config)
+        logger.debug("start phase: engine built in %.2f s", time.monotonic() - started)
+        return engine
     if config.mode == "remote":
         from .engines.remote import RemoteEngine
 
