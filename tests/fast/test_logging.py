@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from _waiting import wait_until
@@ -108,3 +109,18 @@ def test_every_status_field_is_logged_at_debug_only(
     info = lines(caplog, logging.INFO)
     assert len(info) == 4
     check_readable(info)
+
+
+@pytest.mark.parametrize("level", [logging.DEBUG, logging.WARNING])
+def test_the_worker_log_is_at_debug_when_the_service_logger_is(
+    standin: Callable[..., VLLMSettings], caplog: pytest.LogCaptureFixture, level: int,
+) -> None:
+    caplog.set_level(level, logger="vllm_service")
+    with VLLMInferenceService(standin()) as service:
+        service.warmup()
+        log_path = service.status().log_path
+        assert log_path is not None
+        assert service.generate("Hello").text == "Hello"
+        text = Path(log_path).read_text()  # read while the worker runs: a clean exit removes it
+    # The worker's own start phases are DEBUG lines; a quieter app never makes it below INFO.
+    assert ("start phase: worker running" in text) is (level == logging.DEBUG), text[-2000:]

@@ -69,8 +69,10 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     os.setsid()
     _redirect_output(config.log_path)
     os.environ.update(config.environment)
-    # VLLM_LOGGING_LEVEL=DEBUG, vLLM's own switch, shows the worker's start phases too.
-    level = logging.DEBUG if os.environ.get("VLLM_LOGGING_LEVEL") == "DEBUG" else logging.INFO
+    # The parent's level (--log-level debug), or VLLM_LOGGING_LEVEL=DEBUG, vLLM's own switch,
+    # shows the worker's start phases too.
+    debug = os.environ.get("VLLM_LOGGING_LEVEL", "").upper() == "DEBUG"
+    level = logging.DEBUG if debug else config.log_level
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logger.debug("start phase: worker running, %.2f s after its spawn", _process_age())
     closing = threading.Event()

@@ -28,6 +28,7 @@ serve a local engine and a remote server. Results travel as the public :class:`S
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,6 +62,15 @@ class WorkerConfig:
     # The parent's stall watch (None: off, as in remote mode, where api_timeout bounds waits).
     engine_stall_seconds: float | None = ENGINE_STALL_SECONDS
     log_path: str | None = None
+    # The worker log's level: the parent's vllm_service logger's when lower than INFO (so the
+    # CLI's --log-level debug reaches the worker), else INFO.
+    log_level: int = field(default_factory=lambda: parent_log_level())
+
+
+def parent_log_level() -> int:
+    """The level the worker logs at: DEBUG when the parent's ``vllm_service`` logger is
+    at DEBUG, else INFO (the worker log is for diagnosis, so never quieter than INFO)."""
+    return min(logging.INFO, logging.getLogger("vllm_service").getEffectiveLevel())
 
 
 @dataclass(frozen=True)
