@@ -30,7 +30,7 @@ class Mode(Protocol):
         """Raise ``ValueError`` for a sampling value this mode cannot run."""
 
     def lora(self, name: str | None) -> LoraAdapter | None:
-        """The adapter a request names (``KeyError`` for one a local service does not know)."""
+        """The adapter a request names (``ValueError`` for one a local service does not know)."""
 
     def load_lora(self, name: str, path: str | os.PathLike[str]) -> None: ...
     def unload_lora(self, name: str) -> None: ...
