@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -368,12 +368,13 @@ class GenerationResult:
     produced this result; ``None`` for the model's own weights (and on error)."""
     error_type: ErrorType | None = None
     """With :attr:`error`, its kind, for code to branch on (see :data:`ErrorType`)."""
-    request_id: str = ""
+    # Equality is the answer's: two results of the same request run twice are equal.
+    request_id: str = field(default="", compare=False)
     """The request's id, unique per request: ``<service>-<n>``, where ``n`` is the id the
-    worker's log and (local mode) vLLM's engine know it by."""
-    timings: RequestTimings | None = None
+    worker's log and (local mode) vLLM's engine know it by. Not compared by ``==``."""
+    timings: RequestTimings | None = field(default=None, compare=False)
     """When it was queued, gave its first token and ended; ``None`` when it never reached
-    the engine's loop."""
+    the engine's loop. Not compared by ``==``."""
 
     @classmethod
     def failed(

@@ -77,6 +77,8 @@ def test_every_result_has_its_own_request_id_and_its_timings_in_order(standin: S
         ids = [r.request_id for r in everything]
         assert all(ids) and len(set(ids)) == len(ids) == 13
         assert everything[0].to_dict()["request_id"] == ids[0]
+        # Equality is the answer's, not the ids' or the clock's: the same request run twice.
+        assert elsewhere == service.generate("thread 0 says hi") and elsewhere.request_id
 
         refused = service.generate("")  # refused when added: no token, still timed
         assert refused.finish_reason == "error" and refused.request_id
