@@ -7,9 +7,10 @@ just before it is started (``time.perf_counter`` around the subprocess; the chil
 ``time.time()`` stamps as JSON lines, which place its phases on the same clock):
 
 (a) ``import vllm``;
-(b) ``vllm.LLM(...)`` plus one token, with the arguments the service's worker would build
-    with (its default settings: dtype rule, eager, max_model_len, KV cache size), once as they
-    are and once with a 1 GiB KV cache;
+(b) ``vllm.LLM(...)`` plus one token, with the arguments and vLLM variables the service's
+    worker would build with (its default settings: dtype rule, eager, max_model_len, KV cache
+    size, on CPU the engine core in the process), once as they are, once with a 1 GiB KV
+    cache, and once with vLLM's default of an engine process of its own;
 (c) a service with default settings: ``warmup()`` plus one token;
 (d) the same with a small ``idle_ttl_seconds``: warm-up and one token, then, once ``status()``
     says the worker left on its idle exit, the time to the next answer.
@@ -41,6 +42,7 @@ SAMPLE_SECONDS = 0.2
 RUN_TIMEOUT_SECONDS = 600
 SAME_KV = "b LLM, service's KV"
 ONE_GIB = "b LLM, 1 GiB KV"
+VLLM_PROCESS = "b LLM, engine process"  # vLLM's default: its engine core in a process of its own
 COLD = "c service"
 IDLE_EXIT = "d service, idle exit"
 
@@ -69,10 +71,17 @@ def service_engine_args(model: str) -> dict[str, Any]:
     return args
 
 
-def child_llm(model: str, kv_bytes: int | None) -> None:
+def child_llm(model: str, kv_bytes: int | None, as_the_worker: bool = True) -> None:
+    """``LLM(...)`` plus one token; ``as_the_worker``: with the vLLM variables the worker
+    sets too (on CPU the engine core in this process), else vLLM's own default for them."""
     import vllm
+    from vllm.platforms import current_platform
+
+    from vllm_service.testing import adapt_engine_environment
 
     stamp("imported")
+    if as_the_worker:
+        os.environ.update(adapt_engine_environment(current_platform.is_cpu())[0])
     args = service_engine_args(model)
     if kv_bytes:
         args["kv_cache_memory_bytes"] = kv_bytes
@@ -210,6 +219,7 @@ def children(model: str, idle_ttl: float) -> dict[str, str]:
         "a import vllm": head + "b.child_import()",
         SAME_KV: head + f"b.child_llm({model!r}, None)",
         ONE_GIB: head + f"b.child_llm({model!r}, {GiB})",
+        VLLM_PROCESS: head + f"b.child_llm({model!r}, None, as_the_worker=False)",
         COLD: head + f"b.child_service({model!r}, None)",
         IDLE_EXIT: head + f"b.child_service({model!r}, {idle_ttl})",
     }
@@ -281,6 +291,9 @@ def report(runs: dict[str, list[dict[str, Any]]], rounds: int) -> None:
         print(f"  c / b (service's KV):  {cold / median(first_answer, runs[SAME_KV]):.2f}"
               "   goal <= 1.0")
         print(f"  c / b (1 GiB KV):      {cold / median(first_answer, runs[ONE_GIB]):.2f}")
+        if VLLM_PROCESS in runs:
+            print(f"  c / b (vLLM's engine process): "
+                  f"{cold / median(first_answer, runs[VLLM_PROCESS]):.2f}")
         print(f"  d / c:                 {statistics.median(again) / cold:.2f}   goal <= 0.5")
         memory = median(peak_rss, runs[COLD]) / median(peak_rss, runs[SAME_KV])
         print(f"  memory c / b (service's KV): {memory:.2f}   goal <= 1.0")

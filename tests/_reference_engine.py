@@ -114,6 +114,9 @@ def _serve(conn: Any, args: dict[str, Any]) -> None:
     # which the scheduler then held back for up to minutes while another engine generated
     # (docs/reliability.md, "What looked wrong", item 10).
     os.setsid()
+    # The engine core in this process, as the service's workers run it on CPU: same answers,
+    # and it starts in a third of the time (vLLM's own process re-imports torch and vLLM).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     llm = LLM(**args)
     conn.send("ready")
     try:

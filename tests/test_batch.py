@@ -283,17 +283,21 @@ def test_an_item_that_kills_real_workers_fails_alone_and_the_rest_finish(
 def test_a_batch_run_on_a_stuck_engine_retries_its_chunk_on_a_new_worker(
     demo_model: Path,
 ) -> None:
-    """vLLM's engine process of the first worker is stopped (SIGSTOP) once it has work: the
-    stall watch (6 s here, 600 s by default) ends that worker and its chunk runs again."""
+    """The process vLLM's engine core steps in (on CPU the worker's own) is stopped (SIGSTOP)
+    in the first worker once it has work: the stall watch (6 s here, 600 s by default) ends
+    that worker and its chunk runs again."""
     import psutil
 
     class StallingHandle(recording_handle_class()):  # type: ignore[misc]
         def submit(self, requests: list[Request]) -> list[Future[Finished]]:
             futures = super().submit(requests)
             if len(StallingHandle.started) == 1:
-                for child in psutil.Process(self.pid).children(recursive=True):
-                    if child.name().startswith("VLLM::EngineCor"):
-                        child.send_signal(signal.SIGSTOP)
+                engines = [
+                    child for child in psutil.Process(self.pid).children(recursive=True)
+                    if child.name().startswith("VLLM::EngineCor")
+                ]
+                for engine in engines or [psutil.Process(self.pid)]:
+                    engine.send_signal(signal.SIGSTOP)
             return futures
 
     data = [{"prompt": q} for q in (FRANCE, GERMANY)]

@@ -184,10 +184,24 @@ def test_input_that_cannot_cross_the_pipe_fails_at_the_call(
 # ----- 2. vLLM's engine process or the worker killed mid-request -----
 
 
+@pytest.fixture(scope="module")
+def multiprocess_svc(demo_model: Path) -> Iterator[VLLMInferenceService]:
+    """A service whose engine core runs in a process of its own, as vLLM's default (and GPU
+    runs) have it; on CPU it runs in the worker's process unless this is set."""
+    settings = VLLMSettings(
+        model_path=demo_model, max_model_len=2048, idle_ttl_seconds=3600, stop_timeout_seconds=3
+    )
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # the workers inherit it at spawn
+        with VLLMInferenceService(settings) as service:
+            yield service
+
+
 @pytest.mark.parametrize("victim", ["engine", "worker"])
 def test_a_killed_process_fails_the_calls_in_seconds_and_leaves_nothing(
-    svc: VLLMInferenceService, reference: ReferenceEngine, victim: str
+    multiprocess_svc: VLLMInferenceService, reference: ReferenceEngine, victim: str
 ) -> None:
+    svc = multiprocess_svc
     svc.warmup()
     worker = svc.status().pid
     [engine] = engine_processes(worker, "VLLM::EngineCor")  # the name is cut at 15 characters
@@ -233,7 +247,10 @@ def test_a_worker_that_dies_idle_is_reported_and_leaves_nothing(
     assert not group_members(worker)
 
 
-def test_an_engine_that_dies_while_loading_leaves_no_shared_memory(demo_model: Path) -> None:
+def test_an_engine_that_dies_while_loading_leaves_no_shared_memory(
+    demo_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")  # vLLM's engine process, as on GPU
     settings = VLLMSettings(model_path=demo_model, max_model_len=1024, stop_timeout_seconds=3)
     with VLLMInferenceService(settings) as service:
         threads, outcomes = in_threads(service.warmup, 1)
@@ -357,10 +374,11 @@ def stall_watched(demo_model: Path) -> Iterator[VLLMInferenceService]:
 
 
 def stop_engine_core(service: VLLMInferenceService) -> tuple[int, int]:
-    """SIGSTOP vLLM's EngineCore (what a hung GPU looks like); (worker pid, engine pid)."""
+    """SIGSTOP the process vLLM's engine core steps in (what a hung GPU looks like): on CPU
+    the worker's own (the engine core runs in it), else vLLM's EngineCore; (worker, engine)."""
     worker = service.status().pid
     assert worker is not None
-    [engine] = engine_processes(worker, "VLLM::EngineCor")
+    [engine] = engine_processes(worker, "VLLM::EngineCor") or [worker]
     os.kill(engine, signal.SIGSTOP)
     return worker, engine
 

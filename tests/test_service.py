@@ -174,6 +174,9 @@ def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
         monkeypatch.setenv(name, value)
     # setproctitle writes a title over /proc's copy of the environment unless told not to.
     monkeypatch.setenv("SPT_NOENV", "1")
+    # vLLM's engine core in a process of its own (on CPU it runs in the worker's otherwise):
+    # /proc shows what that process, started by vLLM after the worker's start, inherited.
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     service.unload()
     service.warmup()  # a worker started with them in its parent's environment
     pid = service.status().pid

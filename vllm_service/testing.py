@@ -16,6 +16,8 @@ The machine, and the rules the engines follow on it:
 - :func:`adapt_engine_args`: the ``vllm.LLM`` arguments a local worker builds its engine
   with, for requested ones, and a sentence per change (the CPU adaptations); for a plain
   ``vllm.LLM`` that runs as the service's engines do. Imports vLLM.
+- :func:`adapt_engine_environment`: the vLLM variables a local worker sets before it builds
+  its engine (on CPU, the engine core in the worker's process), and a sentence per change.
 - :func:`kv_bytes_per_token` and :func:`cpu_kv_cache_need`: the KV cache one token of a
   model takes, and the KV cache a CPU engine gets when the user does not size it.
 - :func:`check_vllm_version`: raises unless the installed vLLM is one this package supports.
@@ -69,7 +71,7 @@ from ._batch.placement import (
     gpu_placements,
 )
 from ._batch.schedule import MAX_ATTEMPTS as BATCH_MAX_ATTEMPTS
-from ._common.engine_args import adapt_engine_args, check_vllm_version
+from ._common.engine_args import adapt_engine_args, adapt_engine_environment, check_vllm_version
 from ._common.machine import (
     cpu_dtype,
     cpu_flags,
@@ -91,6 +93,7 @@ __all__ = [
     "Placement",
     "WorkerConfig",
     "adapt_engine_args",
+    "adapt_engine_environment",
     "batch_worker_configs",
     "check_vllm_version",
     "cpu_dtype",

@@ -83,3 +83,15 @@ def test_a_batch_worker_starts_without_the_services_settings(
     seen = set(standin_calls("init")[0]["vllm_variables"])
     assert not set(SERVICE_SETTINGS) & seen
     assert set(VLLMS_OWN) <= seen
+
+
+def test_on_cpu_the_engine_core_runs_in_the_worker_unless_the_user_says_otherwise() -> None:
+    from vllm_service.testing import adapt_engine_environment
+
+    environment, choices = adapt_engine_environment(on_cpu=True, environ={})
+    assert environment == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    assert len(choices) == 1 and "VLLM_ENABLE_V1_MULTIPROCESSING=1" in choices[0]  # how to undo
+    for users in ("1", "0"):  # the user's value stays, whatever it is
+        assert adapt_engine_environment(True, {"VLLM_ENABLE_V1_MULTIPROCESSING": users}) == ({}, [])
+    # A GPU run gets vLLM's default (its engine process overlaps scheduling with the GPU).
+    assert adapt_engine_environment(on_cpu=False, environ={}) == ({}, [])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import queue
 import shutil
 import tempfile
@@ -19,7 +20,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from ..._common.engine_args import WEIGHT_LOADER, adapt_engine_args, check_vllm_version
+from ..._common.engine_args import (
+    WEIGHT_LOADER,
+    adapt_engine_args,
+    adapt_engine_environment,
+    check_vllm_version,
+)
 from ..._common.lora import ZERO_ADAPTER_NAME, write_zero_adapter
 from ..._common.machine import cpu_weight_update_problem
 from ..._common.media import fetched, needs_fetching
@@ -39,8 +45,12 @@ class LocalEngine:
     def __init__(self, config: WorkerConfig) -> None:
         check_vllm_version()
         from vllm import LLM
+        from vllm.platforms import current_platform
 
-        engine_args, choices = adapt_engine_args(config.engine_args)
+        environment, choices = adapt_engine_environment(current_platform.is_cpu())
+        os.environ.update(environment)  # vLLM reads its variables when it builds the engine
+        engine_args, arg_choices = adapt_engine_args(config.engine_args)
+        choices += arg_choices
         for choice in choices:
             logger.warning("vllm-service: %s", choice)
         try:
