@@ -36,9 +36,14 @@ def bench_direct(model: str, prompts: list[str], tokens: int) -> dict[str, float
     from vllm import LLM, SamplingParams
 
     started = time.perf_counter()
-    from vllm_service.testing import cpu_dtype
+    from vllm.platforms import current_platform
 
-    # The service's own dtype rule, so both sides run the same arithmetic on this processor.
+    from vllm_service.testing import adapt_engine_environment, cpu_dtype
+
+    # vLLM's variables as the service's workers set them (on CPU its engine core in this
+    # process, which steps faster here than vLLM's default engine process), and the service's
+    # own dtype rule, so both sides run the same engine on this processor.
+    os.environ.update(adapt_engine_environment(current_platform.is_cpu())[0])
     llm = LLM(model=model, max_model_len=MAX_MODEL_LEN, enforce_eager=True, dtype=cpu_dtype(),
               trust_remote_code=True)
     start_seconds = time.perf_counter() - started
