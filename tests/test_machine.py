@@ -74,9 +74,12 @@ def unix_sockets_of(pids: list[int]) -> set[str]:
 
 
 def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
-    user_folders: tuple[Path, Path],
+    user_folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, update = user_folders
+    # vLLM's engine core in a process of its own (a GPU's layout, and the one that makes
+    # shared memory and sockets; on CPU it runs in the worker unless this is set).
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     before = files_of(model, update)
     temp = Path(tempfile.gettempdir())
     # Ours only: the folder is named for the process that made it (other processes of this

@@ -192,6 +192,7 @@ def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
         environ = engine.environ()
         assert not [name for name in environ if is_service_variable(name)]
         assert environ["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
+    service.unload()  # the next tests' worker runs its engine core in-process, as by default
 
 
 def test_is_ready_repr_and_status(service: VLLMInferenceService) -> None:
