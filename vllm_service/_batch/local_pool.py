@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 import psutil
 
-from .._common.machine import cpu_dtype, kv_bytes_per_token
+from .._common.machine import GiB, cpu_dtype, kv_bytes_per_token
 from .._worker.handle import WorkerHandle, WorkerUnavailable
 from .._worker.keep_alive import KeepAlive
 from .._worker.protocol import Finished, Request, WorkerConfig
@@ -200,10 +200,13 @@ class LocalWorker:
 
 
 def describe(config: WorkerConfig) -> str:
-    """Where a worker runs, for the log."""
+    """Where a worker runs, and the KV cache a CPU worker was given, for the log."""
     environment = config.environment
     if "CUDA_VISIBLE_DEVICES" in environment:
         return f"GPU {environment['CUDA_VISIBLE_DEVICES']}"
     if "VLLM_CPU_OMP_THREADS_BIND" in environment:
-        return f"CPU {environment['VLLM_CPU_OMP_THREADS_BIND']}"
-    return "CPU (vLLM's own binding)"
+        where = f"CPU {environment['VLLM_CPU_OMP_THREADS_BIND']}"
+    else:
+        where = "CPU (vLLM's own binding)"
+    kv_bytes = config.engine_args.get("kv_cache_memory_bytes")
+    return where if kv_bytes is None else f"{where}, KV cache {kv_bytes / GiB:.2f} GiB"
