@@ -41,7 +41,13 @@ from vllm_service._batch import schedule as _batch_schedule
 from vllm_service._worker.handle import WorkerHandle
 from vllm_service._worker.protocol import Finished, Request
 from vllm_service.errors import VLLMServiceError
-from vllm_service.testing import BATCH_MAX_ATTEMPTS, cpu_dtype, group_members, physical_cores
+from vllm_service.testing import (
+    BATCH_MAX_ATTEMPTS,
+    cpu_dtype,
+    group_members,
+    kv_bytes_per_token,
+    physical_cores,
+)
 
 FRANCE = "What is the capital of France?"
 GERMANY = "What is the capital of Germany?"
@@ -181,14 +187,17 @@ def test_bad_items_get_an_error_of_their_own_and_the_rest_run_on(
 
 
 def test_two_workers_are_pinned_to_their_own_core_and_share_memory(
-    two_workers: dict[str, Any],
+    two_workers: dict[str, Any], demo_model: Path,
 ) -> None:
     handles = two_workers["handles"]
     assert len(handles) == 2
     binds = sorted(h.config.environment["VLLM_CPU_OMP_THREADS_BIND"] for h in handles)
     assert binds == [str(core[0]) for core in physical_cores()[:2]]
+    # Each worker's cache holds what it is given at once, a chunk of 2 items of max_model_len
+    # 1024 in float32, far below its share of free memory (at least 0.5 GiB), and they ran.
+    config = json.loads((demo_model / "config.json").read_text(encoding="utf-8"))
     kv_sizes = {h.config.engine_args["kv_cache_memory_bytes"] for h in handles}
-    assert len(kv_sizes) == 1 and 0 < kv_sizes.pop() <= 2 << 30  # half of one engine's at most
+    assert kv_sizes == {2 * 1024 * kv_bytes_per_token(config, "float32")}
     assert all(h.config.engine_args["gpu_memory_utilization"] == 0.9 for h in handles)
     assert [h.info["dtype"] for h in handles] == ["float32", "float32"]  # asked for
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 
 from ._batch.arguments import batch_engine_spec, check_arguments, worker_pool
 from ._batch.output import RUN_KEY, OutputFile, run_fingerprint, writable_fields
+from ._batch.placement import chunk_sequences
 from ._batch.schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 from ._common.inputs import lone_surrogate
 from ._common.media import media_problem
@@ -146,6 +147,9 @@ def generate(
     spec = batch_engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {}, engine_stall_seconds, engine_kind,
+        # Other data than a list is refused when the run starts (TypeError).
+        chunk_sequences(len(data), n, worker_num, chunk_size) if isinstance(data, Sequence)
+        else None,
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     sampling = {

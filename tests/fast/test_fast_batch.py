@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -119,6 +120,51 @@ def test_a_worker_killed_mid_run_has_its_chunk_retried_on_a_new_worker(
     inits = standin_calls("init")
     assert len(inits) == 2 and inits[1]["pid"] != killed[0]
     assert len(standin_calls("add")) > 6  # the killed chunk's items were sent again
+
+
+# How long the worker's load takes in the progress bar's test: long against its items.
+LOAD_SECONDS = 4.0
+# A tqdm state: "generate:  33%|███▎      | 3/9 [00:01<00:02,  2.48item/s, ...]".
+BAR_STATE = re.compile(r"generate: .*\| (\d+)/(\d+) \[([\d:]+)<([\d:?]+), ([^,\]]+)(.*)\]")
+
+
+def seconds(clock: str) -> int:
+    minutes, _, secs = clock.rpartition(":")
+    return int(minutes or 0) * 60 + int(secs)
+
+
+def test_the_progress_bar_says_loading_until_a_worker_is_ready_then_times_from_then(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = [{"prompt": f"w{i}"} for i in range(9)]
+    output = tmp_path / "out.jsonl"
+    run(data[:3], output_path=output)  # an earlier run: 3 items to resume
+    ready = tmp_path / "ready"
+    fates = tmp_path / "fates.json"
+    fates.write_text(json.dumps([{"ready_when": str(ready)}]))  # a slow load
+    capsys.readouterr()
+    loaded = threading.Timer(LOAD_SECONDS, ready.touch)
+    loaded.start()
+    try:
+        results = run(data, output_path=output, chunk_size=1, progress=True, engine_args={
+            "standin_fates": str(fates), "standin_step_seconds": 0.1,
+        })
+    finally:
+        loaded.cancel()
+    assert [r["results"] for r in results] == [f"w{i}" for i in range(9)]
+    lines = re.split(r"[\r\n]", capsys.readouterr().err)
+    states = [match.groups() for match in map(BAR_STATE.search, lines) if match]
+    loaded_at = max(k for k, s in enumerate(states) if "loading 0/1 workers" in s[5]) + 1
+    loading, generating = states[:loaded_at], states[loaded_at:]
+    assert all(s[0] == "3" and s[3] == "?" and s[4] == "?item/s" for s in loading)
+    assert seconds(loading[-1][2]) >= LOAD_SECONDS - 2  # the bar's clock moved meanwhile
+    assert all("first worker ready in" in s[5] for s in generating)
+    # Once items come, the ETA is that of the items left at the rate since the worker was
+    # ready (about 0.1 s each), not at one item per load time (6 x 4 s).
+    first = next(s for s in generating if int(s[0]) > 3)
+    assert first[3] != "?" and seconds(first[3]) < LOAD_SECONDS
+    last = states[-1]
+    assert last[:2] == ("9", "9") and seconds(last[2]) < LOAD_SECONDS
 
 
 def test_the_command_line_runs_on_the_standin(tmp_path: Path) -> None:

@@ -1,14 +1,24 @@
 """The CPU KV cache's default size: what the model needs, within a share of free memory.
 
 Pure logic over a model's config and the machine's free memory, so any model and machine
-can be given; ``tests/test_cpu_defaults.py`` checks the size a real engine starts with.
+can be given; ``tests/test_cpu_defaults.py`` checks the size a real engine starts with, and
+``tests/test_batch.py`` the size of a batch run's workers.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from vllm_service.testing import cpu_kv_cache_need, kv_bytes_per_token
+from vllm_service.testing import (
+    batch_worker_configs,
+    cpu_kv_cache_bytes_per_worker,
+    cpu_kv_cache_need,
+    kv_bytes_per_token,
+)
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -65,3 +75,75 @@ def test_one_full_sequence_fits_even_above_the_share_of_free_memory() -> None:
 def test_without_the_models_figures_the_share_of_free_memory_stands() -> None:
     assert cpu_kv_cache_need(None, 8192, available_bytes=20 * GiB) == 3 * GiB
     assert cpu_kv_cache_need(23040, None, available_bytes=20 * GiB) == 3 * GiB
+
+
+# ----- a batch run's CPU workers -----
+
+
+@pytest.mark.parametrize(
+    ("workers", "sequences", "available", "expected"),
+    [
+        (1, 8, 20 * GiB, 8 * 4096 * 23040),  # 8 sequences of the run's max_model_len
+        (2, 8, 20 * GiB, 8 * 4096 * 23040),  # ... each worker, within its own share
+        (1, 256, 20 * GiB, 3 * GiB),  # vLLM's max_num_seqs of full sequences: the share
+        (2, 256, 20 * GiB, 3 * GiB // 2),  # ... split between the workers
+        (4, 1, 2 * GiB, 4096 * 23040),  # one sequence, though that is more than the share
+    ],
+)
+def test_a_batch_worker_holds_its_chunks_sequences_within_its_share_of_free_memory(
+    workers: int, sequences: int, available: int, expected: int
+) -> None:
+    assert cpu_kv_cache_bytes_per_worker(
+        workers, available, bytes_per_token=23040, max_model_len=4096, sequences=sequences,
+    ) == expected
+
+
+def test_without_the_models_figures_or_the_sequences_a_batch_worker_gets_its_share() -> None:
+    assert cpu_kv_cache_bytes_per_worker(2, 20 * GiB) == 3 * GiB // 2
+    assert cpu_kv_cache_bytes_per_worker(2, 20 * GiB, sequences=8) == 3 * GiB // 2
+    assert cpu_kv_cache_bytes_per_worker(
+        2, 20 * GiB, bytes_per_token=23040, max_model_len=4096,
+    ) == 3 * GiB // 2
+
+
+@pytest.fixture
+def smollm2_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A model folder with the demo model's config.json, and no KV cache size from the user."""
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 8192, **SMOLLM2}
+    ))
+    return str(tmp_path)
+
+
+def kv_sizes(model: str, worker_num: int = 1, **arguments: Any) -> list[int]:
+    """Each local CPU worker's KV cache for a generate() with ``arguments`` (float32)."""
+    configs = batch_worker_configs(
+        model, worker_num, max_model_len=512, dtype="float32", gpus=[],
+        cores=[[0], [1]], **arguments,
+    )
+    return [config.engine_args.get("kv_cache_memory_bytes") for config in configs]
+
+
+def test_a_batch_workers_sequences_are_its_chunks_items_times_their_samples(
+    smollm2_folder: str,
+) -> None:
+    one = 512 * kv_bytes_per_token(SMOLLM2, "float32")  # 22.5 MiB
+    assert kv_sizes(smollm2_folder, items=8) == [8 * one]  # a chunk is all the items
+    assert kv_sizes(smollm2_folder, 2, items=8) == [4 * one, 4 * one]  # half of them each
+    assert kv_sizes(smollm2_folder, items=8, chunk_size=2, n=3) == [6 * one]
+    # vLLM runs at most max_num_seqs at once: the user's, or its own (256 per rank on CPU).
+    assert kv_sizes(smollm2_folder, items=100, engine_args={"max_num_seqs": 5}) == [5 * one]
+    # 10 000 items: vLLM's 256 at once need 5.6 GiB, more than the share (at most 4 GiB).
+    (many,) = kv_sizes(smollm2_folder, items=10_000)
+    (share,) = kv_sizes(smollm2_folder)  # the sequences unknown
+    assert many < 256 * one and many == pytest.approx(share, rel=0.05)  # free memory moves
+
+
+def test_the_users_kv_cache_size_wins_over_a_batch_workers_own(
+    smollm2_folder: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    given = {"kv_cache_memory_bytes": 300 * MiB}
+    assert kv_sizes(smollm2_folder, items=8, engine_args=given) == [300 * MiB]
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own variable, read by vLLM
+    assert kv_sizes(smollm2_folder, items=8) == [None]

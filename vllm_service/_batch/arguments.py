@@ -13,6 +13,7 @@ from .._worker.config import base_engine_args
 from .._worker.protocol import WorkerConfig
 from ..settings import ENGINE_STALL_SECONDS, resolved_model
 from .local_pool import EngineSpec, Host, LocalWorkers, placed_worker_configs
+from .placement import chunk_sequences
 from .schedule import WorkerPool
 
 
@@ -81,8 +82,13 @@ def batch_engine_spec(
     extra_engine_args: dict[str, Any],
     engine_stall_seconds: float = ENGINE_STALL_SECONDS,
     engine_kind: Literal["vllm", "standin"] = "vllm",
+    sequences: int | None = None,
 ) -> EngineSpec:
-    """The engine every worker runs, before its placement adds its GPUs or cores."""
+    """The engine every worker runs, before its placement adds its GPUs or cores.
+
+    ``sequences``: the most a worker is given at once (:func:`placement.chunk_sequences`),
+    which sizes a CPU worker's KV cache; None when not known.
+    """
     model = resolved_model(model_id)
     args: dict[str, Any] = {
         **base_engine_args(
@@ -99,7 +105,8 @@ def batch_engine_spec(
         raise ValueError(f"engine_kind must be 'vllm' or 'standin', got {engine_kind!r}")
     return EngineSpec(model=model, tp=tp, pp=pp, engine_args=args,
                       extra_engine_args=dict(extra_engine_args),
-                      engine_stall_seconds=engine_stall_seconds, engine_kind=engine_kind)
+                      engine_stall_seconds=engine_stall_seconds, engine_kind=engine_kind,
+                      sequences=sequences)
 
 
 def batch_worker_configs(
@@ -116,15 +123,21 @@ def batch_worker_configs(
     engine_args: dict[str, Any] | None = None,
     gpus: list[str] | None = None,
     cores: list[list[int]] | None = None,
+    items: int | None = None,
+    n: int = 1,
+    chunk_size: int | None = None,
 ) -> list[WorkerConfig]:
     """What ``generate()`` with these arguments gives each of its local workers: their
     ``vllm.LLM`` arguments and environment (GPUs or pinned cores), on this machine or on one
     with ``gpus`` / ``cores`` (see :meth:`Host.this_machine`). Starts nothing.
 
-    Raises ``ValueError`` for a placement the machine cannot give, as ``generate()`` would.
+    ``items`` is the length of ``generate()``'s data (None: not known, as for a Ray run's
+    driver); with ``n`` and ``chunk_size`` it sizes a CPU worker's KV cache. Raises
+    ``ValueError`` for a placement the machine cannot give, as ``generate()`` would.
     """
     spec = batch_engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {},
+        sequences=None if items is None else chunk_sequences(items, n, worker_num, chunk_size),
     )
     return placed_worker_configs(spec, worker_num, Host.this_machine(gpus, cores), gpu_assignments)

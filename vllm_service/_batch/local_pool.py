@@ -6,15 +6,18 @@ The placement rules (which GPUs or cores, how much KV cache memory) are those of
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import as_completed
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import psutil
 
+from .._common.machine import GiB, cpu_dtype, kv_bytes_per_token
 from .._worker.handle import WorkerHandle, WorkerUnavailable
 from .._worker.keep_alive import KeepAlive
 from .._worker.protocol import Finished, Request, WorkerConfig
@@ -40,6 +43,9 @@ class EngineSpec:
     extra_engine_args: dict[str, Any] = field(default_factory=dict)  # the caller's, win last
     engine_stall_seconds: float = ENGINE_STALL_SECONDS  # the stall watch of each worker
     engine_kind: Literal["vllm", "standin"] = "vllm"  # "standin": the test engine, no vLLM
+    # The most sequences a worker is given at once (placement.chunk_sequences); sizes a CPU
+    # worker's KV cache. None: not known, the whole share of free memory.
+    sequences: int | None = None
 
 
 @dataclass(frozen=True)
@@ -89,12 +95,10 @@ def placed_worker_configs(
             raise ValueError("gpu_assignments was given, but no GPU is visible")
         placements = _placement.cpu_placements(worker_num, spec.tp, spec.pp, host.cores)
     shared = dict(spec.engine_args)
-    if host.available_memory is not None:
+    if host.available_memory is not None and "kv_cache_memory_bytes" not in spec.extra_engine_args:
         # On CPU, gpu_memory_utilization is a share of all memory, for each worker; an
         # explicit KV cache size per worker makes the defaults fit.
-        shared["kv_cache_memory_bytes"] = _placement.cpu_kv_cache_bytes_per_worker(
-            worker_num, host.available_memory
-        )
+        shared["kv_cache_memory_bytes"] = _cpu_kv_cache_bytes(spec, worker_num, host)
     configs = []
     for placement in placements:
         args = {**shared, "tensor_parallel_size": placement.tensor_parallel_size}
@@ -105,6 +109,49 @@ def placed_worker_configs(
                          engine_stall_seconds=spec.engine_stall_seconds)
         )
     return configs
+
+
+def _cpu_kv_cache_bytes(spec: EngineSpec, worker_num: int, host: Host) -> int:
+    """A CPU worker's KV cache: for its sequences of the run's max_model_len, within its share."""
+    args = {**spec.engine_args, **spec.extra_engine_args}
+    dtype = str(args.get("dtype", "auto")).lower()
+    if dtype == "auto":
+        dtype = cpu_dtype()  # what the worker will choose (adapt_engine_args)
+    max_num_seqs = args.get("max_num_seqs") or _placement.VLLM_CPU_MAX_NUM_SEQS * spec.tp * spec.pp
+    return _placement.cpu_kv_cache_bytes_per_worker(
+        worker_num, host.available_memory,
+        bytes_per_token=kv_bytes_per_token(
+            _model_config(spec.model), dtype, str(args.get("kv_cache_dtype", "auto"))
+        ),
+        max_model_len=args.get("max_model_len"),
+        sequences=None if spec.sequences is None else min(spec.sequences, max_num_seqs),
+    )
+
+
+def _model_config(model: str) -> dict[str, Any]:
+    """The model's config.json (its text part), from its folder or the Hugging Face cache; {}
+    when neither has it (then the KV cache is the whole share).
+
+    Read as JSON, not with transformers' AutoConfig, which would import torch into the
+    caller's process (6 s); the worker reads it again with AutoConfig.
+    """
+    path = Path(model) / "config.json"
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(model, "config.json")
+        except Exception:  # not a Hugging Face id, or no huggingface_hub: no figures
+            return {}
+        if not isinstance(cached, str):
+            return {}
+        path = Path(cached)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    text = config.get("text_config") if isinstance(config, dict) else None
+    return text if isinstance(text, dict) else config if isinstance(config, dict) else {}
 
 
 class LocalWorkers:
@@ -153,10 +200,13 @@ class LocalWorker:
 
 
 def describe(config: WorkerConfig) -> str:
-    """Where a worker runs, for the log."""
+    """Where a worker runs, and the KV cache a CPU worker was given, for the log."""
     environment = config.environment
     if "CUDA_VISIBLE_DEVICES" in environment:
         return f"GPU {environment['CUDA_VISIBLE_DEVICES']}"
     if "VLLM_CPU_OMP_THREADS_BIND" in environment:
-        return f"CPU {environment['VLLM_CPU_OMP_THREADS_BIND']}"
-    return "CPU (vLLM's own binding)"
+        where = f"CPU {environment['VLLM_CPU_OMP_THREADS_BIND']}"
+    else:
+        where = "CPU (vLLM's own binding)"
+    kv_bytes = config.engine_args.get("kv_cache_memory_bytes")
+    return where if kv_bytes is None else f"{where}, KV cache {kv_bytes / GiB:.2f} GiB"

@@ -43,6 +43,7 @@ from ..settings import ENGINE_STALL_SECONDS, resolved_model
 from ..types import GenerationParams, Sample, TokenLogprobs
 from .arguments import batch_engine_spec, check_arguments, worker_pool
 from .output import ResumableFile, _some, fingerprint, weights_identity
+from .placement import chunk_sequences
 from .schedule import Job, Outcome, Progress, WorkerPool, run_jobs
 
 logger = logging.getLogger("vllm_service")
@@ -151,6 +152,7 @@ def generate_openai_batch(
     spec = batch_engine_spec(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {}, engine_stall_seconds, engine_kind,
+        chunk_sequences(len(lines), n, worker_num, chunk_size),  # n: the lines' default
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     run = _OpenAIBatchRun(
@@ -490,7 +492,8 @@ class _OpenAIBatchRun:
                         "%s already answers %d of the %d requests; %d to run",
                         self.output.path, len(done), len(self.lines), len(jobs),
                     )
-                run_jobs(jobs, make_pool, chunk_size, self._job_done, self.progress, self.output.sync_if_due)
+                run_jobs(jobs, make_pool, chunk_size, self._job_done, self.progress,
+                         self.output.sync_if_due)
             finally:
                 self.progress.close()
         finally:

@@ -9,11 +9,17 @@ Every impossible request raises ``ValueError`` before any worker starts. On a Ra
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .._common.machine import cpu_kv_cache_bytes, physical_cores, visible_gpus  # noqa: F401 (the pool asks here)
+from .._common.machine import (  # noqa: F401 (the pool asks here)
+    cpu_kv_cache_bytes,
+    kv_cache_for_sequences,
+    physical_cores,
+    visible_gpus,
+)
 from ..settings import is_service_variable
 
 
@@ -146,13 +152,42 @@ def cpu_placements(
     return placements
 
 
-def cpu_kv_cache_bytes_per_worker(worker_num: int, available_bytes: int | None = None) -> int:
-    """Each CPU worker's KV cache: the size one engine would take from free memory, shared.
+# vLLM 0.32's max_num_seqs for an LLM on CPU, per engine rank (EngineArgs.get_batch_defaults).
+VLLM_CPU_MAX_NUM_SEQS = 256
 
-    The same rule as the single-engine service, split between the workers, because they all
-    draw on the same memory.
+
+def chunk_sequences(items: int, samples: int, worker_num: int, chunk_size: int | None) -> int:
+    """The most sequences a batch worker is given at once: one chunk's items x their samples.
+
+    A worker runs one chunk at a time, all its requests at once; without ``chunk_size`` a
+    chunk is a worker's equal share of the ``items``.
     """
-    return cpu_kv_cache_bytes(available_bytes) // worker_num
+    chunk = chunk_size or math.ceil(items / worker_num)
+    return max(1, chunk * samples)
+
+
+def cpu_kv_cache_bytes_per_worker(
+    worker_num: int,
+    available_bytes: int | None = None,
+    *,
+    bytes_per_token: int | None = None,
+    max_model_len: int | None = None,
+    sequences: int | None = None,
+) -> int:
+    """Each CPU worker's KV cache: what its sequences need, within its share of free memory.
+
+    The share is the size one engine would take from free memory (the single-engine rule's
+    bound), split between the workers, because they all draw on the same memory. Within it,
+    as the single-engine service does, the cache holds ``sequences`` sequences of
+    ``max_model_len`` tokens of ``bytes_per_token`` each (and at least one): a batch worker
+    holds a whole chunk's sequences at once, up to vLLM's ``max_num_seqs``, and room for all
+    of them keeps vLLM from queueing or preempting any (docs/batch.md, "Workers"). Without
+    the model's figures, or without ``sequences``, the whole share.
+    """
+    share = cpu_kv_cache_bytes(available_bytes) // worker_num
+    if sequences is None:
+        return share
+    return kv_cache_for_sequences(bytes_per_token, max_model_len, sequences, share)
 
 
 # ----- the environment of a worker on a Ray node -----

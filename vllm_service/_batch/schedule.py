@@ -104,7 +104,7 @@ class Scheduler:
 
     pool: WorkerPool
     on_done: Callable[[int, Outcome], None]
-    on_ready: Callable[[], None] = lambda: None  # each time a worker is ready
+    on_ready: Callable[[int], None] = lambda slot: None  # each time a slot's worker is ready
 
     changed: threading.Condition = field(default_factory=threading.Condition)
     jobs: dict[int, Job] = field(default_factory=dict)
@@ -192,7 +192,7 @@ class Scheduler:
                         start_error = exc
                         return
                     with self.changed:
-                        self.on_ready()
+                        self.on_ready(slot)
                 chunk = self._take_chunk()
                 if chunk is None:
                     return
@@ -334,27 +334,61 @@ class Scheduler:
 
 class Progress:
     """A run's one progress bar: items done (resumed ones included), and output tokens per
-    second since the first worker was ready."""
+    second since the first worker was ready.
+
+    While no worker is ready the bar says the engines are loading, and its rate and ETA are
+    unknown ("?"). When the first one is ready the bar's clock restarts (tqdm's ``unpause``),
+    so that its rate and ETA count the items generated since then: the load time would
+    otherwise make the first item look like minutes of work. Items an earlier run finished
+    are the bar's ``initial`` count, which tqdm leaves out of the rate too.
+    """
 
     def __init__(self, total: int, done: int, unit: str, enabled: bool) -> None:
         self.bar = tqdm(total=total, initial=done, unit=unit, desc="generate",
                         disable=not enabled, dynamic_ncols=True)
         self.tokens = 0
+        self.workers = 0
+        self.ready: set[int] = set()  # the slots whose first worker was ready
+        self.started = time.monotonic()
         self.first_ready: float | None = None
+        self.loaded_in = ""
 
-    def worker_ready(self) -> None:
-        self.first_ready = self.first_ready or time.monotonic()
+    def loading(self, workers: int) -> None:
+        """The run starts ``workers`` workers."""
+        self.workers = workers
+        self._show()
+
+    def worker_ready(self, slot: int) -> None:
+        """The worker of ``slot`` is ready (again, after a death: that changes nothing)."""
+        if self.first_ready is None:
+            self.first_ready = time.monotonic()
+            self.loaded_in = f"first worker ready in {self.first_ready - self.started:.0f} s"
+            self.bar.unpause()
+        self.ready.add(slot)
+        self._show()
 
     def advance(self, tokens: int = 0) -> None:
         """One more item done, which generated ``tokens``."""
         self.tokens += tokens
-        if self.first_ready is not None:
-            rate = self.tokens / max(time.monotonic() - self.first_ready, 1e-9)
-            self.bar.set_postfix_str(f"{rate:.0f} tok/s", refresh=False)
+        self._show(refresh=False)
         self.bar.update(1)
+
+    def tick(self) -> None:
+        """Redraw the bar, so that its clock moves while nothing finishes (a load, a long chunk)."""
+        self.bar.refresh()
 
     def close(self) -> None:
         self.bar.close()
+
+    def _show(self, refresh: bool = True) -> None:
+        if self.first_ready is None:
+            shown = f"loading {len(self.ready)}/{self.workers} workers"
+        else:
+            rate = self.tokens / max(time.monotonic() - self.first_ready, 1e-9)
+            shown = f"{rate:.0f} tok/s, {self.loaded_in}"
+            if len(self.ready) < self.workers:
+                shown += f", {len(self.ready)}/{self.workers} workers ready"
+        self.bar.set_postfix_str(shown, refresh=refresh)
 
 
 def run_jobs(
@@ -373,8 +407,14 @@ def run_jobs(
         return
     pool = make_pool()
     try:
+        progress.loading(pool.size)
         scheduler = Scheduler(pool, on_done, on_ready=progress.worker_ready)
         size = chunk_size or max(1, math.ceil(len(jobs) / pool.size))
-        scheduler.run(jobs, size, on_tick=on_tick)
+
+        def tick() -> None:
+            progress.tick()
+            on_tick()
+
+        scheduler.run(jobs, size, on_tick=tick)
     finally:
         pool.close()

@@ -130,12 +130,24 @@ def cpu_kv_cache_need(
     than one sequence of ``max_model_len``, which vLLM needs to start. Without the model's
     figures (None), the share of free memory.
     """
-    limit = cpu_kv_cache_bytes(available_bytes)
+    return kv_cache_for_sequences(
+        bytes_per_token, max_model_len, max_num_seqs or _CPU_KV_CACHE_SEQUENCES,
+        cpu_kv_cache_bytes(available_bytes),
+    )
+
+
+def kv_cache_for_sequences(
+    bytes_per_token: int | None, max_model_len: int | None, sequences: int, limit: int
+) -> int:
+    """The KV cache for ``sequences`` sequences of ``max_model_len`` tokens, at most ``limit``.
+
+    Never less than one sequence of ``max_model_len``, which vLLM needs to start; ``limit``
+    itself without the model's figures (None).
+    """
     if not bytes_per_token or not max_model_len:
         return limit
     one_sequence = bytes_per_token * max_model_len
-    wanted = one_sequence * (max_num_seqs or _CPU_KV_CACHE_SEQUENCES)
-    return max(one_sequence, min(limit, wanted))
+    return max(one_sequence, min(limit, one_sequence * sequences))
 
 
 def parse_cuda_mask(mask: str | None, device_count: int) -> list[str]:
