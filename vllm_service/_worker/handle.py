@@ -1,5 +1,8 @@
 """The parent's side of one worker process: spawn, handshake, requests in flight, idle exit, end.
 
+A worker process is spawned for its handle, or was spawned earlier as a :class:`SpareWorker`
+(its imports done, no model) and is handed its config when the handle is made.
+
     caller threads            sender thread         reader thread              worker process
     --------------            -------------         -------------              --------------
     submit(): pickle,
