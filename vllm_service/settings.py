@@ -81,7 +81,7 @@ class VLLMSettings(BaseSettings):
     spare_worker: bool = Field(
         True,
         description="Local mode: once the worker has left on its idle exit, start a spare "
-        "worker process that imports torch and vLLM and loads no model (about 0.5 GB), so the "
+        "worker process that imports torch and vLLM and loads no model (about 0.6 GB), so the "
         "next start skips them; false leaves nothing running until the next call.",
     )
     trust_remote_code: bool = Field(
