@@ -1,6 +1,7 @@
 """Start-up, as whole fresh processes: vLLM's own against the service's, and after an idle exit.
 
-    python benchmarks/bench_start.py [--rounds 2] [--model PATH] [--idle-ttl 3] [--save FILE]
+    python benchmarks/bench_start.py [--rounds 2] [--model PATH] [--idle-ttl 3] [--spare]
+                                     [--save FILE]
 
 Each round runs these as separate processes, one at a time, each timed in this process from
 just before it is started (``time.perf_counter`` around the subprocess; the child prints
@@ -13,7 +14,11 @@ just before it is started (``time.perf_counter`` around the subprocess; the chil
     cache, and once with vLLM's default of an engine process of its own;
 (c) a service with default settings: ``warmup()`` plus one token;
 (d) the same with a small ``idle_ttl_seconds``: warm-up and one token, then, once ``status()``
-    says the worker left on its idle exit, the time to the next answer.
+    says the worker left on its idle exit, the time to the next answer. With ``--spare``, the
+    next call waits until the spare worker has imported (``status().spare_pid``), as a
+    request that comes later than that would, and the time is from then; the spare's
+    resident memory is printed too. Without it the call comes at once, and the spare (on by
+    default) is still importing.
 
 Prints each figure's min and median over the rounds, the ratios issue 26 sets goals for (c/b,
 d/c), each process's peak resident memory (the process and all its children, sampled), and
@@ -95,7 +100,7 @@ def child_llm(model: str, kv_bytes: int | None, as_the_worker: bool = True) -> N
     os._exit(0)
 
 
-def child_service(model: str, idle_ttl: float | None) -> None:
+def child_service(model: str, idle_ttl: float | None, wait_for_spare: bool = False) -> None:
     from vllm_service import VLLMInferenceService, VLLMSettings
 
     log_dir = tempfile.mkdtemp(prefix="bench-start-logs-")
@@ -117,6 +122,14 @@ def child_service(model: str, idle_ttl: float | None) -> None:
                 raise RuntimeError("the worker did not leave on its idle exit")
             time.sleep(0.1)
         stamp("idle_exited")
+        if wait_for_spare:
+            while (spare := service.status().spare_pid) is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("no spare worker after the idle exit")
+                time.sleep(0.1)
+            import psutil
+
+            stamp("spare_ready", spare_rss=psutil.Process(spare).memory_info().rss)
         service.generate("Hello", temperature=0, max_tokens=1)
         stamp("answered_again")
         for line in worker_log_phases(log_dir):  # the new worker's (the first one's log is gone)
@@ -211,7 +224,7 @@ def run(code: str, env: dict[str, str]) -> dict[str, Any]:
             "started_wall": started_wall}
 
 
-def children(model: str, idle_ttl: float) -> dict[str, str]:
+def children(model: str, idle_ttl: float, spare: bool = False) -> dict[str, str]:
     """Each figure's child, as the code ``python -c`` runs."""
     folder = str(Path(__file__).resolve().parent)
     head = f"import sys; sys.path.insert(0, {folder!r}); import bench_start as b; "
@@ -221,7 +234,7 @@ def children(model: str, idle_ttl: float) -> dict[str, str]:
         ONE_GIB: head + f"b.child_llm({model!r}, {GiB})",
         VLLM_PROCESS: head + f"b.child_llm({model!r}, None, as_the_worker=False)",
         COLD: head + f"b.child_service({model!r}, None)",
-        IDLE_EXIT: head + f"b.child_service({model!r}, {idle_ttl})",
+        IDLE_EXIT: head + f"b.child_service({model!r}, {idle_ttl}, {spare})",
     }
 
 
@@ -234,6 +247,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default=None, help="model folder (default: the demo model)")
     parser.add_argument("--idle-ttl", type=float, default=3.0)
+    parser.add_argument("--spare", action="store_true", help="(d): the next call waits for "
+                        "the spare worker's imports, and is timed from then")
     parser.add_argument("--only", help="run only the figures whose names start with these "
                         "letters (--only d: the idle exit, with the start's phases)")
     parser.add_argument("--save", help="also write the raw figures to this JSON file")
@@ -249,7 +264,7 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the service's own sizing, as a user gets it
     debug_env = {**env, "VLLM_LOGGING_LEVEL": "DEBUG"}
-    chosen = {name: code for name, code in children(model, options.idle_ttl).items()
+    chosen = {name: code for name, code in children(model, options.idle_ttl, options.spare).items()
               if not options.only or name[0] in options.only}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
     for round_number in range(options.rounds):
@@ -278,9 +293,17 @@ def report(runs: dict[str, list[dict[str, Any]]], rounds: int) -> None:
         rss = statistics.median(r["peak_rss"] for r in results) / GiB
         print(f"{name:28} {stats(firsts)} {stats(totals)} {rss:9.2f}")
     idle = runs.get(IDLE_EXIT, [])
-    again = [r["stamps"]["answered_again"] - r["stamps"]["idle_exited"] for r in idle]
+    again = [
+        r["stamps"]["answered_again"] - r["stamps"].get("spare_ready", r["stamps"]["idle_exited"])
+        for r in idle
+    ]
     if again:
         print(f"{'d next answer after idle exit':28} {stats(again)}")
+    spares = [line["spare_rss"] for r in idle for line in r["lines"] if "spare_rss" in line]
+    if spares:
+        ready = [r["stamps"]["spare_ready"] - r["stamps"]["idle_exited"] for r in idle]
+        print(f"{'d the spare, waiting':28} resident {statistics.median(spares) / GiB:.2f} GiB "
+              f"(median), ready {stats(ready)} s after the idle exit")
     sizes = [line for r in runs.get(SAME_KV, []) for line in r["lines"] if "kv_cache_bytes" in line]
     if sizes:
         print(f"(b) and the service: KV cache {sizes[0]['kv_cache_bytes'] / GiB:.2f} GiB, "

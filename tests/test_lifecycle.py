@@ -150,6 +150,35 @@ def test_a_stream_outlives_a_short_keep_alive_and_the_clock_starts_at_its_end(
     assert not group_members(pid)
 
 
+def test_after_an_idle_exit_a_spare_without_a_model_becomes_the_next_worker(
+    demo_model: Path, reference: ReferenceEngine, tmp_path: Path,
+) -> None:
+    import psutil
+
+    settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=2,
+                            log_dir=str(tmp_path / "logs"))
+    service = VLLMInferenceService(settings)
+    try:
+        service.generate("Hello", max_tokens=2)
+        worker, worker_memory = current_pid(service), service.status().memory_bytes
+        # The worker leaves, then a spare imports torch and vLLM (seconds) and waits.
+        assert wait_until(lambda: service.status().spare_pid is not None, 2 + 60)
+        status = service.status()
+        spare = status.spare_pid
+        assert spare is not None and status.state == "stopped" and status.pid is None
+        assert not pid_alive(worker) and group_members(spare) == [spare]
+        spare_memory = psutil.Process(spare).memory_info().rss
+        assert spare_memory < worker_memory / 2, (spare_memory, worker_memory)  # no model
+
+        assert service.chat(FRANCE, temperature=0).text == reference.chat(FRANCE, temperature=0)
+        assert current_pid(service) == spare and service.status().restarts == 1
+        assert wait_until(lambda: service.status().spare_pid is not None, 2 + 60)
+        next_spare = service.status().spare_pid
+    finally:
+        service.shutdown()
+    assert next_spare is not None and not group_members(next_spare) and not group_members(spare)
+
+
 def test_never_expire_hold_and_exit_at_once(short_lived: VLLMInferenceService) -> None:
     short_lived.generate("Hello", max_tokens=2, keep_alive=-1)  # never expires
     pid = current_pid(short_lived)
@@ -272,13 +301,16 @@ def test_an_idle_ttl_of_zero_starts_one_engine_per_call_and_a_failing_clean_up_s
 
     caplog.set_level(logging.INFO, logger="vllm_service")
     logs = tmp_path / "logs"  # of this test's own: a folder is planted in it below
+    # Without the spare (VLLM_SPARE_WORKER) every call spawns its worker: nothing waits between.
     settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=0,
-                            log_dir=str(logs))
+                            log_dir=str(logs), spare_worker=False)
     with VLLMInferenceService(settings) as service:
         result = service.generate("The capital of France is", temperature=0, max_tokens=4)
         assert result.error is None and result.text
         assert caplog.text.count("Started vLLM worker pid") == 1  # one engine for one call
         assert wait_until(lambda: service.status().state == "stopped", 30)
+        time.sleep(1)  # a spare would have started with the exit, and made its log
+        assert not list(logs.glob("worker-*.log")) and "spare" not in caplog.text
 
         # The clean-up after the next worker's exit raises (an IsADirectoryError unlinking
         # its log, which a clean exit removes: a folder has taken its place once the worker

@@ -78,6 +78,12 @@ class VLLMSettings(BaseSettings):
         description="Folder for the workers' logs (they hold prompts and answers); it must be "
         "the user's own with mode 0700. Unset: vllm-service-<uid> in the temp folder.",
     )
+    spare_worker: bool = Field(
+        True,
+        description="Local mode: once the worker has left on its idle exit, start a spare "
+        "worker process that imports torch and vLLM and loads no model (about 0.6 GB), so the "
+        "next start skips them; false leaves nothing running until the next call.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run code shipped with the model repository (custom architectures). Off by "

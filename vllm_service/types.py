@@ -500,6 +500,10 @@ class ServiceStatus:
     gpu_memory_bytes: int | None = None
     """GPU memory the worker's processes hold (NVML's per-process count, all GPUs);
     ``None`` without a GPU (or without NVML), or with no worker."""
+    spare_pid: int | None = None
+    """The pid of the spare worker process (``VLLM_SPARE_WORKER``, after an idle exit) once it
+    has imported torch and vLLM and waits to become the next worker; ``None`` without one, or
+    while it imports. A spare is not a worker: :attr:`state` stays ``"stopped"``."""
 
     def describe(self) -> str:
         """The fields as one ``name=value`` line, for logs."""

@@ -40,13 +40,17 @@ def test_each_state_change_is_one_short_line_at_info(
         service.warmup()
         pid = service.status().pid
         assert service.generate("Hello there").text == "Hello there"
-        assert wait_until(lambda: service.status().state == "stopped", 10), "no idle exit"
+        assert wait_until(lambda: service.status().spare_pid is not None, 10), "no idle exit"
+        assert service.status().state == "stopped"
     info = lines(caplog, logging.INFO)
     patterns = [
         rf"Started vLLM worker pid {pid} \(model stand-in, local\); its output: \S+",
         rf"vLLM worker pid {pid} ready in \d+\.\d s \(model stand-in, local\)",
         rf"vLLM worker pid {pid} idle for \d+\.\d s \(keep-alive 1 s\): stopping it",
         rf"vLLM worker pid {pid} exited with code 0 \(was retiring\)",
+        # An idle exit leaves a spare (VLLM_SPARE_WORKER), which the shutdown ends.
+        r"Started spare vLLM worker pid \d+ \(no model\); its output: \S+",
+        r"Spare vLLM worker pid \d+ stopped",
     ]
     assert len(info) == len(patterns), info
     for pattern, message in zip(patterns, info):
@@ -97,7 +101,7 @@ def test_every_status_field_is_logged_at_debug_only(
     standin: Callable[..., VLLMSettings], caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="vllm_service")
-    with VLLMInferenceService(standin(idle_ttl_seconds=1)) as service:
+    with VLLMInferenceService(standin(idle_ttl_seconds=1, spare_worker=False)) as service:
         service.warmup()
         assert service.generate("Hello there").text == "Hello there"
         assert wait_until(lambda: service.status().state == "stopped", 10), "no idle exit"

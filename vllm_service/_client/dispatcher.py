@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .._worker.handle import WorkerHandle, WorkerState, WorkerUnavailable
+from .._worker.handle import SpareWorker, WorkerHandle, WorkerState, WorkerUnavailable
 from .._worker.keep_alive import KeepAlive
 from .._worker.processes import gpu_memory_bytes
 from .._worker.protocol import Delta, Finished, WorkerConfig
@@ -187,7 +187,8 @@ class Dispatcher:
                         keep_alive=self.keep_alive,
                         startup_timeout=self._settings.startup_timeout_seconds,
                         stop_timeout=self._settings.stop_timeout_seconds,
-                        on_change=_weakly(self._log_change),
+                        on_change=_weakly(self._on_change),
+                        spare=self._slot.take_spare(),
                     )
                     self._slot.handle = handle
                     if claim:
@@ -351,7 +352,15 @@ class Dispatcher:
     # ----- ending -----
 
     def unload(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop the worker (see ``VLLMInferenceService.unload``); returns once it has exited."""
+        """Stop the worker and the spare (see ``VLLMInferenceService.unload``); returns once
+        they have exited."""
+        try:
+            self._unload_worker(wait, timeout)
+        finally:
+            # Last: a worker that was leaving on its idle exit started one as it went.
+            self._slot.stop_spare()
+
+    def _unload_worker(self, wait: bool, timeout: float | None) -> None:
         handle = self._slot.handle
         if handle is None:
             return
@@ -373,6 +382,26 @@ class Dispatcher:
         """In a forked child: a lock another thread held at the fork stays locked for ever."""
         self._lock = threading.Lock()
 
+    # ----- the spare -----
+
+    def _on_change(self, handle: WorkerHandle, state: WorkerState) -> None:
+        """The handle's ``on_change``: a worker gone on its idle exit leaves a spare behind."""
+        if state is WorkerState.EXITED and handle.idle_exit and handle.exit_code == 0:
+            self._start_spare(handle)
+        self._log_change(handle, state)
+
+    def _start_spare(self, exited: WorkerHandle) -> None:
+        """Start a :class:`SpareWorker` for the next start (``VLLM_SPARE_WORKER``), unless a
+        call has started a worker meanwhile or the service is closed. Local mode only: a
+        remote worker's start is the openai client's import, too little to keep a process
+        for."""
+        with self._lock:
+            if (
+                not self._closed and self._settings.spare_worker and self._config.mode == "local"
+                and self._slot.handle is exited and self._slot.spare is None
+            ):
+                self._slot.spare = SpareWorker(self._config)
+
     # ----- status -----
 
     def _log_change(self, handle: WorkerHandle, state: WorkerState) -> None:
@@ -389,6 +418,7 @@ class Dispatcher:
         common = dict(
             mode=self._config.mode, requests_served=self.served, restarts=self.restarts,
             keep_alive_seconds=keep_alive.ttl, held=keep_alive.held,
+            spare_pid=self._slot.imported_spare_pid(),
         )
         if handle is None or handle.exited:  # exited: its processes and files are gone too
             return ServiceStatus(
@@ -520,14 +550,41 @@ def _seen(future: asyncio.Future[Any]) -> None:
 
 
 class WorkerSlot:
-    """Holds the current worker, so the finalizer can stop it without the dispatcher.
+    """Holds the current worker and the spare for the next, so the finalizer can stop them
+    without the dispatcher.
 
-    A worker belongs to the process that started it: after ``os.fork()`` the child sees an
-    empty slot (its first call starts a worker of its own) and never touches the parent's.
+    A worker (and a spare) belongs to the process that started it: after ``os.fork()`` the
+    child sees an empty slot (its first call starts a worker of its own) and never touches
+    the parent's.
     """
 
     def __init__(self) -> None:
         self._handle: WorkerHandle | None = None
+        self._spare: SpareWorker | None = None
+
+    @property
+    def spare(self) -> SpareWorker | None:
+        spare = self._spare
+        return spare if spare is not None and spare.owner_pid == os.getpid() else None
+
+    @spare.setter
+    def spare(self, spare: SpareWorker | None) -> None:
+        self._spare = spare
+
+    def take_spare(self) -> SpareWorker | None:
+        """The spare, out of the slot (two takers may get it: it serves at most one)."""
+        spare, self._spare = self.spare, None
+        return spare
+
+    def stop_spare(self) -> None:
+        spare = self.take_spare()
+        if spare is not None:
+            spare.stop()
+
+    def imported_spare_pid(self) -> int | None:
+        """The spare's pid once it has imported its engine's modules and waits; else None."""
+        spare = self.spare
+        return spare.pid if spare is not None and spare.imported else None
 
     @property
     def handle(self) -> WorkerHandle | None:
@@ -539,6 +596,7 @@ class WorkerSlot:
         self._handle = handle
 
     def stop(self) -> None:
+        self.stop_spare()
         handle = self.handle
         if handle is not None:
             handle.stop(ServiceShutdownError("The service was shut down"), handle.stop_timeout)

@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from .protocol import (
     Abort,
     Delta,
     Finished,
+    Imported,
     Progress,
     Ready,
     RemoteError,
@@ -64,8 +65,13 @@ _ABORTED_FOR_UPDATE = (
 )
 
 
-def run_worker(conn: Connection, config: WorkerConfig) -> None:
-    """Entry point of the spawned worker process."""
+def run_worker(conn: Connection, config: WorkerConfig, spare: bool = False) -> None:
+    """Entry point of the spawned worker process.
+
+    A ``spare`` imports its engine's modules for ``config`` (the service's, as it is when the
+    spare starts), says :class:`Imported`, and waits: the :class:`WorkerConfig` that comes
+    down the pipe is the one it builds its engine from. End of file or Stop first: it exits.
+    """
     os.setsid()
     _redirect_output(config.log_path)
     os.environ.update(config.environment)
@@ -75,6 +81,13 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
     level = logging.DEBUG if debug else config.log_level
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logger.debug("start phase: worker running, %.2f s after its spawn", _process_age())
+    if spare:
+        handed = _wait_as_spare(conn, config)
+        if handed is None:
+            sys.stderr.flush()
+            os._exit(EXIT_OK)
+        config = handed
+        os.environ.update(config.environment)
     closing = threading.Event()
     engine: Engine | None = None
     exit_code = EXIT_ERROR
@@ -108,6 +121,21 @@ def run_worker(conn: Connection, config: WorkerConfig) -> None:
         sys.stderr.flush()
         # vLLM leaves non-daemon threads behind that keep a finished process alive.
         os._exit(exit_code)
+
+
+def _wait_as_spare(conn: Connection, config: WorkerConfig) -> WorkerConfig | None:
+    """Import the engine's modules, then wait for the config to build with; None: exit."""
+    import_engine(config)
+    conn.send(Imported())
+    logger.debug("start phase: spare imported, %.2f s after its spawn; waiting", _process_age())
+    try:
+        message = conn.recv()
+    except (EOFError, OSError):
+        return None  # the parent is gone, or dropped the spare
+    if not isinstance(message, WorkerConfig):
+        return None  # Stop
+    logger.debug("start phase: spare handed its config, %.2f s after its spawn", _process_age())
+    return message
 
 
 def remote_error(exc: BaseException) -> RemoteError:
@@ -367,27 +395,35 @@ def _redirect_output(log_path: str | None) -> None:
 
 
 def make_engine(config: WorkerConfig) -> Engine:
-    """The engine for ``config.mode`` and ``config.engine_kind``; imports vLLM or openai only
-    in the worker process."""
+    """The engine for ``config.mode`` and ``config.engine_kind``, built."""
+    engine_class = import_engine(config)
+    started = time.monotonic()
+    engine = engine_class(config)
+    logger.debug("start phase: engine built in %.2f s", time.monotonic() - started)
+    return engine
+
+
+def import_engine(config: WorkerConfig) -> Callable[[WorkerConfig], Engine]:
+    """The engine class for ``config``, imported: vLLM, torch or openai only in the worker
+    process (and, for a spare, before its config comes)."""
     if config.mode == "local" and config.engine_kind == "standin":
         from .engines.standin import StandInEngine
 
-        return StandInEngine(config)
+        return StandInEngine
     if config.mode == "local":
         started = time.monotonic()
         import torch  # noqa: F401 (the engine's imports, timed apart from its build)
         logger.debug("start phase: torch imported in %.2f s", time.monotonic() - started)
         started = time.monotonic()
-        import vllm  # noqa: F401
+        # LLM, not just vllm: the package imports its engine lazily, and LLM's modules are
+        # most of vLLM's import time, which a spare is there to take out of the next start.
+        from vllm import LLM  # noqa: F401
 
         from .engines.local import LocalEngine
         logger.debug("start phase: vllm imported in %.2f s", time.monotonic() - started)
-        started = time.monotonic()
-        engine = LocalEngine(config)
-        logger.debug("start phase: engine built in %.2f s", time.monotonic() - started)
-        return engine
+        return LocalEngine
     if config.mode == "remote":
         from .engines.remote import RemoteEngine
 
-        return RemoteEngine(config)
+        return RemoteEngine
     raise ValueError(f"unknown worker mode {config.mode!r}")

@@ -10,6 +10,10 @@
     UpdateWeights(...)      ------------->   once nothing runs: engine.update_weights(); Submits
                                              that come meanwhile wait for it
     Stop()                  ------------->   tear the engine down, exit
+                            <-------------   Imported()             a spare has imported its
+                                                                    engine's modules: it waits
+    WorkerConfig            ------------->   (to a spare, once) build the engine from it, then
+                                             serve as any worker
                             <-------------   Ready(info)            once, after the engine is built
                             <-------------   StartFailed(error)     instead of Ready
                             <-------------   Started([id, ...])     first tokens of these requests
@@ -164,6 +168,12 @@ class RemoteError:
 
 
 @dataclass(frozen=True)
+class Imported:
+    """A spare worker has imported what its engine needs (torch and vLLM) and holds no model:
+    it waits for the :class:`WorkerConfig` to build its engine from."""
+
+
+@dataclass(frozen=True)
 class Ready:
     """The engine is built. ``info`` says what was loaded and what the worker chose."""
 
@@ -246,5 +256,6 @@ class SleepState:
 
 ToWorker = Submit | Abort | Sleep | WakeUp | UpdateWeights | Stop
 FromWorker = (
-    Ready | StartFailed | Started | Delta | Finished | WeightsUpdated | Progress | SleepState
+    Imported | Ready | StartFailed | Started | Delta | Finished | WeightsUpdated | Progress
+    | SleepState
 )
