@@ -44,7 +44,9 @@ What settings become, before any worker starts:
   :func:`parse_cuda_mask` (the GPU ids under ``CUDA_VISIBLE_DEVICES``),
   :func:`group_physical_cores` (logical CPUs by physical core), :func:`gpu_placements`,
   :func:`cpu_placements` (a :class:`Placement` per worker) and
-  :func:`cpu_kv_cache_bytes_per_worker`.
+  :func:`cpu_kv_cache_bytes_per_worker` (a worker's share of free memory, or with
+  ``bytes_per_token``, ``max_model_len`` and ``sequences`` the room those sequences need,
+  within that share).
 
 Remote mode's rules with a vLLM server:
 
