@@ -304,13 +304,19 @@ def test_an_idle_ttl_of_zero_starts_one_engine_per_call_and_a_failing_clean_up_s
     # Without the spare (VLLM_SPARE_WORKER) every call spawns its worker: nothing waits between.
     settings = VLLMSettings(model_path=demo_model, max_model_len=1024, idle_ttl_seconds=0,
                             log_dir=str(logs), spare_worker=False)
+
+    def ours() -> list[str]:
+        """This service's lines: each start names its log (other services' spares log too)."""
+        return [line for line in caplog.text.splitlines() if str(logs) in line]
+
     with VLLMInferenceService(settings) as service:
         result = service.generate("The capital of France is", temperature=0, max_tokens=4)
         assert result.error is None and result.text
-        assert caplog.text.count("Started vLLM worker pid") == 1  # one engine for one call
+        assert sum("Started vLLM worker pid" in line for line in ours()) == 1  # one engine
         assert wait_until(lambda: service.status().state == "stopped", 30)
         time.sleep(1)  # a spare would have started with the exit, and made its log
-        assert not list(logs.glob("worker-*.log")) and "spare" not in caplog.text
+        assert not list(logs.glob("worker-*.log")) and not [l for l in ours() if "spare" in l]
+        assert service.status().spare_pid is None
 
         # The clean-up after the next worker's exit raises (an IsADirectoryError unlinking
         # its log, which a clean exit removes: a folder has taken its place once the worker
