@@ -564,8 +564,7 @@ class WorkerSlot:
 
     @property
     def spare(self) -> SpareWorker | None:
-        spare = self._spare
-        return spare if spare is not None and spare.owner_pid == os.getpid() else None
+        return _owned(self._spare)
 
     @spare.setter
     def spare(self, spare: SpareWorker | None) -> None:
@@ -588,8 +587,7 @@ class WorkerSlot:
 
     @property
     def handle(self) -> WorkerHandle | None:
-        handle = self._handle
-        return handle if handle is not None and handle.owner_pid == os.getpid() else None
+        return _owned(self._handle)
 
     @handle.setter
     def handle(self, handle: WorkerHandle | None) -> None:
@@ -644,3 +642,11 @@ def _reap() -> None:
 
 if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+_Process = TypeVar("_Process", WorkerHandle, SpareWorker)
+
+
+def _owned(process: _Process | None) -> _Process | None:
+    """``process`` if this process started it; None in a forked child, which must not touch it."""
+    return process if process is not None and process.owner_pid == os.getpid() else None
