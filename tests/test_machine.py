@@ -3,8 +3,9 @@ files, on the real engine.
 
 The model and a trainer's ``update_weights`` folder live in /dev/shm, as users keep them for
 fast loading; the engine maps and opens them. Every file must be there, unchanged, after each
-kind of worker exit (``unload()``, an idle exit, kill -9), while the engine's own shared memory
-and the unix sockets its processes talk over are removed. Staged tensors of a caller killed mid-update are removed by the next worker start.
+kind of worker exit (``unload()``, an idle exit, kill -9), while the engine's own shared memory,
+the multiprocessing locks the worker made and the unix sockets its processes talk over are
+removed. Staged tensors of a caller killed mid-update are removed by the next worker start.
 """
 
 from __future__ import annotations
@@ -77,10 +78,8 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
     user_folders: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, update = user_folders
-    # vLLM's engine core in a process of its own (a GPU's layout, and the one that makes
-    # shared memory and sockets; on CPU it runs in the worker unless this is set).
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     before = files_of(model, update)
+    shm_before = set(os.listdir(SHM))
     temp = Path(tempfile.gettempdir())
     # Ours only: the folder is named for the process that made it (other processes of this
     # user, other test runs, make their own meanwhile).
@@ -105,29 +104,40 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
             socket_folders.add(folder)
             # Every unix socket vLLM's processes bound is in the worker's folder, none in /tmp.
             bound = unix_sockets_of(group_members(pid))
-            assert bound and all(Path(path).parent == folder for path in bound), bound
+            assert all(Path(path).parent == folder for path in bound), bound
             return pid
+
+        def made_and_left_in_shm() -> set[str]:
+            return set(os.listdir(SHM)) - shm_before - {model.name, update.name}
 
         # unload(), right after an update from the folder in /dev/shm
         generate_and_note_the_engines_files()
         service.update_weights(update, version="from-shm")
         service.unload()
         assert files_of(model, update) == before, "unload() removed or changed a user's file"
+        # nor the multiprocessing locks the worker made (tqdm's, vLLM's: sem.mp-*)
+        assert not made_and_left_in_shm()
 
         # an idle exit
         pid = generate_and_note_the_engines_files()
+        # vLLM's engine core in a process of its own from here on, in the spare the idle exit
+        # leaves and the worker it becomes: a GPU's layout, the one that makes shared memory
+        # and sockets, and whose engine process outlives a killed worker.
+        monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
         service.generate(PROMPT, temperature=0, max_tokens=2, keep_alive=1)
         assert wait_until(lambda: service.status().state == "stopped", 60)
         assert files_of(model, update) == before, "an idle exit removed a user's file"
+        assert not made_and_left_in_shm()
 
         # kill -9 of the worker, with the model mapped
         pid = generate_and_note_the_engines_files()
+        assert unix_sockets_of(group_members(pid)), "vLLM's processes should talk over sockets"
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: service.status().pid != pid, 60)
         assert wait_until(lambda: service.status().state == "stopped", 60)
         assert files_of(model, update) == before, "kill -9 of the worker removed a user's file"
 
-    # The engine's own segments (psm_*, sem.mp-*) were there, and are gone.
+    # The engine's own segments (psm_*) were there, and are gone.
     assert any(Path(p).name.startswith("psm_") for p in engine_files), engine_files
     assert not [p for p in engine_files if Path(p).exists()], "the engine's shared memory was left"
     # vLLM's unix sockets went with each worker's folder.

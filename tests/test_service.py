@@ -153,7 +153,7 @@ def test_short_request_overtakes_a_long_one(
 
 
 def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
-    service: VLLMInferenceService, monkeypatch: pytest.MonkeyPatch
+    demo_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """vLLM warns about each ``VLLM_*`` name it does not know (or refuses it, with its strict
     validation) and takes ``VLLM_API_KEY`` for a server's key: the worker, which has its
@@ -166,7 +166,8 @@ def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
     # The one name both ours and vLLM's is its server's key, which no engine here needs.
     ours = {f"VLLM_{name.upper()}" for name in VLLMSettings.model_fields}
     assert ours & set(envs.environment_variables) == {"VLLM_API_KEY"}
-    # Read by nobody now: the service's settings were made at its start.
+    settings = VLLMSettings(model_path=demo_model, max_model_len=1024)
+    # Read by nobody now: the service's settings are made.
     for name, value in {
         "VLLM_MODEL_PATH": "/nowhere", "VLLM_MODE": "local", "VLLM_API_KEY": "a-servers-key",
         "VLLM_IDLE_TTL_SECONDS": "5", "VLLM_ENGINE_STALL_SECONDS": "600",
@@ -177,25 +178,25 @@ def test_the_engine_gets_vllms_variables_and_none_of_the_services_settings(
     # vLLM's engine core in a process of its own (on CPU it runs in the worker's otherwise):
     # /proc shows what that process, started by vLLM after the worker's start, inherited.
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    service.unload()
-    service.warmup()  # a worker started with them in its parent's environment
-    pid = service.status().pid
-    assert pid is not None
-    log = Path(os.readlink(f"/proc/{pid}/fd/1"))  # the worker's output goes to its log
-    assert "Unknown vLLM environment variable" not in log.read_text(errors="replace")
-    # /proc shows the environment a process was started with: the worker's still lists
-    # them, its engine process (started after it took them out) does not.
-    children = psutil.Process(pid).children(recursive=True)
-    engines = [child for child in children if "EngineCore" in " ".join(child.cmdline())]
-    assert engines, [child.cmdline()[:1] for child in children]
-    for engine in engines:
-        environ = engine.environ()
-        assert not [name for name in environ if is_service_variable(name)]
-        assert environ["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
-    service.unload()  # the next tests' worker runs its engine core in-process, as by default
+    with VLLMInferenceService(settings) as service:
+        service.warmup()  # a worker started with them in its parent's environment
+        pid = service.status().pid
+        assert pid is not None
+        log = Path(os.readlink(f"/proc/{pid}/fd/1"))  # the worker's output goes to its log
+        assert "Unknown vLLM environment variable" not in log.read_text(errors="replace")
+        # /proc shows the environment a process was started with: the worker's still lists
+        # them, its engine process (started after it took them out) does not.
+        children = psutil.Process(pid).children(recursive=True)
+        engines = [child for child in children if "EngineCore" in " ".join(child.cmdline())]
+        assert engines, [child.cmdline()[:1] for child in children]
+        for engine in engines:
+            environ = engine.environ()
+            assert not [name for name in environ if is_service_variable(name)]
+            assert environ["VLLM_CPU_KVCACHE_SPACE"] == os.environ["VLLM_CPU_KVCACHE_SPACE"]
 
 
 def test_is_ready_repr_and_status(service: VLLMInferenceService) -> None:
+    service.generate("Hello", max_tokens=1)
     assert service.is_ready()
     assert "ready" in repr(service)
     status = service.status()

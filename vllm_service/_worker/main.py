@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import multiprocessing.util
 import os
 import signal
 import sys
@@ -117,10 +118,26 @@ def run_worker(conn: Connection, config: WorkerConfig, spare: bool = False) -> N
             # segments behind. The parent removes them too, but a parent that is gone (a Ray
             # actor killed) cannot, so the worker does it first.
             remove_files(engine_created(engine_shm, shm_before))
+        _unlink_named_semaphores()
         sys.stdout.flush()
         sys.stderr.flush()
         # vLLM leaves non-daemon threads behind that keep a finished process alive.
         os._exit(exit_code)
+
+
+def _unlink_named_semaphores() -> None:
+    """Unlink the multiprocessing locks this process made (``/dev/shm/sem.mp-*``: tqdm's,
+    made as vLLM shows its loading bar, and vLLM's).
+
+    ``os._exit`` skips multiprocessing's exit hook, which runs these finalizers. Without them
+    the files stay until the parent's resource tracker ends, one per worker start: a service
+    that idles out and restarts for days would fill /dev/shm's directory. The parent cannot
+    do it: /proc shows a semaphore under the temporary name it was made with, not its own.
+    """
+    try:
+        multiprocessing.util._run_finalizers(0)  # type: ignore[attr-defined]
+    except BaseException:
+        traceback.print_exc()
 
 
 def _wait_as_spare(conn: Connection, config: WorkerConfig) -> WorkerConfig | None:
