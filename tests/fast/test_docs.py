@@ -93,3 +93,22 @@ def test_the_stand_in_example_runs_as_written(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
     done = run_script(script, 60, env)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path: Path) -> None:
+    # The mistake a newcomer makes first: the worker, spawned, imports the script again,
+    # which starts a service there; it fails before any code of ours runs in it.
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from vllm_service import VLLMInferenceService, VLLMSettings\n"
+        f"settings = VLLMSettings(model_path='stand-in', engine_kind='standin', "
+        f"log_dir={str(tmp_path / 'logs')!r})\n"
+        "with VLLMInferenceService(settings) as service:\n"
+        "    print(service.generate('Hi', max_tokens=2).text)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    done = run_script(script, 60, env)
+    assert done.returncode != 0
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("vllm_service.errors.WorkerStartError"), done.stderr[-3000:]
+    assert 'if __name__ == "__main__":' in last and "stderr" in last, last

@@ -850,11 +850,16 @@ class WorkerHandle:
             self._listeners.clear()
         # Callers hear first; the clean-up below may take seconds.
         how = self._describe_exit(exit_code)
+        hint = (
+            '. A spawned worker imports your main module first: a script that starts the '
+            'service at import time needs the `if __name__ == "__main__":` guard'
+            if self._failed_in_spawn(exit_code) else ""
+        )
         if not self._startup.done():
             _settle(
                 self._startup,
                 error=WorkerStartError(
-                    f"The vLLM worker {how} before it was ready", self._log_tail()
+                    f"The vLLM worker {how} before it was ready{hint}", self._log_tail()
                 ),
             )
         clean = was in (WorkerState.RETIRING, WorkerState.STOPPING) and exit_code == 0
@@ -923,6 +928,8 @@ class WorkerHandle:
             return f"exited because {reason}"
         if exit_code == EXIT_WEIGHTS_BROKEN:
             return "exited because a weight update failed part-way"
+        if self._failed_in_spawn(exit_code):
+            return f"failed (exit code {exit_code}; the traceback is on this process's stderr)"
         if exit_code == EXIT_ERROR:
             return f"failed (exit code {exit_code}; the traceback is in its output)"
         return f"exited with code {exit_code}"
@@ -933,6 +940,11 @@ class WorkerHandle:
                 kill(self.pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
+
+    def _failed_in_spawn(self, exit_code: int | None) -> bool:
+        """Whether it failed before its first line of ours, which sends its output to the log:
+        in Python's spawn, which imports the main module first."""
+        return exit_code == EXIT_ERROR and not self._log_tail()
 
     def _log_tail(self) -> str:
         try:
