@@ -112,7 +112,7 @@ def test_streams_from_many_threads_share_the_batch_and_block_no_one(
 
     def read(k: int) -> None:
         # long enough that a loaded machine still runs them when the short call returns
-        chunks = list(service.stream(f"Story number {k}:", max_tokens=400, ignore_eos=True))
+        chunks = list(service.stream(f"Story number {k}:", max_tokens=160, ignore_eos=True))
         texts[k] = joined(chunks) if chunks[-1].result.text == joined(chunks) else "mismatch"
 
     threads = [threading.Thread(target=read, args=(k,)) for k in range(8)]
