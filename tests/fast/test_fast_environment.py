@@ -95,3 +95,6 @@ def test_on_cpu_the_engine_core_runs_in_the_worker_unless_the_user_says_otherwis
         assert adapt_engine_environment(True, {"VLLM_ENABLE_V1_MULTIPROCESSING": users}) == ({}, [])
     # A GPU run gets vLLM's default (its engine process overlaps scheduling with the GPU).
     assert adapt_engine_environment(on_cpu=False, environ={}) == ({}, [])
+    # So does a batch worker pinned to its cores: in-process the pinning does not hold.
+    pinned = {"VLLM_CPU_OMP_THREADS_BIND": "0"}
+    assert adapt_engine_environment(on_cpu=True, environ=pinned) == ({}, [])
