@@ -63,6 +63,10 @@ if [ "${VLLM_SERVICE_INSTALLER:-uv}" = uv ] && ./.venv/bin/python -m pip install
     installer=uv
     pip_config="$(./.venv/bin/python -m pip config list 2>/dev/null || true)"
     export UV_PYTHON=.venv/bin/python UV_INDEX_STRATEGY=unsafe-best-match  # pip's: every index
+    # Bytecode at install, as pip does: else with PYTHONDONTWRITEBYTECODE set (it is on this
+    # project's machines), and in every spawned worker, which inherits it as -B, each start
+    # compiles torch and vLLM again (a worker's start took twice as long).
+    export UV_COMPILE_BYTECODE=1
     value="$(pip_setting find-links)"; [ -z "$value" ] || export UV_FIND_LINKS="${value// /,}"
     value="$(pip_setting index-url)"; [ -z "$value" ] || export UV_DEFAULT_INDEX="$value"
     value="$(pip_setting extra-index-url)"; [ -z "$value" ] || export UV_INDEX="$value"
