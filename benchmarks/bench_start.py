@@ -14,11 +14,10 @@ just before it is started (``time.perf_counter`` around the subprocess; the chil
     cache, and once with vLLM's default of an engine process of its own;
 (c) a service with default settings: ``warmup()`` plus one token;
 (d) the same with a small ``idle_ttl_seconds``: warm-up and one token, then, once ``status()``
-    says the worker left on its idle exit, the time to the next answer. With ``--spare``, the
-    next call waits until the spare worker has imported (``status().spare_pid``), as a
-    request that comes later than that would, and the time is from then; the spare's
-    resident memory is printed too. Without it the call comes at once, and the spare (on by
-    default) is still importing.
+    says the worker left on its idle exit, the time to the next answer. The spare (on by
+    default) started beside the first worker and forks the next. With ``--spare``, the next
+    call also waits until the spare has imported (``status().spare_pid``; it has, unless
+    the idle exit came within its imports), and the spare's resident memory is printed.
 
 Prints each figure's min and median over the rounds, the ratios issue 26 sets goals for (c/b,
 d/c), each process's peak resident memory (the process and all its children, sampled), and
@@ -125,7 +124,7 @@ def child_service(model: str, idle_ttl: float | None, wait_for_spare: bool = Fal
         if wait_for_spare:
             while (spare := service.status().spare_pid) is None:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("no spare worker after the idle exit")
+                    raise RuntimeError("no spare after the idle exit")
                 time.sleep(0.1)
             import psutil
 

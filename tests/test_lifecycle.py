@@ -150,7 +150,7 @@ def test_a_stream_outlives_a_short_keep_alive_and_the_clock_starts_at_its_end(
     assert not group_members(pid)
 
 
-def test_after_an_idle_exit_a_spare_without_a_model_becomes_the_next_worker(
+def test_the_spare_without_a_model_forks_the_workers_after_an_idle_exit_and_a_death(
     demo_model: Path, reference: ReferenceEngine, tmp_path: Path,
 ) -> None:
     import psutil
@@ -161,20 +161,28 @@ def test_after_an_idle_exit_a_spare_without_a_model_becomes_the_next_worker(
     try:
         service.generate("Hello", max_tokens=2)
         worker, worker_memory = current_pid(service), service.status().memory_bytes
-        # The worker leaves, then a spare imports torch and vLLM (seconds) and waits.
-        assert wait_until(lambda: service.status().spare_pid is not None, 2 + 60)
+        # Beside the first worker, the spare imports torch and vLLM (seconds); the worker leaves.
+        assert wait_until(lambda: service.status().spare_pid is not None, 60)
+        assert wait_until(lambda: service.status().state == "stopped", 10)
         status = service.status()
         spare = status.spare_pid
-        assert spare is not None and status.state == "stopped" and status.pid is None
+        assert spare is not None and status.pid is None
         assert not pid_alive(worker) and group_members(spare) == [spare]
         spare_memory = psutil.Process(spare).memory_info().rss
         assert spare_memory < worker_memory / 2, (spare_memory, worker_memory)  # no model
 
         assert service.chat(FRANCE, temperature=0).text == reference.chat(FRANCE, temperature=0)
-        assert current_pid(service) == spare and service.status().restarts == 1
+        forked = current_pid(service)
+        assert psutil.Process(forked).ppid() == spare and group_members(forked) == [forked]
+        # A death: the next worker is forked too, and answers the same.
+        os.kill(forked, signal.SIGKILL)
+        assert wait_until(lambda: service.status().state == "stopped", 30)
+        assert service.chat(FRANCE, temperature=0).text == reference.chat(FRANCE, temperature=0)
+        assert psutil.Process(current_pid(service)).ppid() == spare
+        assert service.status().restarts == 2
     finally:
         service.shutdown()
-    # (that the next idle exit leaves a spare again, and shutdown ends one, the fast layer checks)
+    # (services sharing a spare, unload() and shutdown() ending it: the fast layer checks)
     assert not group_members(spare)
 
 

@@ -120,9 +120,9 @@ def test_the_users_files_in_dev_shm_survive_unload_idle_exit_and_kill_9(
 
         # an idle exit
         pid = generate_and_note_the_engines_files()
-        # vLLM's engine core in a process of its own from here on, in the spare the idle exit
-        # leaves and the worker it becomes: a GPU's layout, the one that makes shared memory
-        # and sockets, and whose engine process outlives a killed worker.
+        # vLLM's engine core in a process of its own from here on (a changed environment:
+        # a new spare for it): a GPU's layout, the one that makes shared memory and sockets,
+        # and whose engine process outlives a killed worker.
         monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
         service.generate(PROMPT, temperature=0, max_tokens=2, keep_alive=1)
         assert wait_until(lambda: service.status().state == "stopped", 60)

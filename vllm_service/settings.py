@@ -80,9 +80,10 @@ class VLLMSettings(BaseSettings):
     )
     spare_worker: bool = Field(
         True,
-        description="Local mode: once the worker has left on its idle exit, start a spare "
-        "worker process that imports torch and vLLM and loads no model (about 0.6 GB), so the "
-        "next start skips them; false leaves nothing running until the next call.",
+        description="Local mode: from the first start to unload() or shutdown(), keep a spare "
+        "process that has imported torch and vLLM, loads no model (about 0.6 GB) and forks "
+        "each new worker, so that a start after an idle exit or a death skips the imports; "
+        "false spawns every worker, and leaves nothing running after an idle exit.",
     )
     trust_remote_code: bool = Field(
         False,

@@ -1,7 +1,7 @@
-"""The spare worker on the stand-in engine: after an idle exit, a process waits for the next start.
+"""The spare on the stand-in engine: a process that has done the imports forks every worker.
 
 The stand-in's spare imports the stand-in's module where vLLM's imports torch and vLLM; the
-process, its pipe, the hand-over and every way it ends are the same (docs/lifecycle.md).
+process, its pipes, the fork and every way it ends are the same (docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import psutil
 import pytest
 from _waiting import wait_until
 
-from vllm_service import VLLMInferenceService, VLLMSettings, WorkerDiedError
+from vllm_service import VLLMInferenceService, VLLMSettings
 from vllm_service.testing import group_members
 
 Settings = Callable[..., VLLMSettings]
@@ -54,32 +54,84 @@ def wait_for_spare(service: VLLMInferenceService) -> int:
     return pid
 
 
-def test_an_idle_exit_leaves_a_spare_that_becomes_the_next_worker(
+def parent_of(pid: int) -> int:
+    return psutil.Process(pid).ppid()
+
+
+def idle_exit(service: VLLMInferenceService) -> None:
+    assert wait_until(lambda: service.status().state == "stopped", 10), service.status()
+
+
+def test_the_spare_forks_every_worker_once_it_has_imported(
     standin: Settings, standin_calls: Callable[..., list[dict[str, Any]]], tmp_path: Path,
 ) -> None:
     with VLLMInferenceService(standin(**IDLE)) as service:
         assert service.generate("first").text == "first"
-        first = service.status().pid
         spare = wait_for_spare(service)
+        assert group_members(spare) == [spare]  # a group of its own
+        assert wait_until(lambda: service.status().state == "stopped", 10)  # the idle exit
         status = service.status()
-        # Not a worker: nothing is loaded, and status() says stopped.
-        assert status.state == "stopped" and status.pid is None and status.memory_bytes == 0
-        assert spare != first and group_members(spare) == [spare]  # a group of its own
-        assert [c["pid"] for c in standin_calls("init")] == [first]  # it built no engine
+        assert status.pid is None and status.memory_bytes == 0 and status.spare_pid == spare
 
         assert service.generate("second").text == "second"
-        status = service.status()
-        assert status.pid == spare and status.restarts == 1 and status.spare_pid is None
-        assert [c["pid"] for c in standin_calls("init")] == [first, spare]
-        next_spare = wait_for_spare(service)  # its own idle exit leaves the next one
-    assert not group_members(next_spare) and not spawned_children()
-    assert not list((tmp_path / "logs").glob("worker-*.log"))  # clean ends keep no log
+        worker = service.status().pid
+        assert worker is not None and parent_of(worker) == spare
+        assert group_members(worker) == [worker]  # its own group, not the spare's
+        # After a death too: the next worker is forked at once.
+        os.kill(worker, signal.SIGKILL)
+        assert wait_until(lambda: service.status().state == "stopped", 10)
+        assert "SIGKILL" in (service.status().last_error or "")  # the exit code, through the spare
+        assert service.generate("third").text == "third"
+        third = service.status()
+        assert third.pid not in (None, worker) and parent_of(third.pid) == spare  # type: ignore[arg-type]
+        assert third.restarts == 2 and third.spare_pid == spare
+        inits = [c["pid"] for c in standin_calls("init")]
+        assert inits[1:] == [worker, third.pid] and spare not in inits  # it built no engine
+    assert not group_members(spare) and not spawned_children()
+    # Clean ends keep no log; the killed worker's is kept.
+    assert len(list((tmp_path / "logs").glob("worker-*.log"))) == 1
 
 
-def test_with_the_setting_off_an_idle_exit_leaves_nothing_running(standin: Settings) -> None:
+def test_a_forked_worker_has_the_apps_environment_and_folder_as_they_are_at_its_start(
+    standin: Settings, standin_calls: Callable[..., list[dict[str, Any]]], tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with VLLMInferenceService(standin(**IDLE)) as service:
+        service.generate("first")
+        spare = wait_for_spare(service)
+        monkeypatch.chdir(tmp_path)
+        idle_exit(service)
+        service.generate("in tmp_path")
+        assert parent_of(service.status().pid) == spare  # type: ignore[arg-type]
+        assert standin_calls("init")[-1]["cwd"] == str(tmp_path)
+        # A changed environment may change what the imports did: a new spare, for it.
+        monkeypatch.setenv("STANDIN_MARKER", "set later")
+        idle_exit(service)
+        service.generate("marked")
+        assert standin_calls("init")[-1]["marker"] == "set later"
+        assert not group_members(spare), "the old environment's spare was not let go"
+        assert wait_for_spare(service) != spare
+
+
+def test_services_in_one_environment_share_one_spare(standin: Settings) -> None:
+    with VLLMInferenceService(standin(**IDLE)) as one, VLLMInferenceService(standin()) as two:
+        one.generate("one")
+        spare = wait_for_spare(one)
+        two.generate("two")
+        assert two.status().spare_pid == spare
+        one.unload()  # two still holds it
+        assert group_members(spare) == [spare]
+        two.unload()
+        assert not group_members(spare)
+
+
+def test_with_the_setting_off_workers_are_spawned_and_an_idle_exit_leaves_nothing(
+    standin: Settings,
+) -> None:
     with VLLMInferenceService(standin(spare_worker=False, **IDLE)) as service:
         first = service.generate("first")
         assert first.text == "first"
+        assert parent_of(service.status().pid) == os.getpid()  # type: ignore[arg-type]
         assert wait_until(lambda: service.status().state == "stopped", 10)
         assert not wait_until(lambda: service.status().spare_pid is not None, 1.5)
         assert not spawned_children()
@@ -93,7 +145,6 @@ def test_unload_and_shutdown_end_the_spare(standin: Settings) -> None:
     assert not alive(spare) and service.status().spare_pid is None
     assert not spawned_children()
     assert service.generate("second").text == "second"
-    assert service.status().pid != spare
     spare = wait_for_spare(service)
     service.shutdown()
     assert not alive(spare) and not spawned_children()
@@ -105,23 +156,31 @@ def test_a_spare_that_died_meanwhile_is_no_error_the_call_starts_a_worker(
     with VLLMInferenceService(standin(**IDLE)) as service:
         service.generate("first")
         spare = wait_for_spare(service)
+        idle_exit(service)
         os.kill(spare, signal.SIGKILL)
         assert wait_until(lambda: service.status().spare_pid is None, 5)
         assert service.generate("second").text == "second"
         status = service.status()
         assert status.pid not in (None, spare) and status.last_error is None
+        assert parent_of(status.pid) == os.getpid()  # type: ignore[arg-type] # spawned
+        assert wait_for_spare(service) != spare  # and a new spare for the next
 
 
-def test_a_dead_worker_or_an_unload_leaves_no_spare(standin: Settings) -> None:
-    with VLLMInferenceService(standin(idle_ttl_seconds=60)) as service:
+def test_a_worker_forked_by_a_spare_that_dies_is_still_ended_and_replaced(
+    standin: Settings,
+) -> None:
+    with VLLMInferenceService(standin(**IDLE)) as service:
         service.generate("first")
-        with pytest.raises(WorkerDiedError):
-            service.generate("<die>")
-        assert not wait_until(lambda: service.status().spare_pid is not None, 1.5)
-        service.generate("second")
-        service.unload()
-        assert not wait_until(lambda: service.status().spare_pid is not None, 1.5)
-        assert not spawned_children()
+        spare = wait_for_spare(service)
+        idle_exit(service)
+        service.generate("forked")
+        worker = service.status().pid
+        assert worker is not None and parent_of(worker) == spare
+        os.kill(spare, signal.SIGKILL)
+        # Its exit code is lost with the spare: the worker counts as ended, and is made so.
+        assert wait_until(lambda: not alive(worker), 10)
+        assert service.generate("after").text == "after"
+        assert service.status().pid not in (None, worker)
 
 
 def run_program(tmp_path: Path, body: str) -> tuple[list[dict[str, Any]], str]:
@@ -130,6 +189,7 @@ def run_program(tmp_path: Path, body: str) -> tuple[list[dict[str, Any]], str]:
     script = textwrap.dedent(
         f"""
         import json, os, signal, sys, time
+        import psutil
         from vllm_service import VLLMInferenceService, VLLMSettings
 
         def say(**values):
@@ -170,15 +230,17 @@ def test_a_forked_child_never_uses_the_parents_spare(tmp_path: Path) -> None:
         _, code = os.waitpid(child, 0)
         alive = service.status().spare_pid
         service.generate("parent again")
-        say(spare=spare, child_exit=code, alive=alive, worker=service.status().pid)
+        worker = service.status().pid
+        say(spare=spare, child_exit=code, alive=alive, worker=worker,
+            worker_parent=psutil.Process(worker).ppid())
         service.shutdown()
     """)
     assert len(said) == 2, stderr[-3000:]
     child, parent = said
     assert parent["spare"] is not None and parent["child_exit"] == 0
     assert child["spare_seen"] is None and child["worker"] not in (None, parent["spare"])
-    # The child's start and exit left the parent's spare alone: it became the parent's worker.
-    assert parent["alive"] == parent["spare"] == parent["worker"]
+    # The child's start and exit left the parent's spare alone: it forks the parent's worker.
+    assert parent["alive"] == parent["spare"] == parent["worker_parent"]
 
 
 def test_the_spare_exits_when_its_parent_dies(tmp_path: Path) -> None:
@@ -190,3 +252,24 @@ def test_the_spare_exits_when_its_parent_dies(tmp_path: Path) -> None:
     assert len(said) == 1 and said[0]["spare"] is not None, stderr[-3000:]
     spare = said[0]["spare"]
     assert wait_until(lambda: not alive(spare), 10), "the spare outlived its parent"
+
+
+def test_where_the_imports_initialised_a_gpu_runtime_workers_are_spawned(
+    standin: Settings, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # On a GPU, a CUDA that importing torch and vLLM initialised does not work in a forked
+    # child (vLLM spawns its own workers then); the spare checks torch.cuda.is_initialized()
+    # after its imports. The stand-in's engine argument takes the place of a real CUDA here.
+    import logging
+
+    caplog.set_level(logging.INFO, logger="vllm_service")
+    settings = standin(engine_args={"standin_gpu_initialized": True}, **IDLE)
+    with VLLMInferenceService(settings) as service:
+        for prompt in ("first", "second", "third"):
+            assert service.generate(prompt).text == prompt
+            assert parent_of(service.status().pid) == os.getpid()  # type: ignore[arg-type]
+            assert service.status().spare_pid is None
+            idle_exit(service)
+    said = [r.getMessage() for r in caplog.records if "spare" in r.getMessage()]
+    assert sum(m.startswith("Started the spare") for m in said) == 1, said  # not one a start
+    assert any("cannot fork workers (the stand-in was told" in m for m in said), said

@@ -214,8 +214,11 @@ def engine_violations(package: Package) -> list[str]:
         if layer(target) == "engines" and from_outside:
             problems.append(f"{_where(found)}: only _worker/main.py imports the engines")
         if target.endswith("._worker.main"):
-            if not importer.endswith("._worker.handle"):
-                problems.append(f"{_where(found)}: only _worker/handle.py starts the worker loop")
+            if not importer.endswith(("._worker.handle", "._worker.fork_server")):
+                problems.append(
+                    f"{_where(found)}: only _worker/handle.py and fork_server.py start the "
+                    "worker loop"
+                )
             elif not found.lazy:
                 problems.append(
                     f"{_where(found)} at import time: the parent would load the worker loop "

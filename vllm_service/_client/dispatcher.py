@@ -27,7 +27,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from .._worker.handle import SpareWorker, WorkerHandle, WorkerState, WorkerUnavailable
+from .._worker import fork_server
+from .._worker.handle import WorkerHandle, WorkerState, WorkerUnavailable
 from .._worker.keep_alive import KeepAlive
 from .._worker.processes import gpu_memory_bytes
 from .._worker.protocol import Delta, Finished, WorkerConfig
@@ -187,8 +188,8 @@ class Dispatcher:
                         keep_alive=self.keep_alive,
                         startup_timeout=self._settings.startup_timeout_seconds,
                         stop_timeout=self._settings.stop_timeout_seconds,
-                        on_change=_weakly(self._on_change),
-                        spare=self._slot.take_spare(),
+                        on_change=_weakly(self._log_change),
+                        spare=self._spare(),
                     )
                     self._slot.handle = handle
                     if claim:
@@ -352,13 +353,12 @@ class Dispatcher:
     # ----- ending -----
 
     def unload(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop the worker and the spare (see ``VLLMInferenceService.unload``); returns once
-        they have exited."""
+        """Stop the worker and let go of the spare (see ``VLLMInferenceService.unload``);
+        returns once the worker has exited (and the spare, unless another service holds it)."""
         try:
             self._unload_worker(wait, timeout)
         finally:
-            # Last: a worker that was leaving on its idle exit started one as it went.
-            self._slot.stop_spare()
+            self._slot.release_spare()
 
     def _unload_worker(self, wait: bool, timeout: float | None) -> None:
         handle = self._slot.handle
@@ -384,23 +384,13 @@ class Dispatcher:
 
     # ----- the spare -----
 
-    def _on_change(self, handle: WorkerHandle, state: WorkerState) -> None:
-        """The handle's ``on_change``: a worker gone on its idle exit leaves a spare behind."""
-        if state is WorkerState.EXITED and handle.idle_exit and handle.exit_code == 0:
-            self._start_spare(handle)
-        self._log_change(handle, state)
-
-    def _start_spare(self, exited: WorkerHandle) -> None:
-        """Start a :class:`SpareWorker` for the next start (``VLLM_SPARE_WORKER``), unless a
-        call has started a worker meanwhile or the service is closed. Local mode only: a
-        remote worker's start is the openai client's import, too little to keep a process
-        for."""
-        with self._lock:
-            if (
-                not self._closed and self._settings.spare_worker and self._config.mode == "local"
-                and self._slot.handle is exited and self._slot.spare is None
-            ):
-                self._slot.spare = SpareWorker(self._config)
+    def _spare(self) -> fork_server.ForkServer | None:
+        """The spare that forks this service's workers (``VLLM_SPARE_WORKER``), started at its
+        first start and held until ``unload()`` or ``shutdown()``. Local mode only: a remote
+        worker's start is the openai client's import, too little to keep a process for."""
+        if not self._settings.spare_worker or self._config.mode != "local":
+            return None
+        return self._slot.spare_for(self._config)
 
     # ----- status -----
 
@@ -550,8 +540,8 @@ def _seen(future: asyncio.Future[Any]) -> None:
 
 
 class WorkerSlot:
-    """Holds the current worker and the spare for the next, so the finalizer can stop them
-    without the dispatcher.
+    """Holds the current worker and the service's hold on its spare, so the finalizer can stop
+    them without the dispatcher.
 
     A worker (and a spare) belongs to the process that started it: after ``os.fork()`` the
     child sees an empty slot (its first call starts a worker of its own) and never touches
@@ -560,29 +550,17 @@ class WorkerSlot:
 
     def __init__(self) -> None:
         self._handle: WorkerHandle | None = None
-        self._spare: SpareWorker | None = None
 
-    @property
-    def spare(self) -> SpareWorker | None:
-        return _owned(self._spare)
+    def spare_for(self, config: WorkerConfig) -> fork_server.ForkServer | None:
+        """The spare for ``config`` in this environment (started if need be), held."""
+        return fork_server.spare_for(config, holder=self)
 
-    @spare.setter
-    def spare(self, spare: SpareWorker | None) -> None:
-        self._spare = spare
-
-    def take_spare(self) -> SpareWorker | None:
-        """The spare, out of the slot (two takers may get it: it serves at most one)."""
-        spare, self._spare = self.spare, None
-        return spare
-
-    def stop_spare(self) -> None:
-        spare = self.take_spare()
-        if spare is not None:
-            spare.stop()
+    def release_spare(self) -> None:
+        fork_server.release(self)
 
     def imported_spare_pid(self) -> int | None:
-        """The spare's pid once it has imported its engine's modules and waits; else None."""
-        spare = self.spare
+        """The held spare's pid once it has imported its engine's modules; else None."""
+        spare = fork_server.held_spare(self)
         return spare.pid if spare is not None and spare.imported else None
 
     @property
@@ -594,10 +572,12 @@ class WorkerSlot:
         self._handle = handle
 
     def stop(self) -> None:
-        self.stop_spare()
         handle = self.handle
-        if handle is not None:
-            handle.stop(ServiceShutdownError("The service was shut down"), handle.stop_timeout)
+        try:
+            if handle is not None:
+                handle.stop(ServiceShutdownError("The service was shut down"), handle.stop_timeout)
+        finally:
+            self.release_spare()
 
 
 _live_dispatchers: weakref.WeakSet[Dispatcher] = weakref.WeakSet()
@@ -644,9 +624,6 @@ if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-_Process = TypeVar("_Process", WorkerHandle, SpareWorker)
-
-
-def _owned(process: _Process | None) -> _Process | None:
+def _owned(process: WorkerHandle | None) -> WorkerHandle | None:
     """``process`` if this process started it; None in a forked child, which must not touch it."""
     return process if process is not None and process.owner_pid == os.getpid() else None

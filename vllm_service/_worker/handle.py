@@ -1,7 +1,7 @@
 """The parent's side of one worker process: spawn, handshake, requests in flight, idle exit, end.
 
-A worker process is spawned for its handle, or was spawned earlier as a :class:`SpareWorker`
-(its imports done, no model) and is handed its config when the handle is made.
+A worker process is forked for its handle by the spare (``fork_server.py``: a process that has
+done the imports and holds no model), or spawned when there is no spare ready.
 
     caller threads            sender thread         reader thread              worker process
     --------------            -------------         -------------              --------------
@@ -63,8 +63,9 @@ from ..errors import (
     WorkerDiedError,
     WorkerStartError,
 )
-from ..settings import service_variables
 from .folders import engine_socket_dir, log_folder, new_log_path
+from .fork_server import ForkedProcess, ForkServer, strip_service_variables
+from .fork_server import stop_all as stop_spares
 from .keep_alive import KeepAlive
 from .processes import (
     TERMINATE_SECONDS,
@@ -82,7 +83,6 @@ from .protocol import (
     Abort,
     Delta,
     Finished,
-    Imported,
     Ready,
     Request,
     Sleep,
@@ -107,120 +107,28 @@ _LOG_TAIL_LINES = 40
 _CLAIM_SECONDS = 30.0
 
 
-def run_worker(conn: Connection, config: WorkerConfig, spare: bool = False) -> None:
-    """The spawned process's entry point: the worker loop in ``main`` (a ``spare`` first
-    imports its engine's modules and waits for its config; see :class:`SpareWorker`).
+def run_worker(conn: Connection, config: WorkerConfig) -> None:
+    """The spawned process's entry point: the worker loop in ``main``.
 
     Imported here, in the child, so the parent never loads the loop or its engines. The
-    service's own settings leave the environment first: the worker has them in ``config``,
-    and vLLM, which reads the environment (as do the engine processes that inherit it),
-    takes each ``VLLM_*`` name it does not know for a mistake.
+    service's own settings leave the environment first (``strip_service_variables``).
     """
-    for name in service_variables(os.environ):
-        del os.environ[name]
+    strip_service_variables()
     from .main import run_worker as serve
 
-    serve(conn, config, spare)
+    serve(conn, config)
 
 
-def _spawn(config: WorkerConfig, spare: bool = False) -> tuple[BaseProcess, Connection]:
+def _spawn(config: WorkerConfig) -> tuple[BaseProcess, Connection]:
     """A new worker process running ``run_worker``, and the parent's end of its pipe."""
     context = multiprocessing.get_context("spawn")
     conn, child_conn = context.Pipe()
     process = context.Process(
-        target=run_worker, args=(child_conn, config, spare), name="vllm-service-worker"
+        target=run_worker, args=(child_conn, config), name="vllm-service-worker"
     )
     process.start()
     child_conn.close()
     return process, conn
-
-
-class SpareWorker:
-    """A worker process started before it is needed: it imports its engine's modules (torch
-    and vLLM), holds no model, and waits for the config a :class:`WorkerHandle` hands it.
-
-    The same process as any worker (spawned, its own process group, its output in its log),
-    so a worker started from it skips Python's start and the imports. It exits when this
-    process's end of the pipe closes (stop(), or this process died).
-    """
-
-    def __init__(self, config: WorkerConfig) -> None:
-        self.log_path = new_log_path(log_folder(config.log_dir))
-        self.owner_pid = os.getpid()  # a forked child must never touch this process
-        self._lock = threading.Lock()
-        self._imported = False
-        self._taken = False
-        self._process, self._conn = _spawn(
-            dataclasses.replace(config, log_path=str(self.log_path)), spare=True
-        )
-        self.pid: int = self._process.pid  # type: ignore[assignment]
-        _live_spares.add(self)
-        logger.info(
-            "Started spare vLLM worker pid %d (no model); its output: %s", self.pid, self.log_path
-        )
-
-    @property
-    def imported(self) -> bool:
-        """True once it has imported its engine's modules, while it lives and waits."""
-        with self._lock:
-            if self._taken or not self._process.is_alive():
-                return False
-            if not self._imported:
-                try:
-                    self._imported = self._conn.poll(0) and isinstance(self._conn.recv(), Imported)
-                except (EOFError, OSError):
-                    return False
-            return self._imported
-
-    def memory_bytes(self) -> int:
-        """Its resident memory (0 once it has ended)."""
-        import psutil
-
-        try:
-            return int(psutil.Process(self.pid).memory_info().rss)
-        except psutil.Error:
-            return 0
-
-    def hand_over(self, config: WorkerConfig) -> tuple[BaseProcess, Connection] | None:
-        """Send it ``config`` to build its engine from; its process and pipe are then the
-        worker's. None when it has died meanwhile (it is cleaned up): spawn a worker."""
-        with self._lock:
-            taken, self._taken = self._taken, True
-        _live_spares.discard(self)
-        if not taken and self._process.is_alive():
-            try:
-                self._conn.send(config)
-                return self._process, self._conn
-            except (OSError, ValueError):
-                pass
-        logger.info(
-            "The spare vLLM worker pid %d had ended (exit code %s); starting a new worker",
-            self.pid, self._process.exitcode,
-        )
-        self._end()
-        return None
-
-    def stop(self) -> None:
-        """End it now and remove its log; safe to call more than once and from any thread."""
-        with self._lock:
-            taken, self._taken = self._taken, True
-        _live_spares.discard(self)
-        if not taken and self.owner_pid == os.getpid():
-            self._end()
-            self.log_path.unlink(missing_ok=True)
-            logger.info("Spare vLLM worker pid %d stopped", self.pid)
-
-    def _end(self) -> None:
-        # It holds no model and no shared memory: nothing is lost by killing it at once,
-        # also in the middle of its imports (before its setsid() the group is not yet its own).
-        self._conn.close()
-        if self._process.exitcode is None:  # not reaped yet: the pid is still its own
-            for kill in (os.killpg, os.kill):
-                try:
-                    kill(self.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
-        self._process.join(TERMINATE_SECONDS)
 
 
 class WorkerState(enum.Enum):
@@ -259,9 +167,9 @@ class WorkerHandle:
         startup_timeout: float,
         stop_timeout: float = 30.0,
         on_change: Callable[[WorkerHandle, WorkerState], None] | None = None,
-        spare: SpareWorker | None = None,
+        spare: ForkServer | None = None,
     ) -> None:
-        """Start a worker for ``config``: in ``spare``, if given and still alive, else in a
+        """Start a worker for ``config``: forked by ``spare`` if given and ready, else in a
         newly spawned process."""
         self._keep_alive = keep_alive
         self._on_change = on_change
@@ -269,8 +177,7 @@ class WorkerHandle:
         self.stop_timeout = stop_timeout
         # With requests in flight, a worker silent this long has a stuck engine (None: never).
         self.stall_timeout = config.engine_stall_seconds
-        # A spare's log goes on as the worker's (a spare that died left its end there).
-        self.log_path = spare.log_path if spare else new_log_path(log_folder(config.log_dir))
+        self.log_path = new_log_path(log_folder(config.log_dir))
         config = dataclasses.replace(config, log_path=str(self.log_path))
         self._socket_dir = engine_socket_dir(config)
         if self._socket_dir is not None:
@@ -320,14 +227,15 @@ class WorkerHandle:
         self.failure: str | None = None  # how it ended, when it ended by itself and badly
         self.idle_exit = False  # retired for idleness (not unload(), shutdown() or a death)
 
-        taken = spare.hand_over(config) if spare is not None else None
-        self._process, self._conn = taken or _spawn(config)
+        forked = spare.fork(config) if spare is not None else None
+        self._process: BaseProcess | ForkedProcess
+        self._process, self._conn = forked or _spawn(config)
         self.pid: int = self._process.pid  # type: ignore[assignment]
         _live_handles.add(self)
         logger.info(
             "Started vLLM worker pid %d%s (model %s, %s); its output: %s",
-            self.pid, " from the spare" if taken else "", config.model, config.mode,
-            self.log_path,
+            self.pid, " from the spare" if forked else "",
+            config.model, config.mode, self.log_path,
         )
         self._announcements.append(WorkerState.STARTING)
         self._announce()
@@ -977,7 +885,6 @@ def _fail(futures: list[Future[Finished]], error: VLLMServiceError) -> None:
 
 
 _live_handles: weakref.WeakSet[WorkerHandle] = weakref.WeakSet()
-_live_spares: weakref.WeakSet[SpareWorker] = weakref.WeakSet()
 
 
 def _forget_parents_workers() -> None:
@@ -985,14 +892,13 @@ def _forget_parents_workers() -> None:
     # it must never stop, signal or (at exit) join the parent's workers.
     # Its copy of the parent's end of each worker's pipe is closed too: the worker learns of
     # the parent's death from end of file, which never comes while a child holds that end.
-    for process in [*_live_handles, *_live_spares]:
+    for process in _live_handles:
         multiprocessing.process._children.discard(process._process)  # type: ignore[attr-defined]
         try:
             process._conn.close()
         except OSError:
             pass
     _live_handles.clear()
-    _live_spares.clear()
 
 
 if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
@@ -1003,7 +909,6 @@ if hasattr(os, "register_at_fork"):  # POSIX only; Windows has no fork
 def _stop_all_workers() -> None:
     # Registered after multiprocessing's own exit hook, so it runs first: that hook joins
     # non-daemon children and would wait for a worker's idle TTL.
-    for spare in list(_live_spares):
-        spare.stop()
     for handle in list(_live_handles):
         handle.stop(ServiceShutdownError("the interpreter is exiting"), timeout=10)
+    stop_spares()

@@ -1,6 +1,6 @@
 """The worker process: builds the engine, then serves requests from the pipe until told to stop.
 
-Runs in a spawned child. It leads its own process group, so the parent can end it together
+Runs in a child of the app (spawned, or forked by the spare). It leads its own process group, so the parent can end it together
 with the engine processes vLLM starts (they outlive a killed worker otherwise). It exits when
 the parent sends Stop or when the pipe closes (the parent died), always tearing the engine down,
 and when one of the engine's processes dies (a watchdog thread notices; vLLM's own client would
@@ -34,7 +34,6 @@ from .protocol import (
     Abort,
     Delta,
     Finished,
-    Imported,
     Progress,
     Ready,
     RemoteError,
@@ -66,15 +65,10 @@ _ABORTED_FOR_UPDATE = (
 )
 
 
-def run_worker(conn: Connection, config: WorkerConfig, spare: bool = False) -> None:
-    """Entry point of the spawned worker process.
-
-    A ``spare`` imports its engine's modules for ``config`` (the service's, as it is when the
-    spare starts), says :class:`Imported`, and waits: the :class:`WorkerConfig` that comes
-    down the pipe is the one it builds its engine from. End of file or Stop first: it exits.
-    """
+def run_worker(conn: Connection, config: WorkerConfig) -> None:
+    """Entry point of the worker process: spawned, or forked by the spare (``fork_server.py``)."""
     os.setsid()
-    _redirect_output(config.log_path)
+    redirect_output(config.log_path)
     os.environ.update(config.environment)
     # The parent's level (--log-level debug), or VLLM_LOGGING_LEVEL=DEBUG, vLLM's own switch,
     # shows the worker's start phases too.
@@ -82,13 +76,6 @@ def run_worker(conn: Connection, config: WorkerConfig, spare: bool = False) -> N
     level = logging.DEBUG if debug else config.log_level
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logger.debug("start phase: worker running, %.2f s after its spawn", _process_age())
-    if spare:
-        handed = _wait_as_spare(conn, config)
-        if handed is None:
-            sys.stderr.flush()
-            os._exit(EXIT_OK)
-        config = handed
-        os.environ.update(config.environment)
     closing = threading.Event()
     engine: Engine | None = None
     exit_code = EXIT_ERROR
@@ -138,21 +125,6 @@ def _unlink_named_semaphores() -> None:
         multiprocessing.util._run_finalizers(0)  # type: ignore[attr-defined]
     except BaseException:
         traceback.print_exc()
-
-
-def _wait_as_spare(conn: Connection, config: WorkerConfig) -> WorkerConfig | None:
-    """Import the engine's modules, then wait for the config to build with; None: exit."""
-    import_engine(config)
-    conn.send(Imported())
-    logger.debug("start phase: spare imported, %.2f s after its spawn; waiting", _process_age())
-    try:
-        message = conn.recv()
-    except (EOFError, OSError):
-        return None  # the parent is gone, or dropped the spare
-    if not isinstance(message, WorkerConfig):
-        return None  # Stop
-    logger.debug("start phase: spare handed its config, %.2f s after its spawn", _process_age())
-    return message
 
 
 def remote_error(exc: BaseException) -> RemoteError:
@@ -396,7 +368,7 @@ def _process_age() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def _redirect_output(log_path: str | None) -> None:
+def redirect_output(log_path: str | None) -> None:
     """Send this process's (and its children's) stdout and stderr to the log file."""
     if not log_path:
         return
@@ -422,7 +394,7 @@ def make_engine(config: WorkerConfig) -> Engine:
 
 def import_engine(config: WorkerConfig) -> Callable[[WorkerConfig], Engine]:
     """The engine class for ``config``, imported: vLLM, torch or openai only in the worker
-    process (and, for a spare, before its config comes)."""
+    process (and in the spare, before it forks any worker)."""
     if config.mode == "local" and config.engine_kind == "standin":
         from .engines.standin import StandInEngine
 
@@ -433,7 +405,7 @@ def import_engine(config: WorkerConfig) -> Callable[[WorkerConfig], Engine]:
         logger.debug("start phase: torch imported in %.2f s", time.monotonic() - started)
         started = time.monotonic()
         # LLM, not just vllm: the package imports its engine lazily, and LLM's modules are
-        # most of vLLM's import time, which a spare is there to take out of the next start.
+        # most of vLLM's import time, which the spare is there to take out of every start.
         from vllm import LLM  # noqa: F401
 
         from .engines.local import LocalEngine

@@ -10,10 +10,6 @@
     UpdateWeights(...)      ------------->   once nothing runs: engine.update_weights(); Submits
                                              that come meanwhile wait for it
     Stop()                  ------------->   tear the engine down, exit
-                            <-------------   Imported()             a spare has imported its
-                                                                    engine's modules: it waits
-    WorkerConfig            ------------->   (to a spare, once) build the engine from it, then
-                                             serve as any worker
                             <-------------   Ready(info)            once, after the engine is built
                             <-------------   StartFailed(error)     instead of Ready
                             <-------------   Started([id, ...])     first tokens of these requests
@@ -22,6 +18,9 @@
                             <-------------   WeightsUpdated(...)    one per UpdateWeights
                             <-------------   SleepState(asleep)     one per Sleep or WakeUp, in
                                                                     their order, once done
+
+The spare that forks workers speaks :class:`Imported`, :class:`Fork` and :class:`Forked` on a
+pipe of its own (``fork_server.py``).
 
 The worker never pickles exception objects: errors travel as text (:class:`RemoteError`).
 Its exit code says how it ended (``EXIT_*`` below); a negative one is the signal that killed it.
@@ -169,8 +168,28 @@ class RemoteError:
 
 @dataclass(frozen=True)
 class Imported:
-    """A spare worker has imported what its engine needs (torch and vLLM) and holds no model:
-    it waits for the :class:`WorkerConfig` to build its engine from."""
+    """The spare (``fork_server.py``) has imported what its engine needs (torch and vLLM) and
+    holds no model: it forks a worker for each :class:`Fork`, unless ``unforkable`` says why a
+    forked worker could not run (the imports initialised CUDA, which a fork cannot inherit)."""
+
+    unforkable: str | None = None
+
+
+@dataclass(frozen=True)
+class Fork:
+    """To the spare: fork a worker for ``config``, with the app's ``environment`` and working
+    folder ``cwd`` (the worker's end of its pipe follows as a file descriptor)."""
+
+    config: WorkerConfig
+    environment: dict[str, str]
+    cwd: str
+
+
+@dataclass(frozen=True)
+class Forked:
+    """From the spare: the worker's pid (its status pipe's read end follows)."""
+
+    pid: int
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ class StandInEngine:
         fate = _take_fate(args.get("standin_fates"), binding)
         _record("init", engine_args=args, environment=config.environment,
                 vllm_variables=sorted(name for name in os.environ if name.startswith("VLLM_")),
+                cwd=os.getcwd(), marker=os.environ.get("STANDIN_MARKER"),
                 engine_stall_seconds=config.engine_stall_seconds, fate=fate)
         if fate == "fail_start":
             raise RuntimeError("the model failed to load (the stand-in's fate, standin_fates)")
