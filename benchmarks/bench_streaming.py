@@ -59,6 +59,7 @@ def bench_direct(model: str, prompts: list[str], tokens: int) -> dict[str, float
     ids = iter(range(10**9))
 
     arrivals = random.Random(0)
+    busy_steps: list[float] = []  # each step's duration while BUSY requests generate
 
     def ttft(busy: int, mid_step: bool = False) -> float:
         """From the request's arrival to its first token. ``mid_step``: it arrives at a random
@@ -85,7 +86,11 @@ def bench_direct(model: str, prompts: list[str], tokens: int) -> dict[str, float
             if started is None and not arrived.empty():
                 started = arrived.get()
                 engine.add_request(request_id, llm._preprocess_cmpl_one(PROMPT, None), delta)
-            for output in engine.step():
+            step_started = time.perf_counter()
+            outputs = engine.step()
+            if busy and started is None:
+                busy_steps.append(time.perf_counter() - step_started)
+            for output in outputs:
                 if output.request_id == request_id and output.outputs[0].token_ids:
                     first = time.perf_counter() - started
         engine.abort_request([request_id, *background])
@@ -108,6 +113,7 @@ def bench_direct(model: str, prompts: list[str], tokens: int) -> dict[str, float
         "ttft_ms": statistics.median(idle) * 1000,
         "ttft_busy_ms": statistics.median(loaded) * 1000,
         "ttft_busy_mid_step_ms": statistics.median(loaded_mid_step) * 1000,
+        "step_busy_ms": statistics.median(busy_steps) * 1000,
         "tok_s": statistics.median(runs),
         "runs": runs,
     }
@@ -123,12 +129,14 @@ def bench_service(model: str, prompts: list[str], tokens: int) -> dict[str, floa
     params = {"temperature": 0.7, "top_p": 0.95, "max_tokens": tokens, "ignore_eos": True}
     service.generate_batch(prompts[:4], **params)
 
+    intervals: list[float] = []  # between chunks of the background streams
+
     def ttft(busy: int) -> float:
         stop = threading.Event()
         generating = [threading.Event() for _ in range(busy)]
         background = [service.stream(PROMPT, max_tokens=1000, ignore_eos=True) for _ in range(busy)]
         readers = [
-            threading.Thread(target=_read_until, args=(s, first, stop))
+            threading.Thread(target=_read_until, args=(s, first, stop, intervals))
             for s, first in zip(background, generating)
         ]
         for reader in readers:
@@ -145,8 +153,39 @@ def bench_service(model: str, prompts: list[str], tokens: int) -> dict[str, floa
             reader.join()
         return first
 
+    def ttft_plain_background() -> float:
+        """The same with the BUSY requests not streamed: no chunk reaches this process
+        until they end (aborted by their timeout once the stream has its first token)."""
+        from vllm_service import RequestTimeoutError
+
+        def one() -> None:
+            try:
+                service.generate(PROMPT, max_tokens=1000, ignore_eos=True, timeout=4)
+            except RequestTimeoutError:
+                pass
+
+        threads = [threading.Thread(target=one) for _ in range(BUSY)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # all of them past their first token
+            status = service.status()
+            if status.in_flight == BUSY and status.waiting == 0:
+                break
+            time.sleep(0.01)
+        time.sleep(0.2)
+        started = time.perf_counter()
+        stream = service.stream(PROMPT, temperature=0, max_tokens=16)
+        next(stream)
+        first = time.perf_counter() - started
+        stream.close()
+        for thread in threads:
+            thread.join()
+        return first
+
     idle = [ttft(0) for _ in range(TTFT_SAMPLES)]
     loaded = [ttft(BUSY) for _ in range(TTFT_SAMPLES)]
+    loaded_plain = [ttft_plain_background() for _ in range(TTFT_SAMPLES // 2)]
 
     async def tok_s() -> float:
         started = time.perf_counter()
@@ -161,13 +200,20 @@ def bench_service(model: str, prompts: list[str], tokens: int) -> dict[str, floa
     return {
         "ttft_ms": statistics.median(idle) * 1000,
         "ttft_busy_ms": statistics.median(loaded) * 1000,
+        "ttft_busy_plain_ms": statistics.median(loaded_plain) * 1000,
+        "inter_chunk_busy_ms": statistics.median(intervals) * 1000,
         "tok_s": statistics.median(runs),
         "runs": runs,
     }
 
 
-def _read_until(stream, first: threading.Event, stop: threading.Event) -> None:  # type: ignore[no-untyped-def]
+def _read_until(stream, first: threading.Event, stop: threading.Event, intervals: list[float]) -> None:  # type: ignore[no-untyped-def]
+    last = None
     for _ in stream:
+        now = time.perf_counter()
+        if last is not None:
+            intervals.append(now - last)
+        last = now
         first.set()
         if stop.is_set():
             break
@@ -197,6 +243,12 @@ def main() -> None:
           f"service.stream() {busy:6.1f} ms")
     print(f"    service / direct arriving mid-step = {busy / direct['ttft_busy_mid_step_ms']:.2f} "
           f"(goal <= 1.1); / added at a step boundary = {busy / direct['ttft_busy_ms']:.2f}")
+    plain = service["ttft_busy_plain_ms"]
+    print(f"  {BUSY} generating, not streamed: service.stream() {plain:6.1f} ms "
+          f"({plain / direct['ttft_busy_mid_step_ms']:.2f} of direct arriving mid-step)")
+    print(f"  a step with {BUSY} generating: direct engine {direct['step_busy_ms']:.1f} ms; "
+          f"between chunks of the service's {BUSY} streams {service['inter_chunk_busy_ms']:.1f} ms "
+          f"({service['inter_chunk_busy_ms'] / direct['step_busy_ms']:.2f})")
     runs = ", ".join(f"{x:.0f}" for x in direct["runs"])
     print(f"{args.tasks} prompts x {args.tokens} tokens:")
     print(f"  (a) direct LLM.generate, one call       {direct['tok_s']:7.1f} tok/s (runs: {runs})")
