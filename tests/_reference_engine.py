@@ -60,9 +60,13 @@ class ReferenceEngine:
         """What vLLM answers to ``prompt``, with the service's defaults under ``sampling``."""
         return self._ask("generate", prompt, sampling)
 
-    def chat(self, messages: list[dict[str, Any]], **sampling: Any) -> str:
-        """What ``LLM.chat`` answers to one conversation, with the service's defaults."""
-        return self._ask("chat", messages, sampling)
+    def chat(
+        self, messages: list[dict[str, Any]], chat_options: dict[str, Any] | None = None,
+        **sampling: Any,
+    ) -> str:
+        """What ``LLM.chat`` answers to one conversation, with the service's defaults;
+        ``chat_options`` are ``LLM.chat``'s own keywords (chat_template_kwargs, ...)."""
+        return self._ask("chat", messages, {**sampling, **_options(chat_options)})
 
     def outputs(self, prompts: list[str], **sampling: Any) -> list[dict[str, Any]]:
         """:meth:`output` for several prompts in one ``LLM.generate`` call: one batch.
@@ -82,6 +86,12 @@ class ReferenceEngine:
         takes them.
         """
         return self._ask(kind, prompt, sampling, full=True)
+
+    def chat_output(
+        self, messages: list[dict[str, Any]], chat_options: dict[str, Any], **sampling: Any
+    ) -> dict[str, Any]:
+        """:meth:`output` of ``LLM.chat`` with its own keywords ``chat_options``."""
+        return self._ask("chat", messages, {**sampling, **_options(chat_options)}, full=True)
 
     def _ask(self, kind: str, prompt: Any, sampling: dict[str, Any], full: bool = False) -> Any:
         sampling = {**SERVICE_DEFAULTS, **sampling}
@@ -103,6 +113,14 @@ class ReferenceEngine:
         self._process.join(60)
         if self._process.is_alive():
             self._process.kill()
+
+
+# Where LLM.chat's own keywords travel to the engine's process, beside the sampling.
+_CHAT_OPTIONS = "_chat_options"
+
+
+def _options(chat_options: dict[str, Any] | None) -> dict[str, Any]:
+    return {_CHAT_OPTIONS: chat_options} if chat_options else {}
 
 
 def _serve(conn: Any, args: dict[str, Any]) -> None:
@@ -129,9 +147,13 @@ def _serve(conn: Any, args: dict[str, Any]) -> None:
                 sampling["structured_outputs"] = StructuredOutputsParams(
                     **sampling["structured_outputs"]
                 )
+            chat_options = sampling.pop(_CHAT_OPTIONS, {})
             params = SamplingParams(**sampling)
             if kind == "chat":
-                outputs = llm.chat([prompt], params, use_tqdm=False, tokenization_kwargs=tokenization)
+                outputs = llm.chat(
+                    [prompt], params, use_tqdm=False, tokenization_kwargs=tokenization,
+                    **chat_options,
+                )
             elif kind == "generate_many":
                 outputs = llm.generate(prompt, params, use_tqdm=False)
                 conn.send([_plain(output) for output in outputs])

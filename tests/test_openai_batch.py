@@ -346,6 +346,22 @@ def test_answers_have_openais_shape_with_n_logprobs_and_several_prompts(
     assert len({a["id"] for a in answers} | {a["response"]["request_id"] for a in answers}) == 4
 
 
+def test_chat_lines_carry_their_template_options_and_a_bad_one_fails_alone(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    prefilled = [{"role": "user", "content": "Hello"},
+                 {"role": "assistant", "content": "Hi, I am"}]
+    options = {"chat_template_kwargs": {"enable_thinking": False},
+               "add_generation_prompt": False, "continue_final_message": True}
+    lines = [line("with", {"messages": prefilled, **options}), line("without", chat(FRANCE)),
+             line("bad", {"messages": prefilled, "continue_final_message": True})]
+    found = by_id(standin.run("org/model", lines, tmp_path / "out.jsonl", progress=False))
+    assert found["with"]["error"] is None and found["without"]["error"] is None
+    assert found["bad"]["response"]["status_code"] == 400
+    assert "pass add_generation_prompt=False with it" in found["bad"]["error"]["message"]
+    assert [request["chat"] for request in standin.sent] == [options, {}]
+
+
 def test_system_goes_in_front_of_chats_without_one(tmp_path: Path, standin: StandIn) -> None:
     own = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": FRANCE}]
     lines = [line("plain", chat(FRANCE)), line("own", {"messages": own}),

@@ -256,7 +256,8 @@ def server(
 ) -> Iterator[VLLMServer]:
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
     lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"{LORA_NAME}={remote_adapter}"]
-    srv = VLLMServer(demo_model, log_path, lora)
+    # A chat_template given per request is refused by a server without it.
+    srv = VLLMServer(demo_model, log_path, [*lora, "--trust-request-chat-template"])
     try:
         srv.start(api_key=API_KEY, served_names=SERVED_NAMES)
         yield srv
@@ -1006,6 +1007,22 @@ def test_token_ids_logprobs_and_prompt_ids_are_vllms(
     # a prompt of token ids
     from_ids = remote.generate(result.prompt_token_ids, temperature=0, max_tokens=10)
     assert from_ids.token_ids == result.token_ids
+
+
+def test_chat_options_reach_the_server_and_render_as_llm_chat(
+    remote: VLLMInferenceService, reference: ReferenceEngine
+) -> None:
+    from _chat_cases import CASES, GREEDY
+
+    for case, (messages, options) in CASES.items():
+        result = remote.chat(messages, **GREEDY, **options)
+        expected = reference.chat_output(messages, options, **GREEDY)
+        assert result.error is None, (case, result.error)
+        assert result.prompt_token_ids == expected["prompt_token_ids"], case
+        assert result.text == expected["samples"][0]["text"], case
+    messages, options = CASES["template with a variable"]
+    streamed = "".join(c.text for c in remote.chat_stream(messages, **GREEDY, **options))
+    assert streamed == reference.chat_output(messages, options, **GREEDY)["samples"][0]["text"]
 
 
 def test_n_samples_through_the_server(

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from ._client.calls import Params
 from ._client.dispatcher import UseTqdm
 from ._client.streams import AsyncGenerationStream
-from ._common.inputs import check_messages, check_prompt, check_prompts
+from ._common.inputs import check_chats, check_prompt, check_prompts
 from ._worker.weight_staging import WeightSource
 from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
@@ -77,8 +77,9 @@ class AsyncVLLMInferenceService:
         keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (see :meth:`VLLMInferenceService.chat`)."""
+        chats, options = self._chats([messages], overrides)
         call = self._dispatcher.prepare(
-            [self._checked_chat(messages)], params, overrides, keep_alive, timeout
+            chats, params, overrides, keep_alive, timeout, chat_options=options
         )
         return (await self._dispatcher.run_async(call))[0]
 
@@ -88,8 +89,10 @@ class AsyncVLLMInferenceService:
         use_tqdm: UseTqdm = False, **overrides: Any,
     ) -> list[GenerationResult]:
         """Answer many conversations at once (see :meth:`VLLMInferenceService.chat_batch`)."""
-        prompts = [self._checked_chat(c) for c in conversations]
-        call = self._dispatcher.prepare(prompts, params, overrides, keep_alive, timeout)
+        chats, options = self._chats(list(conversations), overrides)
+        call = self._dispatcher.prepare(
+            chats, params, overrides, keep_alive, timeout, chat_options=options
+        )
         return await self._dispatcher.run_async(call, use_tqdm)
 
     def stream(
@@ -110,8 +113,9 @@ class AsyncVLLMInferenceService:
         keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> AsyncGenerationStream:
         """Answer one conversation as an async iterator of :class:`StreamChunk`."""
+        chats, options = self._chats([messages], overrides)
         call = self._dispatcher.prepare(
-            [self._checked_chat(messages)], params, overrides, keep_alive, timeout, stream=True
+            chats, params, overrides, keep_alive, timeout, stream=True, chat_options=options
         )
         return AsyncGenerationStream(self._dispatcher, call)
 
@@ -193,5 +197,8 @@ class AsyncVLLMInferenceService:
     def __repr__(self) -> str:
         return "Async" + repr(self.service)
 
-    def _checked_chat(self, messages: Any) -> ChatMessages:
-        return check_messages(messages, self.settings.allowed_media_domains)
+    def _chats(
+        self, conversations: list[Any], overrides: dict[str, Any]
+    ) -> tuple[list[ChatMessages], dict[str, Any]]:
+        """The conversations and the call's chat options (taken out of ``overrides``), checked."""
+        return check_chats(conversations, overrides, self.settings.allowed_media_domains)

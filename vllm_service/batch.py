@@ -307,9 +307,9 @@ class _BatchRun:
                 self._finish(index, None, str(exc))
                 continue
             if self.use_sample:
-                requests = [(conversation, {**self.sampling, "n": self.n})]
+                requests = [(conversation, {**self.sampling, "n": self.n}, {})]
             else:
-                requests = [(conversation, self._one_sample(k)) for k in range(self.n)]
+                requests = [(conversation, self._one_sample(k), {}) for k in range(self.n)]
             jobs[index] = Job(requests)
         return jobs
 

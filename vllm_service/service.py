@@ -21,7 +21,7 @@ from ._client.calls import Params
 from ._client.dispatcher import Dispatcher, Sent, UseTqdm, aborted_on_error
 from ._client.modes import mode_for
 from ._client.streams import GenerationStream
-from ._common.inputs import check_messages, check_prompt, check_prompts
+from ._common.inputs import check_chats, check_prompt, check_prompts
 from ._worker.config import worker_config
 from ._worker.handle import WorkerHandle
 from ._worker.keep_alive import KeepAlive
@@ -111,7 +111,8 @@ class VLLMInferenceService:
         keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationResult:
         """Answer one conversation (OpenAI-style messages), using the model's chat template."""
-        return self._run([self._checked_chat(messages)], params, overrides, keep_alive, timeout)[0]
+        chats, options = self._chats([messages], overrides)
+        return self._run(chats, params, overrides, keep_alive, timeout, options)[0]
 
     def chat_batch(
         self, conversations: Sequence[ChatMessages], params: Params = None, *,
@@ -121,8 +122,10 @@ class VLLMInferenceService:
         """Answer many conversations at once; results come back in the same order.
 
         ``use_tqdm`` as in :meth:`generate_batch`."""
-        prompts = [self._checked_chat(c) for c in conversations]
-        call = self.dispatcher.prepare(prompts, params, overrides, keep_alive, timeout)
+        chats, options = self._chats(list(conversations), overrides)
+        call = self.dispatcher.prepare(
+            chats, params, overrides, keep_alive, timeout, chat_options=options
+        )
         return self.dispatcher.run(call, use_tqdm)
 
     def stream(
@@ -147,8 +150,9 @@ class VLLMInferenceService:
         keep_alive: Duration | None = None, timeout: float | None = None, **overrides: Any,
     ) -> GenerationStream:
         """Answer one conversation, handing out the text as it is generated (see :meth:`stream`)."""
+        chats, options = self._chats([messages], overrides)
         call = self.dispatcher.prepare(
-            [self._checked_chat(messages)], params, overrides, keep_alive, timeout, stream=True
+            chats, params, overrides, keep_alive, timeout, stream=True, chat_options=options
         )
         return GenerationStream(self.dispatcher, call)
 
@@ -342,12 +346,18 @@ class VLLMInferenceService:
     def _run(
         self, prompts: list[Any], params: Params, overrides: dict[str, Any],
         keep_alive: Duration | None, timeout: float | None,
+        chat_options: dict[str, Any] | None = None,
     ) -> list[GenerationResult]:
-        call = self.dispatcher.prepare(prompts, params, overrides, keep_alive, timeout)
+        call = self.dispatcher.prepare(
+            prompts, params, overrides, keep_alive, timeout, chat_options=chat_options
+        )
         return self.dispatcher.run(call)
 
-    def _checked_chat(self, messages: Any) -> ChatMessages:
-        return check_messages(messages, self.settings.allowed_media_domains)
+    def _chats(
+        self, conversations: list[Any], overrides: dict[str, Any]
+    ) -> tuple[list[ChatMessages], dict[str, Any]]:
+        """The conversations and the call's chat options (taken out of ``overrides``), checked."""
+        return check_chats(conversations, overrides, self.settings.allowed_media_domains)
 
     # ----- status -----
 

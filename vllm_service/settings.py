@@ -85,6 +85,12 @@ class VLLMSettings(BaseSettings):
         "each new worker, so that a start after an idle exit or a death skips the imports; "
         "false spawns every worker, and leaves nothing running after an idle exit.",
     )
+    chat_template: str | None = Field(
+        None,
+        description="Local mode: the chat template to render conversations with instead of "
+        "the model's, a file's path or the Jinja text itself (as vllm serve --chat-template); "
+        "a call's chat_template= wins.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run code shipped with the model repository (custom architectures). Off by "

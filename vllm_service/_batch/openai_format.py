@@ -37,6 +37,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
+from .._common.inputs import CHAT_OPTIONS, check_continued, take_chat_options
 from .._common.media import media_problem
 from .._worker.protocol import Finished
 from ..settings import ENGINE_STALL_SECONDS, resolved_model
@@ -63,10 +64,6 @@ _UNSUPPORTED = {
     "use_beam_search": False,
     "tools": [],
     "functions": [],
-    "add_generation_prompt": True,
-    "continue_final_message": False,
-    "chat_template": "",
-    "chat_template_kwargs": {},
     "documents": [],
     "prompt_embeds": "",
     "prompt_logprobs": 0,
@@ -88,6 +85,7 @@ class _Parsed:
     url: str
     requests: list[tuple[Any, dict[str, Any]]]
     logprobs: bool
+    chat: dict[str, Any] = field(default_factory=dict)  # a chat's rendering options
 
 
 def generate_openai_batch(
@@ -244,7 +242,14 @@ def parse_line(line: dict[str, Any], defaults: Defaults, system: str | None) -> 
             refused = problem.split(". Set ")[0]
             raise _BadLine(f"body.messages: {refused} (batch runs take text only)")
         prompts: list[Any] = [_with_system(messages, system)]
+        given_options = {k: body[k] for k in CHAT_OPTIONS if body.get(k) not in (None, "")}
+        try:
+            chat = take_chat_options(given_options)
+            check_continued(prompts[0], chat)
+        except (TypeError, ValueError) as exc:
+            raise _BadLine(f"body: {exc}") from None
     else:
+        chat = {}
         prompts = _completion_prompts(body.get("prompt"))
 
     given = dict(body)
@@ -274,7 +279,9 @@ def parse_line(line: dict[str, Any], defaults: Defaults, system: str | None) -> 
     for name, value in defaults.sampling.items():
         if name not in body and not (name == "structured_outputs" and "response_format" in body):
             sampling[name] = value
-    return _Parsed(url, [(prompt, sampling) for prompt in prompts], "logprobs" in sampling)
+    return _Parsed(
+        url, [(prompt, sampling) for prompt in prompts], "logprobs" in sampling, chat
+    )
 
 
 def _vllm_classes() -> tuple[Any, Any, type[Exception]]:
@@ -515,7 +522,7 @@ class _OpenAIBatchRun:
         parsed = self.parsed[index]
         return "fp_" + fingerprint({
             "model": self.model, "weights": self.weights, "url": parsed.url,
-            "requests": parsed.requests,
+            "requests": parsed.requests, **({"chat": parsed.chat} if parsed.chat else {}),
         })
 
     def _resume(self) -> dict[int, dict[str, Any]]:
@@ -593,7 +600,8 @@ class _OpenAIBatchRun:
             if index in self.bad:
                 self._finish(index, error_line(line["custom_id"], 400, self.bad[index]))
                 continue
-            jobs[index] = Job(self.parsed[index].requests)
+            parsed = self.parsed[index]
+            jobs[index] = Job([(p, sampling, parsed.chat) for p, sampling in parsed.requests])
         return jobs
 
     def _job_done(self, index: int, outcome: Outcome) -> None:

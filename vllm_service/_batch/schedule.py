@@ -82,9 +82,10 @@ class WorkerPool(Protocol):
 
 @dataclass
 class Job:
-    """One item: the (prompt, sampling) of each of its requests, and their results."""
+    """One item: the (prompt, sampling, chat options) of each of its requests, and their
+    results."""
 
-    requests: list[tuple[Any, dict[str, Any]]]
+    requests: list[tuple[Any, dict[str, Any], dict[str, Any]]]
     finished: list[Finished | None] = field(default_factory=list)
     waiting: int = 0
     attempts: int = 0
@@ -251,8 +252,8 @@ class Scheduler:
                 job = self.jobs[index]
                 job.finished = [None] * len(job.requests)
                 job.waiting = len(job.requests)
-                for number, (prompt, sampling) in enumerate(job.requests):
-                    request = Request(next(self.request_ids), prompt, sampling)
+                for number, (prompt, sampling, chat) in enumerate(job.requests):
+                    request = Request(next(self.request_ids), prompt, sampling, chat=chat)
                     requests.append(request)
                     owner_of[request.request_id] = (index, number)
         unfinished = set(chunk)

@@ -86,16 +86,23 @@ class CallBuilder:
         keep_alive: Duration | None,
         timeout: float | None = None,
         stream: bool = False,
+        chat_options: dict[str, Any] | None = None,
     ) -> Call:
         """Check everything about a call and build its requests; raises before anything runs.
 
-        ``timeout`` (seconds, the worker's start included) wins over the setting."""
+        ``timeout`` (seconds, the worker's start included) wins over the setting;
+        ``chat_options`` (checked by ``_common/inputs.py``) go with each conversation, over
+        the ``VLLM_CHAT_TEMPLATE`` setting."""
         chosen = chosen_params(params, overrides)
         sampling = self._sampling(chosen)
         lora = self._mode.lora(chosen.lora)
         settings = self._settings
+        chat = {**self._mode.chat_defaults(), **(chat_options or {})}
         return Call(
-            requests=[Request(self.next_id(), p, sampling, lora, stream) for p in prompts],
+            requests=[
+                Request(self.next_id(), p, sampling, lora, stream, chat if _is_chat(p) else {})
+                for p in prompts
+            ],
             parse_as=chosen.json_schema or chosen.json_object,
             keep_alive=(
                 settings.idle_ttl_seconds if keep_alive is None else duration_seconds(keep_alive)
@@ -165,6 +172,10 @@ def chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams
         from_vllm = GenerationParams.from_sampling_params(vllm_params)
         chosen = chosen.merged({name: getattr(from_vllm, name) for name in from_vllm.model_fields_set})
     return chosen
+
+
+def _is_chat(prompt: Prompt) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], dict)
 
 
 def _is_sampling_params(value: Any) -> bool:

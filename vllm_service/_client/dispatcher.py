@@ -212,11 +212,14 @@ class Dispatcher:
         keep_alive: Duration | None,
         timeout: float | None = None,
         stream: bool = False,
+        chat_options: dict[str, Any] | None = None,
     ) -> Call:
         """Build a call of checked ``prompts`` (``_common/inputs.py`` checks them) with its
-        sampling values, adapter and deadline; raises ``ValueError``/``TypeError`` before
-        anything runs."""
-        return self._calls.build(prompts, params, overrides, keep_alive, timeout, stream)
+        sampling values, adapter, chat options and deadline; raises ``ValueError`` or
+        ``TypeError`` before anything runs."""
+        return self._calls.build(
+            prompts, params, overrides, keep_alive, timeout, stream, chat_options
+        )
 
     def next_id(self) -> int:
         """A request id no other request to this service's workers has."""

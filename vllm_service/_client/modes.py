@@ -7,6 +7,7 @@ sampling values get, what a LoRA name means, and which operations are offered.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from .._common.lora import VLLM_DEFAULT_MAX_LORA_RANK
@@ -28,6 +29,9 @@ class Mode(Protocol):
 
     def check_sampling(self, sampling: dict[str, Any]) -> None:
         """Raise ``ValueError`` for a sampling value this mode cannot run."""
+
+    def chat_defaults(self) -> dict[str, Any]:
+        """The chat options every conversation gets unless its call gives them."""
 
     def lora(self, name: str | None) -> LoraAdapter | None:
         """The adapter a request names (``ValueError`` for one a local service does not know)."""
@@ -60,6 +64,13 @@ class LocalMode:
         )
         for name, path in settings.lora_modules.items():
             self._loras.add(name, path)
+        self._chat_defaults = (
+            {} if settings.chat_template is None
+            else {"chat_template": chat_template_text(settings.chat_template)}
+        )
+
+    def chat_defaults(self) -> dict[str, Any]:
+        return self._chat_defaults
 
     def check_sampling(self, sampling: dict[str, Any]) -> None:
         limit = self._engine_args.get("max_logprobs", _VLLM_DEFAULT_MAX_LOGPROBS)
@@ -109,9 +120,18 @@ class RemoteMode:
     name: Literal["local", "remote"] = "remote"
 
     def __init__(self, settings: VLLMSettings, config: WorkerConfig) -> None:
+        if settings.chat_template is not None:
+            raise ValueError(
+                "VLLM_CHAT_TEMPLATE is local mode's: in remote mode the server's template "
+                "applies; start vllm serve with --chat-template, or pass chat_template= per "
+                "call (a server started with --trust-request-chat-template takes it)"
+            )
         self._loras = LoraCalls(ServerAccess(
             config.api_url or "", config.api_key, config.api_timeout, config.api_max_retries
         ))
+
+    def chat_defaults(self) -> dict[str, Any]:
+        return {}
 
     def check_sampling(self, sampling: dict[str, Any]) -> None:
         refused = unsupported_fields(sampling)
@@ -144,6 +164,21 @@ class RemoteMode:
 
     def after_fork(self) -> None:
         self._loras.after_fork()
+
+
+def chat_template_text(template: str) -> str:
+    """``VLLM_CHAT_TEMPLATE``'s template: the file it names, or itself (as vllm serve's
+    ``--chat-template`` reads it)."""
+    path = Path(template).expanduser()
+    if "{" not in template and "\n" not in template:  # a path, not Jinja text
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise ValueError(
+                f"VLLM_CHAT_TEMPLATE names {template!r}, which cannot be read ({exc}); give a "
+                "file's path or the Jinja template itself"
+            ) from None
+    return template
 
 
 def mode_for(settings: VLLMSettings, config: WorkerConfig) -> Mode:

@@ -5,9 +5,11 @@ Each raises ``TypeError`` or ``ValueError`` naming what is wrong and how to fix 
 
 from __future__ import annotations
 
+import difflib
+import json
 from typing import Any
 
-from ..types import MAX_INT32, ChatMessages, TokenIds
+from ..types import MAX_INT32, ChatMessages, GenerationParams, TokenIds
 from .media import media_problem
 
 
@@ -113,3 +115,68 @@ def check_messages(messages: Any, media_domains: list[str] | None = None) -> Cha
     if problem is not None:
         raise ValueError(problem)
     return messages
+
+
+# The per-call options of a chat's rendering, as vLLM's LLM.chat and its server take them.
+CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt",
+                "continue_final_message")
+
+
+def take_chat_options(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Take the chat rendering options out of a call's keyword arguments (the rest are
+    sampling fields), checked; only those given, which differ from vLLM's defaults."""
+    options = {name: overrides.pop(name) for name in CHAT_OPTIONS if name in overrides}
+    for name in overrides:
+        close = difflib.get_close_matches(name, CHAT_OPTIONS, n=1)
+        if close and name not in GenerationParams.model_fields:
+            raise TypeError(
+                f"unknown chat option {name!r}: did you mean {close[0]!r}? A chat call takes "
+                f"{', '.join(CHAT_OPTIONS)} besides the generation parameters"
+            )
+    template = options.get("chat_template")
+    if template is not None and (not isinstance(template, str) or not template.strip()):
+        raise TypeError(f"chat_template must be a Jinja template as a str, got {template!r}")
+    kwargs = options.get("chat_template_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise TypeError(
+                "chat_template_kwargs must be a dict of the chat template's variables by name "
+                f"(e.g. {{'enable_thinking': False}}), got {kwargs!r}"
+            )
+        try:
+            json.dumps(kwargs)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(
+                f"chat_template_kwargs must hold JSON values (str, number, bool, None, lists, "
+                f"dicts): {exc}"
+            ) from None
+    for name in ("add_generation_prompt", "continue_final_message"):
+        if name in options and not isinstance(options[name], bool):
+            raise TypeError(f"{name} must be True or False, got {options[name]!r}")
+    if options.get("continue_final_message") and options.get("add_generation_prompt", True):
+        raise ValueError(
+            "continue_final_message=True continues the last message, which "
+            "add_generation_prompt=True (the default) would follow with a new one: pass "
+            "add_generation_prompt=False with it"
+        )
+    return {name: value for name, value in options.items() if value is not None}
+
+
+def check_continued(messages: ChatMessages, options: dict[str, Any]) -> None:
+    """``continue_final_message`` continues the conversation's last message: an assistant's."""
+    if options.get("continue_final_message") and messages[-1].get("role") != "assistant":
+        raise ValueError(
+            "continue_final_message=True continues the conversation's last message, which must "
+            f"be the assistant's; it is {messages[-1].get('role')!r}"
+        )
+
+
+def check_chats(
+    conversations: list[Any], overrides: dict[str, Any], media_domains: list[str] | None
+) -> tuple[list[ChatMessages], dict[str, Any]]:
+    """A chat call's conversations and its rendering options (out of ``overrides``), checked."""
+    options = take_chat_options(overrides)
+    chats = [check_messages(c, media_domains) for c in conversations]
+    for chat in chats:
+        check_continued(chat, options)
+    return chats, options

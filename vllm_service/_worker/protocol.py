@@ -94,6 +94,9 @@ class Request:
     sampling: dict[str, Any]
     lora: LoraAdapter | None = None
     stream: bool = False  # send Delta messages as the text grows, then Finished
+    # A chat's rendering options, as LLM.chat takes them (chat_template, chat_template_kwargs,
+    # add_generation_prompt, continue_final_message); only those that differ from vLLM's.
+    chat: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_chat(self) -> bool:

@@ -155,7 +155,8 @@ class LocalEngine:
         # one prompt at a time so that a bad prompt fails alone.
         if request.is_chat:
             engine_input = self._llm._preprocess_chat_one(
-                request.prompt, tokenization_kwargs=tokenization  # type: ignore[arg-type]
+                request.prompt, tokenization_kwargs=tokenization,  # type: ignore[arg-type]
+                **request.chat,
             )
         elif request.is_token_ids:
             engine_input = self._llm._preprocess_cmpl_one(

@@ -207,6 +207,7 @@ class RemoteEngine:
         # retries only before an answer starts.
         params, extra_body = split_sampling(request.sampling, request.is_chat)
         extra_body["return_token_ids"] = True  # the prompt's and each sample's
+        extra_body.update(request.chat)  # the server's chat request takes the same names
         model = self.model if request.lora is None else request.lora.name
         options: dict[str, Any] = {
             "model": model,
