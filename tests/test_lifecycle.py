@@ -171,13 +171,15 @@ def test_the_spare_without_a_model_forks_the_workers_after_an_idle_exit_and_a_de
         spare_memory = psutil.Process(spare).memory_info().rss
         assert spare_memory < worker_memory / 2, (spare_memory, worker_memory)  # no model
 
-        assert service.chat(FRANCE, temperature=0).text == reference.chat(FRANCE, temperature=0)
+        expected = reference.chat(FRANCE, temperature=0)
+        # (keep_alive: the worker stays while the test looks at it)
+        assert service.chat(FRANCE, temperature=0, keep_alive=60).text == expected
         forked = current_pid(service)
         assert psutil.Process(forked).ppid() == spare and group_members(forked) == [forked]
         # A death: the next worker is forked too, and answers the same.
         os.kill(forked, signal.SIGKILL)
         assert wait_until(lambda: service.status().state == "stopped", 30)
-        assert service.chat(FRANCE, temperature=0).text == reference.chat(FRANCE, temperature=0)
+        assert service.chat(FRANCE, temperature=0, keep_alive=60).text == expected
         assert psutil.Process(current_pid(service)).ppid() == spare
         assert service.status().restarts == 2
     finally:
