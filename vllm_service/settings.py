@@ -80,7 +80,7 @@ class VLLMSettings(BaseSettings):
     )
     spare_worker: bool = Field(
         True,
-        description="Local mode: from the first start to unload() or shutdown(), keep a spare "
+        description="Local mode: from the first worker's start to unload() or shutdown(), keep a spare "
         "process that has imported torch and vLLM, loads no model (about 0.6 GB) and forks "
         "each new worker, so that a start after an idle exit or a death skips the imports; "
         "false spawns every worker, and leaves nothing running after an idle exit.",

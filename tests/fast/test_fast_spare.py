@@ -109,7 +109,7 @@ def test_a_forked_worker_has_the_apps_environment_and_folder_as_they_are_at_its_
         idle_exit(service)
         service.generate("marked")
         assert standin_calls("init")[-1]["marker"] == "set later"
-        assert not group_members(spare), "the old environment's spare was not let go"
+        assert wait_until(lambda: not group_members(spare), 10), "the old spare was not let go"
         assert wait_for_spare(service) != spare
 
 

@@ -45,9 +45,9 @@ def test_each_state_change_is_one_short_line_at_info(
         assert wait_until(lambda: service.status().state == "stopped", 10), "no idle exit"
     info = lines(caplog, logging.INFO)
     patterns = [
-        # The first start starts the spare (VLLM_SPARE_WORKER) beside it; the shutdown ends it.
-        r"Started the spare pid \d+ \(forks the workers\); its output: \S+",
         rf"Started vLLM worker pid {pid} \(model stand-in, local\); its output: \S+",
+        # Once a worker is ready, the spare (VLLM_SPARE_WORKER) starts; the shutdown ends it.
+        r"Started the spare pid \d+ \(forks the workers\); its output: \S+",
         rf"vLLM worker pid {pid} ready in \d+\.\d s \(model stand-in, local\)",
         rf"vLLM worker pid {pid} idle for \d+\.\d s \(keep-alive 1 s\): stopping it",
         rf"vLLM worker pid {pid} exited with code 0 \(was retiring\)",
@@ -80,8 +80,8 @@ def test_sleep_wake_unload_death_and_restart_are_one_line_each(
         service.unload()
     info = lines(caplog, logging.INFO)
     assert [re.sub(r"\d+(\.\d+)?", "N", m.split(";")[0]) for m in info] == [
-        "Started the spare pid N (forks the workers)",
         "Started vLLM worker pid N (model stand-in, local)",
+        "Started the spare pid N (forks the workers)",
         "vLLM worker pid N ready in N s (model stand-in, local)",
         "vLLM worker pid N: putting its engine to sleep (sleep())",
         "vLLM worker pid N: waking its engine (wake_up())",
@@ -93,7 +93,7 @@ def test_sleep_wake_unload_death_and_restart_are_one_line_each(
         "vLLM worker pid N exited with code N (was retiring)",
         "The spare pid N stopped",
     ], info
-    assert str(first) in info[1] and str(second) in info[7]
+    assert str(first) in info[0] and str(second) in info[7]
     check_readable(info)
     warnings = lines(caplog, logging.WARNING)
     assert len(warnings) == 1 and warnings[0].startswith(

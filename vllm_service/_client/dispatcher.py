@@ -188,7 +188,7 @@ class Dispatcher:
                         keep_alive=self.keep_alive,
                         startup_timeout=self._settings.startup_timeout_seconds,
                         stop_timeout=self._settings.stop_timeout_seconds,
-                        on_change=_weakly(self._log_change),
+                        on_change=_weakly(self._on_change),
                         spare=self._spare(),
                     )
                     self._slot.handle = handle
@@ -387,13 +387,20 @@ class Dispatcher:
 
     # ----- the spare -----
 
-    def _spare(self) -> fork_server.ForkServer | None:
-        """The spare that forks this service's workers (``VLLM_SPARE_WORKER``), started at its
-        first start and held until ``unload()`` or ``shutdown()``. Local mode only: a remote
-        worker's start is the openai client's import, too little to keep a process for."""
+    def _spare(self, start: bool = False) -> fork_server.ForkServer | None:
+        """The spare that forks this service's workers (``VLLM_SPARE_WORKER``), held until
+        ``unload()`` or ``shutdown()``; ``start``: started if there is none. Local mode only: a
+        remote worker's start is the openai client's import, too little to keep a process for."""
         if not self._settings.spare_worker or self._config.mode != "local":
             return None
-        return self._slot.spare_for(self._config)
+        return self._slot.spare_for(self._config, start)
+
+    def _on_change(self, handle: WorkerHandle, state: WorkerState) -> None:
+        """The handle's ``on_change``. Once a worker is ready, the spare starts if there is
+        none: not beside the first start, whose imports it would slow on few cores."""
+        if state is WorkerState.READY and not self._closed:
+            self._spare(start=True)
+        self._log_change(handle, state)
 
     # ----- status -----
 
@@ -554,9 +561,10 @@ class WorkerSlot:
     def __init__(self) -> None:
         self._handle: WorkerHandle | None = None
 
-    def spare_for(self, config: WorkerConfig) -> fork_server.ForkServer | None:
-        """The spare for ``config`` in this environment (started if need be), held."""
-        return fork_server.spare_for(config, holder=self)
+    def spare_for(self, config: WorkerConfig, start: bool) -> fork_server.ForkServer | None:
+        """The spare for ``config`` in this environment (started if need be and ``start``),
+        held."""
+        return fork_server.spare_for(config, holder=self, start=start)
 
     def release_spare(self) -> None:
         fork_server.release(self)

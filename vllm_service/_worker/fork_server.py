@@ -229,10 +229,10 @@ def spare_key(config: WorkerConfig) -> tuple[object, ...]:
     )
 
 
-def spare_for(config: WorkerConfig, holder: object) -> ForkServer | None:
-    """The spare for ``config``'s engine in this environment, started if there is none, held
-    by ``holder`` (which lets go of any other) until :func:`release`; None where a spare
-    cannot fork workers."""
+def spare_for(config: WorkerConfig, holder: object, start: bool = True) -> ForkServer | None:
+    """The spare for ``config``'s engine in this environment, held by ``holder`` (which lets
+    go of any other) until :func:`release`; started if there is none and ``start``. None
+    without one, or where a spare cannot fork workers."""
     key = spare_key(config)
     with _spares_lock:
         spare = _spares.get(key)
@@ -243,6 +243,8 @@ def spare_for(config: WorkerConfig, holder: object) -> ForkServer | None:
             release_locked(holder)
             return None
         if spare is None:
+            if not start:
+                return None
             spare = _spares[key] = ForkServer(config, key)
         if id(holder) not in spare.holders:
             release_locked(holder)  # a service needs only its current environment's spare
@@ -417,6 +419,7 @@ def _become_worker(fork: Fork, worker_fd: int, conn: Connection, inherited: list
         os.environ.clear()
         os.environ.update(fork.environment)
         os.chdir(fork.cwd)
+        multiprocessing.current_process().name = "vllm-service-worker"  # vLLM's log prefix
         from .main import run_worker
 
         run_worker(Connection(worker_fd), fork.config)  # ends with os._exit
