@@ -237,15 +237,21 @@ def test_unload_waits_for_calls_in_flight_and_new_calls_go_to_a_new_worker(
 
 
 def engine_groups() -> set[int]:
-    """The process groups of this process's spawned children (its workers and the reference
-    engine, each of which holds an engine) that are alive now."""
+    """The process groups of this process's workers (spawned, or forked by a spare) and the
+    reference engine, each of which holds an engine, alive now; the spares hold none."""
     import psutil
 
+    from vllm_service.testing import spare_pids
+
+    spares = spare_pids()
     groups = set()
-    for process in psutil.Process().children():
+    for process in psutil.Process().children(recursive=True):
         try:
-            if "--multiprocessing-fork" in process.cmdline() and process.status() != "zombie":
-                groups.add(os.getpgid(process.pid))
+            if (
+                "--multiprocessing-fork" in process.cmdline() and process.status() != "zombie"
+                and os.getpgid(process.pid) == process.pid and process.pid not in spares
+            ):
+                groups.add(process.pid)
         except (ProcessLookupError, psutil.Error):
             continue
     return groups

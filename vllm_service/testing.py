@@ -87,6 +87,7 @@ from ._common.machine import (
 )
 from ._common.vllm_server import pick_served_model, split_sampling
 from ._worker.config import worker_config
+from ._worker.fork_server import spare_pids
 from ._worker.processes import group_members, shared_memory_files
 from ._worker.protocol import WorkerConfig
 
@@ -113,6 +114,7 @@ __all__ = [
     "physical_cores",
     "pick_served_model",
     "shared_memory_files",
+    "spare_pids",
     "split_sampling",
     "visible_gpus",
     "worker_config",

@@ -121,14 +121,15 @@ def log_folder(log_dir: str | None) -> Path:
     )
 
 
-def new_log_path(folder: Path) -> Path:
-    """A fresh log file for a worker in ``folder``; the oldest beyond _KEPT_LOGS are removed,
-    but never one a live worker writes (it holds a lock on its log)."""
-    logs = sorted(folder.glob("worker-*.log"), key=_modified_at, reverse=True)
+def new_log_path(folder: Path, kind: str = "worker") -> Path:
+    """A fresh log file for a worker (or a spare: ``kind``) in ``folder``; the oldest of its
+    kind beyond _KEPT_LOGS are removed, but never one a live process writes (it holds a lock
+    on its log)."""
+    logs = sorted(folder.glob(f"{kind}-*.log"), key=_modified_at, reverse=True)
     for old in logs[_KEPT_LOGS - 1 :]:
         _remove_unless_locked(old)
     # mkstemp creates the file exclusively (O_EXCL): a planted link is never followed.
-    fd, path = tempfile.mkstemp(prefix="worker-", suffix=".log", dir=folder)
+    fd, path = tempfile.mkstemp(prefix=f"{kind}-", suffix=".log", dir=folder)
     os.close(fd)
     return Path(path)
 

@@ -98,7 +98,7 @@ class ForkServer:
 
     def __init__(self, config: WorkerConfig, key: tuple[object, ...]) -> None:
         self.key = key
-        self.log_path = new_log_path(log_folder(config.log_dir))
+        self.log_path = new_log_path(log_folder(config.log_dir), kind="spare")
         self.owner_pid = os.getpid()  # a forked child must never touch this process
         self.holders: set[int] = set()  # id() of each WorkerSlot that holds it
         self._lock = threading.Lock()  # one fork at a time on the pipe
@@ -250,6 +250,12 @@ def spare_for(config: WorkerConfig, holder: object, start: bool = True) -> ForkS
             release_locked(holder)  # a service needs only its current environment's spare
             spare.holders.add(id(holder))
         return spare
+
+
+def spare_pids() -> set[int]:
+    """The pids of this process's spares (for tests: a spare is no engine)."""
+    with _spares_lock:
+        return {spare.pid for spare in _spares.values()}
 
 
 def held_spare(holder: object) -> ForkServer | None:
