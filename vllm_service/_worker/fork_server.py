@@ -156,15 +156,6 @@ class ForkServer:
             self._imported = isinstance(message, Imported)
         return self._imported and self._process.is_alive()
 
-    def memory_bytes(self) -> int:
-        """Its resident memory (0 once it has ended)."""
-        import psutil
-
-        try:
-            return int(psutil.Process(self.pid).memory_info().rss)
-        except psutil.Error:
-            return 0
-
     def fork(self, config: WorkerConfig) -> tuple[ForkedProcess, Connection] | None:
         """A new worker for ``config``, forked with this process's environment and working
         directory, and the app's end of its pipe; None when the spare has not imported yet or
@@ -240,14 +231,14 @@ def spare_for(config: WorkerConfig, holder: object, start: bool = True) -> ForkS
             _stop_unheld(spare, all_holders=True)
             spare = None
         if key in _unforkable:
-            release_locked(holder)
+            _release_locked(holder)
             return None
         if spare is None:
             if not start:
                 return None
             spare = _spares[key] = ForkServer(config, key)
         if id(holder) not in spare.holders:
-            release_locked(holder)  # a service needs only its current environment's spare
+            _release_locked(holder)  # a service needs only its current environment's spare
             spare.holders.add(id(holder))
         return spare
 
@@ -267,10 +258,10 @@ def held_spare(holder: object) -> ForkServer | None:
 def release(holder: object) -> None:
     """``holder`` no longer needs a spare: those nobody holds stop."""
     with _spares_lock:
-        release_locked(holder)
+        _release_locked(holder)
 
 
-def release_locked(holder: object) -> None:
+def _release_locked(holder: object) -> None:
     # with _spares_lock held
     for spare in list(_spares.values()):
         if id(holder) in spare.holders:
