@@ -104,11 +104,17 @@ def test_a_forked_worker_has_the_apps_environment_and_folder_as_they_are_at_its_
         service.generate("in tmp_path")
         assert parent_of(service.status().pid) == spare  # type: ignore[arg-type]
         assert standin_calls("init")[-1]["cwd"] == str(tmp_path)
-        # A changed environment may change what the imports did: a new spare, for it.
+        # A variable no import reads (pytest changes PYTEST_CURRENT_TEST at every test):
+        # the same spare, and the worker has it.
         monkeypatch.setenv("STANDIN_MARKER", "set later")
         idle_exit(service)
         service.generate("marked")
+        assert parent_of(service.status().pid) == spare  # type: ignore[arg-type]
         assert standin_calls("init")[-1]["marker"] == "set later"
+        # One torch or vLLM may read as they import: a new spare, for it.
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        idle_exit(service)
+        service.generate("one thread")
         assert wait_until(lambda: not group_members(spare), 10), "the old spare was not let go"
         assert wait_for_spare(service) != spare
 
@@ -255,15 +261,16 @@ def test_the_spare_exits_when_its_parent_dies(tmp_path: Path) -> None:
 
 
 def test_where_the_imports_initialised_a_gpu_runtime_workers_are_spawned(
-    standin: Settings, caplog: pytest.LogCaptureFixture,
+    standin: Settings, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # On a GPU, a CUDA that importing torch and vLLM initialised does not work in a forked
     # child (vLLM spawns its own workers then); the spare checks torch.cuda.is_initialized()
-    # after its imports. The stand-in's engine argument takes the place of a real CUDA here.
+    # after its imports. The stand-in's variable takes the place of a real CUDA here.
     import logging
 
     caplog.set_level(logging.INFO, logger="vllm_service")
-    settings = standin(engine_args={"standin_gpu_initialized": True}, **IDLE)
+    monkeypatch.setenv("VLLM_STANDIN_GPU_INITIALIZED", "1")
+    settings = standin(**IDLE)
     with VLLMInferenceService(settings) as service:
         for prompt in ("first", "second", "third"):
             assert service.generate(prompt).text == prompt

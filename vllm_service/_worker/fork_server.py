@@ -212,11 +212,26 @@ _unforkable: dict[tuple[object, ...], str] = {}
 _spares_lock = threading.Lock()
 
 
+# Names of the variables torch, vLLM and the libraries they load may read while they import
+# (threads, devices, caches, the hub, logging, where libraries are found): a change to one of
+# these needs a spare of its own. A change to any other (the app's own, pytest's
+# PYTEST_CURRENT_TEST, which changes at every test) reaches the worker all the same: it gets
+# the whole environment as it is at the fork.
+_READ_AT_IMPORT = (
+    "VLLM_", "TORCH", "PYTORCH_", "OMP_", "KMP_", "GOMP_", "MKL_", "OPENBLAS_", "DNNL_",
+    "ONEDNN_", "CUDA", "NVIDIA_", "NCCL_", "HIP_", "ROCM", "HSA_", "ZE_", "CCL_", "HF_",
+    "HUGGINGFACE_", "TRANSFORMERS_", "TOKENIZERS_", "TRITON_", "RAY_", "PYTHON", "LD_",
+    "PATH", "HOME", "TMPDIR", "XDG_", "LANG", "LC_",
+)
+
+
 def spare_key(config: WorkerConfig) -> tuple[object, ...]:
-    """What makes two workers' imports the same: the engine kind and the environment."""
+    """What makes two workers' imports the same: the engine kind and the variables read at
+    import."""
+    read = {k: v for k, v in worker_environment().items() if k.startswith(_READ_AT_IMPORT)}
     return (
         config.mode, config.engine_kind,
-        tuple(sorted(worker_environment().items())), tuple(sorted(config.environment.items())),
+        tuple(sorted(read.items())), tuple(sorted(config.environment.items())),
     )
 
 
@@ -333,7 +348,8 @@ def why_unforkable(config: WorkerConfig) -> str | None:
     """Why a worker forked from this process could not run, or None. A GPU's runtime that the
     imports initialised does not work in a forked child (vLLM itself then spawns its workers)."""
     torch = sys.modules.get("torch")
-    if config.engine_args.get("standin_gpu_initialized"):  # the stand-in's way to test this
+    # The stand-in's way to test this: like CUDA's state, a result of the imports' environment.
+    if config.engine_kind == "standin" and os.environ.get("VLLM_STANDIN_GPU_INITIALIZED"):
         return "the stand-in was told its GPU runtime is initialised"
     if torch is None:
         return None
