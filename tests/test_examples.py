@@ -167,3 +167,10 @@ def test_concurrent_clients_and_bad_values(server: str) -> None:
 
     bad = httpx.post(f"{server}/chat", json={"message": "Hi", "temperature": -1}, timeout=30)
     assert bad.status_code == 400 and "temperature" in bad.json()["detail"]
+
+
+def test_the_tools_example_calls_the_tool_and_answers_with_its_result(tmp_path: Path) -> None:
+    first, *answer = run_example("tools.py", tmp_path)
+    # One call of get_weather with a city of the enum (the schema allows nothing else).
+    assert re.fullmatch(r"tool_calls \[\('get_weather', \{'city': '(Paris|London|Tokyo)'\}\)\]", first), first
+    assert re.match(r"(stop|length) ", answer[0]), answer

@@ -256,8 +256,10 @@ def server(
 ) -> Iterator[VLLMServer]:
     log_path = tmp_path_factory.mktemp("vllm-server") / "server.log"
     lora = ["--enable-lora", "--max-lora-rank", "8", "--lora-modules", f"{LORA_NAME}={remote_adapter}"]
-    # A chat_template given per request is refused by a server without it.
-    srv = VLLMServer(demo_model, log_path, [*lora, "--trust-request-chat-template"])
+    # A chat_template given per request is refused by a server without it; the tool tests
+    # compare the local service's parsing with this server's hermes parser.
+    tools = ["--enable-auto-tool-choice", "--tool-call-parser", "hermes"]
+    srv = VLLMServer(demo_model, log_path, [*lora, "--trust-request-chat-template", *tools])
     try:
         srv.start(api_key=API_KEY, served_names=SERVED_NAMES)
         yield srv
@@ -1322,3 +1324,64 @@ def test_remote_results_carry_request_ids_and_timings_and_metrics_count_them(
     assert metrics.latency.sum == pytest.approx(
         sum(r.timings.latency_seconds for r in [*results, streamed[-1].result] if r and r.timings)
     )
+
+
+# ----- tools: the local service's parsing, the server's, and remote mode's reading of it -----
+
+TOOL_CASES: dict[str, dict] = {
+    "required": {"tool_choice": "required"},
+    "required, one call": {"tool_choice": "required", "parallel_tool_calls": False},
+    "named": {"tool_choice": "NAMED"},
+    "auto": {"tool_choice": "auto", "regex": "HERMES_CALL"},
+    "none": {"tool_choice": "none"},
+}
+
+
+@pytest.fixture(scope="module")
+def hermes_local(demo_model: Path) -> Iterator[VLLMInferenceService]:
+    """A local service with the server's tool parser."""
+    settings = VLLMSettings(
+        model_path=demo_model, max_model_len=2048, tool_parser="hermes", idle_ttl_seconds=3600
+    )
+    with VLLMInferenceService(settings) as svc:
+        yield svc
+
+
+def tool_options(case: str) -> dict:
+    from _tool_cases import GREEDY, HERMES_CALL, NAMED, TOOLS
+
+    options = {"tools": TOOLS, **GREEDY, **TOOL_CASES[case]}
+    if options["tool_choice"] == "NAMED":
+        options["tool_choice"] = NAMED
+    if "regex" in options:
+        options["regex"] = HERMES_CALL
+    return options
+
+
+@pytest.mark.parametrize("case", TOOL_CASES)
+def test_tool_calls_are_the_servers_locally_and_through_remote_mode(
+    server: VLLMServer, remote: VLLMInferenceService, hermes_local: VLLMInferenceService,
+    case: str,
+) -> None:
+    from _tool_cases import QUESTION
+
+    options = tool_options(case)
+    body = {k: v for k, v in options.items() if k != "regex"}
+    extra = {"structured_outputs": {"regex": options["regex"]}} if "regex" in options else {}
+    client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
+    answer = client.chat.completions.create(
+        model="smol-a", messages=QUESTION, extra_body=extra, **body
+    ).choices[0]
+    expected = [(c.function.name, c.function.arguments) for c in answer.message.tool_calls or ()]
+    if case != "none":
+        assert expected, f"the server made no call: {answer}"  # else the test proves nothing
+    for service in (hermes_local, remote):
+        result = service.chat(QUESTION, **options)
+        assert result.error is None, (case, result.error)
+        assert [(c.name, c.arguments) for c in result.tool_calls] == expected, (case, service)
+        assert result.finish_reason == answer.finish_reason, (case, service)
+        assert result.text == (answer.message.content or ""), (case, service)
+        assert all(c.id for c in result.tool_calls)
+    if case == "auto":
+        assert answer.finish_reason == "tool_calls"
+

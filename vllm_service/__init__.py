@@ -40,6 +40,7 @@ from .types import (
     ServiceMetrics,
     ServiceStatus,
     StreamChunk,
+    ToolCall,
 )
 
 # The installed distribution's version: pyproject.toml's, one place to change it.
@@ -70,6 +71,7 @@ __all__ = [
     "ServiceShutdownError",
     "ServiceStatus",
     "StreamChunk",
+    "ToolCall",
     "VLLMInferenceService",
     "VLLMServiceError",
     "VLLMSettings",

@@ -91,6 +91,18 @@ class VLLMSettings(BaseSettings):
         "the model's, a file's path or the Jinja text itself (as vllm serve --chat-template); "
         "a call's chat_template= wins.",
     )
+    tool_parser: str | None = Field(
+        None,
+        description="Local mode: vLLM's tool-call parser, which finds the calls in a chat's "
+        "answer for tool_choice='auto' (as vllm serve --tool-call-parser: hermes, "
+        "llama3_json, mistral, ...); tool_choice='required' and a named tool work without one.",
+    )
+    reasoning_parser: str | None = Field(
+        None,
+        description="Local mode: vLLM's reasoning parser (as vllm serve --reasoning-parser: "
+        "qwen3, deepseek_r1, ...); a chat's result then has the model's reasoning in "
+        ".reasoning, apart from .text.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run code shipped with the model repository (custom architectures). Off by "

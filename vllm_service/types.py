@@ -11,7 +11,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .errors import GenerationError
 
-FinishReason = Literal["stop", "length", "error"]
+FinishReason = Literal["stop", "length", "tool_calls", "error"]
+"""Why a sample ended: the model stopped (or a stop string or token matched), ``max_tokens``
+was reached, it called tools (``tool_choice`` ``"auto"`` or ``"required"``), or it failed."""
 ErrorType = Literal["invalid_request", "aborted", "server_error", "internal_error"]
 """Why a result has an error: the engine or server refused the request (bad input, too
 long, an adapter it lacks); it was aborted; the remote server failed (after the retries);
@@ -297,6 +299,32 @@ class TokenLogprobs:
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A call of one of the chat's tools that the model made (OpenAI's ``tool_calls`` item)."""
+
+    id: str
+    """The call's id, which the tool's answer names (``{"role": "tool", "tool_call_id": id}``)."""
+    name: str
+    """The function's name, one of the chat's ``tools``."""
+    arguments: str
+    """The arguments as the model wrote them: JSON text (see :attr:`parsed_arguments`)."""
+
+    @property
+    def parsed_arguments(self) -> Any:
+        """:attr:`arguments` decoded from JSON; ``None`` when they are not valid JSON (a call
+        cut off by ``max_tokens``, or a model that wrote something else)."""
+        try:
+            return json.loads(self.arguments)
+        except ValueError:
+            return None
+
+    def to_message(self) -> dict[str, Any]:
+        """The call as an assistant message's ``tool_calls`` item, to send back in the chat."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
+
+
+@dataclass(frozen=True)
 class Sample:
     """One generated sequence of a request (a request with ``n`` > 1 has ``n``)."""
 
@@ -311,6 +339,12 @@ class Sample:
     """Sum of the chosen tokens' logprobs, when ``logprobs`` was asked for."""
     logprobs: list[TokenLogprobs] | None = None
     """Per generated token, when ``logprobs`` was asked for."""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    """The tools the model called (a chat with ``tools=``); :attr:`text` is then what it
+    wrote besides, often empty."""
+    reasoning: str | None = None
+    """The model's reasoning, apart from :attr:`text`, when a reasoning parser is set
+    (``VLLM_REASONING_PARSER``, or the remote server's ``--reasoning-parser``)."""
 
 
 @dataclass(frozen=True)
@@ -421,6 +455,24 @@ class GenerationResult:
         return self.samples[0].stop_reason if self.samples else None
 
     @property
+    def tool_calls(self) -> list[ToolCall]:
+        """The tools the first sample called (a chat with ``tools=``)."""
+        return self.samples[0].tool_calls if self.samples else []
+
+    @property
+    def reasoning(self) -> str | None:
+        """The first sample's reasoning, when a reasoning parser split it from the text."""
+        return self.samples[0].reasoning if self.samples else None
+
+    def to_message(self) -> dict[str, Any]:
+        """The first sample as the assistant's message, to append to the conversation (with
+        its ``tool_calls``, then one ``{"role": "tool", ...}`` answer per call)."""
+        message: dict[str, Any] = {"role": "assistant", "content": self.text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.to_message() for call in self.tool_calls]
+        return message
+
+    @property
     def completion_tokens(self) -> int:
         """Tokens generated, over all samples (as the OpenAI API's ``usage`` counts them)."""
         return sum(sample.completion_tokens for sample in self.samples)
@@ -437,8 +489,9 @@ class GenerationResult:
             self.parsed.model_dump(mode="json") if isinstance(self.parsed, BaseModel) else self.parsed
         )
         for name in ("text", "token_ids", "finish_reason", "stop_reason", "cumulative_logprob",
-                     "completion_tokens"):
+                     "completion_tokens", "tool_calls", "reasoning"):
             data[name] = getattr(self, name)
+        data["tool_calls"] = [dataclasses.asdict(call) for call in self.tool_calls]
         return data
 
 

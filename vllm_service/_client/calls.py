@@ -20,9 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._common.durations import duration_seconds
+from .._common.inputs import TOOL_OPTIONS
 from .._worker.protocol import Finished, Request
+from ..errors import NotSupportedError
 from ..settings import VLLMSettings
-from ..types import ChatMessages, Duration, GenerationParams, GenerationResult, TokenIds
+from ..types import (
+    STRUCTURED_FIELDS,
+    ChatMessages,
+    Duration,
+    GenerationParams,
+    GenerationResult,
+    TokenIds,
+)
 from .modes import Mode
 
 Params = GenerationParams | dict[str, Any] | Any | None  # Any: a vllm.SamplingParams
@@ -98,9 +107,14 @@ class CallBuilder:
         lora = self._mode.lora(chosen.lora)
         settings = self._settings
         chat = {**self._mode.chat_defaults(), **(chat_options or {})}
+        tools = {name: chat.pop(name) for name in TOOL_OPTIONS if name in chat}
+        if tools:
+            check_tool_call(tools, chosen, stream)
+            self._mode.check_tools(tools)
         return Call(
             requests=[
-                Request(self.next_id(), p, sampling, lora, stream, chat if _is_chat(p) else {})
+                Request(self.next_id(), p, sampling, lora, stream,
+                        chat if _is_chat(p) else {}, tools if _is_chat(p) else {})
                 for p in prompts
             ],
             parse_as=chosen.json_schema or chosen.json_object,
@@ -172,6 +186,22 @@ def chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams
         from_vllm = GenerationParams.from_sampling_params(vllm_params)
         chosen = chosen.merged({name: getattr(from_vllm, name) for name in from_vllm.model_fields_set})
     return chosen
+
+
+def check_tool_call(tools: dict[str, Any], chosen: GenerationParams, stream: bool) -> None:
+    """What a call with tools cannot also ask for."""
+    if stream:
+        raise NotSupportedError(
+            "chat_stream() does not take tools yet (the tool calls' streamed deltas are not "
+            "built): use chat() or chat_batch(), whose results carry .tool_calls"
+        )
+    choice = tools["tool_choice"]
+    constraint = next((name for name in STRUCTURED_FIELDS if getattr(chosen, name)), None)
+    if constraint is not None and choice not in ("auto", "none"):
+        raise ValueError(
+            f"tool_choice={choice!r} constrains the answer to the tools' JSON, which "
+            f"{constraint}= would replace: drop one of them"
+        )
 
 
 def _is_chat(prompt: Prompt) -> bool:

@@ -33,6 +33,9 @@ class Mode(Protocol):
     def chat_defaults(self) -> dict[str, Any]:
         """The chat options every conversation gets unless its call gives them."""
 
+    def check_tools(self, tools: dict[str, Any]) -> None:
+        """Raise ``ValueError`` for a ``tool_choice`` this mode cannot parse."""
+
     def lora(self, name: str | None) -> LoraAdapter | None:
         """The adapter a request names (``ValueError`` for one a local service does not know)."""
 
@@ -64,6 +67,7 @@ class LocalMode:
         )
         for name, path in settings.lora_modules.items():
             self._loras.add(name, path)
+        self._tool_parser = settings.tool_parser
         self._chat_defaults = (
             {} if settings.chat_template is None
             else {"chat_template": chat_template_text(settings.chat_template)}
@@ -71,6 +75,17 @@ class LocalMode:
 
     def chat_defaults(self) -> dict[str, Any]:
         return self._chat_defaults
+
+    def check_tools(self, tools: dict[str, Any]) -> None:
+        # As vllm serve: the model's own format of calls needs the parser that reads it;
+        # "required" and a named tool constrain the answer to JSON, which needs none.
+        if tools["tool_choice"] == "auto" and self._tool_parser is None:
+            raise ValueError(
+                "tool_choice='auto' (the default with tools=) needs vLLM's parser for the "
+                "model's format of tool calls: set VLLM_TOOL_PARSER (e.g. hermes for Qwen "
+                "models, llama3_json for Llama 3), or pass tool_choice='required' or a named "
+                "tool, which constrain the answer to the tools' JSON"
+            )
 
     def check_sampling(self, sampling: dict[str, Any]) -> None:
         limit = self._engine_args.get("max_logprobs", _VLLM_DEFAULT_MAX_LOGPROBS)
@@ -126,12 +141,22 @@ class RemoteMode:
                 "applies; start vllm serve with --chat-template, or pass chat_template= per "
                 "call (a server started with --trust-request-chat-template takes it)"
             )
+        for name, flag in (("tool_parser", "--tool-call-parser"), ("reasoning_parser", "--reasoning-parser")):
+            if getattr(settings, name) is not None:
+                raise ValueError(
+                    f"VLLM_{name.upper()} is local mode's: in remote mode the server parses "
+                    f"the answers; start vllm serve with {flag} (and --enable-auto-tool-choice "
+                    "for tool calls)"
+                )
         self._loras = LoraCalls(ServerAccess(
             config.api_url or "", config.api_key, config.api_timeout, config.api_max_retries
         ))
 
     def chat_defaults(self) -> dict[str, Any]:
         return {}
+
+    def check_tools(self, tools: dict[str, Any]) -> None:
+        pass  # the server knows its parsers, and says what it cannot do
 
     def check_sampling(self, sampling: dict[str, Any]) -> None:
         refused = unsupported_fields(sampling)

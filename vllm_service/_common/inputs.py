@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 from typing import Any
 
 from ..types import MAX_INT32, ChatMessages, GenerationParams, TokenIds
@@ -89,6 +90,8 @@ def check_messages(messages: Any, media_domains: list[str] | None = None) -> Cha
             f"got {type(messages).__name__}"
         )
     for index, message in enumerate(messages):
+        if isinstance(message, dict) and "content" not in message and message.get("tool_calls"):
+            message = {**message, "content": None}  # an assistant's calls need no content
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
             raise ValueError(
                 f"message {index} of the conversation must be a dict with 'role' and "
@@ -111,6 +114,8 @@ def check_messages(messages: Any, media_domains: list[str] | None = None) -> Cha
                 f"message {index}: 'content' must be a str or a list of content parts, got "
                 f"{type(content).__name__}"
             )
+        if "tool_calls" in message:
+            check_message_tool_calls(message["tool_calls"], index)
     problem = media_problem(messages, media_domains)
     if problem is not None:
         raise ValueError(problem)
@@ -122,17 +127,24 @@ CHAT_OPTIONS = ("chat_template", "chat_template_kwargs", "add_generation_prompt"
                 "continue_final_message")
 
 
+# A chat's tools, as the OpenAI API (and vLLM's LLM.chat, for tools) names them.
+TOOL_OPTIONS = ("tools", "tool_choice", "parallel_tool_calls")
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def take_chat_options(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Take the chat rendering options out of a call's keyword arguments (the rest are
-    sampling fields), checked; only those given, which differ from vLLM's defaults."""
-    options = {name: overrides.pop(name) for name in CHAT_OPTIONS if name in overrides}
+    """Take the chat rendering options and the tools out of a call's keyword arguments (the
+    rest are sampling fields), checked; only those given, which differ from vLLM's defaults."""
+    known = CHAT_OPTIONS + TOOL_OPTIONS
+    options = {name: overrides.pop(name) for name in known if name in overrides}
     for name in overrides:
-        close = difflib.get_close_matches(name, CHAT_OPTIONS, n=1)
+        close = difflib.get_close_matches(name, known, n=1)
         if close and name not in GenerationParams.model_fields:
             raise TypeError(
                 f"unknown chat option {name!r}: did you mean {close[0]!r}? A chat call takes "
-                f"{', '.join(CHAT_OPTIONS)} besides the generation parameters"
+                f"{', '.join(known)} besides the generation parameters"
             )
+    check_tools(options)
     template = options.get("chat_template")
     if template is not None and (not isinstance(template, str) or not template.strip()):
         raise TypeError(f"chat_template must be a Jinja template as a str, got {template!r}")
@@ -180,3 +192,90 @@ def check_chats(
     for chat in chats:
         check_continued(chat, options)
     return chats, options
+
+
+def check_tools(options: dict[str, Any]) -> None:
+    """``tools`` as OpenAI's function tools, ``tool_choice`` one vLLM's server takes (a named
+    tool among them), ``parallel_tool_calls`` a bool; ``tool_choice`` defaults to "auto"."""
+    tools = options.get("tools")
+    if tools is None:
+        for name in ("tool_choice", "parallel_tool_calls"):
+            if options.get(name) is not None:
+                raise ValueError(f"{name} needs tools=[...]: the chat offers no tools")
+        options.pop("tools", None)
+        return
+    if not isinstance(tools, list) or not tools:
+        raise TypeError(
+            "tools must be a non-empty list of function tools: [{'type': 'function', "
+            f"'function': {{'name': ..., 'parameters': {{JSON schema}}}}}}, ...], got {tools!r}"
+        )
+    names = [_tool_name(tool, index) for index, tool in enumerate(tools)]
+    duplicated = sorted({name for name in names if names.count(name) > 1})
+    if duplicated:
+        raise ValueError(f"tools: more than one tool is named {', '.join(duplicated)}")
+    choice = options.get("tool_choice")
+    if choice is None:
+        options["tool_choice"] = "auto"
+    elif isinstance(choice, dict):
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise ValueError(
+                "tool_choice as a dict names one tool: {'type': 'function', 'function': "
+                f"{{'name': ...}}}}, got {choice!r}"
+            )
+        if name not in names:
+            raise ValueError(
+                f"tool_choice names the tool {name!r}, which is not in tools ({', '.join(names)})"
+            )
+    elif choice not in ("auto", "required", "none"):
+        raise ValueError(
+            f"tool_choice must be 'auto', 'required', 'none' or {{'type': 'function', "
+            f"'function': {{'name': ...}}}}, got {choice!r}"
+        )
+    parallel = options.get("parallel_tool_calls")
+    if parallel is None:
+        options.pop("parallel_tool_calls", None)
+    elif not isinstance(parallel, bool):
+        raise TypeError(f"parallel_tool_calls must be True or False, got {parallel!r}")
+
+
+def _tool_name(tool: Any, index: int) -> str:
+    """The function's name of tool ``index``, checked as OpenAI's API checks a tool."""
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+        raise ValueError(
+            f"tool {index} must be a function tool: {{'type': 'function', 'function': "
+            f"{{'name': ..., 'description': ..., 'parameters': {{JSON schema}}}}}}, got {tool!r}"
+        )
+    name = function.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME.fullmatch(name):
+        raise ValueError(
+            f"tool {index}: the function's 'name' must be 1 to 64 letters, digits, '_' or '-', "
+            f"got {name!r}"
+        )
+    parameters = function.get("parameters")
+    if parameters is not None and (not isinstance(parameters, dict) or
+                                   parameters.get("type", "object") != "object"):
+        raise ValueError(
+            f"tool {index} ({name}): 'parameters' must be a JSON schema of an object "
+            f"({{'type': 'object', 'properties': {{...}}}}), got {parameters!r}"
+        )
+    try:
+        json.dumps(function)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"tool {index} ({name}) must hold JSON values only: {exc}") from None
+    return name
+
+
+def check_message_tool_calls(calls: Any, index: int) -> None:
+    """An assistant message's ``tool_calls``, as the chat template takes them back."""
+    if not isinstance(calls, list) or not all(
+        isinstance(call, dict) and isinstance(call.get("function"), dict)
+        and isinstance(call["function"].get("name"), str) for call in calls
+    ):
+        raise ValueError(
+            f"message {index}: 'tool_calls' must be a list of {{'id': ..., 'type': 'function', "
+            "'function': {'name': ..., 'arguments': '<JSON>'}} (ToolCall.to_message() gives "
+            f"one), got {calls!r}"
+        )

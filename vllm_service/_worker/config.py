@@ -62,5 +62,7 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
         environment=vllm_variables_from_env_file(settings.model_config.get("env_file")),
         log_dir=settings.log_dir,
         allowed_media_domains=settings.allowed_media_domains,
+        tool_parser=settings.tool_parser,
+        reasoning_parser=settings.reasoning_parser,
         engine_stall_seconds=settings.engine_stall_seconds if settings.mode == "local" else None,
     )

@@ -62,6 +62,8 @@ class WorkerConfig:
     api_max_retries: int = 2
     log_dir: str | None = None  # None: the user's own folder under the temp dir
     allowed_media_domains: list[str] | None = None  # None: chat media parts are refused
+    tool_parser: str | None = None  # vLLM's parser names (local mode), as vllm serve takes them
+    reasoning_parser: str | None = None
     # The parent's stall watch (None: off, as in remote mode, where api_timeout bounds waits).
     engine_stall_seconds: float | None = ENGINE_STALL_SECONDS
     log_path: str | None = None
@@ -97,6 +99,9 @@ class Request:
     # A chat's rendering options, as LLM.chat takes them (chat_template, chat_template_kwargs,
     # add_generation_prompt, continue_final_message); only those that differ from vLLM's.
     chat: dict[str, Any] = field(default_factory=dict)
+    # A chat's tools, as the OpenAI API names them (tools, tool_choice, parallel_tool_calls);
+    # empty without tools.
+    tools: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_chat(self) -> bool:

@@ -31,6 +31,7 @@ from ..._common.machine import cpu_weight_update_problem
 from ..._common.media import fetched, needs_fetching
 from ...types import MAX_INT32, Sample, TokenLogprobs, TopLogprob
 from ..protocol import Delta, Finished, Request, WorkerConfig
+from .chat_parsing import ChatParsing, ParsedChat
 from .contract import RequestClock
 
 logger = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ class LocalEngine:
         choices += arg_choices
         for choice in choices:
             logger.warning("vllm-service: %s", choice)
+        # Tool calls and reasoning, parsed out of chats' answers as vLLM's server does; an
+        # unknown parser's name fails the start before the model loads.
+        self._chat_parsing = ChatParsing(config.tool_parser, config.reasoning_parser)
         try:
             self._llm = LLM(**engine_args)
         except Exception as exc:
@@ -80,6 +84,8 @@ class LocalEngine:
         # Per request in flight: its output so far, the deltas merged (None before the first).
         self._so_far: dict[int, Any] = {}
         self._streamed: set[int] = set()  # the requests whose deltas go to the parent
+        self._chat_parsing.use(self._llm)
+        self._parsing: dict[int, ParsedChat] = {}  # per chat request in flight that needs it
         self._base_lora, self._base_lora_folder = self._base_model_adapter(engine_args, choices)
         # Chat requests whose media are being fetched (off the worker loop), by request id.
         self._media_domains = config.allowed_media_domains
@@ -153,10 +159,11 @@ class LocalEngine:
         tokenization = None if truncate is None else {"truncate_prompt_tokens": truncate}
         # The same rendering LLM.generate / LLM.chat use (chat template, special tokens),
         # one prompt at a time so that a bad prompt fails alone.
+        parsing = self._chat_parsing.prepare(request, params)  # may constrain params
         if request.is_chat:
             engine_input = self._llm._preprocess_chat_one(
                 request.prompt, tokenization_kwargs=tokenization,  # type: ignore[arg-type]
-                **request.chat,
+                tools=request.tools.get("tools"), **request.chat,
             )
         elif request.is_token_ids:
             engine_input = self._llm._preprocess_cmpl_one(
@@ -181,6 +188,8 @@ class LocalEngine:
             request.sampling.get("prompt_logprobs"),
         )
         self._so_far[request.request_id] = None
+        if parsing is not None:
+            self._parsing[request.request_id] = parsing
         if request.stream:
             self._streamed.add(request.request_id)
 
@@ -207,6 +216,7 @@ class LocalEngine:
             self._alternatives.pop(request_id, None)
             self._so_far.pop(request_id, None)
             self._streamed.discard(request_id)
+            self._parsing.pop(request_id, None)
 
     def has_unfinished(self) -> bool:
         return bool(self._fetching) or self._engine.has_unfinished_requests()
@@ -248,11 +258,15 @@ class LocalEngine:
             self._so_far.pop(request_id, None)
             self._streamed.discard(request_id)
             prompt_ids = list(output.prompt_token_ids or ())
+            samples = [to_sample(c, top) for c in sorted(output.outputs, key=lambda c: c.index)]
+            parsing = self._parsing.pop(request_id, None)
+            if parsing is not None:
+                samples = [parsing.sample(sample, prompt_ids) for sample in samples]
             messages.append(
                 Finished(
                     request_id=request_id,
                     prompt_tokens=len(prompt_ids),
-                    samples=[to_sample(c, top) for c in sorted(output.outputs, key=lambda c: c.index)],
+                    samples=samples,
                     prompt_token_ids=prompt_ids,
                     prompt_logprobs=(
                         None

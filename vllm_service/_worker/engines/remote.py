@@ -38,7 +38,7 @@ from ..._common.vllm_server import (
     split_sampling,
 )
 from ...errors import RemoteServerError
-from ...types import Sample, TokenLogprobs, TopLogprob
+from ...types import Sample, TokenLogprobs, ToolCall, TopLogprob
 from ..protocol import Delta, Finished, Request, ServerFailure, WorkerConfig
 from .contract import RequestClock
 
@@ -215,6 +215,7 @@ class RemoteEngine:
             "stream": True,
             "stream_options": {"include_usage": True},
             **params,
+            **request.tools,
         }
         if request.is_chat:
             stream: Any = await self._client.chat.completions.create(
@@ -316,6 +317,9 @@ class _StreamedAnswer:
         self._stop_reasons: dict[int, str | int | None] = {}
         self._prompt_token_ids: list[int] | None = None
         self._usage: Any = None
+        self._reasoning: dict[int, list[str]] = {}
+        # Per choice, its tool calls by their index in the answer: [id, name, argument parts].
+        self._tool_calls: dict[int, dict[int, list[Any]]] = {}
 
     @property
     def has_output(self) -> bool:
@@ -337,6 +341,8 @@ class _StreamedAnswer:
             index = choice.index
             text = choice.delta.content if self._is_chat else choice.text
             self._texts.setdefault(index, []).append(text or "")
+            if self._is_chat:
+                self._add_parsed(index, choice.delta)
             prompt_ids = getattr(choice, "prompt_token_ids", None)  # completions: first chunk
             if prompt_ids is not None:
                 self._prompt_token_ids = list(prompt_ids)
@@ -351,6 +357,20 @@ class _StreamedAnswer:
             elif text or token_ids:
                 grown.append((index, text or "", list(token_ids or ())))
         return grown
+
+    def _add_parsed(self, index: int, delta: Any) -> None:
+        """A chat delta's reasoning and tool-call parts (the server's parsers made them)."""
+        # vLLM's server calls the field "reasoning" (older ones "reasoning_content").
+        reasoning = getattr(delta, "reasoning", None) or getattr(delta, "reasoning_content", None)
+        if reasoning:
+            self._reasoning.setdefault(index, []).append(reasoning)
+        calls = self._tool_calls.setdefault(index, {})
+        for part in delta.tool_calls or ():
+            call = calls.setdefault(part.index, [None, None, []])
+            call[0] = call[0] or part.id
+            if part.function is not None:
+                call[1] = call[1] or part.function.name
+                call[2].append(part.function.arguments or "")
 
     def _positions(self, logprobs: Any) -> list[tuple[str | None, float, list[TopLogprob]]]:
         """Chosen token text, its logprob and the top alternatives, per position of a delta."""
@@ -415,10 +435,17 @@ class _StreamedAnswer:
         count = len(token_ids)
         if not count and self._usage is not None:  # a server that sends no token ids
             count = self._usage.completion_tokens // max(1, len(self._texts))
+        reasoning = self._reasoning.get(index)
+        calls = self._tool_calls.get(index, {})
         return Sample(
             text="".join(self._texts[index]),
             token_ids=token_ids,
-            finish_reason="length" if reason == "length" else "stop",
+            finish_reason=reason if reason in ("length", "tool_calls") else "stop",
+            reasoning="".join(reasoning) if reasoning else None,
+            tool_calls=[
+                ToolCall(id=call_id or "", name=name or "", arguments="".join(parts))
+                for call_id, name, parts in (calls[k] for k in sorted(calls))
+            ],
             completion_tokens=count,
             stop_reason=self._stop_reasons.get(index),
             cumulative_logprob=(

@@ -127,7 +127,8 @@ class StandInEngine:
     def add(self, request: Request) -> None:
         """Queue the echo of ``request``; raises ``ValueError`` for a prompt vLLM would refuse."""
         _record("add", request_id=request.request_id, stream=request.stream, chat=request.chat,
-                prompt=request.prompt, sampling=request.sampling, step=self.steps)
+                tools=request.tools, prompt=request.prompt, sampling=request.sampling,
+                step=self.steps)
         words, token_ids = _echoed(request)
         if not words:
             raise ValueError("the prompt is empty")

@@ -1,0 +1,153 @@
+"""Tools and reasoning on the real engine, locally, against vLLM for the same request.
+
+Without ``VLLM_TOOL_PARSER``, ``tool_choice="required"`` and a named tool constrain the answer
+to the JSON schema vLLM derives from the tools (``get_json_schema_from_tools``, what its base
+``ToolParser.adjust_request`` sets); the answer must be ``LLM.chat``'s under that schema, and
+the calls what vLLM's parser reads from it. With a parser (hermes, granite's reasoning) the
+answers are compared with a real ``vllm serve`` in tests/test_remote.py; the checks at the
+call: tests/fast/test_fast_tools.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from _reference_engine import ReferenceEngine
+from _tool_cases import GREEDY, NAMED, QUESTION, TOOLS
+
+from vllm_service import (
+    AsyncVLLMInferenceService,
+    GenerationResult,
+    VLLMInferenceService,
+    VLLMSettings,
+    WorkerStartError,
+)
+
+
+def vllm_schema(choice: Any, parallel: bool | None = None) -> Any:
+    """The schema vLLM's server constrains the answer to, for ``choice`` over TOOLS."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.tool_parsers.utils import get_json_schema_from_tools
+
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": QUESTION, "tools": TOOLS, "tool_choice": choice}
+    )
+    return get_json_schema_from_tools(request.tool_choice, request.tools, parallel)
+
+
+def calls(result: GenerationResult) -> list[tuple[str, str]]:
+    return [(call.name, call.arguments) for call in result.tool_calls]
+
+
+def vllms_calls(reference: ReferenceEngine, choice: Any, parallel: bool | None) -> tuple[list[tuple[str, str]], str]:
+    """What vLLM answers under the tools' schema, as the calls its parser reads, and the
+    finish reason its server gives."""
+    sample = reference.chat_output(
+        QUESTION, {"tools": TOOLS}, **GREEDY,
+        structured_outputs={"json": vllm_schema(choice, parallel)},
+    )["samples"][0]
+    if isinstance(choice, dict):  # the answer is the named tool's arguments
+        return [(choice["function"]["name"], sample["text"])], sample["finish_reason"]
+    # vLLM's parser: a list of {"name", "parameters"}, each call's arguments as JSON text
+    listed = json.loads(sample["text"])
+    return (
+        [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in listed],
+        "tool_calls" if sample["finish_reason"] == "stop" else sample["finish_reason"],
+    )
+
+
+@pytest.mark.parametrize(("choice", "parallel"), [
+    ("required", False), ("required", None), (NAMED, None),
+], ids=["required, one call", "required", "named"])
+def test_required_and_named_calls_are_vllms_answer_under_the_tools_schema(
+    service: VLLMInferenceService, reference: ReferenceEngine, choice: Any, parallel: bool | None,
+) -> None:
+    expected, finish_reason = vllms_calls(reference, choice, parallel)
+    options: dict[str, Any] = {"tools": TOOLS, "tool_choice": choice, **GREEDY}
+    if parallel is not None:
+        options["parallel_tool_calls"] = parallel
+    one = service.chat(QUESTION, **options)
+    assert one.error is None and calls(one) == expected and one.text == ""
+    assert one.finish_reason == finish_reason
+    assert all(isinstance(call.parsed_arguments, dict) for call in one.tool_calls)
+    assert len({call.id for call in one.tool_calls}) == len(one.tool_calls)
+    if parallel is False:
+        assert len(expected) == 1  # one call, as the schema allows
+    batch = service.chat_batch([QUESTION, QUESTION], **options)
+    assert [calls(r) for r in batch] == [expected, expected]
+
+    async def asynchronous() -> GenerationResult:
+        return await AsyncVLLMInferenceService(service=service).chat(QUESTION, **options)
+
+    assert calls(asyncio.run(asynchronous())) == expected
+
+
+def test_a_conversation_with_calls_and_the_tools_answers_renders_as_llm_chat(
+    service: VLLMInferenceService, reference: ReferenceEngine,
+) -> None:
+    first = service.chat(QUESTION, tools=TOOLS, tool_choice=NAMED, **GREEDY)
+    (call,) = first.tool_calls
+    conversation = [*QUESTION, first.to_message(),
+                    {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
+    answer = service.chat(conversation, tools=TOOLS, tool_choice="none", **GREEDY)
+    expected = reference.chat_output(conversation, {"tools": TOOLS}, **GREEDY)
+    assert answer.error is None and answer.tool_calls == []
+    assert answer.prompt_token_ids == expected["prompt_token_ids"]
+    assert answer.text == expected["samples"][0]["text"]
+    # The tools are in the prompt, as vLLM's server renders them for "none" too.
+    plain = reference.chat_output(conversation, {}, **GREEDY)["prompt_token_ids"]
+    assert plain != expected["prompt_token_ids"]
+
+
+@pytest.mark.parametrize("setting", ["tool_parser", "reasoning_parser"])
+def test_an_unknown_parser_fails_the_start_naming_the_setting_and_the_choices(
+    demo_model: Path, setting: str,
+) -> None:
+    settings = VLLMSettings(model_path=demo_model, max_model_len=2048, **{setting: "nope"})
+    with VLLMInferenceService(settings) as service:
+        with pytest.raises(WorkerStartError, match=(
+            f"VLLM_{setting.upper()}='nope' is not one of vLLM's parsers; choose one of: .*"
+            + ("hermes" if setting == "tool_parser" else "granite")
+        )):
+            service.warmup()
+
+
+# Granite's reasoning parser reads these plain-text markers (no special tokens, so it works
+# with the demo model's tokenizer); the regex makes the demo model write them.
+THOUGHT = r"Here is my thought process:[a-z ]{4,40}\.Here is my response:[a-z ]{4,40}\."
+
+
+@pytest.fixture(scope="module")
+def reasoning_service(demo_model: Path) -> Any:
+    settings = VLLMSettings(model_path=demo_model, max_model_len=2048, reasoning_parser="granite")
+    with VLLMInferenceService(settings) as service:
+        yield service
+
+
+def test_the_reasoning_parser_splits_the_reasoning_from_the_text(
+    reasoning_service: VLLMInferenceService, reference: ReferenceEngine, demo_model: Path,
+) -> None:
+    from transformers import AutoTokenizer
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.reasoning.granite_reasoning_parser import GraniteReasoningParser
+
+    text = reference.chat_output(QUESTION, {}, **GREEDY, structured_outputs={"regex": THOUGHT})
+    text = text["samples"][0]["text"]
+    parser = GraniteReasoningParser(AutoTokenizer.from_pretrained(demo_model))
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": QUESTION})
+    reasoning, content = parser.extract_reasoning(text, request)
+    assert reasoning and content  # the regex made both parts
+    result = reasoning_service.chat(QUESTION, **GREEDY, regex=THOUGHT)
+    assert (result.reasoning, result.text) == (reasoning, content)
+    assert result.samples[0].reasoning == reasoning
+    # A text without the markers is all content, and a completion is never parsed.
+    plain = reasoning_service.chat(QUESTION, **GREEDY)
+    assert plain.reasoning is None and plain.text == reference.chat(QUESTION, **GREEDY)
+    assert reasoning_service.generate("Here is my thought process:", max_tokens=4).reasoning is None
+    # A stream gives the model's text as it comes: the chunks and the result agree.
+    chunks = list(reasoning_service.chat_stream(QUESTION, **GREEDY, regex=THOUGHT))
+    assert "".join(c.text for c in chunks) == chunks[-1].result.text == text  # type: ignore[union-attr]
