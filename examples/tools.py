@@ -8,7 +8,7 @@ Run: python examples/tools.py
 
 import json
 
-from vllm_service import VLLMInferenceService
+from vllm_service import VLLMInferenceService, VLLMSettings, demo_model_path
 
 TOOLS = [{
     "type": "function",
@@ -29,8 +29,9 @@ def get_weather(city: str) -> dict:
 
 
 if __name__ == "__main__":
+    settings = VLLMSettings(model_path=demo_model_path(), max_model_len=2048)
     messages = [{"role": "user", "content": "What is the weather in Paris?"}]
-    with VLLMInferenceService() as service:
+    with VLLMInferenceService(settings) as service:
         asked = service.chat(messages, tools=TOOLS, tool_choice="required",
                              parallel_tool_calls=False, temperature=0)
         print(asked.finish_reason, [(c.name, c.parsed_arguments) for c in asked.tool_calls])

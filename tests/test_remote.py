@@ -1266,37 +1266,6 @@ def test_api_key_never_shown(server: VLLMServer, caplog: pytest.LogCaptureFixtur
     assert "123" not in str(caught.value)
 
 
-# ----- last: the server goes away and comes back -----
-
-
-def test_server_stopped_then_restarted(server: VLLMServer, vllm_says: dict[str, str]) -> None:
-    service = VLLMInferenceService(remote_settings(server, api_max_retries=1))
-    try:
-        assert (
-            service.generate("The capital of France is", temperature=0, max_tokens=5).text
-            == vllm_says["paris5"]
-        )
-        server.stop()
-        started = time.monotonic()
-        with pytest.raises(RemoteServerError) as caught:
-            service.generate("The capital of France is", max_tokens=5)
-        assert time.monotonic() - started < 30
-        assert f"Cannot reach the vLLM server at {server.url}" in str(caught.value)
-
-        # Started again without a key (the service's key is then ignored) and named by its path.
-        server.start()
-        result = service.generate("The capital of France is", temperature=0, max_tokens=5)
-        assert result.text == vllm_says["paris5"]
-        assert service.is_ready()
-    finally:
-        service.shutdown()
-
-    # No VLLM_API_KEY at all, and the folder's name for the model served under its path.
-    settings = remote_settings(server, api_key=None, model_path=Path(server.model).name)
-    with VLLMInferenceService(settings) as service:
-        assert service.chat(FRANCE, temperature=0, max_tokens=20).text == vllm_says["france20"]
-
-
 def test_remote_results_carry_request_ids_and_timings_and_metrics_count_them(
     server: VLLMServer,
 ) -> None:
@@ -1385,3 +1354,33 @@ def test_tool_calls_are_the_servers_locally_and_through_remote_mode(
     if case == "auto":
         assert answer.finish_reason == "tool_calls"
 
+
+# ----- last: the server goes away and comes back -----
+
+
+def test_server_stopped_then_restarted(server: VLLMServer, vllm_says: dict[str, str]) -> None:
+    service = VLLMInferenceService(remote_settings(server, api_max_retries=1))
+    try:
+        assert (
+            service.generate("The capital of France is", temperature=0, max_tokens=5).text
+            == vllm_says["paris5"]
+        )
+        server.stop()
+        started = time.monotonic()
+        with pytest.raises(RemoteServerError) as caught:
+            service.generate("The capital of France is", max_tokens=5)
+        assert time.monotonic() - started < 30
+        assert f"Cannot reach the vLLM server at {server.url}" in str(caught.value)
+
+        # Started again without a key (the service's key is then ignored) and named by its path.
+        server.start()
+        result = service.generate("The capital of France is", temperature=0, max_tokens=5)
+        assert result.text == vllm_says["paris5"]
+        assert service.is_ready()
+    finally:
+        service.shutdown()
+
+    # No VLLM_API_KEY at all, and the folder's name for the model served under its path.
+    settings = remote_settings(server, api_key=None, model_path=Path(server.model).name)
+    with VLLMInferenceService(settings) as service:
+        assert service.chat(FRANCE, temperature=0, max_tokens=20).text == vllm_says["france20"]

@@ -86,6 +86,18 @@ def test_required_and_named_calls_are_vllms_answer_under_the_tools_schema(
     assert calls(asyncio.run(asynchronous())) == expected
 
 
+# The demo model's own template ignores tools and calls; this one shows both, so that the
+# test sees that they reach the template as LLM.chat passes them (arguments included).
+TOOL_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}"
+    "{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content or '' }}"
+    "{% for c in m.tool_calls or [] %}<call>{{ c.function.name }} {{ c.function.arguments }}"
+    "</call>{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def test_a_conversation_with_calls_and_the_tools_answers_renders_as_llm_chat(
     service: VLLMInferenceService, reference: ReferenceEngine,
 ) -> None:
@@ -93,14 +105,19 @@ def test_a_conversation_with_calls_and_the_tools_answers_renders_as_llm_chat(
     (call,) = first.tool_calls
     conversation = [*QUESTION, first.to_message(),
                     {"role": "tool", "tool_call_id": call.id, "content": "12:00"}]
-    answer = service.chat(conversation, tools=TOOLS, tool_choice="none", **GREEDY)
-    expected = reference.chat_output(conversation, {"tools": TOOLS}, **GREEDY)
+    template = {"chat_template": TOOL_TEMPLATE}
+    answer = service.chat(conversation, tools=TOOLS, tool_choice="none", **template, **GREEDY)
+    expected = reference.chat_output(conversation, {"tools": TOOLS, **template}, **GREEDY)
     assert answer.error is None and answer.tool_calls == []
     assert answer.prompt_token_ids == expected["prompt_token_ids"]
     assert answer.text == expected["samples"][0]["text"]
-    # The tools are in the prompt, as vLLM's server renders them for "none" too.
-    plain = reference.chat_output(conversation, {}, **GREEDY)["prompt_token_ids"]
+    # The tools and the call are in the prompt, as vLLM's server renders them for "none" too.
+    plain = reference.chat_output(conversation, template, **GREEDY)["prompt_token_ids"]
     assert plain != expected["prompt_token_ids"]
+    assert len(answer.prompt_token_ids) > len(plain)  # the tools' line
+    bare = service.chat([*QUESTION, {"role": "assistant", "content": ""}, conversation[-1]],
+                        **template, **GREEDY)
+    assert len(bare.prompt_token_ids) < len(plain)  # the call's text
 
 
 @pytest.mark.parametrize("setting", ["tool_parser", "reasoning_parser"])
