@@ -23,6 +23,7 @@ import openai.types
 import openai.types.chat
 import pytest
 from _standin_calls import standin_calls
+from _tool_cases import GREEDY, NAMED, QUESTION, TOOLS
 
 from vllm_service import cli, generate_openai_batch
 
@@ -90,7 +91,8 @@ def check_format(item: dict[str, Any], url: str | None) -> None:
         openai.types.chat.ChatCompletion.model_validate(body)
         for choice in body["choices"]:
             assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
-            assert set(choice["message"]) == {"role", "content"}
+            # A reasoning parser adds "reasoning", calls add "tool_calls" (vLLM's server's).
+            assert set(choice["message"]) - {"reasoning", "tool_calls"} == {"role", "content"}
     else:
         # vLLM 0.32's BatchRequestOutput knows no completion body (its run_batch serves chat
         # only): the line without its body, and the body alone.
@@ -266,7 +268,15 @@ BAD_LINES = {
     "body-list": (line("body-list", [1]), "body must be a JSON object"),  # type: ignore[arg-type]
     "stream": (line("stream", chat(FRANCE, stream=True)), "body.stream=True is not supported"),
     "tools": (line("tools", chat(FRANCE, tools=[{"type": "function", "function": {"name": "f"}}])),
-              "body.tools="),
+              "body.tool_choice='auto' (the default with tools) needs vLLM's parser"),
+    "tools-constrained": (
+        line("tools-constrained", chat(FRANCE, tools=[{"type": "function", "function": {"name": "f"}}],
+                                       tool_choice="required", response_format={"type": "json_object"})),
+        "body.tool_choice='required' constrains the answer to the tools' JSON"),
+    "tool-choice-name": (
+        line("tool-choice-name", chat(FRANCE, tools=[{"type": "function", "function": {"name": "f"}}],
+                                      tool_choice={"type": "function", "function": {"name": "g"}})),
+        "body: tool_choice names the tool 'g', which is not in tools (f)"),
     "echo": (line("echo", {"prompt": "x", "echo": True}, COMPLETIONS), "body.echo=True"),
     "temperature": (line("temperature", chat(FRANCE, temperature=-1)),
                     "temperature must be non-negative"),
@@ -360,6 +370,29 @@ def test_chat_lines_carry_their_template_options_and_a_bad_one_fails_alone(
     assert found["bad"]["response"]["status_code"] == 400
     assert "pass add_generation_prompt=False with it" in found["bad"]["error"]["message"]
     assert [request["chat"] for request in standin.sent] == [options, {}]
+
+
+def test_chat_lines_carry_their_tools_and_auto_needs_the_parser(
+    tmp_path: Path, standin: StandIn
+) -> None:
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    lines = [line("required", chat(FRANCE, tools=[tool], tool_choice="required",
+                                   parallel_tool_calls=False)),
+             line("auto", chat(FRANCE, tools=[tool]))]
+    found = by_id(standin.run("org/model", lines, tmp_path / "out.jsonl", progress=False,
+                              tool_parser="hermes"))
+    assert found["required"]["error"] is None and found["auto"]["error"] is None
+    assert [request["tools"] for request in standin.sent] == [
+        {"tools": [tool], "tool_choice": "required", "parallel_tool_calls": False},
+        {"tools": [tool], "tool_choice": "auto"},
+    ]
+    assert [request["chat"] for request in standin.sent] == [{}, {}]
+    # The parsers reach the workers (vllm serve's names); the jsonl format has no use for them.
+    assert [call["tool_parser"] for call in standin._calls("init")] == ["hermes"]
+    status = cli.main(["generate", str(write_lines(tmp_path / "in.jsonl", [{"prompt": "x"}])),
+                       "-o", str(tmp_path / "o.jsonl"), "--model", "m", "--engine-kind",
+                       "standin", "--tool-call-parser", "hermes"])
+    assert status == 2
 
 
 def test_system_goes_in_front_of_chats_without_one(tmp_path: Path, standin: StandIn) -> None:
@@ -560,8 +593,13 @@ FULL_INPUT = [
     line("no-messages", {"prompt": "Hi"}),
     line("too-long", chat("word " * 1000, max_tokens=2)),
     line("tools", chat("Hi", tools=[{"type": "function", "function": {"name": "f"}}])),
+    # Constrained to the tools' JSON: no tool parser needed (_tool_cases.py's tools are enums).
+    line("tools-required", {"messages": QUESTION, "tools": TOOLS, "tool_choice": "required",
+                            **GREEDY}),
+    line("tools-named", {"messages": QUESTION, "tools": TOOLS, "tool_choice": NAMED, **GREEDY}),
 ]
 FAILING = {"bad-temperature", "bad-url", "no-messages", "too-long", "tools"}
+TOOL_LINES = {"tools-required", "tools-named"}
 ENGINE_OPTIONS = ["--max-model-len", "512", "--dtype", "float32"]
 
 
@@ -632,7 +670,7 @@ def test_cli_answers_every_line_in_input_order(cli_run: dict[str, Any]) -> None:
 
 def test_cli_honours_each_lines_sampling_fields(cli_run: dict[str, Any]) -> None:
     found = {k: body_of(v) for k, v in by_id(read_lines(cli_run["output"])).items()
-             if k not in FAILING}
+             if k not in FAILING | TOOL_LINES}
     for custom_id, body in found.items():
         usage = body["usage"]
         assert usage["prompt_tokens"] > 0, custom_id
@@ -661,6 +699,26 @@ def test_cli_honours_each_lines_sampling_fields(cli_run: dict[str, Any]) -> None
     assert 0 < found["completion-default"]["usage"]["completion_tokens"] <= 16
     assert [c["index"] for c in found["completion-list"]["choices"]] == [0, 1]
     assert found["completion-list"]["usage"]["completion_tokens"] <= 4
+
+
+def test_cli_answers_tool_lines_with_the_calls_of_their_tools(cli_run: dict[str, Any]) -> None:
+    found = {k: body_of(v) for k, v in by_id(read_lines(cli_run["output"])).items()
+             if k in TOOL_LINES}
+    names = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
+    for custom_id, finish_reason in (("tools-required", "tool_calls"), ("tools-named", "stop")):
+        (choice,) = found[custom_id]["choices"]
+        message = choice["message"]
+        assert choice["finish_reason"] == finish_reason, custom_id  # as vLLM's server gives
+        assert message["content"] is None and message["tool_calls"], custom_id
+        for call in message["tool_calls"]:
+            assert call["type"] == "function" and call["id"], custom_id
+            schema = names[call["function"]["name"]]
+            arguments = json.loads(call["function"]["arguments"])
+            assert set(arguments) == set(schema["required"]), custom_id
+            for name, value in arguments.items():
+                assert value in schema["properties"][name]["enum"], custom_id
+    assert [c["function"]["name"] for c in found["tools-named"]["choices"][0]["message"][
+        "tool_calls"]] == [NAMED["function"]["name"]]
 
 
 def test_vllm_run_batch_answers_the_same_lines_as_we_do(
@@ -713,8 +771,9 @@ def test_a_real_output_rerun_with_other_options_names_the_lines_they_change(
     for options, changed in (
         ({"max_output_len": 7}, "1 requests that differ from this run's \\(custom_ids "
                                 "'completion-default'\\)"),
-        ({"system": "Be brief."}, "5 requests that differ from this run's \\(custom_ids "
-                                  "'greedy', 'short', 'two', 'logprobs', 'json'\\)"),
+        ({"system": "Be brief."}, "7 requests that differ from this run's \\(custom_ids "
+                                  "'greedy', 'short', 'two', 'logprobs', 'json', "
+                                  "'tools-required', 'tools-named'\\)"),
     ):
         with pytest.raises(ValueError, match=changed):
             standin.run(str(demo_model), copy.deepcopy(FULL_INPUT), output, progress=False,

@@ -22,6 +22,7 @@ from _tool_cases import GREEDY, NAMED, QUESTION, TOOLS
 from vllm_service import (
     AsyncVLLMInferenceService,
     GenerationResult,
+    StreamChunk,
     VLLMInferenceService,
     VLLMSettings,
     WorkerStartError,
@@ -84,6 +85,46 @@ def test_required_and_named_calls_are_vllms_answer_under_the_tools_schema(
         return await AsyncVLLMInferenceService(service=service).chat(QUESTION, **options)
 
     assert calls(asyncio.run(asynchronous())) == expected
+
+
+def joined(chunks: list[StreamChunk]) -> list[tuple[str | None, str | None, str]]:
+    """A stream's tool-call pieces put together by index: (id, name, arguments) per call."""
+    calls: dict[int, list[Any]] = {}
+    for chunk in chunks:
+        for piece in chunk.tool_calls:
+            call = calls.setdefault(piece.index, [piece.id, piece.name, ""])
+            assert piece.id is None or call[0] == piece.id  # the id comes once
+            call[2] += piece.arguments
+    return [tuple(calls[k]) for k in sorted(calls)]
+
+
+@pytest.mark.parametrize(("choice", "parallel"), [
+    ("required", False), ("required", None), (NAMED, None),
+], ids=["required, one call", "required", "named"])
+def test_a_stream_gives_the_calls_piece_by_piece(
+    service: VLLMInferenceService, choice: Any, parallel: bool | None,
+) -> None:
+    options: dict[str, Any] = {"tools": TOOLS, "tool_choice": choice, **GREEDY}
+    if parallel is not None:
+        options["parallel_tool_calls"] = parallel
+    whole = service.chat(QUESTION, **options)
+
+    async def asynchronous() -> list[StreamChunk]:
+        stream = AsyncVLLMInferenceService(service=service).chat_stream(QUESTION, **options)
+        return [chunk async for chunk in stream]
+
+    for chunks in (list(service.chat_stream(QUESTION, **options)), asyncio.run(asynchronous())):
+        result = chunks[-1].result
+        assert result is not None and result.error is None
+        assert sum(bool(c.tool_calls) for c in chunks) > 1  # the arguments came in pieces
+        # The pieces join to the result's calls: vLLM's parse of the same (greedy) answer.
+        assert joined(chunks) == [(c.id, c.name, c.arguments) for c in result.tool_calls]
+        assert [(c.name, c.parsed_arguments) for c in result.tool_calls] == [
+            (c.name, c.parsed_arguments) for c in whole.tool_calls
+        ]
+        assert "".join(c.text for c in chunks) == result.text == ""
+        # As vLLM's server streams: "tool_calls", but "stop" for a named tool.
+        assert result.finish_reason == ("stop" if isinstance(choice, dict) else "tool_calls")
 
 
 # The demo model's own template ignores tools and calls; this one shows both, so that the
@@ -165,6 +206,14 @@ def test_the_reasoning_parser_splits_the_reasoning_from_the_text(
     plain = reasoning_service.chat(QUESTION, **GREEDY)
     assert plain.reasoning is None and plain.text == reference.chat(QUESTION, **GREEDY)
     assert reasoning_service.generate("Here is my thought process:", max_tokens=4).reasoning is None
-    # A stream gives the model's text as it comes: the chunks and the result agree.
+    # A stream splits as it goes (vLLM's streaming parse): the pieces join to its result. The
+    # streaming parser sees the response marker a token at a time, and the regex makes the
+    # model spell it "H", "er", "e": those letters stay in the reasoning, as they would on
+    # vLLM's server; the answer itself is the same.
     chunks = list(reasoning_service.chat_stream(QUESTION, **GREEDY, regex=THOUGHT))
-    assert "".join(c.text for c in chunks) == chunks[-1].result.text == text  # type: ignore[union-attr]
+    final = chunks[-1].result
+    assert final is not None and final.error is None
+    assert "".join(c.reasoning for c in chunks) == final.reasoning
+    assert "".join(c.text for c in chunks) == final.text == content
+    assert final.reasoning is not None and final.reasoning.startswith(reasoning)
+    assert sum(bool(c.reasoning) for c in chunks) > 1 and sum(bool(c.text) for c in chunks) > 1

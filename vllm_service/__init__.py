@@ -41,6 +41,7 @@ from .types import (
     ServiceStatus,
     StreamChunk,
     ToolCall,
+    ToolCallDelta,
 )
 
 # The installed distribution's version: pyproject.toml's, one place to change it.
@@ -72,6 +73,7 @@ __all__ = [
     "ServiceStatus",
     "StreamChunk",
     "ToolCall",
+    "ToolCallDelta",
     "VLLMInferenceService",
     "VLLMServiceError",
     "VLLMSettings",

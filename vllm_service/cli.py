@@ -190,6 +190,14 @@ def _add_generate_command(commands: Any, common: argparse.ArgumentParser) -> Non
                             help="every result is one of these texts (repeat for each)")
     structured.add_argument("--grammar", type=_text_file, metavar="FILE", default=None,
                             help="every result follows the EBNF or Lark grammar in FILE")
+    parsers = command.add_argument_group(
+        "chat parsers, with --format openai (vllm serve's names; docs/tools.md)")
+    parsers.add_argument("--tool-call-parser", dest="tool_parser", metavar="NAME", default=None,
+                         help="vLLM's parser of the model's tool calls, for lines whose "
+                         "tool_choice is 'auto' (the default with tools): hermes, llama3_json, ...")
+    parsers.add_argument("--reasoning-parser", dest="reasoning_parser", metavar="NAME",
+                         default=None, help="vLLM's reasoning parser: each answer's reasoning "
+                         "goes to message.reasoning (deepseek_r1, qwen3, granite, ...)")
     workers = command.add_argument_group("workers and engine")
     workers.add_argument("--worker-num", type=int, default=default["worker_num"],
                          help="worker processes, each with its own engine on its own GPUs or "
@@ -285,6 +293,11 @@ def _run_generate(args: argparse.Namespace) -> int:
             return 2
         run = partial(generate_openai_batch, lines=data, output_path=args.output, **options)
     else:
+        given = [flag for name, flag in _OPENAI_ONLY.items() if options.pop(name) is not None]
+        if given:
+            print(f"vllm-service generate: {', '.join(given)} need --format openai, whose lines "
+                  "carry tools (docs/openai-batch.md)", file=sys.stderr)
+            return 2
         for name in ("temperature", "max_output_len"):
             if options[name] is None:
                 del options[name]  # generate()'s default
@@ -320,6 +333,9 @@ _JSONL_ONLY = {
     "message_key": "--message-key", "result_key": "--result-key", "error_key": "--error-key",
     "index_key": "--index-key",
 }
+
+# Options of the openai format that the jsonl format has no use for.
+_OPENAI_ONLY = {"tool_parser": "--tool-call-parser", "reasoning_parser": "--reasoning-parser"}
 
 
 def _openai_options(options: dict[str, Any]) -> str | None:

@@ -325,6 +325,24 @@ class ToolCall:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a tool call in a streamed chat (OpenAI's streamed ``tool_calls`` item).
+
+    A call's first piece has its ``id`` and ``name``; each piece adds to its ``arguments``.
+    Joined by ``index``, the pieces of all chunks give the result's :attr:`Sample.tool_calls`.
+    """
+
+    index: int
+    """Which call of the answer this piece belongs to (0 for the first call)."""
+    id: str | None = None
+    """The call's id, on its first piece only."""
+    name: str | None = None
+    """The function's name, on its first piece only."""
+    arguments: str = ""
+    """More of the arguments' JSON text."""
+
+
+@dataclass(frozen=True)
 class Sample:
     """One generated sequence of a request (a request with ``n`` > 1 has ``n``)."""
 
@@ -567,7 +585,8 @@ class ServiceStatus:
 class StreamChunk:
     """One piece of a streamed generation (:meth:`VLLMInferenceService.stream`).
 
-    Joined in order, the ``text`` of all chunks of sample ``index`` is that sample's text.
+    Joined in order, the ``text`` of all chunks of sample ``index`` is that sample's text
+    (a chat's reasoning and tool calls come apart, in ``reasoning`` and ``tool_calls``).
     The last chunk carries the whole :class:`GenerationResult` in ``result`` (with an error
     result when the request failed); the chunks before it have ``None``.
     """
@@ -580,6 +599,12 @@ class StreamChunk:
     """Which sample the new text belongs to (0 unless ``n`` > 1)."""
     result: GenerationResult | None = None
     """The full result, on the last chunk only."""
+    reasoning: str = ""
+    """New reasoning text (``VLLM_REASONING_PARSER``, or the server's reasoning parser):
+    joined, the result's :attr:`Sample.reasoning`; it is not in :attr:`text`."""
+    tool_calls: list[ToolCallDelta] = field(default_factory=list)
+    """New pieces of tool calls (a chat with ``tools=``): joined by their ``index``, the
+    result's :attr:`Sample.tool_calls`; the calls' text is not in :attr:`text`."""
 
 
 # vLLM's own buckets (vllm/v1/metrics/buckets.py), so dashboards of both line up.

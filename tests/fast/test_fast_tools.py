@@ -15,7 +15,6 @@ import pytest
 from vllm_service import (
     AsyncVLLMInferenceService,
     GenerationResult,
-    NotSupportedError,
     ToolCall,
     VLLMInferenceService,
     VLLMSettings,
@@ -97,10 +96,14 @@ def test_a_mistake_in_the_tools_is_named_at_the_call(
     assert not standin_calls("add")
 
 
-def test_streams_refuse_tools_and_remote_mode_refuses_the_parser_settings(standin: Settings) -> None:
+def test_streams_carry_the_tools_and_remote_mode_refuses_the_parser_settings(
+    standin: Settings, standin_calls: Calls
+) -> None:
     with VLLMInferenceService(standin(tool_parser="hermes")) as service:
-        with pytest.raises(NotSupportedError, match="chat_stream\\(\\) does not take tools yet"):
-            service.chat_stream(HELLO, tools=[WEATHER])
+        chunks = list(service.chat_stream(HELLO, tools=[WEATHER], tool_choice="required"))
+        assert chunks[-1].result is not None and not chunks[-1].result.error
+    (add,) = standin_calls("add")
+    assert add["stream"] and add["tools"] == {"tools": [WEATHER], "tool_choice": "required"}
     for name, flag in (("tool_parser", "--tool-call-parser"), ("reasoning_parser", "--reasoning-parser")):
         settings = VLLMSettings(mode="remote", api_url="http://127.0.0.1:9/v1", model_path="m",
                                 **{name: "hermes"})

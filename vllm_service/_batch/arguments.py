@@ -83,6 +83,8 @@ def batch_engine_spec(
     engine_stall_seconds: float = ENGINE_STALL_SECONDS,
     engine_kind: Literal["vllm", "standin"] = "vllm",
     sequences: int | None = None,
+    tool_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> EngineSpec:
     """The engine every worker runs, before its placement adds its GPUs or cores.
 
@@ -106,7 +108,8 @@ def batch_engine_spec(
     return EngineSpec(model=model, tp=tp, pp=pp, engine_args=args,
                       extra_engine_args=dict(extra_engine_args),
                       engine_stall_seconds=engine_stall_seconds, engine_kind=engine_kind,
-                      sequences=sequences)
+                      sequences=sequences, tool_parser=tool_parser,
+                      reasoning_parser=reasoning_parser)
 
 
 def batch_worker_configs(

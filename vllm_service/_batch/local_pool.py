@@ -46,6 +46,9 @@ class EngineSpec:
     # The most sequences a worker is given at once (placement.chunk_sequences); sizes a CPU
     # worker's KV cache. None: not known, the whole share of free memory.
     sequences: int | None = None
+    # vLLM's parsers of chats' tool calls and reasoning (vllm serve's names), or None.
+    tool_parser: str | None = None
+    reasoning_parser: str | None = None
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,8 @@ def placed_worker_configs(
         configs.append(
             WorkerConfig(mode="local", model=spec.model, engine_kind=spec.engine_kind,
                          engine_args=args, environment=placement.environment,
-                         engine_stall_seconds=spec.engine_stall_seconds)
+                         engine_stall_seconds=spec.engine_stall_seconds,
+                         tool_parser=spec.tool_parser, reasoning_parser=spec.reasoning_parser)
         )
     return configs
 

@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from .._common.inputs import CHAT_OPTIONS, check_continued, take_chat_options
+from .._common.inputs import CHAT_OPTIONS, TOOL_OPTIONS, check_continued, take_chat_options
 from .._common.media import media_problem
 from .._worker.protocol import Finished
 from ..settings import ENGINE_STALL_SECONDS, resolved_model
@@ -62,7 +62,6 @@ _UNSUPPORTED = {
     "suffix": "",
     "best_of": 1,
     "use_beam_search": False,
-    "tools": [],
     "functions": [],
     "documents": [],
     "prompt_embeds": "",
@@ -86,6 +85,11 @@ class _Parsed:
     requests: list[tuple[Any, dict[str, Any]]]
     logprobs: bool
     chat: dict[str, Any] = field(default_factory=dict)  # a chat's rendering options
+    tools: dict[str, Any] = field(default_factory=dict)  # a chat's tools, tool_choice, ...
+
+    def request_options(self) -> dict[str, Any]:
+        """The further ``Request`` fields each of the line's requests gets."""
+        return {"chat": self.chat, "tools": self.tools}
 
 
 def generate_openai_batch(
@@ -121,6 +125,8 @@ def generate_openai_batch(
     on_mismatch: Literal["error", "redo", "keep"] = "error",
     progress: bool = True,
     engine_kind: Literal["vllm", "standin"] = "vllm",
+    tool_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> list[dict[str, Any]]:
     """Answer every line of an OpenAI batch input file; returns the output lines in order.
 
@@ -132,6 +138,10 @@ def generate_openai_batch(
     another model or another request follow ``on_mismatch`` as in :func:`generate`. The sampling
     options are the defaults for lines whose body lacks the field; ``None`` means OpenAI's
     (temperature 1; max tokens 16 for completions, the rest of the context for chat).
+    ``tool_parser`` and ``reasoning_parser`` are vLLM's parsers (``vllm serve``'s
+    ``--tool-call-parser`` and ``--reasoning-parser`` names) for chat lines with ``tools``
+    (``tool_choice`` "auto", the default, needs one; "required" and a named tool need none)
+    and for a reasoning model's answers (``message.reasoning``).
     Workers and engine options are :func:`generate`'s. Raises ``ValueError`` for bad
     arguments, a missing or repeated ``custom_id`` or an output file of other input, before
     any worker starts.
@@ -151,12 +161,14 @@ def generate_openai_batch(
         model_id, tp, pp, max_model_len, gpu_memory_utilization, dtype, trust_remote_code,
         engine_args or {}, engine_stall_seconds, engine_kind,
         chunk_sequences(len(lines), n, worker_num, chunk_size),  # n: the lines' default
+        tool_parser, reasoning_parser,
     )
     make_pool = worker_pool(spec, worker_num, gpu_assignments, ray_address, startup_timeout)
     run = _OpenAIBatchRun(
         lines=lines, index_by_id=index_by_id, model=resolved_model(model_id),
         weights=weights_identity(model_id), system=system, defaults=defaults,
         output=ResumableFile(Path(output_path)), on_mismatch=on_mismatch,
+        tool_parser=tool_parser,
     )
     return run.execute(make_pool, chunk_size, progress)
 
@@ -217,8 +229,12 @@ class Defaults:
         return cls({k: v for k, v in body.items() if v is not None}, sampling)
 
 
-def parse_line(line: dict[str, Any], defaults: Defaults, system: str | None) -> _Parsed:
-    """The requests of one input line; raises ``_BadLine`` saying why it has none."""
+def parse_line(
+    line: dict[str, Any], defaults: Defaults, system: str | None, tool_parser: str | None = None
+) -> _Parsed:
+    """The requests of one input line; raises ``_BadLine`` saying why it has none.
+
+    ``tool_parser``: vLLM's parser of the model's calls, which ``tool_choice="auto"`` needs."""
     chat_request, completion_request, vllm_error = _vllm_classes()
     if line.get("method") != "POST":
         raise _BadLine(f"method must be 'POST', got {line.get('method')!r}")
@@ -242,14 +258,18 @@ def parse_line(line: dict[str, Any], defaults: Defaults, system: str | None) -> 
             refused = problem.split(". Set ")[0]
             raise _BadLine(f"body.messages: {refused} (batch runs take text only)")
         prompts: list[Any] = [_with_system(messages, system)]
-        given_options = {k: body[k] for k in CHAT_OPTIONS if body.get(k) not in (None, "")}
+        given_options = {
+            k: body[k] for k in CHAT_OPTIONS + TOOL_OPTIONS if body.get(k) not in (None, "")
+        }
         try:
             chat = take_chat_options(given_options)
             check_continued(prompts[0], chat)
         except (TypeError, ValueError) as exc:
             raise _BadLine(f"body: {exc}") from None
+        tools = {name: chat.pop(name) for name in TOOL_OPTIONS if name in chat}
+        _check_tool_choice(tools, body, tool_parser)
     else:
-        chat = {}
+        chat, tools = {}, {}
         prompts = _completion_prompts(body.get("prompt"))
 
     given = dict(body)
@@ -280,8 +300,26 @@ def parse_line(line: dict[str, Any], defaults: Defaults, system: str | None) -> 
         if name not in body and not (name == "structured_outputs" and "response_format" in body):
             sampling[name] = value
     return _Parsed(
-        url, [(prompt, sampling) for prompt in prompts], "logprobs" in sampling, chat
+        url, [(prompt, sampling) for prompt in prompts], "logprobs" in sampling, chat, tools
     )
+
+
+def _check_tool_choice(tools: dict[str, Any], body: dict[str, Any], tool_parser: str | None) -> None:
+    """What a line's tool_choice needs: a parser for "auto", no constraint of its own for
+    "required" or a named tool (whose JSON would replace it)."""
+    choice = tools.get("tool_choice")
+    if choice == "auto" and tool_parser is None:
+        raise _BadLine(
+            "body.tool_choice='auto' (the default with tools) needs vLLM's parser for the "
+            "model's format of calls: run with --tool-call-parser (tool_parser=), or send "
+            "tool_choice 'required' or a named tool, which constrain the answer to the tools' JSON"
+        )
+    constraint = next((k for k in ("response_format", "structured_outputs") if body.get(k)), None)
+    if choice not in (None, "auto", "none") and constraint is not None:
+        raise _BadLine(
+            f"body.tool_choice={choice!r} constrains the answer to the tools' JSON, which "
+            f"body.{constraint} would replace: drop one of them"
+        )
 
 
 def _vllm_classes() -> tuple[Any, Any, type[Exception]]:
@@ -376,7 +414,7 @@ def response_body(
         if parsed.url == CHAT_URL:
             choice = {
                 "index": index,
-                "message": {"role": "assistant", "content": sample.text},
+                "message": _message(sample),
                 "logprobs": _chat_logprobs(sample) if parsed.logprobs else None,
                 "finish_reason": sample.finish_reason,
             }
@@ -404,6 +442,17 @@ def response_body(
             "total_tokens": prompt_tokens + completion_tokens,
         },
     }
+
+
+def _message(sample: Sample) -> dict[str, Any]:
+    """A chat answer's message, as vLLM's server writes it: its calls, its reasoning apart."""
+    message: dict[str, Any] = {"role": "assistant", "content": sample.text}
+    if sample.reasoning is not None:
+        message["reasoning"] = sample.reasoning
+    if sample.tool_calls:
+        message["content"] = sample.text or None
+        message["tool_calls"] = [call.to_message() for call in sample.tool_calls]
+    return message
 
 
 def _logprob(value: float) -> float:
@@ -476,6 +525,7 @@ class _OpenAIBatchRun:
     defaults: Defaults
     output: ResumableFile
     on_mismatch: Literal["error", "redo", "keep"]
+    tool_parser: str | None = None
 
     answers: list[dict[str, Any] | None] = field(default_factory=list)
     parsed: dict[int, _Parsed] = field(default_factory=dict)
@@ -512,7 +562,7 @@ class _OpenAIBatchRun:
         an answer is kept only for the request the line makes now."""
         for index, line in enumerate(self.lines):
             try:
-                self.parsed[index] = parse_line(line, self.defaults, self.system)
+                self.parsed[index] = parse_line(line, self.defaults, self.system, self.tool_parser)
             except _BadLine as exc:
                 self.bad[index] = str(exc)
 
@@ -523,6 +573,7 @@ class _OpenAIBatchRun:
         return "fp_" + fingerprint({
             "model": self.model, "weights": self.weights, "url": parsed.url,
             "requests": parsed.requests, **({"chat": parsed.chat} if parsed.chat else {}),
+            **({"tools": parsed.tools} if parsed.tools else {}),
         })
 
     def _resume(self) -> dict[int, dict[str, Any]]:
@@ -601,7 +652,8 @@ class _OpenAIBatchRun:
                 self._finish(index, error_line(line["custom_id"], 400, self.bad[index]))
                 continue
             parsed = self.parsed[index]
-            jobs[index] = Job([(p, sampling, parsed.chat) for p, sampling in parsed.requests])
+            options = parsed.request_options()
+            jobs[index] = Job([(p, sampling, options) for p, sampling in parsed.requests])
         return jobs
 
     def _job_done(self, index: int, outcome: Outcome) -> None:

@@ -82,8 +82,8 @@ class WorkerPool(Protocol):
 
 @dataclass
 class Job:
-    """One item: the (prompt, sampling, chat options) of each of its requests, and their
-    results."""
+    """One item: the (prompt, sampling, further ``Request`` fields: ``chat``, ``tools``) of
+    each of its requests, and their results."""
 
     requests: list[tuple[Any, dict[str, Any], dict[str, Any]]]
     finished: list[Finished | None] = field(default_factory=list)
@@ -252,8 +252,8 @@ class Scheduler:
                 job = self.jobs[index]
                 job.finished = [None] * len(job.requests)
                 job.waiting = len(job.requests)
-                for number, (prompt, sampling, chat) in enumerate(job.requests):
-                    request = Request(next(self.request_ids), prompt, sampling, chat=chat)
+                for number, (prompt, sampling, options) in enumerate(job.requests):
+                    request = Request(next(self.request_ids), prompt, sampling, **options)
                     requests.append(request)
                     owner_of[request.request_id] = (index, number)
         unfinished = set(chunk)

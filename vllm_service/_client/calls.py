@@ -22,7 +22,6 @@ from typing import Any
 from .._common.durations import duration_seconds
 from .._common.inputs import TOOL_OPTIONS
 from .._worker.protocol import Finished, Request
-from ..errors import NotSupportedError
 from ..settings import VLLMSettings
 from ..types import (
     STRUCTURED_FIELDS,
@@ -109,7 +108,7 @@ class CallBuilder:
         chat = {**self._mode.chat_defaults(), **(chat_options or {})}
         tools = {name: chat.pop(name) for name in TOOL_OPTIONS if name in chat}
         if tools:
-            check_tool_call(tools, chosen, stream)
+            check_tool_call(tools, chosen)
             self._mode.check_tools(tools)
         return Call(
             requests=[
@@ -188,13 +187,8 @@ def chosen_params(params: Params, overrides: dict[str, Any]) -> GenerationParams
     return chosen
 
 
-def check_tool_call(tools: dict[str, Any], chosen: GenerationParams, stream: bool) -> None:
+def check_tool_call(tools: dict[str, Any], chosen: GenerationParams) -> None:
     """What a call with tools cannot also ask for."""
-    if stream:
-        raise NotSupportedError(
-            "chat_stream() does not take tools yet (the tool calls' streamed deltas are not "
-            "built): use chat() or chat_batch(), whose results carry .tool_calls"
-        )
     choice = tools["tool_choice"]
     constraint = next((name for name in STRUCTURED_FIELDS if getattr(chosen, name)), None)
     if constraint is not None and choice not in ("auto", "none"):

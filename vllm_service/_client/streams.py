@@ -11,15 +11,17 @@ request in the engine; the reader thread never blocks on a stream nobody reads.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import queue
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 from .._worker.protocol import Delta, Finished
 from ..errors import RequestAbortedError
-from ..types import GenerationResult, StreamChunk
+from ..types import GenerationResult, Sample, StreamChunk, ToolCallDelta
 from .calls import Call, seconds_left
 from .dispatcher import Dispatcher, Sent, aborted_on_error
 
@@ -33,9 +35,9 @@ class _Stream:
         self._sent = Sent(call.request_ids)
         self._done = False
         self._chunks: deque[StreamChunk] = deque()
-        # Per sample index: how much text and how many token ids were handed out.
-        self._text_given: dict[int, int] = {}
-        self._ids_given: dict[int, int] = {}
+        # Per sample index: what was handed out (text and reasoning lengths, token ids, and
+        # per tool call its argument length, once its id and name went).
+        self._given: dict[int, _Given] = {}
         self.result: GenerationResult | None = None
         """The whole result, once the last chunk was handed out."""
 
@@ -63,25 +65,57 @@ class _Stream:
     def _take(self, item: Delta | Future[Finished]) -> list[StreamChunk]:
         """The chunks one queue item gives: a delta, or the end (which raises for a failure)."""
         if isinstance(item, Delta):
-            self._text_given[item.index] = self._text_given.get(item.index, 0) + len(item.text)
-            self._ids_given[item.index] = self._ids_given.get(item.index, 0) + len(item.token_ids)
-            return [StreamChunk(item.text, item.token_ids, item.index)]
+            given = self._given.setdefault(item.index, _Given())
+            given.text += len(item.text)
+            given.token_ids += len(item.token_ids)
+            given.reasoning += len(item.reasoning)
+            for piece in item.tool_calls:
+                given.arguments[piece.index] = (
+                    given.arguments.get(piece.index, 0) + len(piece.arguments)
+                )
+            return [StreamChunk(item.text, item.token_ids, item.index,
+                                reasoning=item.reasoning, tool_calls=list(item.tool_calls))]
         self._done = True
         result = self._dispatcher.results(self._call, [item])[0]
         self.result = result
         # What the finishing step added came in the result alone.
         rest = [
-            (index, sample.text[self._text_given.get(index, 0):],
-             sample.token_ids[self._ids_given.get(index, 0):])
+            self._given.get(index, _Given()).rest(index, sample)
             for index, sample in enumerate(result.samples)
-        ] or [(0, "", [])]
-        chunks = [StreamChunk(text, ids, index) for index, text, ids in rest[:-1] if text or ids]
-        index, text, ids = rest[-1]
-        chunks.append(StreamChunk(text, ids, index, result))
+        ] or [StreamChunk("", [], 0)]
+        chunks = [c for c in rest[:-1] if c.text or c.token_ids or c.reasoning or c.tool_calls]
+        chunks.append(dataclasses.replace(rest[-1], result=result))
         return chunks
 
     def _timed_out(self) -> None:
         self._dispatcher.time_out(self._sent, self._call, 1)  # the end comes through the queue
+
+
+@dataclass
+class _Given:
+    """How much of one sample a stream handed out."""
+
+    text: int = 0
+    token_ids: int = 0
+    reasoning: int = 0
+    arguments: dict[int, int] = field(default_factory=dict)  # per tool call index
+
+    def rest(self, index: int, sample: Sample) -> StreamChunk:
+        """The chunk of what ``sample`` holds beyond what was handed out."""
+        pieces = [
+            ToolCallDelta(
+                k,
+                None if k in self.arguments else call.id,
+                None if k in self.arguments else call.name,
+                call.arguments[self.arguments.get(k, 0):],
+            )
+            for k, call in enumerate(sample.tool_calls)
+        ]
+        return StreamChunk(
+            sample.text[self.text:], sample.token_ids[self.token_ids:], index,
+            reasoning=(sample.reasoning or "")[self.reasoning:],
+            tool_calls=[p for p in pieces if p.id or p.arguments],
+        )
 
 
 class GenerationStream(_Stream):

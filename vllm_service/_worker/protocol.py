@@ -36,7 +36,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..settings import ENGINE_STALL_SECONDS
-from ..types import ChatMessages, ErrorType, RequestTimings, Sample, TokenIds, TokenLogprobs
+from ..types import (
+    ChatMessages,
+    ErrorType,
+    RequestTimings,
+    Sample,
+    TokenIds,
+    TokenLogprobs,
+    ToolCallDelta,
+)
 
 EXIT_OK = 0  # stopped when asked, or its parent went away
 EXIT_ERROR = 1  # an unexpected error in the worker loop (the log has the traceback)
@@ -226,7 +234,8 @@ class Started:
 
 @dataclass(frozen=True)
 class Delta:
-    """New output of a streamed request: sample ``index``'s next text and token ids.
+    """New output of a streamed request: sample ``index``'s next text and token ids (and, for
+    a chat whose answer is parsed, its next reasoning and tool-call pieces).
 
     The output of the step that finishes a request comes in its :class:`Finished` alone.
     """
@@ -235,6 +244,9 @@ class Delta:
     index: int
     text: str
     token_ids: TokenIds
+    # A parsed chat's new reasoning and tool-call pieces (``text`` is then its content).
+    reasoning: str = ""
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -10,9 +10,10 @@ calls. Only the worker imports this module (it imports vLLM).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from ...types import Sample, ToolCall
+from ...types import Sample, ToolCall, ToolCallDelta
 from ..protocol import Request
 
 
@@ -69,9 +70,7 @@ class ChatParsing:
         """The parsing of ``request``'s output, with ``params`` (its ``SamplingParams``)
         adjusted as the server adjusts them; None when its output needs none."""
         tools = request.tools
-        # A stream's chunks are the model's text as it comes (a call with tools cannot
-        # stream yet): its result is that text too.
-        if not request.is_chat or request.stream or not (tools.get("tools") or self._has_reasoning):
+        if not request.is_chat or not (tools.get("tools") or self._has_reasoning):
             return None
         from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
@@ -111,16 +110,45 @@ class ChatParsing:
 
 
 class ParsedChat:
-    """One request's parsing: each finished sample split as the server splits it."""
+    """One request's parsing: each finished sample split as the server splits it, or, for a
+    stream, each sample's deltas as the server streams them."""
 
     def __init__(self, vllm_request: Any, make_parser: Any) -> None:
         self._request = vllm_request
         self._make_parser = make_parser
+        self._streams: dict[int, _StreamedSample] = {}  # per sample index, of a stream
+
+    def delta(
+        self, index: int, text: str, token_ids: list[int], prompt_token_ids: list[int] | None,
+        finished: bool,
+    ) -> tuple[str, str, tuple[ToolCallDelta, ...]]:
+        """Sample ``index``'s next (content, reasoning, tool-call pieces) of a stream, from
+        its next text and token ids, as vLLM's server parses a streamed chat."""
+        stream = self._streams.get(index)
+        if stream is None:
+            stream = self._streams[index] = _StreamedSample(self._make_parser())
+        return stream.add(text, token_ids, self._request, prompt_token_ids, finished)
+
+    def streamed_sample(self, index: int, sample: Sample) -> Sample:
+        """Sample ``index`` as its stream's pieces put it together (content, reasoning, calls),
+        with the finish reason the server's stream gives."""
+        stream = self._streams.pop(index, None) or _StreamedSample(None)
+        calls = [
+            ToolCall(id=call_id or "", name=name or "", arguments="".join(parts))
+            for call_id, name, parts in (stream.calls[k] for k in sorted(stream.calls))
+        ]
+        finish_reason = sample.finish_reason
+        # As the server's stream: "tool_calls" when calls were streamed, but for a named
+        # tool (its tool_choice is not a string), whose call ends with "stop".
+        if finish_reason == "stop" and calls and isinstance(self._request.tool_choice, str):
+            finish_reason = "tool_calls"
+        return dataclasses.replace(
+            sample, text="".join(stream.content), reasoning="".join(stream.reasoning) or None,
+            tool_calls=calls, finish_reason=finish_reason,
+        )
 
     def sample(self, sample: Sample, prompt_token_ids: list[int]) -> Sample:
         """``sample`` with its text split into content, reasoning and tool calls."""
-        import dataclasses
-
         from vllm.renderers.chat_utils import make_tool_call_id
 
         request = self._request
@@ -144,3 +172,46 @@ class ParsedChat:
             sample, text=content or "", reasoning=reasoning, tool_calls=tool_calls,
             finish_reason=finish_reason,
         )
+
+
+class _StreamedSample:
+    """One streamed sample's parser and the pieces it gave so far."""
+
+    def __init__(self, parser: Any) -> None:
+        self._parser = parser  # parsers keep a stream's state: one per sample, as the server
+        self.content: list[str] = []
+        self.reasoning: list[str] = []
+        self.calls: dict[int, list[Any]] = {}  # by the call's index: [id, name, argument parts]
+        self._positions: dict[int, int] = {}  # the parser's index of a call -> its index here
+
+    def add(
+        self, text: str, token_ids: list[int], request: Any, prompt_token_ids: list[int] | None,
+        finished: bool,
+    ) -> tuple[str, str, tuple[ToolCallDelta, ...]]:
+        from vllm.entrypoints.serve.utils.tool_calls_utils import maybe_filter_parallel_tool_calls
+
+        message = self._parser.parse_delta(
+            text, token_ids, request, prompt_token_ids, finished=finished
+        )
+        if message is None:
+            return "", "", ()
+        message = maybe_filter_parallel_tool_calls(message, request)
+        # The parser's indexes may count the conversation's earlier calls: number them from 0
+        # in the order they come, as the result's tool_calls are.
+        pieces = tuple(
+            ToolCallDelta(
+                index=self._positions.setdefault(call.index, len(self._positions)), id=call.id,
+                name=call.function.name if call.function else None,
+                arguments=(call.function.arguments or "") if call.function else "",
+            )
+            for call in message.tool_calls or ()
+        )
+        for piece in pieces:
+            call = self.calls.setdefault(piece.index, [None, None, []])
+            call[0] = call[0] or piece.id
+            call[1] = call[1] or piece.name
+            call[2].append(piece.arguments)
+        content, reasoning = message.content or "", message.reasoning or ""
+        self.content.append(content)
+        self.reasoning.append(reasoning)
+        return content, reasoning, pieces

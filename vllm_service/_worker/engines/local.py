@@ -240,12 +240,8 @@ class LocalEngine:
             top, prompt_top = self._alternatives.get(request_id, (None, None))
             if any(c.token_ids for c in output.outputs):
                 self.clock.first_token(request_id)
-            if request_id in self._streamed and not output.finished:
-                messages.extend(
-                    Delta(request_id, c.index, c.text, list(c.token_ids))
-                    for c in output.outputs
-                    if c.text or c.token_ids
-                )
+            if request_id in self._streamed:
+                messages.extend(self._deltas(request_id, output))
             if request_id in self._so_far:  # else aborted; the parent ignores what it still sends
                 so_far = self._so_far[request_id]
                 if so_far is not None:
@@ -256,11 +252,14 @@ class LocalEngine:
                 continue
             self._alternatives.pop(request_id, None)
             self._so_far.pop(request_id, None)
+            streamed = request_id in self._streamed
             self._streamed.discard(request_id)
             prompt_ids = list(output.prompt_token_ids or ())
             samples = [to_sample(c, top) for c in sorted(output.outputs, key=lambda c: c.index)]
             parsing = self._parsing.pop(request_id, None)
-            if parsing is not None:
+            if parsing is not None and streamed:
+                samples = [parsing.streamed_sample(i, sample) for i, sample in enumerate(samples)]
+            elif parsing is not None:
                 samples = [parsing.sample(sample, prompt_ids) for sample in samples]
             messages.append(
                 Finished(
@@ -276,6 +275,29 @@ class LocalEngine:
                 )
             )
         return messages
+
+    def _deltas(self, request_id: int, output: Any) -> list[Delta]:
+        """A streamed request's new output of one step, as a Delta per sample that grew.
+
+        A parsed chat's every step goes through its parser (the finishing one too, which
+        flushes it); what the finishing step adds reaches the parent in the Finished alone.
+        """
+        parsing = self._parsing.get(request_id)
+        deltas = []
+        for c in output.outputs:
+            token_ids = list(c.token_ids)
+            if parsing is None:
+                delta = Delta(request_id, c.index, c.text, token_ids)
+            else:
+                # The parser reads the prompt's ids once, as the server's (the first output has them).
+                prompt_ids = None if output.prompt_token_ids is None else list(output.prompt_token_ids)
+                content, reasoning, calls = parsing.delta(
+                    c.index, c.text, token_ids, prompt_ids, finished=c.finish_reason is not None
+                )
+                delta = Delta(request_id, c.index, content, token_ids, reasoning, calls)
+            if not output.finished and (c.text or token_ids):
+                deltas.append(delta)
+        return deltas
 
     def _output_ready(self, timeout: float) -> bool:
         """Whether vLLM's engine process has sent a step's output, waiting up to ``timeout``.

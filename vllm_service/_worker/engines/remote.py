@@ -38,7 +38,7 @@ from ..._common.vllm_server import (
     split_sampling,
 )
 from ...errors import RemoteServerError
-from ...types import Sample, TokenLogprobs, ToolCall, TopLogprob
+from ...types import Sample, TokenLogprobs, ToolCall, ToolCallDelta, TopLogprob
 from ..protocol import Delta, Finished, Request, ServerFailure, WorkerConfig
 from .contract import RequestClock
 
@@ -231,9 +231,11 @@ class RemoteEngine:
                     grown = answer.add(chunk)
                     if answer.has_output:
                         self.clock.first_token(request.request_id)
-                    for index, text, token_ids in grown:
-                        if request.stream:
-                            self._messages.put(Delta(request.request_id, index, text, token_ids))
+                    if request.stream:
+                        for index, text, token_ids, reasoning, calls in grown:
+                            self._messages.put(
+                                Delta(request.request_id, index, text, token_ids, reasoning, calls)
+                            )
         except openai.APIConnectionError as exc:  # timeouts included
             raise RemoteServerError(
                 self._describe_broken_stream(exc), url=self.base_url
@@ -318,7 +320,8 @@ class _StreamedAnswer:
         self._prompt_token_ids: list[int] | None = None
         self._usage: Any = None
         self._reasoning: dict[int, list[str]] = {}
-        # Per choice, its tool calls by their index in the answer: [id, name, argument parts].
+        # Per choice, its tool calls by their position in the answer:
+        # [id, name, argument parts, the server's index].
         self._tool_calls: dict[int, dict[int, list[Any]]] = {}
 
     @property
@@ -326,10 +329,11 @@ class _StreamedAnswer:
         """Whether any choice has tokens yet (the server sends their ids: return_token_ids)."""
         return any(self._token_ids.values())
 
-    def add(self, chunk: Any) -> list[tuple[int, str, list[int]]]:
+    def add(self, chunk: Any) -> list[tuple[int, str, list[int], str, tuple[ToolCallDelta, ...]]]:
         """Take in one chunk: deltas of some choices, or the closing usage.
 
-        Returns the new (index, text, token ids) of each choice that grew and did not finish.
+        Returns the new (index, text, token ids, reasoning, tool-call pieces) of each choice
+        that grew and did not finish.
         """
         grown = []
         if chunk.usage is not None:
@@ -341,8 +345,7 @@ class _StreamedAnswer:
             index = choice.index
             text = choice.delta.content if self._is_chat else choice.text
             self._texts.setdefault(index, []).append(text or "")
-            if self._is_chat:
-                self._add_parsed(index, choice.delta)
+            reasoning, calls = self._add_parsed(index, choice.delta) if self._is_chat else ("", ())
             prompt_ids = getattr(choice, "prompt_token_ids", None)  # completions: first chunk
             if prompt_ids is not None:
                 self._prompt_token_ids = list(prompt_ids)
@@ -354,23 +357,33 @@ class _StreamedAnswer:
             if choice.finish_reason:
                 self._finish_reasons[index] = choice.finish_reason
                 self._stop_reasons[index] = getattr(choice, "stop_reason", None)
-            elif text or token_ids:
-                grown.append((index, text or "", list(token_ids or ())))
+            elif text or token_ids or reasoning or calls:
+                grown.append((index, text or "", list(token_ids or ()), reasoning, calls))
         return grown
 
-    def _add_parsed(self, index: int, delta: Any) -> None:
-        """A chat delta's reasoning and tool-call parts (the server's parsers made them)."""
+    def _add_parsed(self, index: int, delta: Any) -> tuple[str, tuple[ToolCallDelta, ...]]:
+        """A chat delta's reasoning and tool-call pieces (the server's parsers made them)."""
         # vLLM's server calls the field "reasoning" (older ones "reasoning_content").
         reasoning = getattr(delta, "reasoning", None) or getattr(delta, "reasoning_content", None)
         if reasoning:
             self._reasoning.setdefault(index, []).append(reasoning)
         calls = self._tool_calls.setdefault(index, {})
+        pieces = []
         for part in delta.tool_calls or ():
-            call = calls.setdefault(part.index, [None, None, []])
+            # Numbered from 0 in the order they come, as the result's tool_calls are.
+            position = next((k for k, call in enumerate(calls.values()) if call[3] == part.index), None)
+            if position is None:
+                position = len(calls)
+                calls[position] = [None, None, [], part.index]
+            call = calls[position]
+            name = part.function.name if part.function is not None else None
+            arguments = (part.function.arguments or "") if part.function is not None else ""
+            pieces.append(ToolCallDelta(position, part.id if not call[0] else None,
+                                        name if not call[1] else None, arguments))
             call[0] = call[0] or part.id
-            if part.function is not None:
-                call[1] = call[1] or part.function.name
-                call[2].append(part.function.arguments or "")
+            call[1] = call[1] or name
+            call[2].append(arguments)
+        return reasoning or "", tuple(pieces)
 
     def _positions(self, logprobs: Any) -> list[tuple[str | None, float, list[TopLogprob]]]:
         """Chosen token text, its logprob and the top alternatives, per position of a delta."""
@@ -444,7 +457,7 @@ class _StreamedAnswer:
             reasoning="".join(reasoning) if reasoning else None,
             tool_calls=[
                 ToolCall(id=call_id or "", name=name or "", arguments="".join(parts))
-                for call_id, name, parts in (calls[k] for k in sorted(calls))
+                for call_id, name, parts, _ in (calls[k] for k in sorted(calls))
             ],
             completion_tokens=count,
             stop_reason=self._stop_reasons.get(index),

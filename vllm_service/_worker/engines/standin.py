@@ -49,7 +49,7 @@ or torch (docs/testing.md). It imports neither.
   ``step`` is the engine's step count when the request came, so the requests of one
   submission share it; ``init`` carries the engine arguments, the worker's environment (its
   placement's variables), the ``VLLM_*`` names in its process's environment, its stall bound,
-  and its fate), for tests to read what it was asked.
+  its fate and its chat parsers), for tests to read what it was asked.
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ class StandInEngine:
         _record("init", engine_args=args, environment=config.environment,
                 vllm_variables=sorted(name for name in os.environ if name.startswith("VLLM_")),
                 cwd=os.getcwd(), marker=os.environ.get("STANDIN_MARKER"),
-                engine_stall_seconds=config.engine_stall_seconds, fate=fate)
+                engine_stall_seconds=config.engine_stall_seconds, fate=fate,
+                tool_parser=config.tool_parser, reasoning_parser=config.reasoning_parser)
         if fate == "fail_start":
             raise RuntimeError("the model failed to load (the stand-in's fate, standin_fates)")
         fate = fate or {}
