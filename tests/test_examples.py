@@ -174,3 +174,12 @@ def test_the_tools_example_calls_the_tool_and_answers_with_its_result(tmp_path: 
     # One call of get_weather with a city of the enum (the schema allows nothing else).
     assert re.fullmatch(r"tool_calls \[\('get_weather', \{'city': '(Paris|London|Tokyo)'\}\)\]", first), first
     assert re.match(r"(stop|length) ", answer[0]), answer
+
+
+def test_the_embeddings_example_ranks_the_documents(tmp_path: Path) -> None:
+    size, *ranked = run_example("embeddings.py", tmp_path)
+    assert size == "384 numbers per text"
+    scores = [float(line.split("  ", 1)[0]) for line in ranked]
+    texts = [line.split("  ", 1)[1] for line in ranked]
+    assert len(set(texts)) == 4 and all(-1 <= score <= 1 for score in scores)
+    assert scores == sorted(scores, reverse=True) and scores[0] > scores[-1]

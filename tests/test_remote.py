@@ -18,6 +18,7 @@ import http.client
 import http.server
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -1353,6 +1354,96 @@ def test_tool_calls_are_the_servers_locally_and_through_remote_mode(
         assert all(c.id for c in result.tool_calls)
     if case == "auto":
         assert answer.finish_reason == "tool_calls"
+
+
+def joined_stream(chunks: list) -> tuple[str, list[tuple[str | None, str | None, str]]]:
+    """A chat stream's text and its calls (id, name, arguments) put together by index, from
+    the openai SDK's chunks or the service's."""
+    text, calls = [], {}
+    for chunk in chunks:
+        if hasattr(chunk, "choices"):  # the SDK's: (index, id, name, arguments) per piece
+            delta = chunk.choices[0].delta if chunk.choices else None
+            text.append((delta and delta.content) or "")
+            pieces = [(p.index, p.id, p.function and p.function.name,
+                       (p.function and p.function.arguments) or "")
+                      for p in (delta and delta.tool_calls) or ()]
+        else:
+            text.append(chunk.text)
+            pieces = [(p.index, p.id, p.name, p.arguments) for p in chunk.tool_calls]
+        for index, call_id, name, arguments in pieces:
+            call = calls.setdefault(index, [call_id, name, ""])
+            call[0], call[1] = call[0] or call_id, call[1] or name
+            call[2] += arguments
+    return "".join(text), [tuple(calls[k]) for k in sorted(calls)]
+
+
+@pytest.mark.parametrize("case", TOOL_CASES)
+def test_streamed_tool_calls_are_the_servers_locally_and_through_remote_mode(
+    server: VLLMServer, remote: VLLMInferenceService, hermes_local: VLLMInferenceService,
+    case: str,
+) -> None:
+    from _tool_cases import QUESTION
+
+    options = tool_options(case)
+    body = {k: v for k, v in options.items() if k != "regex"}
+    extra = {"structured_outputs": {"regex": options["regex"]}} if "regex" in options else {}
+    client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
+    chunks = list(client.chat.completions.create(
+        model="smol-a", messages=QUESTION, extra_body=extra, stream=True, **body
+    ))
+    finish_reason = next(c.choices[0].finish_reason for c in reversed(chunks)
+                         if c.choices and c.choices[0].finish_reason)
+    text, expected = joined_stream(chunks)
+    if case != "none":
+        assert expected, f"the server streamed no call: {chunks}"
+    for service in (hermes_local, remote):
+        ours = list(service.chat_stream(QUESTION, **options))
+        result = ours[-1].result
+        assert result is not None and result.error is None, (case, service)
+        got_text, got = joined_stream(ours)
+        assert [c[1:] for c in got] == [c[1:] for c in expected], (case, service)
+        assert got_text == text == result.text, (case, service)
+        assert result.finish_reason == finish_reason, (case, service)
+        # The pieces join to the result's calls, each with an id.
+        assert got == [(c.id, c.name, c.arguments) for c in result.tool_calls], (case, service)
+        assert all(c.id for c in result.tool_calls)
+
+
+@pytest.fixture(scope="module")
+def embedding_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """``vllm serve`` of the demo embedding model as a pooling model."""
+    from vllm_service import demo_embedding_model_path
+
+    log_path = tmp_path_factory.mktemp("vllm-embedding-server") / "server.log"
+    # The last --max-model-len wins: the model's own limit (VLLMServer gives 2048).
+    srv = VLLMServer(demo_embedding_model_path(), log_path,
+                     ["--runner", "pooling", "--max-model-len", "256"])
+    try:
+        srv.start(api_key=API_KEY)
+        yield srv
+    finally:
+        srv.stop()
+
+
+def test_remote_embed_gives_the_servers_vectors(embedding_server: VLLMServer) -> None:
+    from _embedding_reference import TEXTS, assert_same_vectors, transformers_vectors
+
+    expected, tokens = transformers_vectors(Path(embedding_server.model), TEXTS, "mean")
+    client = openai.OpenAI(base_url=embedding_server.url, api_key=API_KEY)
+    servers = client.embeddings.create(model=embedding_server.model, input=TEXTS).data
+    with VLLMInferenceService(remote_settings(embedding_server)) as service:
+        results = service.embed(TEXTS)
+        assert all(r.error is None for r in results), [r.error for r in results]
+        assert [r.embedding for r in results] == [d.embedding for d in servers]
+        assert_same_vectors([r.embedding for r in results], expected)
+        assert [r.prompt_tokens for r in results] == tokens
+        raw = service.embed(TEXTS[:1], normalize=False)[0]
+        assert not math.isclose(math.hypot(*raw.embedding), 1.0, rel_tol=0.01)
+        # The server's refusal of one text is that text's error.
+        mixed = service.embed([TEXTS[0], "word " * 600, ""])
+        assert [r.error is None for r in mixed] == [True, False, False]
+        assert "HTTP 400" in mixed[1].error  # type: ignore[operator]
+        assert "the text is empty" in mixed[2].error  # type: ignore[operator]
 
 
 # ----- last: the server goes away and comes back -----

@@ -12,7 +12,7 @@ from ._batch.openai_format import generate_openai_batch
 from ._client.streams import AsyncGenerationStream, GenerationStream
 from .async_service import AsyncVLLMInferenceService
 from .batch import generate
-from .demo_model import demo_model_path
+from .demo_model import demo_embedding_model_path, demo_model_path
 from .errors import (
     EngineStalledError,
     GenerationError,
@@ -32,6 +32,7 @@ from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
 from .types import (
     Duration,
+    EmbeddingResult,
     ErrorType,
     GenerationParams,
     GenerationResult,
@@ -54,6 +55,7 @@ __all__ = [
     "AsyncGenerationStream",
     "AsyncVLLMInferenceService",
     "Duration",
+    "EmbeddingResult",
     "EngineStalledError",
     "ErrorType",
     "GenerationError",
@@ -81,6 +83,7 @@ __all__ = [
     "WorkerDiedError",
     "WorkerError",
     "WorkerStartError",
+    "demo_embedding_model_path",
     "demo_model_path",
     "generate",
     "generate_openai_batch",

@@ -16,13 +16,14 @@ from typing import Any, Literal
 from ._client.calls import Params
 from ._client.dispatcher import UseTqdm
 from ._client.streams import AsyncGenerationStream
-from ._common.inputs import check_chats, check_prompt, check_prompts
+from ._common.inputs import check_chats, check_prompt, check_prompts, check_texts
 from ._worker.weight_staging import WeightSource
 from .service import Hold, VLLMInferenceService
 from .settings import VLLMSettings
 from .types import (
     ChatMessages,
     Duration,
+    EmbeddingResult,
     GenerationResult,
     ServiceMetrics,
     ServiceStatus,
@@ -94,6 +95,17 @@ class AsyncVLLMInferenceService:
             chats, params, overrides, keep_alive, timeout, chat_options=options
         )
         return await self._dispatcher.run_async(call, use_tqdm)
+
+    async def embed(
+        self, texts: str | Sequence[str], *, normalize: bool | None = None,
+        dimensions: int | None = None, keep_alive: Duration | None = None,
+        timeout: float | None = None,
+    ) -> list[EmbeddingResult]:
+        """Embed texts with a pooling model (see :meth:`VLLMInferenceService.embed`)."""
+        call = self._dispatcher.prepare_embed(
+            check_texts(texts), normalize, dimensions, keep_alive, timeout
+        )
+        return await self._dispatcher.run_async(call)
 
     def stream(
         self, prompt: str | TokenIds, params: Params = None, *,

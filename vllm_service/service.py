@@ -21,7 +21,7 @@ from ._client.calls import Params
 from ._client.dispatcher import Dispatcher, Sent, UseTqdm, aborted_on_error
 from ._client.modes import mode_for
 from ._client.streams import GenerationStream
-from ._common.inputs import check_chats, check_prompt, check_prompts
+from ._common.inputs import check_chats, check_prompt, check_prompts, check_texts
 from ._worker.config import worker_config
 from ._worker.handle import WorkerHandle
 from ._worker.keep_alive import KeepAlive
@@ -32,6 +32,7 @@ from .settings import VLLMSettings
 from .types import (
     ChatMessages,
     Duration,
+    EmbeddingResult,
     GenerationResult,
     ServiceMetrics,
     ServiceStatus,
@@ -155,6 +156,27 @@ class VLLMInferenceService:
             chats, params, overrides, keep_alive, timeout, stream=True, chat_options=options
         )
         return GenerationStream(self.dispatcher, call)
+
+    # ----- embeddings -----
+
+    def embed(
+        self, texts: str | Sequence[str], *, normalize: bool | None = None,
+        dimensions: int | None = None, keep_alive: Duration | None = None,
+        timeout: float | None = None,
+    ) -> list[EmbeddingResult]:
+        """Embed texts with a pooling model (``VLLM_RUNNER=pooling``); one result per text,
+        in order, as vLLM's ``LLM.embed``.
+
+        ``normalize`` (vLLM's default: True, unit vectors) and ``dimensions`` (a shorter
+        vector, for models trained for it) as vLLM's pooling parameters. An empty text or one
+        past the model's limit gets an error result of its own; the others go on. A service
+        that generates raises :class:`NotSupportedError` naming the settings;
+        ``keep_alive`` and ``timeout`` as in :meth:`generate`.
+        """
+        call = self.dispatcher.prepare_embed(
+            check_texts(texts), normalize, dimensions, keep_alive, timeout
+        )
+        return self.dispatcher.run(call)
 
     # ----- LoRA adapters -----
 

@@ -103,6 +103,18 @@ class VLLMSettings(BaseSettings):
         "qwen3, deepseek_r1, ...); a chat's result then has the model's reasoning in "
         ".reasoning, apart from .text.",
     )
+    runner: Literal["generate", "pooling"] | None = Field(
+        None,
+        description="Local mode: how vLLM runs the model (as vllm serve --runner): 'generate' "
+        "for text, 'pooling' for embed() (an embedding model such as all-MiniLM-L6-v2); unset, "
+        "generation. A pooling service does not generate, and the reverse.",
+    )
+    convert: Literal["embed", "classify"] | None = Field(
+        None,
+        description="Local mode, with VLLM_RUNNER=pooling: turn a generation model (a causal "
+        "LM) into an embedding model ('embed': last-token pooling) or a classifier, as vllm "
+        "serve --convert.",
+    )
     trust_remote_code: bool = Field(
         False,
         description="Run code shipped with the model repository (custom architectures). Off by "
@@ -220,6 +232,15 @@ class VLLMSettings(BaseSettings):
             raise ValueError(
                 "VLLM_IDLE_SLEEP_SECONDS applies to local mode only: a remote server manages "
                 "its own memory (start it with --enable-sleep-mode to put it to sleep)"
+            )
+        if self.mode == "remote" and (self.runner or self.convert):
+            raise ValueError(
+                "VLLM_RUNNER and VLLM_CONVERT apply to local mode only: in remote mode the "
+                "server runs the model as it was started (vllm serve --runner pooling)"
+            )
+        if self.convert is not None and self.runner != "pooling":
+            raise ValueError(
+                f"VLLM_CONVERT={self.convert} makes a pooling model: it needs VLLM_RUNNER=pooling"
             )
         if self.mode == "local" and looks_like_local_path(self.model_path):
             path = Path(self.model_path).expanduser()

@@ -517,6 +517,44 @@ WorkerState = Literal["stopped", "starting", "ready", "retiring", "stopping"]
 
 
 @dataclass(frozen=True)
+class EmbeddingResult:
+    """One text's embedding (:meth:`~VLLMInferenceService.embed`): the pooling model's vector
+    for it, or the error that text alone got (the other texts of the call go on)."""
+
+    embedding: list[float]
+    """The vector (empty on error): unit length unless ``normalize=False`` was asked for."""
+    prompt_tokens: int
+    """The text's tokens, as the model saw them."""
+    error: str | None = None
+    error_type: ErrorType | None = None
+    """With :attr:`error`, its kind (see :data:`ErrorType`)."""
+    request_id: str = field(default="", compare=False)
+    """The request's id, as :attr:`GenerationResult.request_id`. Not compared by ``==``."""
+    timings: RequestTimings | None = field(default=None, compare=False)
+    """When the request reached the engine and ended (its first token: the vector)."""
+
+    @property
+    def finish_reason(self) -> FinishReason:
+        """``"stop"``, or ``"error"`` with :attr:`error` (as a generation's)."""
+        return "error" if self.error is not None else "stop"
+
+    @property
+    def completion_tokens(self) -> int:
+        """Always 0: an embedding generates no tokens (counted as a generation's are)."""
+        return 0
+
+    def raise_for_error(self) -> EmbeddingResult:
+        """Raise :class:`GenerationError` if this text failed; else return the result."""
+        if self.error is not None:
+            raise GenerationError(self.error, self.error_type or "internal_error", self)  # type: ignore[arg-type]
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as plain JSON-able data."""
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     """What the service's worker is doing now, from :meth:`VLLMInferenceService.status`.
 

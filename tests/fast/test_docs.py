@@ -79,7 +79,7 @@ def test_the_rule_tells_guarded_programs_from_unguarded_ones() -> None:
 @pytest.mark.parametrize(
     ("name", "doc"),
     [("sampling.py", "docs/sampling.md"), ("structured_outputs.py", "docs/structured-outputs.md"),
-     ("tools.py", "docs/tools.md")],
+     ("tools.py", "docs/tools.md"), ("embeddings.py", "docs/embeddings.md")],
 )
 def test_the_examples_the_docs_show_are_the_docs_code(name: str, doc: str) -> None:
     # tests/test_examples.py runs the examples, so the docs' blocks run too.

@@ -22,11 +22,13 @@ from typing import Any
 from .._common.durations import duration_seconds
 from .._common.inputs import TOOL_OPTIONS
 from .._worker.protocol import Finished, Request
+from ..errors import NotSupportedError
 from ..settings import VLLMSettings
 from ..types import (
     STRUCTURED_FIELDS,
     ChatMessages,
     Duration,
+    EmbeddingResult,
     GenerationParams,
     GenerationResult,
     TokenIds,
@@ -62,6 +64,7 @@ class Call:
     parse_as: Any  # the json_schema or json_object asked for, to fill ``parsed``
     keep_alive: float  # how long the worker stays once idle, from this call on
     deadline: Deadline | None
+    embeds: bool = False  # its results are EmbeddingResults (embed())
 
     @property
     def request_ids(self) -> list[int]:
@@ -101,6 +104,12 @@ class CallBuilder:
         ``timeout`` (seconds, the worker's start included) wins over the setting;
         ``chat_options`` (checked by ``_common/inputs.py``) go with each conversation, over
         the ``VLLM_CHAT_TEMPLATE`` setting."""
+        if self._settings.runner == "pooling":
+            raise NotSupportedError(
+                "this service runs its model as a pooling model (VLLM_RUNNER=pooling), which "
+                "embeds and does not generate: call embed(), or make a service without "
+                "VLLM_RUNNER=pooling to generate"
+            )
         chosen = chosen_params(params, overrides)
         sampling = self._sampling(chosen)
         lora = self._mode.lora(chosen.lora)
@@ -121,6 +130,39 @@ class CallBuilder:
                 settings.idle_ttl_seconds if keep_alive is None else duration_seconds(keep_alive)
             ),
             deadline=self._deadline(timeout),
+        )
+
+    def build_embed(
+        self, texts: Sequence[str], normalize: bool | None, dimensions: int | None,
+        keep_alive: Duration | None, timeout: float | None,
+    ) -> Call:
+        """An embed() call of checked ``texts``; raises before anything runs."""
+        settings = self._settings
+        if settings.mode == "local" and settings.runner != "pooling":
+            raise NotSupportedError(
+                "embed() needs the model run as a pooling model: make the service with "
+                "VLLM_RUNNER=pooling (runner='pooling'), and for a generation model such as the "
+                "demo model also VLLM_CONVERT=embed; this service generates text"
+            )
+        if normalize is not None and not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be True or False, got {normalize!r}")
+        if dimensions is not None and (
+            isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1
+        ):
+            raise ValueError(f"dimensions must be a whole number of at least 1, got {dimensions!r}")
+        pooling: dict[str, Any] = {"task": "embed"}
+        if normalize is not None:
+            pooling["use_activation"] = normalize  # vLLM's name for the embedding's normalizing
+        if dimensions is not None:
+            pooling["dimensions"] = dimensions
+        return Call(
+            requests=[Request(self.next_id(), text, {}, pooling=pooling) for text in texts],
+            parse_as=None,
+            keep_alive=(
+                settings.idle_ttl_seconds if keep_alive is None else duration_seconds(keep_alive)
+            ),
+            deadline=self._deadline(timeout),
+            embeds=True,
         )
 
     def _deadline(self, timeout: float | None) -> Deadline | None:
@@ -205,6 +247,22 @@ def _is_chat(prompt: Prompt) -> bool:
 def _is_sampling_params(value: Any) -> bool:
     """Whether ``value`` is a vllm.SamplingParams (a msgspec struct), without importing vllm."""
     return hasattr(type(value), "__struct_fields__")
+
+
+def to_embedding(finished: Finished, request_id: str) -> EmbeddingResult:
+    """An embed() call's result for one text."""
+    if finished.error is None and finished.embedding is None:
+        error: str | None = "the engine returned no embedding"
+        kind: Any = "internal_error"
+    else:
+        error = finished.error
+        kind = (finished.error_type or ("server_error" if finished.server_error else None)
+                or "invalid_request") if error is not None else None
+    return EmbeddingResult(
+        embedding=finished.embedding if error is None else [],  # type: ignore[arg-type]
+        prompt_tokens=finished.prompt_tokens, error=error, error_type=kind,
+        request_id=request_id, timings=finished.timings,
+    )
 
 
 def to_result(finished: Finished, parse_as: Any, request_id: str) -> GenerationResult:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from ..types import (
     LATENCY_BUCKETS,
     TIME_TO_FIRST_TOKEN_BUCKETS,
+    EmbeddingResult,
     GenerationResult,
     Histogram,
 )
@@ -52,7 +53,9 @@ class Counters:
         self._first_token = _Observed(TIME_TO_FIRST_TOKEN_BUCKETS)
         self._latency = _Observed(LATENCY_BUCKETS)
 
-    def record(self, outcomes: Sequence[GenerationResult | BaseException]) -> None:
+    def record(
+        self, outcomes: Sequence[GenerationResult | EmbeddingResult | BaseException]
+    ) -> None:
         """Count each request's result, or the error its call raised for it."""
         with self._lock:
             for outcome in outcomes:

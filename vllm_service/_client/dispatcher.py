@@ -41,8 +41,17 @@ from ..errors import (
     WorkerStartError,
 )
 from ..settings import VLLMSettings
-from ..types import Duration, GenerationResult, ServiceMetrics, ServiceStatus
-from .calls import Call, CallBuilder, Deadline, Params, Prompt, seconds_left, to_result
+from ..types import Duration, EmbeddingResult, GenerationResult, ServiceMetrics, ServiceStatus
+from .calls import (
+    Call,
+    CallBuilder,
+    Deadline,
+    Params,
+    Prompt,
+    seconds_left,
+    to_embedding,
+    to_result,
+)
 from .counters import Counters
 from .modes import Mode
 
@@ -221,6 +230,13 @@ class Dispatcher:
             prompts, params, overrides, keep_alive, timeout, stream, chat_options
         )
 
+    def prepare_embed(
+        self, texts: Sequence[str], normalize: bool | None, dimensions: int | None,
+        keep_alive: Duration | None, timeout: float | None,
+    ) -> Call:
+        """Build an embed() call of checked ``texts``; raises before anything runs."""
+        return self._calls.build_embed(texts, normalize, dimensions, keep_alive, timeout)
+
     def next_id(self) -> int:
         """A request id no other request to this service's workers has."""
         return self._calls.next_id()
@@ -280,7 +296,7 @@ class Dispatcher:
 
     # ----- whole calls -----
 
-    def run(self, call: Call, use_tqdm: UseTqdm = False) -> list[GenerationResult]:
+    def run(self, call: Call, use_tqdm: UseTqdm = False) -> list[Any]:
         """Send ``call``, wait for its results (on this thread) and return them; ``use_tqdm``
         shows its finished requests in a progress bar."""
         if not call.requests:
@@ -295,7 +311,7 @@ class Dispatcher:
             self.time_out(sent, call, len(not_done))
         return self.results(call, futures)
 
-    async def run_async(self, call: Call, use_tqdm: UseTqdm = False) -> list[GenerationResult]:
+    async def run_async(self, call: Call, use_tqdm: UseTqdm = False) -> list[Any]:
         """:meth:`run` on the event loop: no thread waits for the requests."""
         if not call.requests:
             return []
@@ -320,20 +336,24 @@ class Dispatcher:
             )
         )
 
-    def results(self, call: Call, futures: list[Future[Finished]]) -> list[GenerationResult]:
-        """The call's results from its settled futures; raises what the call must raise.
+    def results(self, call: Call, futures: list[Future[Finished]]) -> list[Any]:
+        """The call's results from its settled futures (GenerationResults, or EmbeddingResults
+        for an embed() call); raises what the call must raise.
 
         Every request is counted here, once (``metrics()``), whatever the call was."""
-        outcomes: list[GenerationResult | BaseException] = []
+        outcomes: list[GenerationResult | EmbeddingResult | BaseException] = []
         for future in futures:
             error = future.exception()
             if error is None:
                 finished = future.result()
                 public_id = self._calls.public_id(finished.request_id)
-                error = to_result(finished, call.parse_as, public_id)
+                if call.embeds:
+                    error = to_embedding(finished, public_id)
+                else:
+                    error = to_result(finished, call.parse_as, public_id)
             outcomes.append(error)
         self.counters.record(outcomes)
-        results = [o for o in outcomes if isinstance(o, GenerationResult)]
+        results = [o for o in outcomes if not isinstance(o, BaseException)]
         with self._lock:
             self.served += len(results)
         try:

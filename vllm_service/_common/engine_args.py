@@ -54,7 +54,7 @@ def adapt_engine_args(
     choices: list[str] = []
 
     model_config = _model_text_config(args["model"], bool(args.get("trust_remote_code")))
-    model_limit = _model_max_len(model_config)
+    model_limit = _model_max_len(model_config, args["model"])
     wanted_len = args.get("max_model_len")
     if model_limit and wanted_len and wanted_len > model_limit:
         args["max_model_len"] = model_limit
@@ -138,10 +138,21 @@ def _model_text_config(model: str, trust_remote_code: bool) -> dict[str, Any]:
     return getattr(config, "get_text_config", lambda: config)().to_dict()
 
 
-def _model_max_len(config: dict[str, Any]) -> int | None:
-    """The longest sequence the model's config allows, or None when it does not say."""
-    for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
-        value = config.get(name)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+def _model_max_len(config: dict[str, Any], model: str) -> int | None:
+    """The longest sequence the model's config allows, or None when it does not say; a
+    sentence-transformers model's own ``max_seq_length`` lowers it, as vLLM derives it."""
+    limit = next(
+        (value for name in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+         if isinstance(value := config.get(name), int) and value > 0),
+        None,
+    )
+    try:
+        from vllm.transformers_utils.config import get_sentence_transformer_tokenizer_config
+
+        sentence = get_sentence_transformer_tokenizer_config(model) or {}
+    except Exception:  # not such a model, or no vLLM here: the config's limit stands
+        sentence = {}
+    seq_length = sentence.get("max_seq_length")
+    if isinstance(seq_length, int) and seq_length > 0:
+        limit = seq_length if limit is None else min(limit, seq_length)
+    return limit

@@ -25,6 +25,20 @@ def check_prompts(prompts: Any) -> list[str | TokenIds]:
     return [check_prompt(p) for p in prompts]
 
 
+def check_texts(texts: Any) -> list[str]:
+    """embed()'s texts: one str, or a list of them. An empty text is not refused here: it
+    gets its own error result, as one past the model's limit does."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, (list, tuple)):
+        raise TypeError(f"embed() takes a str or a list of str, got {type(texts).__name__}")
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {index} must be a str, got {type(text).__name__}")
+        check_text(text, f"text {index}")
+    return list(texts)
+
+
 def check_prompt(prompt: Any) -> str | TokenIds:
     if isinstance(prompt, list):
         if not prompt or not all(

@@ -39,6 +39,10 @@ def worker_config(settings: VLLMSettings) -> WorkerConfig:
     }
     if settings.mode == "local":
         engine_args = lora_engine_args(engine_args, settings.lora_modules)
+        if settings.runner == "pooling":  # vLLM's own default ("auto") guesses from the model
+            engine_args.setdefault("runner", "pooling")
+            if settings.convert is not None:
+                engine_args.setdefault("convert", settings.convert)
         if settings.allowed_media_domains:  # vLLM's own check too ([] there means any host)
             engine_args.setdefault("allowed_media_domains", list(settings.allowed_media_domains))
     if settings.idle_sleep_seconds is not None:

@@ -233,6 +233,8 @@ class _Server:
         for request in requests:
             self.engine.clock.queued(request.request_id)
             try:
+                if request.pooling is not None and not str(request.prompt).strip():
+                    raise ValueError("the text is empty: there is nothing to embed")
                 self.engine.add(request)
                 self.running.add(request.request_id)
             except Exception as exc:

@@ -110,6 +110,9 @@ class Request:
     # A chat's tools, as the OpenAI API names them (tools, tool_choice, parallel_tool_calls);
     # empty without tools.
     tools: dict[str, Any] = field(default_factory=dict)
+    # An embedding request (a pooling model's): vLLM's PoolingParams keywords (task="embed",
+    # normalize, dimensions); None for a generation.
+    pooling: dict[str, Any] | None = None
 
     @property
     def is_chat(self) -> bool:
@@ -251,7 +254,8 @@ class Delta:
 
 @dataclass(frozen=True)
 class Finished:
-    """A request ended: with ``samples`` (``n`` of them), or with ``error``.
+    """A request ended: with ``samples`` (``n`` of them), its ``embedding`` (a pooling
+    request), or with ``error``.
 
     ``server_error`` marks an error of the remote server rather than of this request
     (unreachable, timed out, 5xx, key refused): the request gets an error result, and the
@@ -268,6 +272,7 @@ class Finished:
     prompt_logprobs: list[TokenLogprobs | None] | None = None
     weight_version: str | int | None = None  # of the weights the request ran on
     timings: RequestTimings | None = None
+    embedding: list[float] | None = None
 
 
 @dataclass(frozen=True)

@@ -75,6 +75,7 @@ class LocalEngine:
             "model": engine_args["model"],
             "max_model_len": self._llm.model_config.max_model_len,
             "dtype": str(self._llm.model_config.dtype).removeprefix("torch."),
+            "runner": self._llm.model_config.runner_type,
             "choices": choices,
         }
         self.steps = 0  # engine steps whose output arrived (the Engine protocol's progress)
@@ -150,10 +151,14 @@ class LocalEngine:
         return failed
 
     def _add_now(self, request: Request) -> None:
+        from vllm import PoolingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = sampling_params(request.sampling)
-        params.output_kind = RequestOutputKind.DELTA
+        if request.pooling is not None:  # an embedding: one output, when it is done
+            params: Any = PoolingParams(**request.pooling)
+        else:
+            params = sampling_params(request.sampling)
+            params.output_kind = RequestOutputKind.DELTA
         # vLLM 0.32 truncates at tokenization, not in SamplingParams.
         truncate = request.sampling.get("truncate_prompt_tokens")
         tokenization = None if truncate is None else {"truncate_prompt_tokens": truncate}
@@ -237,6 +242,12 @@ class LocalEngine:
         self.steps += 1
         for output in self._engine.step():
             request_id = int(output.request_id)
+            if not isinstance(output.outputs, list):  # a pooling request's: its vector
+                self._alternatives.pop(request_id, None)
+                if self._so_far.pop(request_id, False) is not False:  # else aborted
+                    self.clock.first_token(request_id)
+                    messages.append(pooled(request_id, output))
+                continue
             top, prompt_top = self._alternatives.get(request_id, (None, None))
             if any(c.token_ids for c in output.outputs):
                 self.clock.first_token(request_id)
@@ -372,6 +383,15 @@ def weights_outcome(answers: list[Any]) -> tuple[str, str]:
     return "broken", (
         f"{len(problems)} of {len(answers)} tensor-parallel ranks rejected the update "
         f"({problems[0][1]}) while the others loaded it: the engine holds a mix"
+    )
+
+
+def pooled(request_id: int, output: Any) -> Finished:
+    """A pooling request's ``PoolingRequestOutput`` as plain data: its vector."""
+    prompt_ids = list(output.prompt_token_ids or ())
+    return Finished(
+        request_id=request_id, prompt_tokens=len(prompt_ids), prompt_token_ids=prompt_ids,
+        embedding=output.outputs.data.float().flatten().tolist(),
     )
 
 

@@ -182,6 +182,24 @@ class RemoteEngine:
                 )
         self._messages.put(finished)
 
+    async def _embed(self, request: Request) -> Finished:
+        """One text's embedding from the server's /v1/embeddings (vLLM's pooling options)."""
+        pooling = request.pooling or {}
+        extra: dict[str, Any] = {}
+        if "use_activation" in pooling:
+            extra["use_activation"] = pooling["use_activation"]
+        options: dict[str, Any] = {"dimensions": pooling["dimensions"]} if "dimensions" in pooling else {}
+        answer = await self._client.embeddings.create(
+            model=self.model, input=request.prompt,  # type: ignore[arg-type]
+            encoding_format="float", extra_body=extra, **options,
+        )
+        self.steps += 1
+        self.clock.first_token(request.request_id)
+        return Finished(
+            request.request_id, prompt_tokens=answer.usage.prompt_tokens,
+            embedding=list(answer.data[0].embedding),
+        )
+
     async def _send_resolving(self, request: Request) -> Finished:
         try:
             return await self._send(request)
@@ -202,6 +220,8 @@ class RemoteEngine:
             return await self._send(request)
 
     async def _send(self, request: Request) -> Finished:
+        if request.pooling is not None:
+            return await self._embed(request)
         # Streamed, so that the per-attempt timeout bounds the wait for the next chunk, not the
         # whole generation, and the openai client never retries (re-runs) a generation: it
         # retries only before an answer starts.

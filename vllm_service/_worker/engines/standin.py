@@ -40,6 +40,8 @@ or torch (docs/testing.md). It imports neither.
   can order the workers' starts. A missing file, or an empty list, means no fate.
 - ``add`` rejects an empty prompt and one of more words than ``max_model_len``: the request
   fails alone (``finish_reason="error"``).
+- An embedding request (``pooling``) gets, at the next step, 8 numbers (``dimensions`` if
+  given) made from its words' token ids, of unit length unless ``use_activation`` is False.
 - ``update_weights`` from a folder named ``rejected`` raises :class:`WeightsRejected`, from
   one named ``broken`` :class:`WeightsBroken`; any other is taken. ``sleep`` and ``wake_up``
   work on any machine (vLLM's sleep mode needs a GPU).
@@ -108,6 +110,7 @@ class StandInEngine:
         self.steps = 0
         self.clock = RequestClock()
         self._running: dict[int, _Running] = {}
+        self._pooled: list[Finished] = []  # embeddings, handed out at the next step
         binding = config.environment.get("VLLM_CPU_OMP_THREADS_BIND", "")
         fate = _take_fate(args.get("standin_fates"), binding)
         _record("init", engine_args=args, environment=config.environment,
@@ -129,7 +132,7 @@ class StandInEngine:
         """Queue the echo of ``request``; raises ``ValueError`` for a prompt vLLM would refuse."""
         _record("add", request_id=request.request_id, stream=request.stream, chat=request.chat,
                 tools=request.tools, prompt=request.prompt, sampling=request.sampling,
-                step=self.steps)
+                pooling=request.pooling, step=self.steps)
         words, token_ids = _echoed(request)
         if not words:
             raise ValueError("the prompt is empty")
@@ -137,6 +140,9 @@ class StandInEngine:
             raise ValueError(
                 f"the prompt has {len(words)} tokens, more than max_model_len {self._max_model_len}"
             )
+        if request.pooling is not None:
+            self._pooled.append(_embedding(request, token_ids))
+            return
         max_tokens = request.sampling.get("max_tokens") or len(words)
         self._running[request.request_id] = _Running(
             request, words, token_ids, min(len(words), max_tokens)
@@ -148,11 +154,12 @@ class StandInEngine:
         """Forget the requests; unknown ids are ignored."""
         for request_id in request_ids:
             self._running.pop(request_id, None)
+        self._pooled = [f for f in self._pooled if f.request_id not in request_ids]
         _record("abort", request_ids=list(request_ids))
 
     def has_unfinished(self) -> bool:
-        """True while any request has words left to give."""
-        return bool(self._running)
+        """True while any request has words left to give (or an embedding to hand out)."""
+        return bool(self._running or self._pooled)
 
     def step(self) -> list[Delta | Finished]:
         """Give every running request its next word; return the deltas and what finished."""
@@ -160,7 +167,8 @@ class StandInEngine:
             _die()
         if self._step_seconds:
             time.sleep(self._step_seconds)
-        outputs: list[Delta | Finished] = []
+        outputs: list[Delta | Finished] = list(self._pooled)
+        self._pooled = []
         held = False
         for request_id, running in list(self._running.items()):
             position = running.given
@@ -284,6 +292,17 @@ def _logprobs(words: list[str], ids: list[int], top: int | None) -> list[TokenLo
         )
         for word, token_id in zip(words, ids)
     ]
+
+
+def _embedding(request: Request, token_ids: list[int]) -> Finished:
+    """The stand-in's vector of a text: 8 numbers (or ``dimensions``) from its words' ids,
+    unit length unless ``use_activation`` (normalize) is False."""
+    size = int((request.pooling or {}).get("dimensions") or 8)
+    vector = [float(sum((i >> k) % 7 - 3 for i in token_ids)) for k in range(size)]
+    if (request.pooling or {}).get("use_activation", True):
+        norm = sum(x * x for x in vector) ** 0.5 or 1.0
+        vector = [x / norm for x in vector]
+    return Finished(request.request_id, prompt_tokens=len(token_ids), embedding=vector)
 
 
 def _token_id(word: str) -> int:
