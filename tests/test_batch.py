@@ -699,18 +699,24 @@ def test_a_replacement_that_cannot_start_ends_only_its_slot(
     workers: StandInWorkers, caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     # The worker of slot 0 dies after one answer and its replacement fails to load. Slot 1's
-    # worker is ready only once slot 0's has its first chunk (else it may run them all first).
-    release = tmp_path / "slot-0-has-work"
+    # worker is ready only once slot 0's replacement has begun its start: else slot 1 may run
+    # every chunk first (under load it did), or finish the rest before slot 0 is replaced,
+    # and no replacement is tried.
+    release = tmp_path / "slot-0-replaced"
     workers.fates = {binding(0): [dies_after(1), "fail_start"],
                      binding(1): [{"ready_when": str(release)}]}
 
-    def release_once_slot_0_has_work() -> None:
+    def slot_0_starts() -> int:
+        return sum(1 for init in workers.started
+                   if init["environment"].get("VLLM_CPU_OMP_THREADS_BIND") == binding(0))
+
+    def release_once_slot_0_is_replaced() -> None:
         deadline = time.monotonic() + 30
-        while not workers.sent() and time.monotonic() < deadline:
+        while slot_0_starts() < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         release.touch()
 
-    releaser = threading.Thread(target=release_once_slot_0_has_work)
+    releaser = threading.Thread(target=release_once_slot_0_is_replaced)
     releaser.start()
     results = workers.generate("org/model", prompts(8), worker_num=2, chunk_size=2,
                                progress=False)
