@@ -30,6 +30,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import openai
 import pytest
@@ -1328,6 +1329,19 @@ def tool_options(case: str) -> dict:
     return options
 
 
+def ask_server(server: VLLMServer, options: dict, stream: bool = False) -> Any:
+    """The server's answer (or stream) to QUESTION with a tool case's options, through the
+    openai SDK; the service's regex= goes as vLLM's structured_outputs."""
+    from _tool_cases import QUESTION
+
+    body = {k: v for k, v in options.items() if k != "regex"}
+    extra = {"structured_outputs": {"regex": options["regex"]}} if "regex" in options else {}
+    client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
+    return client.chat.completions.create(
+        model="smol-a", messages=QUESTION, extra_body=extra, stream=stream, **body
+    )
+
+
 @pytest.mark.parametrize("case", TOOL_CASES)
 def test_tool_calls_are_the_servers_locally_and_through_remote_mode(
     server: VLLMServer, remote: VLLMInferenceService, hermes_local: VLLMInferenceService,
@@ -1336,12 +1350,7 @@ def test_tool_calls_are_the_servers_locally_and_through_remote_mode(
     from _tool_cases import QUESTION
 
     options = tool_options(case)
-    body = {k: v for k, v in options.items() if k != "regex"}
-    extra = {"structured_outputs": {"regex": options["regex"]}} if "regex" in options else {}
-    client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
-    answer = client.chat.completions.create(
-        model="smol-a", messages=QUESTION, extra_body=extra, **body
-    ).choices[0]
+    answer = ask_server(server, options).choices[0]
     expected = [(c.function.name, c.function.arguments) for c in answer.message.tool_calls or ()]
     if case != "none":
         assert expected, f"the server made no call: {answer}"  # else the test proves nothing
@@ -1385,12 +1394,7 @@ def test_streamed_tool_calls_are_the_servers_locally_and_through_remote_mode(
     from _tool_cases import QUESTION
 
     options = tool_options(case)
-    body = {k: v for k, v in options.items() if k != "regex"}
-    extra = {"structured_outputs": {"regex": options["regex"]}} if "regex" in options else {}
-    client = openai.OpenAI(base_url=server.url, api_key=API_KEY)
-    chunks = list(client.chat.completions.create(
-        model="smol-a", messages=QUESTION, extra_body=extra, stream=True, **body
-    ))
+    chunks = list(ask_server(server, options, stream=True))
     finish_reason = next(c.choices[0].finish_reason for c in reversed(chunks)
                          if c.choices and c.choices[0].finish_reason)
     text, expected = joined_stream(chunks)

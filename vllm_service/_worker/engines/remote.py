@@ -340,8 +340,8 @@ class _StreamedAnswer:
         self._prompt_token_ids: list[int] | None = None
         self._usage: Any = None
         self._reasoning: dict[int, list[str]] = {}
-        # Per choice, its tool calls by their position in the answer:
-        # [id, name, argument parts, the server's index].
+        # Per choice, its tool calls by the server's index, in the order they came:
+        # [id, name, argument parts].
         self._tool_calls: dict[int, dict[int, list[Any]]] = {}
 
     @property
@@ -390,12 +390,9 @@ class _StreamedAnswer:
         calls = self._tool_calls.setdefault(index, {})
         pieces = []
         for part in delta.tool_calls or ():
+            call = calls.setdefault(part.index, [None, None, []])
             # Numbered from 0 in the order they come, as the result's tool_calls are.
-            position = next((k for k, call in enumerate(calls.values()) if call[3] == part.index), None)
-            if position is None:
-                position = len(calls)
-                calls[position] = [None, None, [], part.index]
-            call = calls[position]
+            position = list(calls).index(part.index)
             name = part.function.name if part.function is not None else None
             arguments = (part.function.arguments or "") if part.function is not None else ""
             pieces.append(ToolCallDelta(position, part.id if not call[0] else None,
@@ -477,7 +474,7 @@ class _StreamedAnswer:
             reasoning="".join(reasoning) if reasoning else None,
             tool_calls=[
                 ToolCall(id=call_id or "", name=name or "", arguments="".join(parts))
-                for call_id, name, parts, _ in (calls[k] for k in sorted(calls))
+                for call_id, name, parts in calls.values()  # in the order they came
             ],
             completion_tokens=count,
             stop_reason=self._stop_reasons.get(index),
